@@ -1,0 +1,117 @@
+/**
+ * How a run looks to the operator: a progress bar on a terminal, one JSON object per line
+ * with --json (for scripts and log shippers), and plain periodic lines otherwise.
+ */
+import cliProgress from 'cli-progress';
+import type { Progress } from '../encrypt/encrypt.ts';
+import { fmtBytes } from '../encrypt/preflight.ts';
+
+export interface View {
+  phase(phase: string, detail?: Record<string, unknown>): void;
+  progress(p: Progress): void;
+  done(summary: Record<string, unknown>, text: string): void;
+  error(code: string, message: string): void;
+  stop(): void;
+}
+
+export function fmtEta(s: number | null): string {
+  if (s === null) return '--';
+  if (s < 60) return `${Math.ceil(s)}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m${String(Math.ceil(s % 60)).padStart(2, '0')}s`;
+  return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, '0')}m`;
+}
+
+function progressFields(p: Progress) {
+  return {
+    status: p.status,
+    offset: p.offset,
+    len: p.len,
+    percent: Math.round(p.percent * 10) / 10,
+    rate_bps: Math.round(p.rate),
+    speed_limit_bps: p.speedLimit,
+    paused: p.paused,
+    eta_s: p.etaS === null ? null : Math.round(p.etaS * 10) / 10,
+  };
+}
+
+export function jsonView(out: NodeJS.WritableStream = process.stdout): View {
+  const emit = (o: Record<string, unknown>) => out.write(JSON.stringify({ time: new Date().toISOString(), ...o }) + '\n');
+  return {
+    phase: (phase, detail) => emit({ event: 'phase', phase, ...detail }),
+    progress: (p) => emit({ event: 'progress', ...progressFields(p) }),
+    done: (summary) => emit({ event: 'completed', ...summary }),
+    error: (code, message) => emit({ event: 'error', code, message }),
+    stop: () => {},
+  };
+}
+
+export function plainView(out: NodeJS.WritableStream = process.stderr, everyMs = 2000): View {
+  let last = 0;
+  return {
+    phase: (phase) => out.write(`idlecrypt: ${phase}\n`),
+    progress: (p) => {
+      const now = Date.now();
+      if (now - last < everyMs) return;
+      last = now;
+      out.write(`idlecrypt: ${p.percent.toFixed(1)}% ${fmtBytes(p.offset)} / ${fmtBytes(p.len)}, ${fmtBytes(p.rate)}/s, ETA ${fmtEta(p.etaS)}${p.paused ? ', paused' : ''}\n`);
+    },
+    done: (_s, text) => process.stdout.write(text + '\n'),
+    error: () => {},
+    stop: () => {},
+  };
+}
+
+export function barView(label: string): View {
+  const bar = new cliProgress.SingleBar(
+    {
+      format: `${label} [{bar}] {percentage}% | {done} / {total} | {rate}/s | ETA {eta_h} | {state}`,
+      barCompleteChar: '=',
+      barIncompleteChar: ' ',
+      hideCursor: true,
+      clearOnComplete: false,
+      stopOnComplete: false,
+      etaBuffer: 1,
+      stream: process.stderr,
+    },
+    cliProgress.Presets.legacy,
+  );
+  let started = false;
+  let state = 'starting';
+  const payload = (p?: Progress) => ({
+    done: fmtBytes(p?.offset ?? 0),
+    total: fmtBytes(p?.len ?? 0),
+    rate: fmtBytes(p?.rate ?? 0),
+    eta_h: fmtEta(p?.etaS ?? null),
+    state,
+  });
+  return {
+    phase: (phase) => {
+      state = phase;
+      if (started) bar.update(payload());
+      else process.stderr.write(`idlecrypt: ${phase}\n`);
+    },
+    progress: (p) => {
+      const total = Math.max(1, p.len);
+      if (!started) {
+        bar.start(total, p.offset, payload(p));
+        started = true;
+      }
+      bar.setTotal(total);
+      state = p.paused ? 'paused' : p.status;
+      bar.update(p.offset, payload(p));
+    },
+    done: (_s, text) => {
+      if (started) bar.stop();
+      started = false;
+      process.stdout.write(text + '\n');
+    },
+    error: () => {
+      if (started) bar.stop();
+      started = false;
+    },
+    stop: () => {
+      if (started) bar.stop();
+      started = false;
+    },
+  };
+}

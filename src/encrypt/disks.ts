@@ -1,0 +1,85 @@
+/**
+ * The guest's disks as QEMU sees them (QMP `query-block`), and finding one by the names an
+ * operator knows: the qdev id (`-device virtio-blk-pci,id=disk0`), the legacy drive name
+ * (`-drive id=drive0`), or the node name (`-blockdev node-name=...`).
+ */
+import type { QmpClient } from '../qmp/client.ts';
+import { IdlecryptError } from '../errors.ts';
+
+export interface DiskInfo {
+  /** qdev id, e.g. `disk0` (from `/machine/peripheral/disk0/virtio-backend`), or '' */
+  readonly qdevId: string;
+  /** legacy drive (BlockBackend) name; '' for -blockdev style disks */
+  readonly device: string;
+  /** the root node the guest writes through; what we mirror from */
+  readonly nodeName: string;
+  /** the image file at the bottom of the node chain */
+  readonly file: string;
+  /** the format driver of the root node: raw, qcow2, luks, ... */
+  readonly driver: string;
+  readonly virtualSize: number;
+  readonly encrypted: boolean;
+}
+
+/** The qdev id is the path component after /machine/peripheral/ (QOM path of -device id=). */
+export function qdevIdOf(qdev: string | undefined): string {
+  if (!qdev) return '';
+  const m = /^\/machine\/peripheral\/([^/]+)/.exec(qdev);
+  return m ? m[1]! : qdev.startsWith('/') ? '' : qdev;
+}
+
+export async function listDisks(client: QmpClient): Promise<DiskInfo[]> {
+  const blocks = await client.execute('query-block');
+  const disks: DiskInfo[] = [];
+  for (const b of blocks) {
+    const ins = b.inserted;
+    if (!ins) continue; // empty CD-ROM drives and the like
+    const image = ins.image as { 'virtual-size'?: number; format?: string; 'format-specific'?: { type?: string; data?: { encrypt?: unknown } } } | undefined;
+    const driver = ins.drv;
+    disks.push({
+      qdevId: qdevIdOf(b.qdev),
+      device: b.device ?? '',
+      nodeName: ins['node-name'] ?? '',
+      file: imagePath(ins.file),
+      driver,
+      virtualSize: image?.['virtual-size'] ?? 0,
+      // `encrypted` is set by qcow2's built-in encryption; a luks node is encrypted by its driver.
+      encrypted: driver === 'luks' || ins.encrypted === true || image?.['format-specific']?.data?.encrypt !== undefined,
+    });
+  }
+  return disks;
+}
+
+/**
+ * QEMU names a node that has options beyond a file name with a `json:{...}` pseudo-filename
+ * (block.c bdrv_refresh_filename), e.g. a LUKS node with its key-secret. The operator wants
+ * the file underneath: follow `file` children down to the protocol node's `filename`.
+ */
+export function imagePath(file: string): string {
+  if (!file.startsWith('json:')) return file;
+  try {
+    let node = JSON.parse(file.slice(5)) as { filename?: unknown; file?: unknown };
+    for (let depth = 0; depth < 8; depth++) {
+      if (typeof node.filename === 'string') return node.filename;
+      if (typeof node.file === 'string') return node.file;
+      if (node.file && typeof node.file === 'object') node = node.file as typeof node;
+      else break;
+    }
+  } catch {
+    // not JSON after all: show what QEMU said
+  }
+  return file;
+}
+
+export function diskLabel(d: DiskInfo): string {
+  return d.qdevId || d.device || d.nodeName;
+}
+
+export function findDisk(disks: readonly DiskInfo[], id: string): DiskInfo {
+  const hit = disks.find((d) => d.qdevId === id || (d.device !== '' && d.device === id) || d.nodeName === id);
+  if (hit) return hit;
+  const known = disks.map((d) => `${diskLabel(d)} (${d.file})`).join(', ') || 'none';
+  throw new IdlecryptError('UNKNOWN_DEVICE', `unknown device '${id}'; this VM's disks: ${known}`, {
+    context: { device: id },
+  });
+}

@@ -1,0 +1,251 @@
+/**
+ * One encryption run, end to end: preflight → create the encrypted target → mirror the live
+ * disk into it → complete (the guest pivots onto the target). Anything that goes wrong
+ * before the pivot leaves the guest on its original disk, which we never write to, and
+ * removes what we created.
+ *
+ * This module drives QEMU through QMP and reports through hooks; it knows nothing of
+ * terminals (src/cli/) or of moderation (src/controller/), which receives the job through
+ * `onJob` and steers its speed while we wait here for it to finish.
+ */
+import { randomBytes } from 'node:crypto';
+import { firstValueFrom, fromEvent, merge, timer, filter, map, take } from 'rxjs';
+import { QmpClient } from '../qmp/client.ts';
+import { QmpCommandError } from '../qmp/errors.ts';
+import { IdlecryptError } from '../errors.ts';
+import type { Logger } from '../log.ts';
+import type { JobControl, JobSnapshot } from '../jobs/types.ts';
+import { QmpMirrorJob } from '../jobs/qmp-mirror.ts';
+import { diskLabel, findDisk, listDisks, type DiskInfo } from './disks.ts';
+import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded } from './preflight.ts';
+import { EncryptedTarget, type TargetFormat } from './target.ts';
+import { ProgressMeter, type Progress } from './progress.ts';
+
+export type { Progress };
+
+export type Phase = 'preflight' | 'creating-target' | 'copying' | 'completing' | 'completed' | 'cancelling';
+
+export interface EncryptOptions {
+  readonly qmpSocket: string;
+  readonly device: string;
+  readonly target: string;
+  readonly keyFile: string;
+  readonly format: TargetFormat;
+  /** Initial speed limit, bytes/s; 0 = unlimited. */
+  readonly speed: number;
+  readonly iterTimeMs: number;
+  readonly bufSize?: number;
+  readonly pollMs?: number;
+  readonly signal?: AbortSignal;
+  readonly logger: Logger;
+  readonly onPhase?: (phase: Phase, disk?: DiskInfo) => void;
+  readonly onProgress?: (p: Progress) => void;
+  /** Called once the mirror runs; the controller steers it from here. */
+  readonly onJob?: (job: JobControl, client: QmpClient) => void;
+}
+
+export interface EncryptResult {
+  readonly device: string;
+  readonly source: string;
+  readonly target: string;
+  readonly targetNode: string;
+  readonly format: TargetFormat;
+  readonly virtualSize: number;
+  /** bytes the mirror copied, including blocks the guest dirtied and that were copied again */
+  readonly bytesCopied: number;
+  readonly elapsedS: number;
+}
+
+export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
+  const log = o.logger;
+  const started = performance.now();
+  o.onPhase?.('preflight');
+  const keyFile = await checkKeyFile(o.keyFile);
+  await checkTargetPath(o.target, undefined);
+  if (o.signal?.aborted) throw cancelledBeforeStart();
+
+  const client = await QmpClient.connect(o.qmpSocket, { logger: log });
+  try {
+    const disk = findDisk(await listDisks(client), o.device);
+    const targetPath = await checkTargetPath(o.target, disk.file);
+    if (disk.encrypted) {
+      throw new IdlecryptError('USAGE', `device '${o.device}' already runs on an encrypted image (${disk.file})`);
+    }
+    await refuseIfBusy(client, disk, o.device);
+    await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, o.format));
+
+    const tag = randomBytes(4).toString('hex');
+    const target = new EncryptedTarget(
+      client,
+      { path: targetPath, format: o.format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag },
+      log,
+    );
+    let pivoting = false;
+    try {
+      o.onPhase?.('creating-target', disk);
+      await target.create();
+      if (o.signal?.aborted) throw cancelledBeforeStart();
+
+      const job = await startMirror(client, disk, target, o, tag);
+      log.info({ job: job.id, source: disk.nodeName, target: target.node, speed: o.speed }, 'mirror started');
+      o.onPhase?.('copying', disk);
+      o.onJob?.(job, client);
+
+      const meter = new ProgressMeter();
+      const outcome = await waitUntilReady(client, job, meter, o);
+      if (outcome === 'cancel') {
+        o.onPhase?.('cancelling', disk);
+        await cancelJob(client, job, o.pollMs ?? 250);
+        await target.remove();
+        throw new IdlecryptError(
+          'CANCELLED',
+          `cancelled: the copy was stopped and ${targetPath} removed; the guest runs on its original disk ${disk.file}`,
+        );
+      }
+
+      o.onPhase?.('completing', disk);
+      pivoting = true;
+      const snap = await completeJob(client, job, o.pollMs ?? 250);
+      o.onProgress?.(meter.sample(snap, performance.now()));
+      const now = findDisk(await listDisks(client), o.device);
+      if (now.nodeName !== target.node) {
+        throw new IdlecryptError('JOB_FAILED', `the job completed but '${o.device}' still runs on ${now.file}`);
+      }
+      o.onPhase?.('completed', now);
+      return {
+        device: diskLabel(disk),
+        source: disk.file,
+        target: targetPath,
+        targetNode: target.node,
+        format: o.format,
+        virtualSize: disk.virtualSize,
+        bytesCopied: snap.offset,
+        elapsedS: (performance.now() - started) / 1000,
+      };
+    } catch (e) {
+      throw await failRun(e, { client, target, disk, pivoting, log });
+    }
+  } finally {
+    await client.close();
+  }
+}
+
+async function refuseIfBusy(client: QmpClient, disk: DiskInfo, asked: string): Promise<void> {
+  const names = new Set([disk.device, disk.nodeName, disk.qdevId, asked].filter((n) => n !== ''));
+  const busy = (await client.execute('query-block-jobs')).find((j) => names.has(j.device));
+  if (busy) {
+    throw new IdlecryptError('JOB_EXISTS', `a ${busy.type} job (${busy.device}) is already running on '${asked}'; wait for it or cancel it first`);
+  }
+}
+
+async function startMirror(client: QmpClient, disk: DiskInfo, target: EncryptedTarget, o: EncryptOptions, tag: string) {
+  try {
+    return await QmpMirrorJob.start(client, {
+      jobId: `idlecrypt-${tag}`,
+      source: disk.nodeName,
+      target: target.node,
+      speed: o.speed,
+      ...(o.bufSize !== undefined ? { bufSize: o.bufSize } : {}),
+    });
+  } catch (e) {
+    // A job started under another id (libvirt's, or a backup) holds an op blocker on the node.
+    if (e instanceof QmpCommandError && /is busy|in use by|block job/i.test(e.desc)) {
+      throw new IdlecryptError('JOB_EXISTS', `another block job is already running on '${o.device}' (${e.desc})`, { cause: e });
+    }
+    throw e;
+  }
+}
+
+/** Polls the job (level-triggered) and wakes early on its events, abort, or QEMU exit. */
+async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions): Promise<'ready' | 'cancel'> {
+  const pollMs = o.pollMs ?? 250;
+  const abort$ = o.signal ? fromEvent(o.signal, 'abort').pipe(map(() => 'abort' as const)) : merge();
+  const jobEvent$ = client
+    .events('BLOCK_JOB_READY', 'JOB_STATUS_CHANGE', 'BLOCK_JOB_ERROR')
+    .pipe(
+      filter((e) => ('id' in e.data ? e.data.id : (e.data as { device?: string }).device) === job.id),
+      map(() => 'event' as const),
+    );
+  const closed$ = client.closed$.pipe(map(() => 'closed' as const));
+  for (;;) {
+    if (o.signal?.aborted) return 'cancel';
+    const snap = await mustSnapshot(job);
+    o.onProgress?.(meter.sample(snap, performance.now()));
+    if (snap.status === 'concluded' || snap.status === 'aborting') {
+      const err = await job.dismiss();
+      throw new IdlecryptError('JOB_FAILED', `the copy failed: ${err ?? snap.error ?? snap.status}`);
+    }
+    if (snap.ready) return 'ready';
+    await firstValueFrom(merge(timer(pollMs).pipe(map(() => 'tick' as const)), jobEvent$, abort$, closed$).pipe(take(1)));
+  }
+}
+
+async function mustSnapshot(job: JobControl): Promise<JobSnapshot> {
+  const snap = await job.snapshot();
+  if (!snap) throw new IdlecryptError('JOB_FAILED', `the copy job ${job.id} disappeared (cancelled by someone else?)`);
+  return snap;
+}
+
+/** READY → pivot. A paused mirror cannot complete (host-facts.md), so resume it first. */
+async function completeJob(client: QmpClient, job: QmpMirrorJob, pollMs: number): Promise<JobSnapshot> {
+  let snap = await mustSnapshot(job);
+  if (snap.paused) await job.resume();
+  if (snap.speed !== 0) await job.setSpeed(0); // the last dirty blocks go at full speed
+  await job.complete();
+  snap = await waitConcluded(client, job, pollMs);
+  const err = await job.dismiss();
+  if (err) throw new IdlecryptError('JOB_FAILED', `completing the copy failed: ${err}`);
+  return snap;
+}
+
+async function cancelJob(client: QmpClient, job: QmpMirrorJob, pollMs: number): Promise<void> {
+  await job.cancel();
+  await waitConcluded(client, job, pollMs);
+  await job.dismiss();
+}
+
+async function waitConcluded(client: QmpClient, job: QmpMirrorJob, pollMs: number): Promise<JobSnapshot> {
+  const deadline = performance.now() + 5 * 60_000;
+  for (;;) {
+    const snap = await mustSnapshot(job);
+    if (snap.status === 'concluded') return snap;
+    if (performance.now() > deadline) throw new IdlecryptError('JOB_FAILED', `job ${job.id} did not conclude within 5 minutes (status ${snap.status})`);
+    await firstValueFrom(
+      merge(timer(pollMs), client.events('JOB_STATUS_CHANGE').pipe(filter((e) => e.data.id === job.id))).pipe(take(1)),
+    );
+  }
+}
+
+/** Turns any failure into the one line the operator reads, after undoing what we did. */
+async function failRun(
+  e: unknown,
+  ctx: { client: QmpClient; target: EncryptedTarget; disk: DiskInfo; pivoting: boolean; log: Logger },
+): Promise<unknown> {
+  const { client, target, disk, pivoting, log } = ctx;
+  const qemuGone = client.state !== 'running' || (e instanceof IdlecryptError && e.code === 'QMP_DISCONNECTED');
+  if (qemuGone) {
+    if (pivoting) {
+      // The pivot may have happened: the target may hold the guest's newest writes. Keep it.
+      return new IdlecryptError(
+        'VM_EXITED',
+        `QEMU exited while the job was completing; ${disk.file} is unmodified and ${target.spec.path} was kept: check which image the VM uses before deleting either`,
+        { cause: e },
+      );
+    }
+    await target.remove();
+    return new IdlecryptError(
+      'VM_EXITED',
+      `QEMU exited during the copy; the original disk ${disk.file} is intact (the guest never ran on the target) and the partial target was removed`,
+      { cause: e },
+    );
+  }
+  if (!pivoting) {
+    log.debug({ err: (e as Error).message }, 'removing the target after a failure');
+    await target.remove();
+  }
+  return e;
+}
+
+function cancelledBeforeStart(): IdlecryptError {
+  return new IdlecryptError('CANCELLED', 'cancelled before the copy started; nothing was changed');
+}

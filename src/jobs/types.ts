@@ -1,0 +1,42 @@
+/**
+ * Job control, as the moderation controller sees it: a running copy whose speed can be set,
+ * that can be paused and resumed, and whose progress can be read back. Small on purpose,
+ * so that a libvirt backend (`virsh blockjob --bandwidth`, which has no pause) can
+ * implement it too; `canPause` says whether pause is real or emulated.
+ */
+export type JobStatus =
+  | 'undefined'
+  | 'created'
+  | 'running'
+  | 'paused'
+  | 'ready'
+  | 'standby'
+  | 'waiting'
+  | 'pending'
+  | 'aborting'
+  | 'concluded'
+  | 'null';
+
+export interface JobSnapshot {
+  readonly id: string;
+  readonly status: JobStatus;
+  /** Bytes copied so far. For a mirror, `len - offset` is the work left, and `len` grows
+   * as the guest dirties blocks that were already copied (QAPI BlockJobInfo). */
+  readonly offset: number;
+  readonly len: number;
+  /** The speed limit in force, bytes/s; 0 means unlimited. */
+  readonly speed: number;
+  readonly paused: boolean;
+  readonly ready: boolean;
+  readonly error?: string;
+}
+
+export interface JobControl {
+  readonly id: string;
+  readonly canPause: boolean;
+  snapshot(): Promise<JobSnapshot | undefined>;
+  /** Bytes per second; 0 = unlimited (QAPI block-job-set-speed). */
+  setSpeed(bytesPerSecond: number): Promise<void>;
+  pause(): Promise<void>;
+  resume(): Promise<void>;
+}

@@ -1,0 +1,202 @@
+/**
+ * Acceptance: `idlecrypt encrypt` against real QEMU guests under TCG. The guest keeps
+ * running and keeps writing while its disk is copied; afterwards it runs on the encrypted
+ * image, and decrypting that image with the same key gives exactly the original data plus
+ * every block the guest wrote before, during and after the copy.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, open, rm, readFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { makeDiskImage, startTestVm, ensureImage, type TestVm } from '../../vm-images/launch.ts';
+import { QmpClient } from '../../src/qmp/client.ts';
+import { listDisks } from '../../src/encrypt/disks.ts';
+import { runCli, startCli } from '../helpers/cli.ts';
+import { compareWithEncrypted, decryptToRaw, fileContains, imageInfo, sha256, writeKey } from '../helpers/images.ts';
+
+const KEY = 'correct horse battery staple 42';
+const MiB = 1024 * 1024;
+
+let dir: string;
+const vms: TestVm[] = [];
+
+before(async () => {
+  ensureImage();
+  dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-enc-'));
+  await writeKey(path.join(dir, 'key'), KEY);
+});
+after(async () => {
+  await Promise.all(vms.map((vm) => vm.stop()));
+  await rm(dir, { recursive: true, force: true });
+});
+
+async function boot(opts: Parameters<typeof startTestVm>[0]): Promise<TestVm> {
+  const vm = await startTestVm({ dir, ...opts });
+  vms.push(vm);
+  await vm.ready;
+  return vm;
+}
+
+async function diskNow(vm: TestVm, id = 'disk0') {
+  const c = await QmpClient.connect(vm.qmpSocket);
+  try {
+    return (await listDisks(c)).find((d) => d.qdevId === id)!;
+  } finally {
+    await c.close();
+  }
+}
+
+interface Wrote {
+  seq: number;
+  off: number;
+  line: number;
+}
+function writes(vm: TestVm): Wrote[] {
+  const out: Wrote[] = [];
+  vm.lines.forEach((l, i) => {
+    const m = /^WROTE seq=(\d+) off=(\d+)/.exec(l);
+    if (m) out.push({ seq: Number(m[1]), off: Number(m[2]), line: i });
+  });
+  return out;
+}
+
+describe('encrypt', () => {
+  test('a raw disk the guest keeps writing to is encrypted with every write kept, and the guest runs on the LUKS image', async () => {
+    const src = path.join(dir, 'writer.raw');
+    const target = path.join(dir, 'writer.luks');
+    await makeDiskImage(src, { sizeMiB: 128, format: 'raw', fill: 'pattern' });
+    const vm = await boot({ name: 'writer', disk: src, diskStyle: 'drive', workload: 'writer', params: { wps: 40 } });
+    await vm.waitForLine(/^WROTE seq=20 /, 30_000); // writes before the copy
+
+    // 128 MiB at 16 MiB/s: ~8 s of copying while the guest writes 40 blocks/s.
+    const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', path.join(dir, 'key'), '--speed', '16M', '--iter-time', '50', '--json']);
+    assert.equal(run.code, 0, run.stderr);
+    const records = run.stdout.trim().split('\n').map((l) => JSON.parse(l));
+    const progress = records.filter((r) => r.event === 'progress');
+    assert.ok(progress.length >= 10, `expected a progress record every 250 ms, got ${progress.length}`);
+    for (const p of progress) {
+      for (const k of ['time', 'status', 'offset', 'len', 'percent', 'rate_bps', 'speed_limit_bps', 'eta_s']) assert.ok(k in p, `progress lacks ${k}`);
+    }
+    const done = records.at(-1);
+    assert.equal(done.event, 'completed');
+    assert.equal(done.target, target);
+    assert.ok(done.bytes_copied >= 128 * MiB, `copied ${done.bytes_copied}`);
+
+    // The guest now runs on the encrypted image and keeps working.
+    const disk = await diskNow(vm);
+    assert.equal(disk.file, target);
+    assert.equal(disk.driver, 'luks');
+    assert.equal(disk.encrypted, true);
+    const lastBefore = writes(vm).at(-1)!.seq;
+    await vm.waitForLine(new RegExp(`^WROTE seq=${lastBefore + 40} `), 30_000);
+    await vm.stop();
+
+    const all = writes(vm);
+    assert.ok(all.length > 300, `the guest wrote ${all.length} blocks`);
+    const plain = path.join(dir, 'writer.dec.raw');
+    await decryptToRaw(target, 'luks', path.join(dir, 'key'), plain);
+    assert.equal((await imageInfo(plain))['virtual-size'], 128 * MiB);
+
+    // Every block the guest reported: its latest content is in the encrypted image.
+    const latest = new Map<number, number>();
+    for (const w of all) latest.set(w.off, w.seq);
+    const fd = await open(plain, 'r');
+    try {
+      for (const [off, seq] of latest) {
+        const { buffer } = await fd.read(Buffer.alloc(4096), 0, 4096, off);
+        const header = `IDLECRYPT-BLOCK seq=${seq} off=${off}`;
+        assert.equal(buffer.subarray(0, header.length).toString('latin1'), header, `block at ${off}`);
+      }
+    } finally {
+      await fd.close();
+    }
+    // Every other block is the original data: equal to the source, where the guest wrote
+    // only before the pivot and only at the reported offsets.
+    const srcBuf = await readFile(src);
+    const decBuf = await readFile(plain);
+    let compared = 0;
+    for (let off = 0; off < srcBuf.length; off += 4096) {
+      if (latest.has(off)) continue;
+      if (!srcBuf.subarray(off, off + 4096).equals(decBuf.subarray(off, off + 4096))) assert.fail(`block at ${off} differs from the original`);
+      compared++;
+    }
+    assert.ok(compared > 30_000);
+
+    // No plaintext in the raw target: neither the original data nor the guest's writes.
+    assert.equal(await fileContains(target, 'IDLECRYPT-DATA'), false);
+    assert.equal(await fileContains(target, 'IDLECRYPT-BLOCK'), false);
+    assert.equal(await fileContains(src, 'IDLECRYPT-DATA'), true); // the check can see plaintext
+    // The key never appears in anything the tool printed.
+    assert.ok(!run.stdout.includes(KEY) && !run.stderr.includes(KEY));
+  });
+
+  test('a sparse qcow2 disk is encrypted into qcow2 with LUKS encryption, identical to the source', async () => {
+    const src = path.join(dir, 'sparse.qcow2');
+    const target = path.join(dir, 'sparse-enc.qcow2');
+    await makeDiskImage(src, { sizeMiB: 256, format: 'qcow2', fill: 'sparse' });
+    const vm = await boot({ name: 'sparse', disk: src, diskStyle: 'blockdev', workload: 'idle' });
+    const before = await sha256(src);
+    const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0-fmt', '--target', target, '--key-file', path.join(dir, 'key'), '--format', 'qcow2', '--iter-time', '50']);
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stdout, /now runs on the encrypted image .*sparse-enc\.qcow2 \(qcow2/);
+    const disk = await diskNow(vm);
+    assert.equal(disk.file, target);
+    assert.equal(disk.driver, 'qcow2');
+    assert.equal(disk.encrypted, true);
+    await vm.stop();
+    assert.equal(await sha256(src), before, 'the source is unmodified');
+    const info = await imageInfo(target);
+    assert.equal(info.format, 'qcow2');
+    assert.equal(info.encrypted, true);
+    const plainSrc = path.join(dir, 'sparse.src.raw');
+    await (await import('node:child_process')).execFileSync('qemu-img', ['convert', '-O', 'raw', src, plainSrc]);
+    const cmp = await compareWithEncrypted(plainSrc, target, 'qcow2', path.join(dir, 'key'));
+    assert.ok(cmp.same, cmp.output);
+  });
+
+  test('a 1 GiB disk copies at full speed with --speed 0 and decrypts to exactly the original', async () => {
+    const src = path.join(dir, 'big.raw');
+    const target = path.join(dir, 'big.luks');
+    await makeDiskImage(src, { sizeMiB: 1024, format: 'raw', fill: 'pattern' });
+    const vm = await boot({ name: 'big', disk: src, workload: 'idle' });
+    const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', path.join(dir, 'key'), '--speed', '0', '--iter-time', '50', '--json']);
+    assert.equal(run.code, 0, run.stderr);
+    const done = JSON.parse(run.stdout.trim().split('\n').at(-1)!);
+    assert.equal(done.event, 'completed');
+    assert.equal(done.virtual_size, 1024 * MiB);
+    const status = await runCli(['status', '--qmp', vm.toolQmpSocket, '--json']);
+    assert.equal(status.code, 0, status.stderr);
+    const st = JSON.parse(status.stdout);
+    assert.deepEqual(
+      st.disks.map((d: { device: string; image: string; format: string; encrypted: boolean }) => [d.device, d.image, d.format, d.encrypted]),
+      [['disk0', target, 'luks', true]],
+    );
+    assert.deepEqual(st.jobs, []);
+    await vm.stop();
+    const cmp = await compareWithEncrypted(src, target, 'luks', path.join(dir, 'key'));
+    assert.ok(cmp.same, cmp.output);
+    assert.equal(await fileContains(target, 'IDLECRYPT-DATA'), false);
+  });
+
+  test('status shows the disks, their images and a running job with its progress', async () => {
+    const src = path.join(dir, 'status.raw');
+    await makeDiskImage(src, { sizeMiB: 64, format: 'raw', fill: 'pattern' });
+    const vm = await boot({ name: 'status', disk: src, workload: 'idle' });
+    let st = await runCli(['status', '--qmp', vm.toolQmpSocket]);
+    assert.equal(st.code, 0, st.stderr);
+    assert.match(st.stdout, /^DEVICE\s+NODE\s+FORMAT\s+SIZE\s+ENCRYPTED\s+IMAGE$/m);
+    assert.match(st.stdout, new RegExp(`^disk0\\s+disk0-fmt\\s+raw\\s+64\\.0 MiB\\s+no\\s+${src.replace(/[.]/g, '\\.')}$`, 'm'));
+    assert.match(st.stdout, /^no block jobs$/m);
+
+    const target = path.join(dir, 'status.luks');
+    const cli = startCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', path.join(dir, 'key'), '--speed', '4M', '--iter-time', '50', '--json']);
+    await cli.waitForStdout(/"event":"progress".*"offset":[1-9]/);
+    st = await runCli(['status', '--qmp', vm.qmpSocket]);
+    assert.match(st.stdout, /^JOB\s+TYPE\s+STATUS\s+PROGRESS\s+SPEED LIMIT$/m);
+    assert.match(st.stdout, /^idlecrypt-[0-9a-f]{8}\s+mirror\s+running\s+\d+\.\d% [\d.]+ MiB \/ 64\.0 MiB\s+4\.0 MiB\/s$/m);
+    cli.child.kill('SIGINT');
+    const res = await cli.result;
+    assert.equal(res.code, 130);
+  });
+});

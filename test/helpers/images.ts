@@ -1,0 +1,58 @@
+/** Image checks done with the tools an operator trusts: qemu-img, sha256. */
+import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream, promises as fs } from 'node:fs';
+import { promisify } from 'node:util';
+
+const pexec = promisify(execFile);
+
+export async function sha256(path: string): Promise<string> {
+  const h = createHash('sha256');
+  for await (const chunk of createReadStream(path)) h.update(chunk as Buffer);
+  return h.digest('hex');
+}
+
+/** `--image-opts` for an encrypted image, keyed through a secret that reads the key file. */
+function encryptedImageOpts(image: string, format: 'luks' | 'qcow2'): string {
+  return format === 'luks'
+    ? `driver=luks,key-secret=sec0,file.filename=${image}`
+    : `driver=qcow2,encrypt.format=luks,encrypt.key-secret=sec0,file.filename=${image}`;
+}
+
+/** Decrypts with qemu-img into a raw file (the operator's way to check an image). */
+export async function decryptToRaw(image: string, format: 'luks' | 'qcow2', keyFile: string, out: string): Promise<void> {
+  await pexec('qemu-img', ['convert', '--object', `secret,id=sec0,file=${keyFile}`, '--image-opts', encryptedImageOpts(image, format), '-O', 'raw', out]);
+}
+
+/** `qemu-img compare` of a plain image against an encrypted one; true when identical. */
+export async function compareWithEncrypted(plain: string, image: string, format: 'luks' | 'qcow2', keyFile: string): Promise<{ same: boolean; output: string }> {
+  try {
+    const { stdout } = await pexec('qemu-img', ['compare', '--object', `secret,id=sec0,file=${keyFile}`, '--image-opts', `driver=file,filename=${plain}`, encryptedImageOpts(image, format)]);
+    return { same: true, output: stdout };
+  } catch (e) {
+    const err = e as { code?: number; stdout?: string; stderr?: string };
+    if (err.code === 1) return { same: false, output: `${err.stdout}${err.stderr}` };
+    throw e;
+  }
+}
+
+export async function imageInfo(path: string): Promise<{ format: string; 'virtual-size': number; encrypted?: boolean }> {
+  const { stdout } = await pexec('qemu-img', ['info', '--output=json', '-U', path]);
+  return JSON.parse(stdout);
+}
+
+/** Does the file contain `needle` anywhere (streamed, with overlap across chunks)? */
+export async function fileContains(path: string, needle: string): Promise<boolean> {
+  const n = Buffer.from(needle);
+  let tail = Buffer.alloc(0);
+  for await (const chunk of createReadStream(path, { highWaterMark: 4 << 20 })) {
+    const buf = Buffer.concat([tail, chunk as Buffer]);
+    if (buf.includes(n)) return true;
+    tail = buf.subarray(Math.max(0, buf.length - n.length + 1));
+  }
+  return false;
+}
+
+export async function writeKey(path: string, key: string): Promise<void> {
+  await fs.writeFile(path, key, { mode: 0o600 });
+}

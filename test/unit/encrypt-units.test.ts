@@ -1,0 +1,99 @@
+/** The pure pieces of `encrypt`: option parsing, progress arithmetic, finding a disk. */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { parseBytes, parseChoice, parsePositiveInt } from '../../src/cli/options.ts';
+import { ProgressMeter } from '../../src/encrypt/progress.ts';
+import { findDisk, imagePath, qdevIdOf, type DiskInfo } from '../../src/encrypt/disks.ts';
+import { fmtBytes, targetBytesNeeded } from '../../src/encrypt/preflight.ts';
+import { fmtEta } from '../../src/cli/progress-view.ts';
+import { IdlecryptError } from '../../src/errors.ts';
+
+describe('option parsing', () => {
+  test('byte counts take plain integers and binary suffixes', () => {
+    assert.equal(parseBytes('--speed', '0'), 0);
+    assert.equal(parseBytes('--speed', '52428800'), 52428800);
+    assert.equal(parseBytes('--speed', '50M'), 50 * 1024 * 1024);
+    assert.equal(parseBytes('--speed', '50MiB/s'), 50 * 1024 * 1024);
+    assert.equal(parseBytes('--speed', '1.5G'), 1.5 * 1024 ** 3);
+    assert.equal(parseBytes('--speed', '16k'), 16384);
+  });
+  test('bad byte counts are usage errors naming the flag', () => {
+    for (const bad of ['fast', '-1', '', '10X', '1e9']) {
+      assert.throws(() => parseBytes('--speed', bad), (e: unknown) => e instanceof IdlecryptError && e.code === 'USAGE' && e.exitCode === 2 && e.message.startsWith('--speed: '));
+    }
+  });
+  test('choices and whole numbers are checked', () => {
+    assert.equal(parseChoice('--format', 'qcow2', ['luks', 'qcow2']), 'qcow2');
+    assert.throws(() => parseChoice('--format', 'zip', ['luks', 'qcow2']), /--format: 'zip' is not one of luks, qcow2/);
+    assert.equal(parsePositiveInt('--iter-time', '50', 10), 50);
+    assert.throws(() => parsePositiveInt('--iter-time', '5', 10), /must be a whole number >= 10/);
+    assert.throws(() => parsePositiveInt('--iter-time', '2.5'), /whole number/);
+  });
+});
+
+describe('progress', () => {
+  const snap = (offset: number, len: number) => ({ id: 'j', status: 'running' as const, offset, len, speed: 0, paused: false, ready: false });
+  test('the rate is measured from the offset over the window, and the ETA from the work left', () => {
+    const m = new ProgressMeter(2000);
+    assert.equal(m.sample(snap(0, 1000), 0).etaS, null); // nothing moved yet
+    const p = m.sample(snap(100, 1000), 1000);
+    assert.equal(p.rate, 100);
+    assert.equal(p.etaS, 9);
+    assert.equal(p.percent, 10);
+    // the window slides: samples older than 2 s stop counting
+    m.sample(snap(200, 1000), 2000);
+    const q = m.sample(snap(500, 1000), 3000);
+    assert.equal(q.rate, 200); // (500-100)/2 s
+  });
+  test('a growing length (guest dirtied copied blocks) lengthens the ETA', () => {
+    const m = new ProgressMeter(2000);
+    m.sample(snap(0, 1000), 0);
+    const p = m.sample(snap(500, 1500), 1000);
+    assert.equal(p.etaS, 2);
+  });
+  test('a finished copy has ETA 0', () => {
+    const m = new ProgressMeter();
+    assert.equal(m.sample(snap(1000, 1000), 0).etaS, 0);
+  });
+  test('ETA and sizes read as a person writes them', () => {
+    assert.equal(fmtEta(null), '--');
+    assert.equal(fmtEta(4.2), '5s');
+    assert.equal(fmtEta(125), '2m05s');
+    assert.equal(fmtEta(7260), '2h01m');
+    assert.equal(fmtBytes(512), '512 B');
+    assert.equal(fmtBytes(80 * 1024 * 1024), '80.0 MiB');
+  });
+});
+
+describe('finding a disk', () => {
+  const disks: DiskInfo[] = [
+    { qdevId: 'disk0', device: '', nodeName: 'disk0-fmt', file: '/a.raw', driver: 'raw', virtualSize: 1, encrypted: false },
+    { qdevId: 'disk1', device: 'drive1', nodeName: '#block123', file: '/b.qcow2', driver: 'qcow2', virtualSize: 1, encrypted: false },
+  ];
+  test('by qdev id, drive name or node name', () => {
+    assert.equal(findDisk(disks, 'disk0').file, '/a.raw');
+    assert.equal(findDisk(disks, 'disk0-fmt').file, '/a.raw');
+    assert.equal(findDisk(disks, 'drive1').file, '/b.qcow2');
+    assert.equal(findDisk(disks, 'disk1').file, '/b.qcow2');
+  });
+  test('an unknown id lists the disks there are', () => {
+    assert.throws(() => findDisk(disks, 'vdz'), { message: "unknown device 'vdz'; this VM's disks: disk0 (/a.raw), disk1 (/b.qcow2)" });
+    assert.throws(() => findDisk([], 'vdz'), { message: "unknown device 'vdz'; this VM's disks: none" });
+  });
+  test('the qdev id is read from the QOM path', () => {
+    assert.equal(qdevIdOf('/machine/peripheral/disk0/virtio-backend'), 'disk0');
+    assert.equal(qdevIdOf('/machine/peripheral-anon/device[0]/virtio-backend'), '');
+    assert.equal(qdevIdOf('ide0-hd0'), 'ide0-hd0');
+    assert.equal(qdevIdOf(undefined), '');
+  });
+  test('the image path under a json: pseudo-filename is the protocol node\'s file', () => {
+    assert.equal(imagePath('/x/d.raw'), '/x/d.raw');
+    assert.equal(imagePath('json:{"driver": "luks", "file": {"driver": "file", "filename": "/t/a.luks"}, "key-secret": "k"}'), '/t/a.luks');
+    assert.equal(imagePath('json:{"driver": "qcow2", "encrypt.key-secret": "k", "file": {"driver": "file", "filename": "/t/b.qcow2"}}'), '/t/b.qcow2');
+    assert.equal(imagePath('json:{broken'), 'json:{broken');
+  });
+  test('the target needs the whole virtual size plus metadata', () => {
+    assert.equal(targetBytesNeeded(64 * 1024 * 1024, 'luks'), 80 * 1024 * 1024);
+    assert.ok(targetBytesNeeded(1024 ** 3, 'qcow2') > 1024 ** 3 + 16 * 1024 * 1024);
+  });
+});
