@@ -6,7 +6,7 @@
  * Privacy rule: nothing here ever receives key material, key codes, pointer positions or
  * pixels. The redact list is a second line of defence for fields that could carry secrets.
  */
-import { pino, type Logger } from 'pino';
+import pino, { type Logger } from 'pino';
 
 export type { Logger };
 

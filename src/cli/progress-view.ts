@@ -45,10 +45,21 @@ export function jsonView(out: NodeJS.WritableStream = process.stdout): View {
   };
 }
 
+/** What a phase change says in words; quiet before the copy starts, so that a refusal is
+ * the only line an operator sees. */
+const PHASE_TEXT: Record<string, string | undefined> = {
+  copying: 'copying',
+  completing: 'copy done; switching the guest onto the encrypted image',
+  cancelling: 'cancelling the copy',
+};
+
 export function plainView(out: NodeJS.WritableStream = process.stderr, everyMs = 2000): View {
   let last = 0;
   return {
-    phase: (phase) => out.write(`idlecrypt: ${phase}\n`),
+    phase: (phase, detail) => {
+      const text = PHASE_TEXT[phase];
+      if (text) out.write(`idlecrypt: ${text}${phase === 'copying' && detail ? ` ${String(detail.source)}` : ''}\n`);
+    },
     progress: (p) => {
       const now = Date.now();
       if (now - last < everyMs) return;
@@ -88,7 +99,6 @@ export function barView(label: string): View {
     phase: (phase) => {
       state = phase;
       if (started) bar.update(payload());
-      else process.stderr.write(`idlecrypt: ${phase}\n`);
     },
     progress: (p) => {
       const total = Math.max(1, p.len);

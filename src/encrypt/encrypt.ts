@@ -107,7 +107,9 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       pivoting = true;
       const snap = await completeJob(client, job, o.pollMs ?? 250);
       o.onProgress?.(meter.sample(snap, performance.now()));
-      const now = findDisk(await listDisks(client), o.device);
+      // Re-find the disk by what survives the pivot: its qdev id or drive name (the node
+      // name the operator may have given is the old node's).
+      const now = findDisk(await listDisks(client), disk.qdevId || disk.device || target.node);
       if (now.nodeName !== target.node) {
         throw new IdlecryptError('JOB_FAILED', `the job completed but '${o.device}' still runs on ${now.file}`);
       }
@@ -148,8 +150,10 @@ async function startMirror(client: QmpClient, disk: DiskInfo, target: EncryptedT
       ...(o.bufSize !== undefined ? { bufSize: o.bufSize } : {}),
     });
   } catch (e) {
-    // A job started under another id (libvirt's, or a backup) holds an op blocker on the node.
-    if (e instanceof QmpCommandError && /is busy|in use by|block job/i.test(e.desc)) {
+    // A job started under another id (libvirt's, or a backup) holds an op blocker on the
+    // node, or has put its filter node (mirror_top, backup-top) above it, which QEMU reports
+    // as the node no longer being a root node.
+    if (e instanceof QmpCommandError && /is busy|in use by|block job|Need a root block node/i.test(e.desc)) {
       throw new IdlecryptError('JOB_EXISTS', `another block job is already running on '${o.device}' (${e.desc})`, { cause: e });
     }
     throw e;

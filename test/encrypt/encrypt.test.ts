@@ -6,10 +6,10 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, open, rm, readFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, rm, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { makeDiskImage, startTestVm, ensureImage, type TestVm } from '../../vm-images/launch.ts';
+import { makeDiskImage, startTestVm, ensureImage, writerBlock, type TestVm } from '../../vm-images/launch.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
 import { runCli, startCli } from '../helpers/cli.ts';
@@ -32,7 +32,9 @@ after(async () => {
 });
 
 async function boot(opts: Parameters<typeof startTestVm>[0]): Promise<TestVm> {
-  const vm = await startTestVm({ dir, ...opts });
+  const vmDir = path.join(dir, `vm-${opts.name}`); // each VM's sockets in a folder of its own
+  await mkdir(vmDir);
+  const vm = await startTestVm({ dir: vmDir, ...opts });
   vms.push(vm);
   await vm.ready;
   return vm;
@@ -105,8 +107,7 @@ describe('encrypt', () => {
     try {
       for (const [off, seq] of latest) {
         const { buffer } = await fd.read(Buffer.alloc(4096), 0, 4096, off);
-        const header = `IDLECRYPT-BLOCK seq=${seq} off=${off}`;
-        assert.equal(buffer.subarray(0, header.length).toString('latin1'), header, `block at ${off}`);
+        assert.ok(buffer.equals(writerBlock(seq, off)), `block at ${off} is not seq ${seq}: ${buffer.subarray(0, 48).toString('latin1')}`);
       }
     } finally {
       await fd.close();

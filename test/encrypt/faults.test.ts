@@ -29,7 +29,8 @@ before(async () => {
   src = path.join(dir, 'src.raw');
   await makeDiskImage(src, { sizeMiB: 64, format: 'raw', fill: 'pattern' });
   srcSha = await sha256(src);
-  vm = await startTestVm({ name: 'faults', disk: src, dir, workload: 'idle' });
+  await mkdir(path.join(dir, 'vm1'));
+  vm = await startTestVm({ name: 'faults', disk: src, dir: path.join(dir, 'vm1'), workload: 'idle' });
   await vm.ready;
 });
 after(async () => {
@@ -58,7 +59,8 @@ async function assertUntouched(vmRef: TestVm, sourceSha: string, source: string)
     assert.equal(await sha256(source), sourceSha, 'the source is unmodified');
     return;
   }
-  const c = await QmpClient.connect(vmRef.qmpSocket);
+  // The tool's socket is free once the CLI has exited; the test may hold the other one.
+  const c = await QmpClient.connect(vmRef.toolQmpSocket);
   try {
     const blocks = await c.execute('query-block');
     const disk = blocks.find((b) => b.qdev?.includes('disk0'));
@@ -207,7 +209,8 @@ describe('faults during a run', () => {
     const src2 = path.join(dir, 'dying.raw');
     await makeDiskImage(src2, { sizeMiB: 64, format: 'raw', fill: 'pattern' });
     const sha2 = await sha256(src2);
-    const vm2 = await startTestVm({ name: 'dying', disk: src2, dir: path.join(dir), workload: 'idle' });
+    await mkdir(path.join(dir, 'vm2'));
+    const vm2 = await startTestVm({ name: 'dying', disk: src2, dir: path.join(dir, 'vm2'), workload: 'idle' });
     try {
       await vm2.ready;
       const cli = startCli(encrypt({ '--qmp': vm2.toolQmpSocket, '--speed': '2M', '--json': '' }).filter((a) => a !== ''));
