@@ -97,7 +97,8 @@ function summaryText(r: EncryptResult): string {
   const rate = r.elapsedS > 0 ? fmtBytes(r.bytesCopied / r.elapsedS) : '-';
   return (
     `idlecrypt: ${r.device} now runs on the encrypted image ${r.target} (${r.format}, node ${r.targetNode}).\n` +
-    `idlecrypt: copied ${fmtBytes(r.bytesCopied)} of ${fmtBytes(r.virtualSize)} in ${r.elapsedS.toFixed(1)} s (${rate}/s). ` +
+    `idlecrypt: copied ${fmtBytes(r.bytesCopied)} in ${r.elapsedS.toFixed(1)} s (${rate}/s): the ${fmtBytes(r.virtualSize)} disk` +
+    (r.bytesCopied > r.virtualSize ? ` plus ${fmtBytes(r.bytesCopied - r.virtualSize)} the guest rewrote during the copy. ` : '. ') +
     `The original ${r.source} is unchanged and no longer used by the guest.`
   );
 }

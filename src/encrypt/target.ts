@@ -81,7 +81,7 @@ export class EncryptedTarget {
         break;
       } catch (e) {
         if (attempt < 5 && e instanceof IdlecryptError && /accurate CPU usage/i.test(e.message)) {
-          this.log.warn({ attempt }, 'LUKS key-slot timing failed spuriously; retrying');
+          this.log.info({ attempt }, 'LUKS key-slot timing failed spuriously; retrying');
           continue;
         }
         throw e;
