@@ -41,9 +41,6 @@ const vm = await startTestVm({ name: 'demo', disk: source, dir: path.join(work, 
 let exitCode = 0;
 try {
   await vm.ready;
-  vm.lines$.subscribe((l) => {
-    if (l.startsWith('PHASE')) process.stderr.write(`\x1b[2m   guest: ${l}\x1b[0m\n`);
-  });
   say(`guest up (pid ${vm.pid}); encrypting its disk while it runs:`);
   const args = ['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile];
   process.stdout.write(`    idlecrypt ${args.join(' ')}\n`);

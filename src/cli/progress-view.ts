@@ -75,7 +75,7 @@ export function plainView(out: NodeJS.WritableStream = process.stderr, everyMs =
 export function barView(label: string): View {
   const bar = new cliProgress.SingleBar(
     {
-      format: `${label} [{bar}] {percentage}% | {done} / {total} | {rate}/s | ETA {eta_h} | {state}`,
+      format: `${label} [{bar}] {percentage}% | {done_h} / {total_h} | {rate_h}/s | ETA {eta_h} | {state}`,
       barCompleteChar: '=',
       barIncompleteChar: ' ',
       hideCursor: true,
@@ -88,10 +88,12 @@ export function barView(label: string): View {
   );
   let started = false;
   let state = 'starting';
-  const payload = (p?: Progress) => ({
-    done: fmtBytes(p?.offset ?? 0),
-    total: fmtBytes(p?.len ?? 0),
-    rate: fmtBytes(p?.rate ?? 0),
+  let last: Progress | undefined;
+  const payload = (p: Progress | undefined = last) => ({
+    // cli-progress owns {value}, {total}, {eta}...: our own tokens get their own names
+    done_h: fmtBytes(p?.offset ?? 0),
+    total_h: fmtBytes(p?.len ?? 0),
+    rate_h: fmtBytes(p?.rate ?? 0),
     eta_h: fmtEta(p?.etaS ?? null),
     state,
   });
@@ -101,6 +103,7 @@ export function barView(label: string): View {
       if (started) bar.update(payload());
     },
     progress: (p) => {
+      last = p;
       const total = Math.max(1, p.len);
       if (!started) {
         bar.start(total, p.offset, payload(p));
