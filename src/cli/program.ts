@@ -7,6 +7,7 @@ import { describeError, IdlecryptError } from '../errors.ts';
 import { encryptCommand } from './encrypt.ts';
 import { statusCommand } from './status.ts';
 import { observeCommand } from './observe.ts';
+import { policyCommand } from './policy.ts';
 
 export function buildProgram(): Command {
   const program = new Command('idlecrypt')
@@ -15,7 +16,7 @@ export function buildProgram(): Command {
     .showSuggestionAfterError()
     .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s.startsWith('error:') ? `idlecrypt: ${s.slice(7)}` : s) });
-  for (const cmd of [encryptCommand(), statusCommand(), observeCommand()]) {
+  for (const cmd of [encryptCommand(), statusCommand(), observeCommand(), policyCommand()]) {
     program.addCommand(cmd.exitOverride());
   }
   return program;

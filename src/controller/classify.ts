@@ -1,0 +1,35 @@
+/**
+ * Busy or idle, from windowed rates and thresholds: pure. The guest is busy while ANY
+ * signal's rate is strictly above its threshold (the source design: disk > 5 requests/s,
+ * keyboard > 5 events/s, pointer > 100 events/s, interrupts > 1000/s). A signal that is
+ * unknown (null: degraded mode) or switched off (threshold null) never makes it busy.
+ */
+import { SIGNALS, type Moderation } from '../policy/schema.ts';
+import { formatRate } from '../policy/units.ts';
+import type { ActivityRates, Classification, Reason, Signal } from './types.ts';
+
+const FIELD: Record<Signal, 'diskPerS' | 'keyPerS' | 'pointerPerS' | 'interruptsPerS'> = {
+  disk: 'diskPerS',
+  keyboard: 'keyPerS',
+  pointer: 'pointerPerS',
+  interrupts: 'interruptsPerS',
+};
+
+export function rateOf(rates: ActivityRates, signal: Signal): number | null {
+  return rates[FIELD[signal]];
+}
+
+export function classify(rates: ActivityRates, thresholds: Moderation['thresholds']): Classification {
+  const reasons: Reason[] = [];
+  for (const signal of SIGNALS) {
+    const threshold = thresholds[signal];
+    const value = rateOf(rates, signal);
+    if (threshold !== null && value !== null && value > threshold) reasons.push({ signal, value, threshold });
+  }
+  return { state: reasons.length > 0 ? 'busy' : 'idle', reasons };
+}
+
+/** "disk 37.5/s > 5/s, keyboard 8/s > 5/s" */
+export function describeReasons(reasons: readonly Reason[]): string {
+  return reasons.map((r) => `${r.signal} ${formatRate(r.value)}/s > ${formatRate(r.threshold)}/s`).join(', ');
+}

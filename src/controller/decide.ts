@@ -1,0 +1,316 @@
+/**
+ * From activity samples to the desired job state: small pure RxJS operators, each with the
+ * scheduler as a parameter (RxJS's own operator style), so that every timing rule is
+ * marble-tested in virtual time.
+ *
+ *   ActivityRates ─ classifyActivity ─ staleAfter ─ holdOff ─┐
+ *   Policy ──────────────────────────────────────────────────┼─ desiredDecision ─ Decision
+ *   JobProgress ─ guarantee ─────────────────────────────────┘
+ *
+ * Nothing here waits for a sample to be confirmed: the sample that first crosses a
+ * threshold yields the slower decision synchronously, in the same tick. The 250 ms
+ * reaction budget of issue 4 belongs to the probes and QMP, not to this logic.
+ */
+import { isDeepStrictEqual } from 'node:util';
+import {
+  combineLatest,
+  concat,
+  defer,
+  distinctUntilChanged,
+  map,
+  of,
+  scan,
+  shareReplay,
+  startWith,
+  switchMap,
+  timer,
+  withLatestFrom,
+  type Observable,
+  type OperatorFunction,
+  type SchedulerLike,
+} from 'rxjs';
+import { SIGNALS, type EffectivePolicy, type Moderation } from '../policy/schema.ts';
+import { formatDuration, formatSpeed, PAUSED, UNLIMITED } from '../policy/units.ts';
+import { classify, describeReasons, rateOf } from './classify.ts';
+import type { ActivityRates, Classified, Decision, Guarantee, JobProgress, Signal, StateChange } from './types.ts';
+
+/** Structural equality, typed, for distinctUntilChanged. */
+export const same = <T>(a: T, b: T): boolean => isDeepStrictEqual(a, b);
+
+// ---------------------------------------------------------------- windowed rates
+
+interface WindowSample {
+  readonly start: number;
+  readonly end: number;
+  /** events in the sample per signal; null = unknown */
+  readonly counts: Readonly<Record<Signal, number | null>>;
+}
+
+export interface RateWindow {
+  readonly samples: readonly WindowSample[];
+}
+
+export const EMPTY_WINDOW: RateWindow = { samples: [] };
+
+/**
+ * Adds one sample and returns the rates averaged over the last `windowMs`: the events in
+ * the window (a sample straddling its start counts pro rata) divided by the window's length.
+ * Dividing by the whole window, also before it has filled, is what makes one stray request
+ * 1/window (4/s at 250 ms) rather than 1/interval (20/s at 50 ms).
+ */
+export function pushSample(
+  w: RateWindow,
+  s: ActivityRates,
+  windowMs: number,
+  defaultIntervalMs: number,
+): { window: RateWindow; rates: ActivityRates } {
+  const prev = w.samples.at(-1);
+  const measured = s.intervalMs ?? (prev ? s.time - prev.end : defaultIntervalMs);
+  const length = measured > 0 ? measured : defaultIntervalMs;
+  const counts = Object.fromEntries(
+    SIGNALS.map((sig) => {
+      const r = rateOf(s, sig);
+      return [sig, r === null ? null : (r * length) / 1000];
+    }),
+  ) as Record<Signal, number | null>;
+  const from = s.time - windowMs;
+  const samples = [...w.samples.filter((x) => x.end > from), { start: s.time - length, end: s.time, counts }];
+  const windowed = (sig: Signal): number | null => {
+    if (counts[sig] === null) return null; // unknown now: stays unknown
+    let n = 0;
+    for (const x of samples) {
+      const c = x.counts[sig];
+      if (c === null) continue;
+      const span = x.end - x.start;
+      n += x.start >= from ? c : (c * (x.end - from)) / span;
+    }
+    return n / (windowMs / 1000);
+  };
+  return {
+    window: { samples },
+    rates: {
+      ...s,
+      intervalMs: windowMs,
+      diskPerS: windowed('disk') ?? 0,
+      keyPerS: windowed('keyboard'),
+      pointerPerS: windowed('pointer'),
+      interruptsPerS: windowed('interrupts'),
+    },
+  };
+}
+
+// ---------------------------------------------------------------- operators
+
+/**
+ * Activity samples → busy/idle per sample, with the policy's window and thresholds in
+ * force when the sample arrives (a reload applies from the next sample, 50 ms later).
+ */
+export function classifyActivity(policy$: Observable<EffectivePolicy>): OperatorFunction<ActivityRates, Classified> {
+  return (source) =>
+    source.pipe(
+      withLatestFrom(policy$),
+      scan(
+        (acc: { window: RateWindow; out: Classified | null }, [sample, p]) => {
+          const { window, rates } = pushSample(acc.window, sample, p.sampling.window, p.sampling.interval);
+          return { window, out: { time: sample.time, ...classify(rates, p.thresholds) } };
+        },
+        { window: EMPTY_WINDOW, out: null },
+      ),
+      map((acc) => acc.out!),
+    );
+}
+
+/**
+ * A busy classification that is not followed by any sample for `ms` turns idle: when the
+ * probes stop reporting, the guest's activity is unknown, and unknown never keeps the guest
+ * busy, or a dead probe would hold the copy paused for good.
+ */
+export function staleAfter(ms: number, scheduler: SchedulerLike): OperatorFunction<Classified, Classified> {
+  return (source) =>
+    source.pipe(
+      switchMap((c) =>
+        c.state === 'busy'
+          ? concat(
+              of(c),
+              timer(ms, scheduler).pipe(map((): Classified => ({ time: c.time + ms, state: 'idle', reasons: [], note: `no activity data for ${formatDuration(ms)}` }))),
+            )
+          : of(c),
+      ),
+    );
+}
+
+/**
+ * Busy/idle samples → state changes with the hold-off: busy at once on the first busy
+ * sample; when it turns quiet, 'holdoff' (the job keeps the busy speed) and, after
+ * `holdoff` ms without a busy sample, 'idle'. A busy sample during the hold-off cancels it.
+ * The very first state may be idle at once: there is nothing to hold off from.
+ */
+export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: SchedulerLike): OperatorFunction<Classified, StateChange> {
+  return (source) =>
+    defer(() => {
+      // what made the guest busy last; null until it first was (per subscription)
+      let busyReason: string | null = null;
+      return source.pipe(
+        distinctUntilChanged((a, b) => a.state === b.state),
+        withLatestFrom(policy$),
+        switchMap(([c, p]): Observable<StateChange> => {
+          if (c.state === 'busy') {
+            busyReason = describeReasons(c.reasons);
+            return of({ state: 'busy', reason: busyReason });
+          }
+          if (busyReason === null) return of({ state: 'idle', reason: c.note ?? 'quiet' });
+          const quiet: StateChange = { state: 'idle', reason: `quiet for ${formatDuration(p.holdoff)}` };
+          if (p.holdoff <= 0) return of(quiet);
+          const holding: StateChange = {
+            state: 'holdoff',
+            reason: `${c.note ?? 'quiet'}; hold-off ${formatDuration(p.holdoff)} after ${busyReason}`,
+          };
+          return concat(of(holding), timer(p.holdoff, scheduler).pipe(map(() => quiet)));
+        }),
+      );
+    });
+}
+
+// ---------------------------------------------------------------- completion guarantee
+
+/** How far back the progress rate is measured when judging whether the deadline holds. */
+export const PROGRESS_WINDOW_MS = 30_000;
+/** Speeds the deadline asks for are rounded up to whole MiB/s: fewer, stabler changes. */
+const SPEED_STEP = 1024 * 1024;
+
+export interface GuaranteeMemory {
+  /** The guarantee settings this memory was built under; a change starts afresh. */
+  readonly key: string;
+  readonly history: readonly { time: number; remaining: number }[];
+  /**
+   * Once the deadline needs a raised speed, the time the copy is to be done by (ahead of
+   * the deadline by the margin); kept until the copy is done or the settings change.
+   */
+  readonly finishBy: number | null;
+  readonly out: Guarantee;
+}
+
+export const NO_GUARANTEE: Guarantee = { requiredBps: 0, deadlineAt: null };
+export const INITIAL_GUARANTEE: GuaranteeMemory = { key: '', history: [], finishBy: null, out: NO_GUARANTEE };
+
+/**
+ * One progress sample → what the deadline asks for. Pure.
+ *
+ * The copy is judged on its net progress (remaining work shrinking, which counts the
+ * guest re-dirtying copied blocks against it) over the last 30 s, i.e. at the current mix
+ * of idle and busy time. If that would not finish `margin` times ahead of the deadline,
+ * the guarantee engages: it fixes a finish time, now + time left / margin, and from then
+ * on asks every state for at least remaining / time to that finish, recomputed on every
+ * sample. That is what a guest that is never idle again needs, so the deadline holds
+ * whatever the guest does; idle phases at full speed bring the number down, a guest
+ * dirtying copied blocks pushes it up. (Recomputing margin x remaining / time-to-deadline
+ * instead would slow down as the deadline nears, shrinking the work like
+ * (time left)^margin: it would reach the deadline with work left.) The guarantee stays
+ * engaged, without flapping back to paused when the raised speed makes the progress look
+ * good, until the copy is done or the guarantee settings change. No judgement before
+ * `judgeMs` of history (1/20 of the time allowed, 1-10 s); past the finish time with
+ * work left, margin x remaining / time to the deadline; past the deadline, full speed.
+ */
+export function guaranteeStep(
+  mem: GuaranteeMemory,
+  sample: JobProgress & { time: number },
+  g: Moderation['guarantee'],
+  startedAt: number,
+): GuaranteeMemory {
+  const key = JSON.stringify([g.deadline, g.margin]);
+  const fresh = mem.key !== key;
+  const now = sample.time;
+  const remaining = Math.max(0, sample.len - sample.offset);
+  const history = [...(fresh ? [] : mem.history.filter((h) => h.time > now - PROGRESS_WINDOW_MS)), { time: now, remaining }];
+  let finishBy = fresh ? null : mem.finishBy;
+  if (g.deadline === null) return { key, history, finishBy: null, out: NO_GUARANTEE };
+  const deadlineAt = 'after' in g.deadline ? startedAt + g.deadline.after : g.deadline.at;
+  const result = (requiredBps: number): GuaranteeMemory => ({ key, history, finishBy, out: { requiredBps, deadlineAt } });
+
+  if (remaining === 0) return result(0);
+  const leftMs = deadlineAt - now;
+  if (leftMs <= 0) return result(UNLIMITED);
+  if (finishBy === null) {
+    const oldest = history[0]!;
+    const span = now - oldest.time;
+    const judgeMs = Math.min(10_000, Math.max(1000, (deadlineAt - startedAt) / 20));
+    if (span < judgeMs) return result(0);
+    const netBps = (oldest.remaining - remaining) / (span / 1000);
+    if (netBps >= (g.margin * remaining) / (leftMs / 1000)) return result(0);
+    finishBy = now + leftMs / g.margin;
+  }
+  const needBps = now < finishBy ? remaining / ((finishBy - now) / 1000) : (g.margin * remaining) / (leftMs / 1000);
+  return result(Math.max(SPEED_STEP, Math.ceil(needBps / SPEED_STEP) * SPEED_STEP));
+}
+
+/**
+ * Job progress → what the deadline asks for. `startedAt` (the job's start, for a deadline
+ * relative to it) defaults to the time of subscription on `scheduler`.
+ */
+export function guarantee(
+  policy$: Observable<EffectivePolicy>,
+  scheduler: SchedulerLike,
+  startedAt?: number,
+): OperatorFunction<JobProgress, Guarantee> {
+  return (source) =>
+    defer(() => {
+      const t0 = startedAt ?? scheduler.now();
+      return source.pipe(
+        withLatestFrom(policy$),
+        scan((mem, [p, pol]) => guaranteeStep(mem, { offset: p.offset, len: p.len, time: scheduler.now() }, pol.guarantee, t0), INITIAL_GUARANTEE),
+        map((mem) => mem.out),
+        distinctUntilChanged(same),
+      );
+    });
+}
+
+// ---------------------------------------------------------------- the decision
+
+/**
+ * State + policy + guarantee → the desired job state. Pure. The state's speed (idle speed
+ * when idle; busy speed when busy and during the hold-off), raised to the floor and to
+ * what the deadline asks for, whichever is fastest.
+ */
+export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee): Decision {
+  let speed = s.state === 'idle' ? p.speed.idle : p.speed.busy;
+  const why = [s.reason];
+  if (p.guarantee.floor > speed) {
+    speed = p.guarantee.floor;
+    why.push(`floor ${formatSpeed(speed)}`);
+  }
+  if (g.requiredBps > speed) {
+    speed = g.requiredBps;
+    const by = g.deadlineAt === null ? '' : new Date(g.deadlineAt).toISOString();
+    why.push(speed === UNLIMITED ? `deadline ${by} passed: full speed` : `raised to ${formatSpeed(speed)} to finish by ${by}`);
+  }
+  const reason = why.join('; ');
+  if (speed === UNLIMITED) return { mode: 'full', speed: 0, state: s.state, reason };
+  if (speed === PAUSED) return { mode: 'paused', speed: 0, state: s.state, reason };
+  return { mode: 'throttled', speed: Math.round(speed), state: s.state, reason };
+}
+
+export interface DecideInput {
+  readonly activity$: Observable<ActivityRates>;
+  readonly policy$: Observable<EffectivePolicy>;
+  readonly progress$?: Observable<JobProgress>;
+  readonly scheduler: SchedulerLike;
+  /** The job's start, for a deadline relative to it; default: subscription time. */
+  readonly startedAt?: number;
+  /** See staleAfter; default 2 s, longer than a probe restart's first backoff should take. */
+  readonly staleMs?: number;
+}
+
+/** The whole decision pipeline. Emits only when the desired state changes. */
+export function decide(i: DecideInput): Observable<Decision> {
+  return defer(() => {
+    const policy$ = i.policy$.pipe(shareReplay({ bufferSize: 1, refCount: true }));
+    const state$ = i.activity$.pipe(classifyActivity(policy$), staleAfter(i.staleMs ?? 2000, i.scheduler), holdOff(policy$, i.scheduler));
+    const guarantee$ = i.progress$
+      ? i.progress$.pipe(guarantee(policy$, i.scheduler, i.startedAt ?? i.scheduler.now()), startWith(NO_GUARANTEE))
+      : of(NO_GUARANTEE);
+    return combineLatest([state$, policy$, guarantee$]).pipe(
+      map(([s, p, g]) => desiredDecision(s, p, g)),
+      distinctUntilChanged(same),
+    );
+  });
+}

@@ -1,0 +1,284 @@
+/**
+ * The reconciler: makes the job match the desired decision, level-triggered, in the manner
+ * of Kubernetes controller-runtime. Each pass reads the job back (`snapshot`), computes the
+ * actions that close the gap from that whole snapshot (`plan`, pure), applies them, and
+ * reports. A pass runs on every new decision and on every tick, so a missed or failed
+ * command, or someone else's `block-job-set-speed`, is corrected on the next tick instead
+ * of being remembered as done. Errors are retryable (try again next tick) unless they mean
+ * the job or the VM is gone (terminal: moderation ends).
+ *
+ * QMP (QEMU 7.2 qapi/job.json, qapi/block-core.json):
+ * - `job-pause` fails if the job is already paused by a user ("The job is already paused"),
+ *   `job-resume` if it is not ("Can't resume a job that was not paused"): hence pause and
+ *   resume only from what the snapshot shows.
+ * - `block-job-set-speed` takes bytes/s, 0 = unlimited; the limit acts per 100 ms slice,
+ *   and a mirror copies up to `buf-size` between sleeps (host-facts.md), so a low limit
+ *   is approximate over short spans.
+ * - A paused job stays paused while READY (status `standby`): pausing a READY mirror is
+ *   allowed, but it cannot be completed until resumed; `stop()` resumes it by default.
+ */
+import { Subject, type Observable, type Subscription } from 'rxjs';
+import { describeError, isIdlecryptError, type ErrorCode } from '../errors.ts';
+import type { JobControl, JobSnapshot, JobStatus } from '../jobs/types.ts';
+import type { Logger } from '../log.ts';
+import { formatSpeed } from '../policy/units.ts';
+import type { Decision } from './types.ts';
+
+export type Action = { readonly kind: 'setSpeed'; readonly bps: number } | { readonly kind: 'pause' } | { readonly kind: 'resume' };
+
+export interface Capabilities {
+  /** Whether `pause()` is real; a libvirt block job cannot be paused. */
+  readonly canPause: boolean;
+  /** The speed that stands in for 'paused' when it is not: bytes/s, > 0. */
+  readonly pausedSpeed: number;
+}
+
+/**
+ * 1 MiB/s: low enough to leave a busy guest its disk (the test guest's loop alone makes
+ * ~155 MiB/s), and a whole MiB/s because libvirt's `--bandwidth` counts in MiB/s, so the
+ * speed reads back as set and the reconciler does not re-apply it every tick.
+ */
+export const DEFAULT_PAUSED_SPEED = 1024 * 1024;
+
+/** The job can take commands in these states (QAPI JobStatus). */
+const STEERABLE: ReadonlySet<JobStatus> = new Set(['created', 'running', 'paused', 'ready', 'standby']);
+/** The job will not run again: moderation is over. pending/waiting are on the way there; we wait. */
+const ENDED: ReadonlySet<JobStatus> = new Set(['aborting', 'concluded', 'null']);
+
+/**
+ * The actions that take the job from `s` to `d`. Pure. Speed before resume, so that a job
+ * coming out of a pause starts at its new speed; when pausing, the speed is left as it is
+ * (it does not matter while paused, and the next decision sets it).
+ */
+export function plan(d: Decision, s: JobSnapshot, caps: Capabilities): Action[] {
+  if (!STEERABLE.has(s.status)) return [];
+  if (d.mode === 'paused') {
+    if (caps.canPause) return s.paused ? [] : [{ kind: 'pause' }];
+    return s.speed === caps.pausedSpeed ? [] : [{ kind: 'setSpeed', bps: caps.pausedSpeed }];
+  }
+  const actions: Action[] = [];
+  if (s.speed !== d.speed) actions.push({ kind: 'setSpeed', bps: d.speed });
+  if (s.paused && caps.canPause) actions.push({ kind: 'resume' });
+  return actions;
+}
+
+/** Why moderation ended. */
+export type ModerationEnd =
+  | { readonly cause: 'stopped' }
+  /** The job finished or is going away (status aborting, concluded or null). */
+  | { readonly cause: 'job-ended'; readonly status: JobStatus; readonly error?: string }
+  /** The job is no longer listed (dismissed, or the VM restarted). */
+  | { readonly cause: 'job-gone' }
+  /** A terminal error (connection lost) or the decision stream failed. */
+  | { readonly cause: 'error'; readonly error: unknown };
+
+export type SyncResult =
+  | { readonly outcome: 'no-decision' }
+  /** `actions` were applied (possibly none: already in the desired state). */
+  | { readonly outcome: 'ok'; readonly snapshot: JobSnapshot; readonly actions: readonly Action[] }
+  /** Failed; `actions` are those applied before the failure. Tried again on the next tick. */
+  | { readonly outcome: 'retry'; readonly error: unknown; readonly snapshot?: JobSnapshot; readonly actions: readonly Action[] }
+  | { readonly outcome: 'terminal'; readonly end: ModerationEnd; readonly snapshot?: JobSnapshot };
+
+const TERMINAL_CODES: ReadonlySet<ErrorCode> = new Set(['QMP_DISCONNECTED', 'QMP_STATE', 'VM_EXITED', 'CANCELLED']);
+
+/**
+ * Default terminal test: the connection is gone or closed, the VM exited, or the run was
+ * cancelled. Anything else (a QMP command error, a timeout) is retried: if it meant the job
+ * is gone, the next snapshot says so.
+ */
+export function isTerminalError(e: unknown): boolean {
+  return isIdlecryptError(e) && TERMINAL_CODES.has(e.code);
+}
+
+export interface ReconcilerOptions {
+  readonly logger: Logger;
+  /** See DEFAULT_PAUSED_SPEED; used only when the job cannot pause. */
+  readonly pausedSpeed?: number;
+  readonly isTerminal?: (e: unknown) => boolean;
+}
+
+export class Reconciler {
+  readonly caps: Capabilities;
+  /** Every snapshot read, for progress (the deadline) and views. Completes when moderation ends. */
+  readonly snapshots$: Observable<JobSnapshot>;
+  /** Settles (never rejects) when moderation ends, with why. */
+  readonly ended: Promise<ModerationEnd>;
+
+  private readonly log: Logger;
+  private readonly isTerminal: (e: unknown) => boolean;
+  private readonly snapshots = new Subject<JobSnapshot>();
+  private desired: Decision | undefined;
+  private lastError: string | undefined;
+  private inFlight: Promise<void> | null = null;
+  private again = false;
+  private started = false;
+  private finished = false;
+  private subs: Subscription[] = [];
+  private resolveEnded!: (e: ModerationEnd) => void;
+
+  constructor(
+    readonly job: JobControl,
+    options: ReconcilerOptions,
+  ) {
+    this.log = options.logger;
+    this.isTerminal = options.isTerminal ?? isTerminalError;
+    const pausedSpeed = options.pausedSpeed ?? DEFAULT_PAUSED_SPEED;
+    if (!(pausedSpeed > 0) || !Number.isSafeInteger(pausedSpeed)) throw new RangeError(`pausedSpeed must be a positive integer, got ${pausedSpeed}`);
+    this.caps = { canPause: job.canPause, pausedSpeed };
+    this.snapshots$ = this.snapshots.asObservable();
+    this.ended = new Promise((resolve) => (this.resolveEnded = resolve));
+  }
+
+  get decision(): Decision | undefined {
+    return this.desired;
+  }
+
+  /** A new desired state; logged, as every change of state is, with its reason. */
+  setDesired(d: Decision): void {
+    const prev = this.desired;
+    this.desired = d;
+    if (prev && prev.state === d.state && prev.mode === d.mode && prev.speed === d.speed && prev.reason === d.reason) return;
+    this.log.info({ state: d.state, reason: d.reason, speed: this.speedText(d) }, `moderation: ${d.state}, ${this.speedText(d)}`);
+  }
+
+  /** "paused", "unlimited", "15 MiB/s", or "paused (as 1 MiB/s)" where pause is emulated. */
+  speedText(d: Decision): string {
+    if (d.mode === 'paused') return this.caps.canPause ? 'paused' : `paused (as ${formatSpeed(this.caps.pausedSpeed)})`;
+    return d.mode === 'full' ? 'unlimited' : formatSpeed(d.speed);
+  }
+
+  /** One pass: read the job back, plan, apply. Never throws. */
+  async sync(): Promise<SyncResult> {
+    const d = this.desired;
+    if (!d) return { outcome: 'no-decision' };
+    let snapshot: JobSnapshot | undefined;
+    try {
+      snapshot = await this.job.snapshot();
+    } catch (e) {
+      return this.failed(e, [], undefined);
+    }
+    if (!snapshot) return { outcome: 'terminal', end: { cause: 'job-gone' } };
+    if (ENDED.has(snapshot.status)) {
+      return { outcome: 'terminal', snapshot, end: { cause: 'job-ended', status: snapshot.status, ...(snapshot.error ? { error: snapshot.error } : {}) } };
+    }
+    const actions = plan(d, snapshot, this.caps);
+    const applied: Action[] = [];
+    for (const a of actions) {
+      try {
+        if (a.kind === 'setSpeed') await this.job.setSpeed(a.bps);
+        else if (a.kind === 'pause') await this.job.pause();
+        else await this.job.resume();
+        applied.push(a);
+      } catch (e) {
+        return this.failed(e, applied, snapshot);
+      }
+    }
+    if (applied.length > 0) this.log.debug({ actions: applied, was: { paused: snapshot.paused, speed: snapshot.speed } }, 'moderation: applied');
+    if (this.lastError !== undefined) {
+      this.log.info({ after: this.lastError }, 'moderation: job control works again');
+      this.lastError = undefined;
+    }
+    return { outcome: 'ok', snapshot, actions: applied };
+  }
+
+  private failed(e: unknown, applied: Action[], snapshot: JobSnapshot | undefined): SyncResult {
+    if (this.isTerminal(e)) return { outcome: 'terminal', end: { cause: 'error', error: e }, ...(snapshot ? { snapshot } : {}) };
+    const message = describeError(e);
+    // Once per distinct error, not every tick: a job that cannot be resumed for a while
+    // (QEMU pausing it internally) would otherwise fill the log 4 times a second.
+    if (message !== this.lastError) this.log.warn({ err: message }, 'moderation: job control failed, retrying on the next tick');
+    this.lastError = message;
+    return { outcome: 'retry', error: e, actions: applied, ...(snapshot ? { snapshot } : {}) };
+  }
+
+  /**
+   * Runs passes on every decision and every tick until stopped or a terminal outcome. At
+   * most one pass at a time; triggers during a pass coalesce into one more pass, which
+   * then reads the latest decision and a fresh snapshot.
+   */
+  start(decisions$: Observable<Decision>, ticks$: Observable<unknown>): void {
+    if (this.started) throw new Error('Reconciler.start: already started');
+    this.started = true;
+    const track = (sub: Subscription) => (this.finished ? sub.unsubscribe() : this.subs.push(sub));
+    track(
+      decisions$.subscribe({
+        next: (d) => {
+          this.setDesired(d);
+          this.kick();
+        },
+        error: (e: unknown) => {
+          // Without decisions the guest's activity is unknown, and unknown never holds
+          // the copy back (nor leaves it paused for good).
+          this.log.error({ err: describeError(e) }, 'moderation: the decision stream failed; releasing the job to full speed');
+          this.finish({ cause: 'error', error: e });
+          void this.inFlightDone().then(() => this.release());
+        },
+      }),
+    );
+    if (!this.finished) track(ticks$.subscribe(() => this.kick()));
+  }
+
+  /**
+   * Ends moderation: no more passes; waits for one in progress; then, with `release`
+   * (default), leaves the job resumed at unlimited speed, so that it can converge and be
+   * completed (a paused mirror cannot complete, host-facts.md).
+   */
+  async stop(options: { release?: boolean } = {}): Promise<void> {
+    this.finish({ cause: 'stopped' });
+    await this.inFlightDone();
+    if (options.release ?? true) await this.release();
+  }
+
+  /** Best effort: resume and set unlimited speed, if the job is still there. */
+  async release(): Promise<void> {
+    try {
+      const s = await this.job.snapshot();
+      if (!s || !STEERABLE.has(s.status)) return;
+      if (s.speed !== 0) await this.job.setSpeed(0);
+      if (s.paused && this.caps.canPause) await this.job.resume();
+      this.log.debug({ was: { paused: s.paused, speed: s.speed } }, 'moderation: job released to full speed');
+    } catch (e) {
+      this.log.warn({ err: describeError(e) }, 'moderation: could not release the job to full speed');
+    }
+  }
+
+  private kick(): void {
+    if (this.finished) return;
+    if (this.inFlight) {
+      this.again = true;
+      return;
+    }
+    this.inFlight = (async () => {
+      do {
+        this.again = false;
+        const r = await this.sync();
+        if ('snapshot' in r && r.snapshot) this.snapshots.next(r.snapshot);
+        if (r.outcome === 'terminal') {
+          this.finish(r.end);
+          break;
+        }
+      } while (this.again && !this.finished);
+    })()
+      .catch((e: unknown) => this.finish({ cause: 'error', error: e }))
+      .finally(() => {
+        this.inFlight = null;
+      });
+  }
+
+  private async inFlightDone(): Promise<void> {
+    while (this.inFlight) await this.inFlight;
+  }
+
+  private finish(end: ModerationEnd): void {
+    if (this.finished) return;
+    this.finished = true;
+    for (const s of this.subs) s.unsubscribe();
+    this.subs = [];
+    if (end.cause === 'job-ended') this.log.info({ status: end.status, ...(end.error ? { jobError: end.error } : {}) }, 'moderation: the job ended');
+    else if (end.cause === 'job-gone') this.log.info('moderation: the job is gone');
+    else if (end.cause === 'error') this.log.error({ err: describeError(end.error) }, 'moderation stopped by an error');
+    this.snapshots.complete();
+    this.resolveEnded(end);
+  }
+}

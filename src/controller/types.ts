@@ -1,0 +1,89 @@
+/**
+ * The controller's inputs and outputs, decoupled from the probe layer (src/probes,
+ * src/streams) and from QMP (src/jobs): whatever measures the guest delivers
+ * `ActivityRates`; whatever runs the copy implements `JobControl`.
+ */
+import type { Signal } from '../policy/schema.ts';
+
+export type { Signal };
+
+/**
+ * One activity sample of one VM: event rates per second over the sample's own interval
+ * (count / measured interval), not yet averaged. The controller averages them over the
+ * policy's `sampling.window` itself, so that the window is a policy setting.
+ */
+export interface ActivityRates {
+  /** End of the sample, ms (the scheduler's clock: epoch ms in production). */
+  readonly time: number;
+  readonly vm: string;
+  readonly pid?: number;
+  /**
+   * The measured length of this sample, ms. When absent it is taken as the time since the
+   * previous sample (and as `sampling.interval` for the first).
+   */
+  readonly intervalMs?: number;
+  /** Guest disk requests (read + write + flush) per second. */
+  readonly diskPerS: number;
+  /** null = unknown (degraded mode, no eBPF): an unknown signal never makes the guest busy. */
+  readonly keyPerS: number | null;
+  readonly pointerPerS: number | null;
+  readonly interruptsPerS: number | null;
+  readonly source: 'ebpf' | 'qmp';
+}
+
+/** The copy's progress, for the deadline: QAPI BlockJobInfo offset/len (len grows as the guest dirties copied blocks). */
+export interface JobProgress {
+  readonly offset: number;
+  readonly len: number;
+}
+
+export interface Reason {
+  readonly signal: Signal;
+  /** The windowed rate, per second. */
+  readonly value: number;
+  readonly threshold: number;
+}
+
+export interface Classification {
+  readonly state: 'busy' | 'idle';
+  /** Every signal above its threshold; empty when idle. */
+  readonly reasons: readonly Reason[];
+}
+
+/** A classification of the windowed rates at `time`. */
+export interface Classified extends Classification {
+  readonly time: number;
+  /** Why the guest counts as idle when that is not simply "every rate under its threshold". */
+  readonly note?: string;
+}
+
+/**
+ * The activity state after the hold-off: 'holdoff' is the quiet time after busy, during
+ * which the job keeps the busy speed.
+ */
+export type ActivityState = 'idle' | 'busy' | 'holdoff';
+
+export interface StateChange {
+  readonly state: ActivityState;
+  /** For people and logs: "disk 37.5/s > 5/s", "hold-off 1s after disk 37.5/s > 5/s". */
+  readonly reason: string;
+}
+
+/** What the deadline asks for: the busy speed it needs, if it needs one. */
+export interface Guarantee {
+  /** bytes/s the job must at least run at in every state; 0 = nothing asked, Infinity = the deadline has passed. */
+  readonly requiredBps: number;
+  /** The deadline, epoch ms (scheduler clock), when the policy has one. */
+  readonly deadlineAt: number | null;
+}
+
+/**
+ * The desired state of the job. `speed` is in QMP's encoding: bytes/s, 0 = unlimited
+ * (block-job-set-speed); it is 0 and meaningless when `mode` is 'paused'.
+ */
+export interface Decision {
+  readonly mode: 'full' | 'throttled' | 'paused';
+  readonly speed: number;
+  readonly state: ActivityState;
+  readonly reason: string;
+}

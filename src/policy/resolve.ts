@@ -1,0 +1,59 @@
+/** From a loaded policy to what one VM runs on, and how a policy reads to a person. */
+import { SIGNALS, type EffectivePolicy, type Moderation, type Policy } from './schema.ts';
+import { formatDuration, formatRate, formatSpeed } from './units.ts';
+
+/** The settings for the VM named `vm`: its override when the policy has one, else the top level. */
+export function resolvePolicy(policy: Policy, vm: string): EffectivePolicy {
+  const own = Object.hasOwn(policy.vms, vm) ? policy.vms[vm] : undefined;
+  const m: Moderation = own ?? policy;
+  return {
+    thresholds: m.thresholds,
+    speed: m.speed,
+    holdoff: m.holdoff,
+    guarantee: m.guarantee,
+    sampling: policy.sampling,
+    source: policy.source,
+    ...(own ? { override: vm } : {}),
+  };
+}
+
+/** A few lines that say what a policy does, for `idlecrypt policy check`. */
+export function describePolicy(policy: Policy): string[] {
+  const lines = [
+    `sampling: every ${formatDuration(policy.sampling.interval)}, rates over ${formatDuration(policy.sampling.window)}`,
+    ...describeModeration(policy),
+  ];
+  const names = Object.keys(policy.vms);
+  if (names.length > 0) lines.push(`per-VM overrides: ${names.join(', ')}`);
+  lines.push(...strayNotes(policy));
+  return lines;
+}
+
+function describeModeration(m: Moderation): string[] {
+  const busy = SIGNALS.filter((s) => m.thresholds[s] !== null).map((s) => `${s} > ${formatRate(m.thresholds[s]!)}/s`);
+  const g = m.guarantee;
+  const deadline = g.deadline === null ? 'no deadline' : 'after' in g.deadline ? `finish within ${formatDuration(g.deadline.after)} of the job's start` : `finish by ${new Date(g.deadline.at).toISOString()}`;
+  return [
+    `busy while: ${busy.length > 0 ? busy.join(', ') : 'never (every signal is off)'}`,
+    `speed: idle ${formatSpeed(m.speed.idle)}, busy ${formatSpeed(m.speed.busy)}; idle speed again after ${formatDuration(m.holdoff)} quiet`,
+    `guarantee: ${deadline}${g.deadline === null ? '' : ` (margin ${g.margin})`}, floor ${g.floor === 0 ? 'none' : formatSpeed(g.floor)}`,
+  ];
+}
+
+/**
+ * Issue 4 asks that a single stray request at idle not stop the job for long. A threshold
+ * at or under one event per window makes a single event count as busy: say so.
+ */
+function strayNotes(policy: Policy): string[] {
+  const perWindow = 1000 / policy.sampling.window;
+  const notes: string[] = [];
+  for (const [who, m] of [['', policy] as const, ...Object.entries(policy.vms).map(([n, v]) => [`vms.${n}.`, v] as const)]) {
+    for (const s of SIGNALS) {
+      const t = m.thresholds[s];
+      if (t !== null && perWindow > t) {
+        notes.push(`note: ${who}thresholds.${s}: one event in the ${formatDuration(policy.sampling.window)} window is ${formatRate(perWindow)}/s, over ${formatRate(t)}/s: a single stray event counts as busy`);
+      }
+    }
+  }
+  return notes;
+}

@@ -1,0 +1,427 @@
+/**
+ * The decision operators in virtual time (rxjs TestScheduler, 1 frame = 1 ms): hold-off,
+ * staleness, the guarantee, and the whole pipeline's reaction to a simulated guest sampled
+ * every 50 ms.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { BehaviorSubject, interval, map, of, takeUntil, timer, type Observable } from 'rxjs';
+import { TestScheduler } from 'rxjs/testing';
+import {
+  classifyActivity,
+  decide,
+  desiredDecision,
+  guarantee,
+  guaranteeStep,
+  holdOff,
+  INITIAL_GUARANTEE,
+  NO_GUARANTEE,
+  staleAfter,
+  type GuaranteeMemory,
+} from '../../src/controller/decide.ts';
+import type { ActivityRates, Classified, Decision, StateChange } from '../../src/controller/types.ts';
+import { defaultPolicy, resolvePolicy, type EffectivePolicy, type Moderation } from '../../src/policy/index.ts';
+
+const MiB = 1024 * 1024;
+const P: EffectivePolicy = resolvePolicy(defaultPolicy(), 'vm1'); // hold-off 1 s, window 250 ms
+const withPolicy = (over: Partial<EffectivePolicy>): EffectivePolicy => ({ ...P, ...over });
+
+function scheduler(): TestScheduler {
+  return new TestScheduler((actual, expected) => assert.deepEqual(actual, expected));
+}
+
+const busy: Classified = { time: 0, state: 'busy', reasons: [{ signal: 'disk', value: 37.5, threshold: 5 }] };
+const idle: Classified = { time: 0, state: 'idle', reasons: [] };
+
+const S = {
+  I: { state: 'idle', reason: 'quiet' },
+  B: { state: 'busy', reason: 'disk 37.5/s > 5/s' },
+  H: { state: 'holdoff', reason: 'quiet; hold-off 1s after disk 37.5/s > 5/s' },
+  Q: { state: 'idle', reason: 'quiet for 1s' },
+} satisfies Record<string, StateChange>;
+
+describe('holdOff', () => {
+  test('busy at once; when quiet, hold-off, then idle after the hold-off', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      const src = cold('i 99ms b 99ms i 99ms i', { b: busy, i: idle });
+      expectObservable(src.pipe(holdOff(of(P), ts))).toBe('I 99ms B 99ms H 999ms Q', S);
+    });
+  });
+
+  test('a busy sample during the hold-off cancels it', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      const src = cold('b 99ms i 499ms b', { b: busy, i: idle });
+      expectObservable(src.pipe(holdOff(of(P), ts))).toBe('B 99ms H 499ms B', S);
+    });
+  });
+
+  test('uses the hold-off of the policy in force', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      const src = cold('b 99ms i', { b: busy, i: idle });
+      const h = { state: 'holdoff', reason: 'quiet; hold-off 250ms after disk 37.5/s > 5/s' };
+      expectObservable(src.pipe(holdOff(of(withPolicy({ holdoff: 250 })), ts))).toBe('B 99ms h 249ms q', {
+        ...S,
+        h,
+        q: { state: 'idle', reason: 'quiet for 250ms' },
+      });
+      expectObservable(src.pipe(holdOff(of(withPolicy({ holdoff: 0 })), ts))).toBe('B 99ms q', { ...S, q: { state: 'idle', reason: 'quiet for 0ms' } });
+    });
+  });
+
+  test('empty in, empty out', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      expectObservable(cold<Classified>('|').pipe(holdOff(of(P), ts))).toBe('|');
+    });
+  });
+
+  test('a source that completes during the hold-off still ends idle, then completes', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      expectObservable(cold('b 99ms i|', { b: busy, i: idle }).pipe(holdOff(of(P), ts))).toBe('B 99ms H 999ms (Q|)', S);
+    });
+  });
+
+  test('an error passes through', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      expectObservable(cold('b 99ms #', { b: busy }, new Error('probe died')).pipe(holdOff(of(P), ts))).toBe('B 99ms #', S, new Error('probe died'));
+    });
+  });
+
+  test('unsubscribing during the hold-off cancels its timer and the source', () => {
+    const ts = scheduler();
+    ts.run(({ hot, expectObservable, expectSubscriptions }) => {
+      const src = hot('b 99ms i', { b: busy, i: idle });
+      expectObservable(src.pipe(holdOff(of(P), ts)), '^ 500ms !').toBe('B 99ms H', S);
+      expectSubscriptions(src.subscriptions).toBe('^ 500ms !');
+    });
+  });
+});
+
+describe('staleAfter', () => {
+  const stale: Classified = { time: 2000, state: 'idle', reasons: [], note: 'no activity data for 2s' };
+
+  test('busy with no sample after it for 2 s turns idle: unknown activity never holds the job', () => {
+    const ts = scheduler();
+    ts.run(({ hot, expectObservable }) => {
+      expectObservable(hot('b', { b: busy }).pipe(staleAfter(2000, ts))).toBe('b 1999ms s', { b: busy, s: stale });
+    });
+  });
+
+  test('samples that keep coming keep it busy; idle samples are passed on', () => {
+    const ts = scheduler();
+    ts.run(({ hot, expectObservable }) => {
+      expectObservable(hot('b 999ms b 999ms i', { b: busy, i: idle }).pipe(staleAfter(2000, ts))).toBe('b 999ms b 999ms i', { b: busy, i: idle });
+    });
+  });
+
+  test('empty, error and unsubscribe', () => {
+    const ts = scheduler();
+    ts.run(({ cold, hot, expectObservable, expectSubscriptions }) => {
+      expectObservable(cold<Classified>('|').pipe(staleAfter(2000, ts))).toBe('|');
+      expectObservable(cold<Classified>('#').pipe(staleAfter(2000, ts))).toBe('#');
+      const src = hot('b', { b: busy });
+      expectObservable(src.pipe(staleAfter(2000, ts)), '^ 1000ms !').toBe('b', { b: busy });
+      expectSubscriptions(src.subscriptions).toBe('^ 1000ms !');
+    });
+  });
+});
+
+describe('classifyActivity', () => {
+  const sample = (time: number, diskPerS: number): ActivityRates => ({ time, vm: 'vm1', diskPerS, keyPerS: 0, pointerPerS: 0, interruptsPerS: 0, source: 'ebpf' });
+
+  test("each sample is classified from the window's rates with the policy's thresholds", () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      // samples at 50, 100, 150 ms: one request, one more, then nothing
+      const src = cold('50ms a 49ms b 49ms c', { a: sample(50, 20), b: sample(100, 20), c: sample(150, 0) });
+      expectObservable(src.pipe(classifyActivity(of(P)))).toBe('50ms a 49ms b 49ms c', {
+        a: { time: 50, state: 'idle', reasons: [] },
+        b: { time: 100, state: 'busy', reasons: [{ signal: 'disk', value: 8, threshold: 5 }] },
+        c: { time: 150, state: 'busy', reasons: [{ signal: 'disk', value: 8, threshold: 5 }] },
+      });
+    });
+  });
+
+  test('empty, error and unsubscribe', () => {
+    const ts = scheduler();
+    ts.run(({ cold, hot, expectObservable, expectSubscriptions }) => {
+      expectObservable(cold<ActivityRates>('|').pipe(classifyActivity(of(P)))).toBe('|');
+      expectObservable(cold<ActivityRates>('#').pipe(classifyActivity(of(P)))).toBe('#');
+      const src = hot('a 99ms a', { a: sample(0, 0) });
+      expectObservable(src.pipe(classifyActivity(of(P))), '^ 50ms !').toBe('a', { a: { time: 0, state: 'idle', reasons: [] } });
+      expectSubscriptions(src.subscriptions).toBe('^ 50ms !');
+    });
+  });
+});
+
+describe('desiredDecision', () => {
+  const st = (state: StateChange['state'], reason = 'r'): StateChange => ({ state, reason });
+
+  test('idle runs at the idle speed; busy and hold-off at the busy speed', () => {
+    assert.deepEqual(desiredDecision(st('idle', 'quiet'), P, NO_GUARANTEE), { mode: 'full', speed: 0, state: 'idle', reason: 'quiet' });
+    assert.deepEqual(desiredDecision(st('busy'), P, NO_GUARANTEE), { mode: 'paused', speed: 0, state: 'busy', reason: 'r' });
+    assert.deepEqual(desiredDecision(st('holdoff'), P, NO_GUARANTEE), { mode: 'paused', speed: 0, state: 'holdoff', reason: 'r' });
+    const limited = withPolicy({ speed: { idle: 200 * MiB, busy: 20 * MiB } });
+    assert.deepEqual(desiredDecision(st('idle'), limited, NO_GUARANTEE), { mode: 'throttled', speed: 200 * MiB, state: 'idle', reason: 'r' });
+    assert.deepEqual(desiredDecision(st('busy'), limited, NO_GUARANTEE), { mode: 'throttled', speed: 20 * MiB, state: 'busy', reason: 'r' });
+  });
+
+  test('the floor raises a slower speed, and says so', () => {
+    const floored = withPolicy({ guarantee: { ...P.guarantee, floor: 10 * MiB } });
+    assert.deepEqual(desiredDecision(st('busy', 'disk 80/s > 5/s'), floored, NO_GUARANTEE), {
+      mode: 'throttled',
+      speed: 10 * MiB,
+      state: 'busy',
+      reason: 'disk 80/s > 5/s; floor 10 MiB/s',
+    });
+    assert.equal(desiredDecision(st('idle'), floored, NO_GUARANTEE).mode, 'full');
+  });
+
+  test('the deadline raises the speed to what it needs; past it, full speed', () => {
+    const g = { requiredBps: 14 * MiB, deadlineAt: 60_000 };
+    assert.deepEqual(desiredDecision(st('busy', 'disk 80/s > 5/s'), P, g), {
+      mode: 'throttled',
+      speed: 14 * MiB,
+      state: 'busy',
+      reason: 'disk 80/s > 5/s; raised to 14 MiB/s to finish by 1970-01-01T00:01:00.000Z',
+    });
+    assert.deepEqual(desiredDecision(st('busy', 'disk 80/s > 5/s'), P, { requiredBps: Infinity, deadlineAt: 60_000 }), {
+      mode: 'full',
+      speed: 0,
+      state: 'busy',
+      reason: 'disk 80/s > 5/s; deadline 1970-01-01T00:01:00.000Z passed: full speed',
+    });
+  });
+});
+
+describe('guaranteeStep', () => {
+  const g60: Moderation['guarantee'] = { floor: 0, deadline: { after: 60_000 }, margin: 1.25 };
+  const run = (samples: [time: number, offset: number][], g = g60, len = 600 * MiB): GuaranteeMemory[] => {
+    let m = INITIAL_GUARANTEE;
+    return samples.map(([time, offset]) => (m = guaranteeStep(m, { time, offset, len }, g, 0)));
+  };
+
+  test('a copy that keeps up asks for nothing', () => {
+    const out = run([[0, 0], [1000, 100 * MiB], [3000, 300 * MiB], [4000, 400 * MiB]]);
+    assert.deepEqual(out.map((m) => m.out.requiredBps), [0, 0, 0, 0]);
+    assert.equal(out.at(-1)!.out.deadlineAt, 60_000);
+  });
+
+  test('a copy that stands still engages after judging for 1/20 of the time allowed, and fixes a finish time', () => {
+    const out = run([[0, 0], [2999, 0], [3000, 0], [4000, 14 * MiB]]);
+    assert.deepEqual(out.map((m) => m.out.requiredBps), [0, 0, 14 * MiB, 14 * MiB]);
+    // finish by now + time left / margin = 3 s + 57 s / 1.25 = 48.6 s; 600 MiB in 45.6 s = 13.2 MiB/s, rounded up
+    assert.equal(out[2]!.finishBy, 48_600);
+  });
+
+  test('once engaged it stays, though the raised speed makes the progress look good', () => {
+    const out = run([[0, 0], [3000, 0], [13_000, 300 * MiB]]);
+    assert.equal(out[1]!.out.requiredBps, 14 * MiB);
+    // 300 MiB left, 35.6 s to the finish time: 8.4 → 9 MiB/s
+    assert.equal(out[2]!.out.requiredBps, 9 * MiB);
+  });
+
+  test('past the deadline with work left: full speed; nothing left: nothing asked', () => {
+    assert.equal(run([[0, 0], [60_000, 0]]).at(-1)!.out.requiredBps, Infinity);
+    assert.equal(run([[0, 0], [3000, 600 * MiB]]).at(-1)!.out.requiredBps, 0);
+  });
+
+  test('an absolute deadline; no deadline; a change of settings judges afresh', () => {
+    const at = { floor: 0, deadline: { at: 120_000 }, margin: 1 };
+    assert.equal(run([[0, 0], [6000, 0]], at).at(-1)!.out.requiredBps, 6 * MiB); // 600 MiB / 114 s = 5.3 → 6
+    assert.deepEqual(run([[0, 0], [6000, 0]], { ...g60, deadline: null }).at(-1)!.out, NO_GUARANTEE);
+    const engaged = run([[0, 0], [3000, 0]]).at(-1)!;
+    const after = guaranteeStep(engaged, { time: 4000, offset: 0, len: 600 * MiB }, { ...g60, margin: 2 }, 0);
+    assert.equal(after.out.requiredBps, 0);
+    assert.equal(after.finishBy, null);
+  });
+});
+
+describe('guarantee (operator)', () => {
+  test('stamps progress with the scheduler clock and emits only changes; empty, error, unsubscribe', () => {
+    const ts = scheduler();
+    ts.run(({ cold, hot, expectObservable, expectSubscriptions }) => {
+      const p = withPolicy({ guarantee: { floor: 0, deadline: { after: 60_000 }, margin: 1.25 } });
+      const src = cold('a 2999ms a 999ms a', { a: { offset: 0, len: 600 * MiB } });
+      // at 4 s still 14 MiB/s (600 MiB in the 44.6 s to the finish time: 13.45, rounded up): no emission
+      expectObservable(src.pipe(guarantee(of(p), ts, 0))).toBe('z 2999ms r', {
+        z: { requiredBps: 0, deadlineAt: 60_000 },
+        r: { requiredBps: 14 * MiB, deadlineAt: 60_000 },
+      });
+      expectObservable(cold<{ offset: number; len: number }>('|').pipe(guarantee(of(p), ts, 0))).toBe('|');
+      expectObservable(cold<{ offset: number; len: number }>('#').pipe(guarantee(of(p), ts, 0))).toBe('#');
+      const h = hot('a', { a: { offset: 0, len: 1 } });
+      expectObservable(h.pipe(guarantee(of(p), ts, 0)), '^ 10ms !').toBe('z', { z: { requiredBps: 0, deadlineAt: 60_000 } });
+      expectSubscriptions(h.subscriptions).toBe('^ 10ms !');
+    });
+  });
+});
+
+// ------------------------------------------------------------------ the whole pipeline
+
+interface Recorded {
+  t: number;
+  d: Decision;
+}
+
+/**
+ * Runs decide() in virtual time on a guest sampled every 50 ms whose per-sample disk rate
+ * is `disk(t)` (and keyboard rate `keys(t)`), for `untilMs`. Returns each decision with the
+ * frame it came in.
+ */
+function simulate(o: {
+  disk: (t: number) => number;
+  keys?: (t: number) => number;
+  untilMs: number;
+  policy?: EffectivePolicy;
+  policy$?: (ts: TestScheduler) => Observable<EffectivePolicy>;
+}): Recorded[] {
+  const out: Recorded[] = [];
+  const ts = scheduler();
+  ts.run(() => {
+    const end = timer(o.untilMs, ts);
+    const activity$ = interval(50, ts).pipe(
+      map((i): ActivityRates => {
+        const t = (i + 1) * 50;
+        return { time: t, vm: 'vm1', diskPerS: o.disk(t), keyPerS: o.keys?.(t) ?? 0, pointerPerS: 0, interruptsPerS: 0, source: 'ebpf' };
+      }),
+      takeUntil(end),
+    );
+    const policy$ = o.policy$ ? o.policy$(ts) : of(o.policy ?? P);
+    decide({ activity$, policy$, scheduler: ts }).pipe(takeUntil(end)).subscribe((d) => out.push({ t: ts.now(), d }));
+  });
+  return out;
+}
+
+describe('reaction (unit level, samples every 50 ms)', () => {
+  // 20 requests per 50 ms sample while busy (400/s, a light disk loop)
+  const phases = (t: number) => (t === 500 ? 20 : t > 1000 && t <= 3000 ? 400 : 0);
+
+  test("a busy phase's first busy sample pauses the job in the same tick; a stray request does not; full speed after the hold-off", () => {
+    assert.deepEqual(simulate({ disk: phases, untilMs: 6000 }), [
+      { t: 50, d: { mode: 'full', speed: 0, state: 'idle', reason: 'quiet' } },
+      // t=500: one stray request (4/s over the window): nothing changes
+      { t: 1050, d: { mode: 'paused', speed: 0, state: 'busy', reason: 'disk 80/s > 5/s' } },
+      // last busy sample at 3000; the window has drained at 3250, full speed 1 s later
+      { t: 3250, d: { mode: 'paused', speed: 0, state: 'holdoff', reason: 'quiet; hold-off 1s after disk 80/s > 5/s' } },
+      { t: 4250, d: { mode: 'full', speed: 0, state: 'idle', reason: 'quiet for 1s' } },
+    ]);
+  });
+
+  test('a single keystroke (down and up) makes the guest busy at once', () => {
+    const r = simulate({ disk: () => 0, keys: (t) => (t === 1000 ? 40 : 0), untilMs: 1500 });
+    assert.deepEqual(r[1], { t: 1000, d: { mode: 'paused', speed: 0, state: 'busy', reason: 'keyboard 8/s > 5/s' } });
+  });
+
+  test('a reload applies at once: a busy guest gets the new busy speed in the tick it arrives', () => {
+    const r = simulate({
+      disk: (t) => (t > 1000 ? 400 : 0),
+      untilMs: 2500,
+      policy$: (ts) => {
+        const s = new BehaviorSubject(P);
+        ts.schedule(() => s.next(withPolicy({ speed: { idle: Infinity, busy: 20 * MiB } })), 2000);
+        return s;
+      },
+    });
+    assert.deepEqual(r.slice(1), [
+      { t: 1050, d: { mode: 'paused', speed: 0, state: 'busy', reason: 'disk 80/s > 5/s' } },
+      { t: 2000, d: { mode: 'throttled', speed: 20 * MiB, state: 'busy', reason: 'disk 80/s > 5/s' } },
+    ]);
+  });
+
+  test('empty activity: no decision, and the stream completes', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      expectObservable(decide({ activity$: cold<ActivityRates>('|'), policy$: of(P), scheduler: ts })).toBe('|');
+    });
+  });
+
+  test('an error of the activity stream ends the decisions with it', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      const a: ActivityRates = { time: 0, vm: 'vm1', diskPerS: 0, keyPerS: 0, pointerPerS: 0, interruptsPerS: 0, source: 'ebpf' };
+      expectObservable(decide({ activity$: cold('a 9ms #', { a }), policy$: of(P), scheduler: ts })).toBe('d 9ms #', {
+        d: { mode: 'full', speed: 0, state: 'idle', reason: 'quiet' },
+      });
+    });
+  });
+
+  test('unsubscribing stops everything, timers included', () => {
+    const ts = scheduler();
+    ts.run(({ hot, expectObservable, expectSubscriptions }) => {
+      const b: ActivityRates = { time: 0, vm: 'vm1', diskPerS: 400, keyPerS: 0, pointerPerS: 0, interruptsPerS: 0, source: 'ebpf' };
+      const src = hot('b', { b });
+      expectObservable(decide({ activity$: src, policy$: of(P), scheduler: ts }), '^ 100ms !').toBe('d', {
+        d: { mode: 'paused', speed: 0, state: 'busy', reason: 'disk 80/s > 5/s' },
+      });
+      expectSubscriptions(src.subscriptions).toBe('^ 100ms !');
+    });
+  });
+});
+
+describe('the completion guarantee, simulated', () => {
+  /**
+   * A job of `len` bytes that copies at the decided speed (full = 400 MiB/s), reporting
+   * progress every 250 ms, beside a guest that is busy when `busyAt(t)`. Returns when it
+   * finished and the decisions.
+   */
+  function copy(len: number, busyAt: (t: number) => boolean, deadlineMs: number, untilMs: number) {
+    const decisions: Recorded[] = [];
+    let finishedAt: number | null = null;
+    const ts = scheduler();
+    ts.run(() => {
+      const end = timer(untilMs, ts);
+      let current: Decision | undefined;
+      let offset = 0;
+      const progress$ = interval(250, ts).pipe(
+        map(() => {
+          const bps = !current || current.mode === 'paused' ? 0 : current.mode === 'full' ? 400 * MiB : current.speed;
+          offset = Math.min(len, offset + bps / 4);
+          if (offset === len && finishedAt === null) finishedAt = ts.now();
+          return { offset, len };
+        }),
+        takeUntil(end),
+      );
+      const activity$ = interval(50, ts).pipe(
+        map((i): ActivityRates => {
+          const t = (i + 1) * 50;
+          return { time: t, vm: 'vm1', diskPerS: busyAt(t) ? 400 : 0, keyPerS: 0, pointerPerS: 0, interruptsPerS: 0, source: 'ebpf' };
+        }),
+        takeUntil(end),
+      );
+      const policy = withPolicy({ guarantee: { floor: 0, deadline: { after: deadlineMs }, margin: 1.25 } });
+      decide({ activity$, policy$: of(policy), progress$, scheduler: ts, startedAt: 0 })
+        .pipe(takeUntil(end))
+        .subscribe((d) => {
+          current = d;
+          decisions.push({ t: ts.now(), d });
+        });
+    });
+    return { finishedAt: finishedAt as number | null, decisions };
+  }
+
+  test('a guest that is never idle is still fully encrypted before the deadline, at a modest speed', () => {
+    const { finishedAt, decisions } = copy(600 * MiB, () => true, 60_000, 70_000);
+    assert.ok(finishedAt !== null && finishedAt <= 60_000, `finished at ${finishedAt}`);
+    // planned for 1/1.25 of the time: done near 48.6 s, not at full speed early
+    assert.ok(finishedAt >= 40_000, `finished at ${finishedAt}: faster than needed, at the guest's expense`);
+    assert.deepEqual(decisions[1], {
+      t: 3250,
+      d: { mode: 'throttled', speed: 14 * MiB, state: 'busy', reason: 'disk 80/s > 5/s; raised to 14 MiB/s to finish by 1970-01-01T00:01:00.000Z' },
+    });
+    assert.ok(decisions.every((r) => r.d.mode !== 'full'), 'never at full speed: the deadline was never passed');
+  });
+
+  test('a guest idle half the time gets its copy done in the idle phases: busy phases stay paused', () => {
+    const alternating = (t: number) => Math.floor(t / 8000) % 2 === 1; // idle 0-8 s, busy 8-16 s, ...
+    const { finishedAt, decisions } = copy(4 * 1024 * MiB, alternating, 60_000, 40_000);
+    assert.ok(finishedAt !== null && finishedAt < 30_000, `finished at ${finishedAt}`);
+    assert.ok(decisions.every((r) => r.d.mode !== 'throttled'), 'the guarantee never had to raise the busy speed');
+    assert.ok(decisions.some((r) => r.d.mode === 'paused'));
+  });
+});

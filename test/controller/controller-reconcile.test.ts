@@ -1,0 +1,251 @@
+/**
+ * The reconciler against a fake job: seed the fake, run one pass, compare the actions
+ * issued (sample-controller style); then the run loop: coalescing, retries, terminal
+ * outcomes, stop and release.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Subject } from 'rxjs';
+import { DEFAULT_PAUSED_SPEED, plan, Reconciler, type Capabilities } from '../../src/controller/reconcile.ts';
+import type { Decision } from '../../src/controller/types.ts';
+import type { JobSnapshot } from '../../src/jobs/types.ts';
+import { captureLog, eventually, FakeJob, sleep } from './fake-job.ts';
+
+const MiB = 1024 * 1024;
+const FULL: Decision = { mode: 'full', speed: 0, state: 'idle', reason: 'quiet for 1s' };
+const PAUSE: Decision = { mode: 'paused', speed: 0, state: 'busy', reason: 'disk 37.5/s > 5/s' };
+const SLOW: Decision = { mode: 'throttled', speed: 20 * MiB, state: 'busy', reason: 'disk 37.5/s > 5/s' };
+
+const snap = (s: Partial<JobSnapshot> = {}): JobSnapshot => ({ id: 'j', status: 'running', offset: 0, len: 100, speed: 0, paused: false, ready: false, ...s });
+const QEMU: Capabilities = { canPause: true, pausedSpeed: DEFAULT_PAUSED_SPEED };
+const LIBVIRT: Capabilities = { canPause: false, pausedSpeed: DEFAULT_PAUSED_SPEED };
+
+describe('plan', () => {
+  test('pause a running job; nothing to do for a paused one', () => {
+    assert.deepEqual(plan(PAUSE, snap(), QEMU), [{ kind: 'pause' }]);
+    assert.deepEqual(plan(PAUSE, snap({ paused: true, status: 'paused' }), QEMU), []);
+  });
+
+  test('out of a pause: the speed first, then resume, so it does not burst at the old speed', () => {
+    assert.deepEqual(plan(SLOW, snap({ paused: true, status: 'paused', speed: 0 }), QEMU), [{ kind: 'setSpeed', bps: 20 * MiB }, { kind: 'resume' }]);
+    assert.deepEqual(plan(FULL, snap({ paused: true, status: 'paused', speed: 20 * MiB }), QEMU), [{ kind: 'setSpeed', bps: 0 }, { kind: 'resume' }]);
+    assert.deepEqual(plan(FULL, snap({ paused: true, status: 'paused', speed: 0 }), QEMU), [{ kind: 'resume' }]);
+  });
+
+  test('only the speed when running', () => {
+    assert.deepEqual(plan(SLOW, snap({ speed: 0 }), QEMU), [{ kind: 'setSpeed', bps: 20 * MiB }]);
+    assert.deepEqual(plan(FULL, snap({ speed: 0 }), QEMU), []);
+  });
+
+  test('a READY mirror is steered too (paused while ready is standby)', () => {
+    assert.deepEqual(plan(PAUSE, snap({ status: 'ready', ready: true }), QEMU), [{ kind: 'pause' }]);
+    assert.deepEqual(plan(FULL, snap({ status: 'standby', ready: true, paused: true }), QEMU), [{ kind: 'resume' }]);
+  });
+
+  test('without pause (libvirt), paused is a very low speed, set once', () => {
+    assert.deepEqual(plan(PAUSE, snap({ speed: 0 }), LIBVIRT), [{ kind: 'setSpeed', bps: MiB }]);
+    assert.deepEqual(plan(PAUSE, snap({ speed: MiB }), LIBVIRT), []);
+    assert.deepEqual(plan(FULL, snap({ speed: MiB }), LIBVIRT), [{ kind: 'setSpeed', bps: 0 }]);
+  });
+
+  test('a job that is finishing or finished is left alone', () => {
+    for (const status of ['pending', 'waiting', 'aborting', 'concluded', 'null', 'undefined'] as const) {
+      assert.deepEqual(plan(PAUSE, snap({ status }), QEMU), [], status);
+    }
+  });
+});
+
+describe('Reconciler.sync (one pass)', () => {
+  test('reads the job back, then issues only what closes the gap', async () => {
+    const job = new FakeJob();
+    const r = new Reconciler(job, { logger: captureLog().logger });
+    assert.deepEqual(await r.sync(), { outcome: 'no-decision' });
+    assert.deepEqual(job.calls, []);
+
+    r.setDesired(PAUSE);
+    const first = await r.sync();
+    assert.equal(first.outcome, 'ok');
+    assert.deepEqual(job.calls, ['snapshot', 'pause']);
+
+    const second = await r.sync();
+    assert.deepEqual(second.outcome === 'ok' && second.actions, []);
+    assert.deepEqual(job.calls, ['snapshot', 'pause', 'snapshot']);
+  });
+
+  test('level-triggered: a change made behind its back is undone on the next pass', async () => {
+    const job = new FakeJob(true, { speed: 0 });
+    const r = new Reconciler(job, { logger: captureLog().logger });
+    r.setDesired(SLOW);
+    await r.sync();
+    job.state.speed = 5 * MiB; // someone ran block-job-set-speed
+    await r.sync();
+    assert.deepEqual(job.actions(), [`setSpeed ${20 * MiB}`, `setSpeed ${20 * MiB}`]);
+  });
+
+  test('a failed command is retryable: the next pass tries again; the error is logged once', async () => {
+    const job = new FakeJob();
+    const { logger, records } = captureLog();
+    const r = new Reconciler(job, { logger });
+    r.setDesired(PAUSE);
+    job.failNext('pause');
+    const a = await r.sync();
+    assert.equal(a.outcome, 'retry');
+    job.failNext('pause');
+    assert.equal((await r.sync()).outcome, 'retry');
+    const c = await r.sync();
+    assert.equal(c.outcome, 'ok');
+    assert.equal(job.state.paused, true);
+    assert.deepEqual(job.actions(), ['pause', 'pause', 'pause']);
+    const warnings = records.filter((x) => x.level === 40);
+    assert.equal(warnings.length, 1, 'the same error twice is one warning');
+    assert.equal(warnings[0]!.err, 'pause: injected failure');
+    assert.ok(records.some((x) => x.msg === 'moderation: job control works again'));
+  });
+
+  test('a failed read is retryable too', async () => {
+    const job = new FakeJob();
+    const r = new Reconciler(job, { logger: captureLog().logger });
+    r.setDesired(PAUSE);
+    job.failNext('snapshot', 'QMP_TIMEOUT');
+    assert.equal((await r.sync()).outcome, 'retry');
+    assert.deepEqual(job.actions(), []);
+  });
+
+  test('terminal: the job is gone, has ended, or the connection is lost', async () => {
+    const gone = new FakeJob();
+    gone.gone = true;
+    const r1 = new Reconciler(gone, { logger: captureLog().logger });
+    r1.setDesired(PAUSE);
+    assert.deepEqual(await r1.sync(), { outcome: 'terminal', end: { cause: 'job-gone' } });
+
+    const ended = new FakeJob(true, { status: 'concluded', error: 'No space left on device' });
+    const r2 = new Reconciler(ended, { logger: captureLog().logger });
+    r2.setDesired(PAUSE);
+    const s2 = await r2.sync();
+    assert.deepEqual(s2.outcome === 'terminal' && s2.end, { cause: 'job-ended', status: 'concluded', error: 'No space left on device' });
+
+    const lost = new FakeJob();
+    const r3 = new Reconciler(lost, { logger: captureLog().logger });
+    r3.setDesired(PAUSE);
+    lost.failNext('pause', 'QMP_DISCONNECTED');
+    const s3 = await r3.sync();
+    assert.equal(s3.outcome, 'terminal');
+    assert.equal(s3.outcome === 'terminal' && s3.end.cause, 'error');
+  });
+
+  test('every change of state is logged with its reason and the speed as people read it', () => {
+    const { logger, records } = captureLog();
+    const r = new Reconciler(new FakeJob(), { logger });
+    r.setDesired(PAUSE);
+    r.setDesired(PAUSE); // no change, no line
+    r.setDesired(SLOW);
+    r.setDesired(FULL);
+    assert.deepEqual(
+      records.map(({ state, reason, speed, msg }) => ({ state, reason, speed, msg })),
+      [
+        { state: 'busy', reason: 'disk 37.5/s > 5/s', speed: 'paused', msg: 'moderation: busy, paused' },
+        { state: 'busy', reason: 'disk 37.5/s > 5/s', speed: '20 MiB/s', msg: 'moderation: busy, 20 MiB/s' },
+        { state: 'idle', reason: 'quiet for 1s', speed: 'unlimited', msg: 'moderation: idle, unlimited' },
+      ],
+    );
+    const lv = new Reconciler(new FakeJob(false), { logger });
+    assert.equal(lv.speedText(PAUSE), 'paused (as 1 MiB/s)');
+  });
+});
+
+describe('Reconciler run loop', () => {
+  test('applies each decision at once, and corrects drift on ticks', async () => {
+    const job = new FakeJob();
+    const r = new Reconciler(job, { logger: captureLog().logger });
+    const decisions = new Subject<Decision>();
+    const ticks = new Subject<void>();
+    r.start(decisions, ticks);
+    decisions.next(PAUSE);
+    await eventually(() => job.state.paused);
+    job.state.paused = false; // resumed behind our back
+    job.state.status = 'running';
+    ticks.next();
+    await eventually(() => job.state.paused);
+    assert.deepEqual(job.actions(), ['pause', 'pause']);
+    await r.stop({ release: false });
+    assert.deepEqual(await r.ended, { cause: 'stopped' });
+  });
+
+  test('decisions that arrive during a slow pass coalesce into one more pass on the latest', async () => {
+    const job = new FakeJob();
+    job.delayMs = 20;
+    const r = new Reconciler(job, { logger: captureLog().logger });
+    const decisions = new Subject<Decision>();
+    r.start(decisions, new Subject<void>());
+    decisions.next(PAUSE);
+    await sleep(5); // the first pass is reading the job
+    decisions.next(SLOW);
+    decisions.next(FULL);
+    decisions.next(SLOW);
+    await eventually(() => job.state.speed === 20 * MiB && !job.state.paused, 1000);
+    await r.stop({ release: false });
+    // pass 1: pause (from PAUSE); pass 2, on the latest (SLOW): speed, then resume
+    assert.deepEqual(job.calls, ['snapshot', 'pause', 'snapshot', `setSpeed ${20 * MiB}`, 'resume']);
+  });
+
+  test('retries on the next tick after a failure', async () => {
+    const job = new FakeJob();
+    const r = new Reconciler(job, { logger: captureLog().logger });
+    const decisions = new Subject<Decision>();
+    const ticks = new Subject<void>();
+    r.start(decisions, ticks);
+    job.failNext('pause');
+    decisions.next(PAUSE);
+    await eventually(() => job.actions().length === 1);
+    assert.equal(job.state.paused, false);
+    ticks.next();
+    await eventually(() => job.state.paused);
+    assert.deepEqual(job.actions(), ['pause', 'pause']);
+    await r.stop({ release: false });
+  });
+
+  test('a terminal outcome ends the loop and says why', async () => {
+    const job = new FakeJob();
+    const r = new Reconciler(job, { logger: captureLog().logger });
+    const ticks = new Subject<void>();
+    const seen: JobSnapshot[] = [];
+    r.snapshots$.subscribe((s) => seen.push(s));
+    r.start(new Subject<Decision>(), ticks);
+    r.setDesired(FULL);
+    ticks.next();
+    await eventually(() => seen.length === 1);
+    job.gone = true;
+    ticks.next();
+    assert.deepEqual(await r.ended, { cause: 'job-gone' });
+    ticks.next();
+    await sleep(5);
+    assert.equal(job.calls.length, 2, 'no pass after the end');
+  });
+
+  test('stop releases the job: unlimited speed and resumed, so that it can complete', async () => {
+    const job = new FakeJob(true, { speed: 20 * MiB });
+    const r = new Reconciler(job, { logger: captureLog().logger });
+    const decisions = new Subject<Decision>();
+    r.start(decisions, new Subject<void>());
+    decisions.next(PAUSE);
+    await eventually(() => job.state.paused);
+    await r.stop();
+    assert.deepEqual(job.actions(), ['pause', 'setSpeed 0', 'resume']);
+    assert.deepEqual(await r.ended, { cause: 'stopped' });
+  });
+
+  test('a failing decision stream ends moderation and releases the job', async () => {
+    const job = new FakeJob();
+    const { logger, records } = captureLog();
+    const r = new Reconciler(job, { logger });
+    const decisions = new Subject<Decision>();
+    r.start(decisions, new Subject<void>());
+    decisions.next(PAUSE);
+    await eventually(() => job.state.paused);
+    decisions.error(new Error('bpftrace exited'));
+    const end = await r.ended;
+    assert.equal(end.cause, 'error');
+    await eventually(() => !job.state.paused);
+    assert.ok(records.some((x) => x.level === 50 && x.err === 'internal error: bpftrace exited'));
+  });
+});
