@@ -13,7 +13,10 @@ interface EncryptFlags {
   target: string;
   keyFile: string;
   format: string;
-  speed: string;
+  speed?: string;
+  policy?: string;
+  moderation: boolean;
+  source: string;
   iterTime: string;
   json?: boolean;
 }
@@ -26,7 +29,10 @@ export function encryptCommand(): Command {
     .requiredOption('--target <path>', 'the encrypted image to create (must not exist)')
     .requiredOption('--key-file <file>', 'file holding the passphrase, read by QEMU; all bytes are the key, as cryptsetup --key-file')
     .addOption(new Option('--format <format>', 'luks (raw LUKS, as cryptsetup) or qcow2 (qcow2 with LUKS encryption)').default('luks'))
-    .option('--speed <bytes/s>', 'fixed copy speed, bytes/s with optional K/M/G suffix; 0 = unlimited', '0')
+    .option('--policy <file>', 'moderation policy (YAML, hot-reloaded on change and SIGHUP); default: the shipped policy/default.yaml')
+    .option('--speed <bytes/s>', 'no moderation: a fixed copy speed, bytes/s with optional K/M/G suffix; 0 = unlimited')
+    .option('--no-moderation', 'no moderation: copy at full speed')
+    .addOption(new Option('--source <source>', 'where guest activity comes from: auto (eBPF, else QMP blockstats), ebpf, qmp').default('auto'))
     .option('--iter-time <ms>', 'PBKDF time for the key slot, as cryptsetup --iter-time', '2000')
     .option('--json', 'one JSON object per line on stdout instead of a progress bar')
     .action(async (flags: EncryptFlags) => {
@@ -36,7 +42,13 @@ export function encryptCommand(): Command {
 
 async function runEncrypt(flags: EncryptFlags): Promise<void> {
   const format = parseChoice('--format', flags.format, ['luks', 'qcow2'] as const);
-  const speed = parseBytes('--speed', flags.speed);
+  if (flags.speed !== undefined && !flags.moderation) throw new IdlecryptError('USAGE', '--speed and --no-moderation: choose one');
+  if (flags.policy !== undefined && (flags.speed !== undefined || !flags.moderation)) {
+    throw new IdlecryptError('USAGE', `--policy moderates the copy; it cannot go with ${flags.speed !== undefined ? '--speed' : '--no-moderation'}`);
+  }
+  const source = parseChoice('--source', flags.source, ['auto', 'ebpf', 'qmp'] as const);
+  const moderated = flags.moderation && flags.speed === undefined;
+  const speed = flags.speed === undefined ? 0 : parseBytes('--speed', flags.speed);
   const iterTimeMs = parsePositiveInt('--iter-time', flags.iterTime, 10);
   const view: View = flags.json ? jsonView() : process.stderr.isTTY ? barView(flags.device) : plainView();
   const log = createLogger();
@@ -66,6 +78,7 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
       iterTimeMs,
       signal: abort.signal,
       logger: log,
+      ...(moderated ? { moderation: { source, ...(flags.policy !== undefined ? { policyFile: flags.policy } : {}) } } : {}),
       onPhase: (phase, disk) => view.phase(phase, disk ? { device: flags.device, source: disk.file } : undefined),
       onProgress: (p) => view.progress(p),
     });

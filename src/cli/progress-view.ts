@@ -31,6 +31,9 @@ function progressFields(p: Progress) {
     speed_limit_bps: p.speedLimit,
     paused: p.paused,
     eta_s: p.etaS === null ? null : Math.round(p.etaS * 10) / 10,
+    ...(p.moderation
+      ? { state: p.moderation.state, mode: p.moderation.mode, reason: p.moderation.reason, activity_source: p.moderation.source }
+      : {}),
   };
 }
 
@@ -64,7 +67,8 @@ export function plainView(out: NodeJS.WritableStream = process.stderr, everyMs =
       const now = Date.now();
       if (now - last < everyMs) return;
       last = now;
-      out.write(`idlecrypt: ${p.percent.toFixed(1)}% ${fmtBytes(p.offset)} / ${fmtBytes(p.len)}, ${fmtBytes(p.rate)}/s, ETA ${fmtEta(p.etaS)}${p.paused ? ', paused' : ''}\n`);
+      const m = p.moderation ? `, guest ${p.moderation.state}: ${p.moderation.reason}` : p.paused ? ', paused' : '';
+      out.write(`idlecrypt: ${p.percent.toFixed(1)}% ${fmtBytes(p.offset)} / ${fmtBytes(p.len)}, ${fmtBytes(p.rate)}/s, ETA ${fmtEta(p.etaS)}${m}\n`);
     },
     done: (_s, text) => process.stdout.write(text + '\n'),
     error: () => {},
@@ -110,7 +114,7 @@ export function barView(label: string): View {
         started = true;
       }
       bar.setTotal(total);
-      state = p.paused ? 'paused' : p.status;
+      state = p.moderation ? `${p.moderation.mode} (${p.moderation.reason})` : p.paused ? 'paused' : p.status;
       bar.update(p.offset, payload(p));
     },
     done: (_s, text) => {

@@ -20,6 +20,7 @@ import { diskLabel, findDisk, listDisks, type DiskInfo } from './disks.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded } from './preflight.ts';
 import { EncryptedTarget, type TargetFormat } from './target.ts';
 import { ProgressMeter, type Progress } from './progress.ts';
+import { RunModeration, type ModerationOptions } from './moderation.ts';
 
 export type { Progress };
 
@@ -42,6 +43,10 @@ export interface EncryptOptions {
   readonly onProgress?: (p: Progress) => void;
   /** Called once the mirror runs; the controller steers it from here. */
   readonly onJob?: (job: JobControl, client: QmpClient) => void;
+  /** Moderate the copy by guest activity (the default in the CLI); absent = fixed `speed`. */
+  readonly moderation?: Omit<ModerationOptions, 'logger'>;
+  /** How long to wait at READY for a quiet guest before pivoting anyway (default 30 s). */
+  readonly convergeWaitMs?: number;
 }
 
 export interface EncryptResult {
@@ -73,6 +78,8 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     }
     await refuseIfBusy(client, disk, o.device);
     await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, o.format));
+    // Observation starts now, so that bpftrace attaches while QEMU creates the LUKS header.
+    const mod = o.moderation ? await RunModeration.start(client, { ...o.moderation, logger: log }) : undefined;
 
     const tag = randomBytes(4).toString('hex');
     const target = new EncryptedTarget(
@@ -84,17 +91,22 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     try {
       o.onPhase?.('creating-target', disk);
       await target.create();
+      if (mod) await untilAborted(mod.attached, o.signal);
       if (o.signal?.aborted) throw cancelledBeforeStart();
 
       const job = await startMirror(client, disk, target, o, tag);
-      log.info({ job: job.id, source: disk.nodeName, target: target.node, speed: o.speed }, 'mirror started');
+      log.info({ job: job.id, source: disk.nodeName, target: target.node, speed: o.speed, moderated: !!mod }, 'mirror started');
       o.onPhase?.('copying', disk);
+      mod?.moderation.steer(job);
       o.onJob?.(job, client);
 
       const meter = new ProgressMeter();
-      const outcome = await waitUntilReady(client, job, meter, o);
+      const moderation = mod?.moderation;
+      let outcome = await waitUntilReady(client, job, meter, o, moderation);
+      if (outcome === 'ready' && moderation) outcome = await waitForQuiet(client, job, meter, o, moderation);
       if (outcome === 'cancel') {
         o.onPhase?.('cancelling', disk);
+        await moderation?.close();
         await cancelJob(client, job, o.pollMs ?? 250);
         await target.remove();
         throw new IdlecryptError(
@@ -104,6 +116,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       }
 
       o.onPhase?.('completing', disk);
+      await moderation?.release(); // resumed at unlimited speed: the last dirty blocks go fast
       pivoting = true;
       const snap = await completeJob(client, job, o.pollMs ?? 250);
       o.onProgress?.(meter.sample(snap, performance.now()));
@@ -125,7 +138,10 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         elapsedS: (performance.now() - started) / 1000,
       };
     } catch (e) {
+      await mod?.moderation.close(); // stop steering before the job and target go away
       throw await failRun(e, { client, target, disk, pivoting, log });
+    } finally {
+      await mod?.moderation.close();
     }
   } finally {
     await client.close();
@@ -161,7 +177,7 @@ async function startMirror(client: QmpClient, disk: DiskInfo, target: EncryptedT
 }
 
 /** Polls the job (level-triggered) and wakes early on its events, abort, or QEMU exit. */
-async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions): Promise<'ready' | 'cancel'> {
+async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions, mod?: RunModeration): Promise<'ready' | 'cancel'> {
   const pollMs = o.pollMs ?? 250;
   const abort$ = o.signal ? fromEvent(o.signal, 'abort').pipe(map(() => 'abort' as const)) : merge();
   const jobEvent$ = client
@@ -174,7 +190,7 @@ async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: Progr
   for (;;) {
     if (o.signal?.aborted) return 'cancel';
     const snap = await mustSnapshot(job);
-    o.onProgress?.(meter.sample(snap, performance.now()));
+    o.onProgress?.(withModeration(meter.sample(snap, performance.now()), mod));
     if (snap.status === 'concluded' || snap.status === 'aborting') {
       const err = await job.dismiss();
       throw new IdlecryptError('JOB_FAILED', `the copy failed: ${err ?? snap.error ?? snap.status}`);
@@ -182,6 +198,45 @@ async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: Progr
     if (snap.ready) return 'ready';
     await firstValueFrom(merge(timer(pollMs).pipe(map(() => 'tick' as const)), jobEvent$, abort$, closed$).pipe(take(1)));
   }
+}
+
+/**
+ * At READY the target is in sync and the mirror keeps copying what the guest writes. The
+ * pivot itself copies the last dirty blocks at full speed, so do it while the guest is
+ * quiet: wait until the controller runs the job at full speed and nothing is left to
+ * copy, for at most convergeWaitMs (a guest that is never quiet still gets its pivot).
+ */
+async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions, mod: RunModeration): Promise<'ready' | 'cancel'> {
+  const pollMs = o.pollMs ?? 250;
+  const until = performance.now() + (o.convergeWaitMs ?? 30_000);
+  for (;;) {
+    if (o.signal?.aborted) return 'cancel';
+    const snap = await mustSnapshot(job);
+    o.onProgress?.(withModeration(meter.sample(snap, performance.now()), mod));
+    if (snap.status === 'concluded' || snap.status === 'aborting') {
+      const err = await job.dismiss();
+      throw new IdlecryptError('JOB_FAILED', `the copy failed: ${err ?? snap.error ?? snap.status}`);
+    }
+    const quiet = mod.decision?.mode === 'full' && snap.len - snap.offset === 0;
+    if (quiet) return 'ready';
+    if (performance.now() > until) {
+      o.logger.info({ decision: mod.decision, left: snap.len - snap.offset }, 'the guest stayed busy at READY; pivoting anyway');
+      return 'ready';
+    }
+    await firstValueFrom(merge(timer(pollMs), client.closed$).pipe(take(1)));
+  }
+}
+
+function withModeration(p: Progress, mod: RunModeration | undefined): Progress {
+  const d = mod?.decision;
+  if (!d) return p;
+  return { ...p, moderation: { state: d.state, mode: d.mode, reason: d.reason, source: mod.source ?? null } };
+}
+
+/** Waits for `p`, or returns early when the run is cancelled (the caller checks). */
+async function untilAborted(p: Promise<void>, signal: AbortSignal | undefined): Promise<void> {
+  if (!signal) return p;
+  await Promise.race([p, new Promise<void>((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }))]);
 }
 
 async function mustSnapshot(job: JobControl): Promise<JobSnapshot> {

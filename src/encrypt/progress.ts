@@ -19,6 +19,13 @@ export interface Progress {
   readonly rate: number;
   /** seconds, or null while nothing moves */
   readonly etaS: number | null;
+  /** The controller's latest decision, when the run is moderated. */
+  readonly moderation?: {
+    readonly state: 'idle' | 'busy' | 'holdoff';
+    readonly mode: 'full' | 'throttled' | 'paused';
+    readonly reason: string;
+    readonly source: 'ebpf' | 'qmp' | null;
+  };
 }
 
 export class ProgressMeter {

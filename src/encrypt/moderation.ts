@@ -1,0 +1,152 @@
+/**
+ * Moderation of one encryption run: the wiring of probes → streams → controller onto the
+ * run's mirror job.
+ *
+ *   activity$ (src/streams, eBPF or QMP) ─ this VM's samples ─┐
+ *   watchPolicy (src/policy, hot-reloaded) ───────────────────┼─ moderate (src/controller) ─ JobControl
+ *
+ * Observation starts before the mirror does (it overlaps LUKS key-slot creation), so that
+ * the job never runs unmoderated while bpftrace attaches.
+ */
+import { realpath } from 'node:fs/promises';
+import { firstValueFrom, filter, share, shareReplay, Subject, take, timeout, type Observable, type Subscription } from 'rxjs';
+import { IdlecryptError, describeError } from '../errors.ts';
+import type { Logger } from '../log.ts';
+import type { QmpClient } from '../qmp/client.ts';
+import type { JobControl } from '../jobs/types.ts';
+import { ProcfsDiscovery } from '../discovery/procfs.ts';
+import type { VmDiscovery, VmInfo } from '../discovery/types.ts';
+import { activity$, type SourceChoice } from '../streams/activity.ts';
+import type { ActivitySample } from '../streams/types.ts';
+import { watchPolicy } from '../policy/watch.ts';
+import type { Policy } from '../policy/schema.ts';
+import { moderate, toActivityRates, type ModerationRun } from '../controller/index.ts';
+import type { Decision } from '../controller/types.ts';
+
+export interface ModerationOptions {
+  /** The policy file; the shipped default when absent. */
+  readonly policyFile?: string;
+  readonly source?: SourceChoice;
+  /** bpftrace binary (tests point this elsewhere). */
+  readonly bpftrace?: string;
+  readonly discovery?: VmDiscovery;
+  readonly logger: Logger;
+  /** Every sample of this VM, for progress views and metrics. */
+  readonly onSample?: (s: ActivitySample) => void;
+}
+
+export class RunModeration {
+  private run?: ModerationRun;
+  private last?: Decision;
+  private lastSource?: 'ebpf' | 'qmp';
+  private readonly subs: Subscription[] = [];
+  private closed = false;
+
+  private constructor(
+    readonly vm: VmInfo & { name: string },
+    readonly policy$: Observable<Policy>,
+    private readonly samples$: Observable<ActivitySample>,
+    private readonly stop$: Subject<void>,
+    private readonly log: Logger,
+  ) {}
+
+  /**
+   * Finds the VM behind the QMP socket, loads the policy (a bad policy fails here, before
+   * anything is created), and starts observing. `attached` resolves with the first sample.
+   */
+  static async start(client: QmpClient, o: ModerationOptions): Promise<{ moderation: RunModeration; attached: Promise<void> }> {
+    const log = o.logger.child({ component: 'moderation' });
+    const policy$ = watchPolicy(o.policyFile, { logger: log }).pipe(shareReplay({ bufferSize: 1, refCount: false }));
+    const policy = await firstValueFrom(policy$); // throws the policy's own file:line:col error
+    const vm = await findVm(client, o.discovery ?? new ProcfsDiscovery());
+    const stop$ = new Subject<void>();
+    const samples$ = activity$({
+      intervalMs: policy.sampling.interval,
+      pids: [vm.pid],
+      source: o.source ?? 'auto',
+      logger: log,
+      stop$,
+      ...(o.bpftrace !== undefined ? { bpftrace: o.bpftrace } : {}),
+      onStatus: (s) => log.info({ status: s.type, ...('reason' in s ? { reason: s.reason } : {}) }, `observation: ${s.type}`),
+    }).pipe(
+      filter((s) => s.pid === vm.pid),
+      share(),
+    );
+    const m = new RunModeration(vm, policy$, samples$, stop$, log);
+    m.subs.push(
+      samples$.subscribe({
+        next: (s) => {
+          m.lastSource = s.source;
+          o.onSample?.(s);
+        },
+        error: (e: unknown) => log.error({ err: describeError(e) }, 'observation failed; the job runs at the idle speed from now on'),
+      }),
+    );
+    // bpftrace compiles and attaches in 1-3 s; QEMU's LUKS key-slot creation overlaps it.
+    const attached = firstValueFrom(samples$.pipe(take(1), timeout({ first: 60_000 }))).then(
+      () => undefined,
+      (e: unknown) => {
+        throw new IdlecryptError('PROBE_FAILED', `could not observe VM '${vm.name}' (pid ${vm.pid}): ${describeError(e)}`, { cause: e });
+      },
+    );
+    attached.catch(() => undefined);
+    return { moderation: m, attached };
+  }
+
+  /** Hands the running job to the controller. */
+  steer(job: JobControl): void {
+    this.run = moderate({
+      activity$: this.samples$.pipe(toActivityRates(this.vm.name)),
+      policy$: this.policy$,
+      job,
+      vmName: this.vm.name,
+      logger: this.log,
+    });
+    this.subs.push(this.run.decisions$.subscribe((d) => (this.last = d)));
+  }
+
+  get decision(): Decision | undefined {
+    return this.last;
+  }
+
+  get source(): 'ebpf' | 'qmp' | undefined {
+    return this.lastSource;
+  }
+
+  /** Ends steering and leaves the job resumed at unlimited speed, ready to complete. */
+  async release(): Promise<void> {
+    await this.run?.stop({ release: true });
+  }
+
+  /** Ends steering without touching the job (it is being cancelled or is gone). */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.run?.stop({ release: false }).catch(() => undefined);
+    this.stop$.next();
+    for (const s of this.subs) s.unsubscribe();
+  }
+}
+
+/**
+ * The QEMU process behind the QMP socket: by the socket path on its command line, else by
+ * its name (`query-name`, QEMU's -name). A libvirt backend would answer this from the
+ * domain instead.
+ */
+async function findVm(client: QmpClient, discovery: VmDiscovery): Promise<VmInfo & { name: string }> {
+  const named = (await client.executeRaw('query-name')) as { name?: string };
+  const vms = await discovery.list();
+  const want = await realpath(client.socketPath).catch(() => client.socketPath);
+  let vm: VmInfo | undefined;
+  for (const v of vms) {
+    for (const s of v.qmpSockets) if ((await realpath(s).catch(() => s)) === want) vm = v;
+  }
+  vm ??= named.name ? vms.find((v) => v.name === named.name) : undefined;
+  if (!vm) {
+    throw new IdlecryptError(
+      'PROBE_UNAVAILABLE',
+      `cannot find the QEMU process behind ${client.socketPath} to observe it; use --speed or --no-moderation`,
+    );
+  }
+  return { ...vm, name: vm.name ?? named.name ?? `pid-${vm.pid}` };
+}
