@@ -4,6 +4,8 @@ import { encryptDisk, type EncryptResult } from '../encrypt/encrypt.ts';
 import { fmtBytes } from '../encrypt/preflight.ts';
 import { IdlecryptError } from '../errors.ts';
 import { createLogger } from '../log.ts';
+import { openMetricsSink, parseInfluxUrl } from '../metrics/index.ts';
+import type { MetricsSink } from '../metrics/sink.ts';
 import { parseBytes, parseChoice, parsePositiveInt } from './options.ts';
 import { barView, jsonView, plainView, type View } from './progress-view.ts';
 
@@ -17,6 +19,8 @@ interface EncryptFlags {
   policy?: string;
   moderation: boolean;
   source: string;
+  influx?: string;
+  metricsFile?: string;
   iterTime: string;
   json?: boolean;
 }
@@ -34,6 +38,8 @@ export function encryptCommand(): Command {
     .option('--no-moderation', 'no moderation: copy at full speed')
     .addOption(new Option('--source <source>', 'where guest activity comes from: auto (eBPF, else QMP blockstats), ebpf, qmp').default('auto'))
     .option('--iter-time <ms>', 'PBKDF time for the key slot, as cryptsetup --iter-time', '2000')
+    .option('--influx <url>', 'send metrics to InfluxDB 1.x, e.g. http://127.0.0.1:8086/idlecrypt (host, port, database)')
+    .option('--metrics-file <path>', 'without --influx: the line-protocol file for metrics (default ./idlecrypt-metrics/<vm>-<time>.lp)')
     .option('--json', 'one JSON object per line on stdout instead of a progress bar')
     .action(async (flags: EncryptFlags) => {
       await runEncrypt(flags);
@@ -50,6 +56,8 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
   const moderated = flags.moderation && flags.speed === undefined;
   const speed = flags.speed === undefined ? 0 : parseBytes('--speed', flags.speed);
   const iterTimeMs = parsePositiveInt('--iter-time', flags.iterTime, 10);
+  if (flags.influx !== undefined && flags.metricsFile !== undefined) throw new IdlecryptError('USAGE', '--influx and --metrics-file: choose one');
+  if (flags.influx !== undefined) parseInfluxUrl(flags.influx); // a bad URL fails before anything starts
   const view: View = flags.json ? jsonView() : process.stderr.isTTY ? barView(flags.device) : plainView();
   const log = createLogger();
 
@@ -67,6 +75,7 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  let sink: MetricsSink | undefined;
   try {
     const result = await encryptDisk({
       qmpSocket: flags.qmp,
@@ -81,13 +90,22 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
       ...(moderated ? { moderation: { source, ...(flags.policy !== undefined ? { policyFile: flags.policy } : {}) } } : {}),
       onPhase: (phase, disk) => view.phase(phase, disk ? { device: flags.device, source: disk.file } : undefined),
       onProgress: (p) => view.progress(p),
+      metrics: async (vm) =>
+        (sink = await openMetricsSink({
+          vm,
+          logger: log,
+          ...(flags.influx !== undefined ? { influx: flags.influx } : {}),
+          ...(flags.metricsFile !== undefined ? { file: flags.metricsFile } : {}),
+        })),
     });
-    view.done(summaryRecord(result), summaryText(result));
+    await sink?.close();
+    view.done({ ...summaryRecord(result), ...(sink ? { metrics: sink.description } : {}) }, summaryText(result) + (sink ? `\nidlecrypt: metrics: ${sink.description}` : ''));
   } catch (e) {
     if (e instanceof IdlecryptError) view.error(e.code, e.message);
     view.stop();
     throw e;
   } finally {
+    await sink?.close();
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }

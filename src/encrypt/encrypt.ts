@@ -9,6 +9,7 @@
  * `onJob` and steers its speed while we wait here for it to finish.
  */
 import { randomBytes } from 'node:crypto';
+import path from 'node:path';
 import { firstValueFrom, fromEvent, merge, timer, filter, map, take } from 'rxjs';
 import { QmpClient } from '../qmp/client.ts';
 import { QmpCommandError } from '../qmp/errors.ts';
@@ -21,6 +22,9 @@ import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded } from './
 import { EncryptedTarget, type TargetFormat } from './target.ts';
 import { ProgressMeter, type Progress } from './progress.ts';
 import { RunModeration, type ModerationOptions } from './moderation.ts';
+import { RunMetrics } from './metrics.ts';
+import type { MetricsSink } from '../metrics/sink.ts';
+import { hostTag } from '../metrics/index.ts';
 
 export type { Progress };
 
@@ -47,6 +51,10 @@ export interface EncryptOptions {
   readonly moderation?: Omit<ModerationOptions, 'logger'>;
   /** How long to wait at READY for a quiet guest before pivoting anyway (default 30 s). */
   readonly convergeWaitMs?: number;
+  /** Where the run's metrics go (opened by the caller, who also closes it). */
+  readonly metrics?: (vmName: string) => Promise<MetricsSink>;
+  /** Called with the VM's name once it is known (QMP query-name or the process's -name). */
+  readonly onVm?: (vmName: string) => void;
 }
 
 export interface EncryptResult {
@@ -79,7 +87,22 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     await refuseIfBusy(client, disk, o.device);
     await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, o.format));
     // Observation starts now, so that bpftrace attaches while QEMU creates the LUKS header.
-    const mod = o.moderation ? await RunModeration.start(client, { ...o.moderation, logger: log }) : undefined;
+    let rec: RunMetrics | undefined;
+    const mod = o.moderation
+      ? await RunModeration.start(client, {
+          ...o.moderation,
+          logger: log,
+          onSample: (s) => rec?.sample(s),
+          onStatus: (t, r) => rec?.probeStatus(t, r),
+        })
+      : undefined;
+    const vmName = mod?.moderation.vm.name ?? (await queryName(client));
+    o.onVm?.(vmName);
+    if (o.metrics) rec = new RunMetrics(await o.metrics(vmName), { host: hostTag(), vm: vmName, device: diskLabel(disk) });
+    const report = (p: Progress) => {
+      rec?.progress(p, mod?.moderation.policy, mod?.moderation.decision);
+      o.onProgress?.(p);
+    };
 
     const tag = randomBytes(4).toString('hex');
     const target = new EncryptedTarget(
@@ -102,8 +125,9 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
 
       const meter = new ProgressMeter();
       const moderation = mod?.moderation;
-      let outcome = await waitUntilReady(client, job, meter, o, moderation);
-      if (outcome === 'ready' && moderation) outcome = await waitForQuiet(client, job, meter, o, moderation);
+      const ro = { ...o, onProgress: report };
+      let outcome = await waitUntilReady(client, job, meter, ro, moderation);
+      if (outcome === 'ready' && moderation) outcome = await waitForQuiet(client, job, meter, ro, moderation);
       if (outcome === 'cancel') {
         o.onPhase?.('cancelling', disk);
         await moderation?.close();
@@ -119,7 +143,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       await moderation?.release(); // resumed at unlimited speed: the last dirty blocks go fast
       pivoting = true;
       const snap = await completeJob(client, job, o.pollMs ?? 250);
-      o.onProgress?.(meter.sample(snap, performance.now()));
+      report(meter.sample(snap, performance.now()));
       // Re-find the disk by what survives the pivot: its qdev id or drive name (the node
       // name the operator may have given is the old node's).
       const now = findDisk(await listDisks(client), disk.qdevId || disk.device || target.node);
@@ -303,6 +327,12 @@ async function failRun(
     await target.remove();
   }
   return e;
+}
+
+/** QEMU's -name (QMP query-name); the socket's name when the VM has none. */
+async function queryName(client: QmpClient): Promise<string> {
+  const r = (await client.executeRaw('query-name')) as { name?: string };
+  return r.name ?? path.basename(client.socketPath);
 }
 
 function cancelledBeforeStart(): IdlecryptError {

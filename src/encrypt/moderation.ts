@@ -19,7 +19,8 @@ import type { VmDiscovery, VmInfo } from '../discovery/types.ts';
 import { activity$, type SourceChoice } from '../streams/activity.ts';
 import type { ActivitySample } from '../streams/types.ts';
 import { watchPolicy } from '../policy/watch.ts';
-import type { Policy } from '../policy/schema.ts';
+import type { EffectivePolicy, Policy } from '../policy/schema.ts';
+import { resolvePolicy } from '../policy/resolve.ts';
 import { moderate, toActivityRates, type ModerationRun } from '../controller/index.ts';
 import type { Decision } from '../controller/types.ts';
 
@@ -33,12 +34,15 @@ export interface ModerationOptions {
   readonly logger: Logger;
   /** Every sample of this VM, for progress views and metrics. */
   readonly onSample?: (s: ActivitySample) => void;
+  /** Probe lifecycle: probes-spawned, probes-attached, probes-restarting, fallback, ... */
+  readonly onStatus?: (type: string, reason?: string) => void;
 }
 
 export class RunModeration {
   private run?: ModerationRun;
   private last?: Decision;
   private lastSource?: 'ebpf' | 'qmp';
+  private effective?: EffectivePolicy;
   private readonly subs: Subscription[] = [];
   private closed = false;
 
@@ -67,12 +71,17 @@ export class RunModeration {
       logger: log,
       stop$,
       ...(o.bpftrace !== undefined ? { bpftrace: o.bpftrace } : {}),
-      onStatus: (s) => log.info({ status: s.type, ...('reason' in s ? { reason: s.reason } : {}) }, `observation: ${s.type}`),
+      onStatus: (s) => {
+        const reason = 'reason' in s ? s.reason : undefined;
+        log.info({ status: s.type, ...(reason !== undefined ? { reason } : {}) }, `observation: ${s.type}`);
+        o.onStatus?.(s.type, reason);
+      },
     }).pipe(
       filter((s) => s.pid === vm.pid),
       share(),
     );
     const m = new RunModeration(vm, policy$, samples$, stop$, log);
+    m.subs.push(policy$.subscribe({ next: (p) => (m.effective = resolvePolicy(p, vm.name)), error: () => undefined }));
     m.subs.push(
       samples$.subscribe({
         next: (s) => {
@@ -107,6 +116,11 @@ export class RunModeration {
 
   get decision(): Decision | undefined {
     return this.last;
+  }
+
+  /** This VM's policy in force (hot reloads included). */
+  get policy(): EffectivePolicy | undefined {
+    return this.effective;
   }
 
   get source(): 'ebpf' | 'qmp' | undefined {
