@@ -1,0 +1,21 @@
+/**
+ * The example points of src/metrics/README.md: the README's "Example output" block must be
+ * exactly these, serialised (test/metrics/metrics-docs.test.ts), and influxd must accept
+ * them (test/metrics/metrics-influxd.test.ts).
+ */
+import { activityPoint, jobPoint, moderationPoint, probePoint, type MetricPoint } from '../../src/metrics/names.ts';
+
+const id = { host: 'hv1', vm: 'web1' };
+const t = Date.UTC(2026, 10, 25, 9, 17, 32, 200); // 2026-11-25T09:17:32.200Z
+const thresholds = { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000 };
+
+export const EXAMPLE_POINTS: MetricPoint[] = [
+  activityPoint({ ...id, time: t, intervalS: 0.05, source: 'ebpf' }, { diskReads: 3, diskWrites: 1, diskFlushes: 0, diskDiscards: 0, keyEvents: 0, pointerEvents: 0, interrupts: 131 }),
+  activityPoint({ ...id, time: t + 50, intervalS: 0.05, source: 'qmp' }, { diskReads: 0, diskWrites: 2, diskFlushes: 1, diskDiscards: null, keyEvents: null, pointerEvents: null, interrupts: null }),
+  moderationPoint({ ...id, time: t, device: 'disk0' }, { state: 'busy', reason: 'disk 80/s > 5/s', mode: 'paused', thresholds, holdoffMs: 1000 }),
+  moderationPoint({ ...id, time: t + 1250, device: 'disk0' }, { state: 'idle', reason: 'quiet for 1s', mode: 'full', thresholds: { ...thresholds, pointer: null }, holdoffMs: 1000 }),
+  jobPoint({ ...id, time: t, device: 'disk0' }, { speedSetBps: 0, speedActualBps: 401493487.5, paused: false, bytesDone: 3221225472, bytesTotal: 8589934592, etaS: 13.4, status: 'running' }),
+  jobPoint({ ...id, time: t + 250, device: 'disk0' }, { speedSetBps: 0, speedActualBps: 0, paused: true, bytesDone: 3221225472, bytesTotal: 8589934592, etaS: null, status: 'paused' }),
+  probePoint({ ...id, time: t }, { source: 'ebpf', attached: true, restarts: 0 }),
+  probePoint({ ...id, time: t + 5000 }, { source: 'qmp', attached: true, restarts: 3, reason: 'bpftrace exited 3 times in 60s' }),
+].filter((p): p is MetricPoint => p !== null);
