@@ -99,7 +99,7 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
         })),
     });
     await sink?.close();
-    view.done({ ...summaryRecord(result), ...(sink ? { metrics: sink.description } : {}) }, summaryText(result) + (sink ? `\nidlecrypt: metrics: ${sink.description}` : ''));
+    view.done({ ...summaryRecord(result), ...(sink ? { metrics: metricsRecord(sink) } : {}) }, summaryText(result) + (sink ? `\nidlecrypt: metrics: ${sink.description}` : ''));
   } catch (e) {
     if (e instanceof IdlecryptError) view.error(e.code, e.message);
     view.stop();
@@ -122,6 +122,11 @@ function summaryRecord(r: EncryptResult): Record<string, unknown> {
     bytes_copied: r.bytesCopied,
     elapsed_s: Math.round(r.elapsedS * 100) / 100,
   };
+}
+
+function metricsRecord(sink: MetricsSink): Record<string, unknown> {
+  const st = sink.stats();
+  return { target: sink.description, delivered: st.delivered, dropped: st.dropped, buffered: st.buffered, max_buffer: st.maxBuffer, failures: st.failures };
 }
 
 function summaryText(r: EncryptResult): string {

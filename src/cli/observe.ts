@@ -6,8 +6,9 @@
  *
  * --json prints one JSON object per line with exactly the fields of JSON_FIELDS; on a
  * terminal it draws a live table of per-second rates instead, and otherwise plain rows.
- * It ends after --duration or on Ctrl-C (SIGINT) or SIGTERM, after flushing the last,
- * partial interval, so every event up to the end is counted. A second Ctrl-C quits at once.
+ * It ends after --duration (counted from when counting begins) or on Ctrl-C (SIGINT) or
+ * SIGTERM, after flushing the last, partial interval, so every event up to the end is
+ * counted. A second Ctrl-C quits at once.
  */
 import { Command } from 'commander';
 import { Subject, lastValueFrom, tap } from 'rxjs';
@@ -46,7 +47,7 @@ export function toJsonRecord(s: ActivitySample): ObserveRecord {
 }
 
 interface ObserveOptions {
-  pid: number[];
+  pid?: number[];
   duration?: number;
   interval: number;
   json?: boolean;
@@ -65,8 +66,8 @@ function parseDuration(value: string): number {
 export function observeCommand(): Command {
   return new Command('observe')
     .description('Show each VM\'s guest activity (disk requests, input events, interrupts) per interval')
-    .option('--pid <pid>', 'only this QEMU process (repeatable)', (v: string, acc: number[]) => [...acc, parsePositiveInt('--pid', v)], [] as number[])
-    .option('--duration <s>', 'stop after this many seconds (default: until Ctrl-C)', parseDuration)
+    .option('--pid <pid>', 'only this QEMU process (repeatable; default: every QEMU VM)', (v: string, acc: number[] = []) => [...acc, parsePositiveInt('--pid', v)])
+    .option('--duration <s>', 'stop after counting for this many seconds (default: until Ctrl-C)', parseDuration)
     .option('--interval <ms>', `sampling interval in ms (>= ${MIN_INTERVAL_MS})`, (v: string) => parsePositiveInt('--interval', v, MIN_INTERVAL_MS), 1000)
     .option('--json', 'one JSON object per VM per interval on stdout')
     .option('--source <source>', 'auto (eBPF, else QMP), ebpf, or qmp', (v: string) => parseChoice('--source', v, ['auto', 'ebpf', 'qmp'] as const), 'auto' as SourceChoice)
@@ -77,7 +78,7 @@ export function observeCommand(): Command {
 async function observe(opts: ObserveOptions): Promise<void> {
   const logger = createLogger();
   const discovery = new ProcfsDiscovery();
-  if (opts.pid.length) {
+  if (opts.pid) {
     const vms = await discovery.list();
     const missing = opts.pid.filter((p) => !vms.some((v) => v.pid === p));
     if (missing.length) {
@@ -87,22 +88,39 @@ async function observe(opts: ObserveOptions): Promise<void> {
 
   const stop$ = new Subject<void>();
   let stopping = false;
+  const requestStop = () => {
+    if (stopping) return;
+    stopping = true;
+    stop$.next();
+  };
   const onSignal = (signal: NodeJS.Signals) => {
     if (stopping) {
       process.stderr.write('idlecrypt: stopped at once; the last interval was not counted\n');
       process.exit(130);
     }
-    stopping = true;
     if (signal === 'SIGINT' && process.stderr.isTTY) process.stderr.write('\nidlecrypt: stopping (Ctrl-C again to quit at once)\n');
-    stop$.next();
+    requestStop();
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
-  const timer = opts.duration !== undefined ? setTimeout(() => onSignal('SIGALRM' as NodeJS.Signals), opts.duration * 1000) : undefined;
+  // `observe --json | head`: a reader that goes away ends the observation, quietly.
+  const onStdoutError = (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE' && err.code !== 'ERR_STREAM_DESTROYED') throw err;
+    requestStop();
+  };
+  process.stdout.on('error', onStdoutError);
+  // --duration counts from when counting begins (bpftrace attached, or the QMP poller
+  // started), so the records cover that long: bpftrace's start-up is not taken from it.
+  let timer: NodeJS.Timeout | undefined;
+  const startDuration = () => {
+    if (opts.duration !== undefined && !timer) timer = setTimeout(requestStop, opts.duration * 1000);
+  };
 
   const view = opts.json ? jsonView() : process.stdout.isTTY ? tableView(opts.interval) : rowsView();
   const onStatus = (s: ActivityStatus) => {
     switch (s.type) {
+      case 'counting':
+        return startDuration();
       case 'fallback':
         return note(`eBPF probes unavailable (${s.reason}); disk counts come from QMP query-blockstats, input and interrupts are unknown`);
       case 'probes-restarting':
@@ -118,7 +136,7 @@ async function observe(opts: ObserveOptions): Promise<void> {
     await lastValueFrom(
       activity$({
         intervalMs: opts.interval,
-        pids: opts.pid.length ? opts.pid : undefined,
+        pids: opts.pid,
         source: opts.source,
         bpftrace: opts.bpftrace,
         discovery,
@@ -133,6 +151,7 @@ async function observe(opts: ObserveOptions): Promise<void> {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     view.end();
+    process.stdout.off('error', onStdoutError);
   }
 }
 

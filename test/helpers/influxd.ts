@@ -111,8 +111,10 @@ bind-address = "127.0.0.1:${bindPort}"
 `;
 }
 
-export async function startInfluxd(o: { startTimeoutMs?: number } = {}): Promise<Influxd> {
-  const dir = await fs.mkdtemp(path.join(tmpdir(), 'idlecrypt-influxd-'));
+export async function startInfluxd(o: { startTimeoutMs?: number; /** keep the data here (created; not removed by stop) */ dir?: string } = {}): Promise<Influxd> {
+  const keep = o.dir !== undefined;
+  if (keep) await fs.mkdir(o.dir!, { recursive: true });
+  const dir = keep ? path.resolve(o.dir!) : await fs.mkdtemp(path.join(tmpdir(), 'idlecrypt-influxd-'));
   const httpPort = await freePort();
   let bindPort = await freePort();
   while (bindPort === httpPort) bindPort = await freePort();
@@ -166,7 +168,7 @@ export async function startInfluxd(o: { startTimeoutMs?: number } = {}): Promise
   } catch (e) {
     await kill();
     process.removeListener('exit', killOnExit);
-    await fs.rm(dir, { recursive: true, force: true });
+    if (!keep) await fs.rm(dir, { recursive: true, force: true });
     throw e;
   }
 
@@ -200,7 +202,7 @@ export async function startInfluxd(o: { startTimeoutMs?: number } = {}): Promise
       // The data is thrown away: no need for a graceful shutdown (which takes seconds).
       await kill();
       process.removeListener('exit', killOnExit);
-      await fs.rm(dir, { recursive: true, force: true });
+      if (!keep) await fs.rm(dir, { recursive: true, force: true });
     },
   };
   return db;

@@ -1,0 +1,40 @@
+/**
+ * The activity counters: one module owns their names. Each counter has
+ *   - a camelCase key (ActivitySample fields in src/streams),
+ *   - the bpftrace map that counts it (probes/*.bt, `@<map>[pid] = count()`),
+ *   - its field in `idlecrypt observe --json` (snake_case; null when unknown), if any.
+ * Tests check the probe scripts and the docs against this table.
+ */
+
+export const COUNTERS = [
+  { key: 'diskReads', map: 'disk_reads', json: 'disk_reads' },
+  { key: 'diskWrites', map: 'disk_writes', json: 'disk_writes' },
+  { key: 'diskFlushes', map: 'disk_flushes', json: 'disk_flushes' },
+  // Discards (BLOCK_ACCT_UNMAP) are guest disk activity too, but not a field of the
+  // issue's JSON record: they reach the controller only through ActivitySample.
+  { key: 'diskDiscards', map: 'disk_discards', json: null },
+  { key: 'keyEvents', map: 'key_events', json: 'key_events' },
+  { key: 'pointerEvents', map: 'pointer_events', json: 'pointer_events' },
+  { key: 'interrupts', map: 'interrupts', json: 'interrupts' },
+] as const;
+
+export type CounterKey = (typeof COUNTERS)[number]['key'];
+
+/** Counts of one VM; null = unknown (not measured by this source). */
+export type Counts = Record<CounterKey, number | null>;
+
+/** Running totals of one process as bpftrace reports them (absent = 0). */
+export type Totals = Partial<Record<CounterKey, number>>;
+
+export const COUNTER_KEYS: readonly CounterKey[] = COUNTERS.map((c) => c.key);
+
+const KEY_BY_MAP = new Map<string, CounterKey>(COUNTERS.map((c) => [c.map, c.key]));
+
+/** The counter a bpftrace map name (with or without '@') holds, if it is one of ours. */
+export function counterForMap(map: string): CounterKey | undefined {
+  return KEY_BY_MAP.get(map.startsWith('@') ? map.slice(1) : map);
+}
+
+export function zeroCounts(): Counts {
+  return Object.fromEntries(COUNTER_KEYS.map((k) => [k, 0])) as Counts;
+}
