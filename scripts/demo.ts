@@ -2,50 +2,75 @@
  * `npm run demo`: the main job, end to end, on the bundled test guest.
  *
  * Boots the test VM (TCG) with a bursty workload (idle and busy disk phases), encrypts its
- * disk in the background with `idlecrypt encrypt` showing live progress, checks that the
- * guest now runs on the encrypted image and that the image decrypts to the guest's data,
- * and says where everything is. Everything lives in one work folder (printed), removed at
- * the end unless --keep is given.
+ * disk in the background with a moderated `idlecrypt encrypt` and its live progress view,
+ * writes the metrics to a local influxd on loopback (when the influxdb package is
+ * installed) or else to a line-protocol file, checks that the guest now runs on the
+ * encrypted image, that the image decrypts to the guest's data and that every dashboard
+ * panel has data, and says where everything is.
  *
- *   npm run demo [-- --size-mib 512] [--keep]
+ *   npm run demo [-- --size-mib 1024] [--keep]
+ *
+ * Output: ./demo-output/ (metrics, influxd data, logs); the disk images live in a temp
+ * folder that is removed at the end unless --keep is given.
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { createReadStream, existsSync, readFileSync } from 'node:fs';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
+import { InfluxDB } from 'influx';
 import { ensureImage, makeDiskImage, startTestVm } from '../vm-images/launch.ts';
+import { startInfluxd, INFLUXD, type Influxd } from '../test/helpers/influxd.ts';
+import { checkPanels } from '../dashboards/queries.ts';
+import { hostTag } from '../src/metrics/index.ts';
 
-const BIN = fileURLToPath(new URL('../bin/idlecrypt', import.meta.url));
-const { values } = parseArgs({ options: { 'size-mib': { type: 'string', default: '512' }, keep: { type: 'boolean', default: false } } });
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+const BIN = path.join(ROOT, 'bin/idlecrypt');
+const { values } = parseArgs({ options: { 'size-mib': { type: 'string', default: '1024' }, keep: { type: 'boolean', default: false } } });
 const sizeMiB = Number(values['size-mib']);
+const OUT = path.join(ROOT, 'demo-output');
 
-const say = (s: string) => process.stdout.write(`\x1b[1m==>\x1b[0m ${s}\n`);
+const bold = (s: string) => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
+const say = (s: string) => process.stdout.write(`${bold('==>')} ${s}\n`);
 
 ensureImage();
+await rm(OUT, { recursive: true, force: true });
+await mkdir(OUT, { recursive: true });
 const work = await mkdtemp(path.join(tmpdir(), 'idlecrypt-demo-'));
 const source = path.join(work, 'guest.raw');
 const target = path.join(work, 'guest.luks');
 const keyFile = path.join(work, 'guest.key');
+const policyFile = path.join(OUT, 'demo-policy.yaml');
 
-say(`work folder ${work}`);
-say(`making a ${sizeMiB} MiB guest disk with recognisable data`);
+say(`making a ${sizeMiB} MiB guest disk with recognisable data (in ${work})`);
 await makeDiskImage(source, { sizeMiB, format: 'raw', fill: 'pattern' });
 await writeFile(keyFile, randomBytes(32).toString('base64url'), { mode: 0o600 });
+// The shipped policy, with the idle speed capped so that a demo-sized disk takes long
+// enough to show the job pausing for busy phases and resuming in idle ones.
+await writeFile(policyFile, `# demo: the default policy with a capped idle speed\nspeed:\n  idle: ${Math.max(16, Math.round(sizeMiB / 24))}MiB\n`);
 
-say('booting the test VM (TCG): 8 s idle, 8 s of disk I/O, repeating');
-const vm = await startTestVm({ name: 'demo', disk: source, dir: path.join(work, 'vm'), workload: 'bursty', params: { idle: 8, busy: 8 } });
+let influxd: Influxd | undefined;
+if (existsSync(INFLUXD)) {
+  influxd = await startInfluxd({ dir: path.join(OUT, 'influxdb') });
+  say(`InfluxDB running on ${influxd.url} (data in demo-output/influxdb)`);
+} else {
+  say('no influxd here (apt-get install influxdb): metrics go to a line-protocol file');
+}
+
+say('booting the test VM (TCG): 6 s idle, 6 s of disk I/O, repeating');
+const vm = await startTestVm({ name: 'demo', disk: source, dir: path.join(work, 'vm'), workload: 'bursty', params: { idle: 6, busy: 6 } });
 let exitCode = 0;
 try {
   await vm.ready;
-  say(`guest up (pid ${vm.pid}); encrypting its disk while it runs:`);
-  const args = ['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile];
+  say(`guest up (QEMU pid ${vm.pid}); encrypting its disk while it runs, moderated by guest activity:`);
+  const metricsArgs = influxd ? ['--influx', influxd.influxUrl('idlecrypt')] : ['--metrics-file', path.join(OUT, 'metrics.lp')];
+  const args = ['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--policy', policyFile, ...metricsArgs];
   process.stdout.write(`    idlecrypt ${args.join(' ')}\n`);
   const code = await new Promise<number>((resolve) => {
-    const child = spawn(BIN, args, { stdio: 'inherit' });
+    const child = spawn(BIN, args, { stdio: ['ignore', 'inherit', 'inherit'], env: { ...process.env, IDLECRYPT_LOG: process.env.IDLECRYPT_LOG ?? 'error' } });
     // Ctrl-C reaches the child through the terminal; the demo waits for it to clean up.
     process.on('SIGINT', () => {});
     child.on('close', (c) => resolve(c ?? 1));
@@ -54,25 +79,43 @@ try {
     exitCode = code;
     say(`encrypt exited with ${code}; the guest still runs on ${source}`);
   } else {
-    say('the guest now runs on:');
+    say('the guest now runs on its encrypted disk:');
     execFileSync(BIN, ['status', '--qmp', vm.toolQmpSocket], { stdio: 'inherit' });
-    await vm.waitForLine(/^PHASE /, 20_000);
     say('verifying: the encrypted image, decrypted with the key, equals the guest\'s data');
     // The guest's disk loop writes back the bytes it read, so the data stays comparable
     // while the guest runs; -U lets qemu-img read images QEMU holds open.
-    const cmp = spawnCompare(source, target, keyFile);
+    const cmp = compare(source, target, keyFile);
     say(cmp.ok ? `verified: ${cmp.text}` : `MISMATCH: ${cmp.text}`);
     if (!cmp.ok) exitCode = 1;
     say(`plaintext markers in the raw encrypted file: ${await countMarkers(target)} (in the source: ${await countMarkers(source)})`);
+    if (influxd) {
+      const check = await checkPanels(new InfluxDB(influxd.influxUrl('idlecrypt')), JSON.parse(readFileSync(path.join(ROOT, 'dashboards/json/idlecrypt.json'), 'utf8')), { host: hostTag(), vm: 'demo' });
+      say(`dashboard: ${check.panelsWithData} of ${check.panels} panels have data`);
+      if (check.panelsWithData !== check.panels) exitCode = 1;
+      const counts = await influxd.query('SELECT count("interval_s") FROM "idlecrypt_activity"; SELECT count("state_code") FROM "idlecrypt_moderation"; SELECT count("bytes_done") FROM "idlecrypt_job"', 'idlecrypt');
+      const n = (i: number) => String(counts.results[i]?.series?.[0]?.values[0]?.[1] ?? 0);
+      say(`metrics in InfluxDB: ${n(0)} activity samples, ${n(1)} moderation states, ${n(2)} job readings`);
+    }
   }
 } catch (e) {
   exitCode = 1;
   process.stderr.write(`demo: ${(e as Error).message}\n`);
 } finally {
   await vm.stop();
-  if (values.keep) say(`kept ${work} (source, encrypted image, key, serial log)`);
+  await influxd?.stop();
+  if (values.keep) say(`kept ${work} (source, encrypted image, key)`);
   else await rm(work, { recursive: true, force: true });
 }
+say('where things are:');
+process.stdout.write(
+  influxd
+    ? `    metrics:    demo-output/influxdb (start it again: influxd -config demo-output/influxdb/influxd.conf; database idlecrypt)\n`
+    : `    metrics:    demo-output/metrics.lp (load: curl -XPOST 'http://127.0.0.1:8086/write?db=idlecrypt' --data-binary @demo-output/metrics.lp)\n`,
+);
+process.stdout.write(
+  `    dashboards: dashboards/json/idlecrypt.json, with Grafana provisioning in dashboards/provisioning/ (see dashboards/README.md)\n` +
+    `    policy:     ${path.relative(ROOT, policyFile)} (the shipped default: policy/default.yaml)\n`,
+);
 process.exit(exitCode);
 
 /** How many 'IDLECRYPT-DATA' markers (one per 32 bytes of the test data) a file holds. */
@@ -89,7 +132,7 @@ async function countMarkers(file: string): Promise<number> {
   return n;
 }
 
-function spawnCompare(plain: string, enc: string, key: string): { ok: boolean; text: string } {
+function compare(plain: string, enc: string, key: string): { ok: boolean; text: string } {
   try {
     const out = execFileSync('qemu-img', ['compare', '-U', '--object', `secret,id=sec0,file=${key}`, '--image-opts', `driver=file,filename=${plain}`, `driver=luks,key-secret=sec0,file.filename=${enc}`], { encoding: 'utf8' });
     return { ok: true, text: out.trim() };

@@ -21,6 +21,7 @@ import { activity$, type ActivityStatus, type SourceChoice } from '../streams/ac
 import { ratesOf } from '../streams/rates.ts';
 import type { ActivitySample } from '../streams/types.ts';
 import { parseChoice, parsePositiveInt } from './options.ts';
+import { activityPoint, hostTag, openMetricsSink, probePoint } from '../metrics/index.ts';
 
 /** The fields of a --json record, in order (issue 3). */
 export const JSON_FIELDS = [
@@ -53,6 +54,8 @@ interface ObserveOptions {
   json?: boolean;
   source: SourceChoice;
   bpftrace?: string;
+  influx?: string;
+  metricsFile?: string;
 }
 
 function parseDuration(value: string): number {
@@ -72,6 +75,8 @@ export function observeCommand(): Command {
     .option('--json', 'one JSON object per VM per interval on stdout')
     .option('--source <source>', 'auto (eBPF, else QMP), ebpf, or qmp', (v: string) => parseChoice('--source', v, ['auto', 'ebpf', 'qmp'] as const), 'auto' as SourceChoice)
     .option('--bpftrace <path>', 'the bpftrace binary (default: $IDLECRYPT_BPFTRACE, else bpftrace in PATH)')
+    .option('--influx <url>', 'also send every sample to InfluxDB 1.x, e.g. http://127.0.0.1:8086/idlecrypt')
+    .option('--metrics-file <path>', 'also append every sample to this line-protocol file')
     .action(async (opts: ObserveOptions) => observe(opts));
 }
 
@@ -85,6 +90,19 @@ async function observe(opts: ObserveOptions): Promise<void> {
       throw new IdlecryptError('USAGE', `--pid ${missing[0]}: no QEMU VM with that pid is running`);
     }
   }
+
+  if (opts.influx !== undefined && opts.metricsFile !== undefined) throw new IdlecryptError('USAGE', '--influx and --metrics-file: choose one');
+  const sink =
+    opts.influx !== undefined || opts.metricsFile !== undefined
+      ? await openMetricsSink({ vm: 'observe', logger, ...(opts.influx !== undefined ? { influx: opts.influx } : {}), ...(opts.metricsFile !== undefined ? { file: opts.metricsFile } : {}) })
+      : undefined;
+  const host = hostTag();
+  let restarts = 0;
+  const record = (s: ActivitySample) => {
+    if (!sink) return;
+    const id = { host, vm: s.vm ?? `pid-${s.pid}`, time: s.time };
+    sink.write([activityPoint({ ...id, intervalS: s.intervalS, source: s.source }, s), probePoint(id, { source: s.source, attached: true, restarts })]);
+  };
 
   const stop$ = new Subject<void>();
   let stopping = false;
@@ -124,6 +142,7 @@ async function observe(opts: ObserveOptions): Promise<void> {
       case 'fallback':
         return note(`eBPF probes unavailable (${s.reason}); disk counts come from QMP query-blockstats, input and interrupts are unknown`);
       case 'probes-restarting':
+        restarts++;
         return note(`${s.reason}; restarting bpftrace in ${s.delayMs / 1000} s (events until then are not counted)`);
       case 'unmeasured':
         return note(`VM ${s.vm ?? s.pid} (pid ${s.pid}): ${s.counters.join(', ')} unknown: ${s.why}`);
@@ -143,7 +162,12 @@ async function observe(opts: ObserveOptions): Promise<void> {
         logger,
         stop$,
         onStatus,
-      }).pipe(tap((s) => view.sample(s))),
+      }).pipe(
+        tap((s) => {
+          view.sample(s);
+          record(s);
+        }),
+      ),
       { defaultValue: undefined },
     );
   } finally {
@@ -152,6 +176,7 @@ async function observe(opts: ObserveOptions): Promise<void> {
     process.off('SIGTERM', onSignal);
     view.end();
     process.stdout.off('error', onStdoutError);
+    await sink?.close();
   }
 }
 

@@ -227,8 +227,8 @@ async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: Progr
 /**
  * At READY the target is in sync and the mirror keeps copying what the guest writes. The
  * pivot itself copies the last dirty blocks at full speed, so do it while the guest is
- * quiet: wait until the controller runs the job at full speed and nothing is left to
- * copy, for at most convergeWaitMs (a guest that is never quiet still gets its pivot).
+ * quiet: wait until the controller calls the guest idle and nothing is left to copy,
+ * for at most convergeWaitMs (a guest that is never quiet still gets its pivot).
  */
 async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions, mod: RunModeration): Promise<'ready' | 'cancel'> {
   const pollMs = o.pollMs ?? 250;
@@ -241,7 +241,8 @@ async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: Progres
       const err = await job.dismiss();
       throw new IdlecryptError('JOB_FAILED', `the copy failed: ${err ?? snap.error ?? snap.status}`);
     }
-    const quiet = mod.decision?.mode === 'full' && snap.len - snap.offset === 0;
+    // idle, not mode 'full': a policy may cap the idle speed (mode 'throttled').
+    const quiet = mod.decision?.state === 'idle' && snap.len - snap.offset === 0;
     if (quiet) return 'ready';
     if (performance.now() > until) {
       o.logger.info({ decision: mod.decision, left: snap.len - snap.offset }, 'the guest stayed busy at READY; pivoting anyway');
