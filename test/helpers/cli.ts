@@ -1,5 +1,6 @@
 /** Runs the real `idlecrypt` command (bin/idlecrypt) as an operator would. */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { tmpdir } from 'node:os';
 import { fileURLToPath } from 'node:url';
 
 export const BIN = fileURLToPath(new URL('../../bin/idlecrypt', import.meta.url));
@@ -23,6 +24,8 @@ export interface RunningCli {
 
 export function startCli(args: string[], env: Record<string, string> = {}): RunningCli {
   const child = spawn(BIN, args, {
+    // Out of the repo: a run without --influx writes ./idlecrypt-metrics/ where it runs.
+    cwd: tmpdir(),
     env: { ...process.env, IDLECRYPT_LOG: 'debug', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
