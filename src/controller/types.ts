@@ -71,10 +71,12 @@ export interface StateChange {
 
 /** What the deadline asks for: the busy speed it needs, if it needs one. */
 export interface Guarantee {
-  /** bytes/s the job must at least run at in every state; 0 = nothing asked, Infinity = the deadline has passed. */
+  /** bytes/s the job must at least run at in every state; 0 = nothing asked, Infinity = full speed (see overdue). */
   readonly requiredBps: number;
   /** The deadline, epoch ms (scheduler clock), when the policy has one. */
   readonly deadlineAt: number | null;
+  /** Full speed before the deadline: the copy is past the finish time it was planned for. */
+  readonly overdue?: true;
 }
 
 /**

@@ -43,6 +43,8 @@ export class RunModeration {
   private last?: Decision;
   private lastSource?: 'ebpf' | 'qmp';
   private effective?: EffectivePolicy;
+  /** When steering began (epoch ms): what a deadline such as `4h` counts from. */
+  private steeredAt?: number;
   private readonly subs: Subscription[] = [];
   private closed = false;
 
@@ -104,12 +106,14 @@ export class RunModeration {
 
   /** Hands the running job to the controller. */
   steer(job: JobControl): void {
+    this.steeredAt = Date.now();
     this.run = moderate({
       activity$: this.samples$.pipe(toActivityRates(this.vm.name)),
       policy$: this.policy$,
       job,
       vmName: this.vm.name,
       logger: this.log,
+      startedAt: this.steeredAt,
     });
     this.subs.push(this.run.decisions$.subscribe((d) => (this.last = d)));
   }
@@ -125,6 +129,13 @@ export class RunModeration {
 
   get source(): 'ebpf' | 'qmp' | undefined {
     return this.lastSource;
+  }
+
+  /** The finish-by deadline of this VM's policy in force (epoch ms), or null. */
+  deadlineAt(): number | null {
+    const d = this.effective?.guarantee.deadline;
+    if (!d || this.steeredAt === undefined) return null;
+    return 'after' in d ? this.steeredAt + d.after : d.at;
   }
 
   /** Ends steering and leaves the job resumed at unlimited speed, ready to complete. */

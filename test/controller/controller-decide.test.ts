@@ -226,6 +226,15 @@ describe('guaranteeStep', () => {
     assert.equal(out[2]!.out.requiredBps, 9 * MiB);
   });
 
+  test('past the planned finish time with work left: full speed before the deadline (a busy guest keeps dirtying what is left)', () => {
+    // engaged at 3 s: finish by 48.6 s; at 49 s 20 MiB are left (re-dirtied by the guest)
+    const out = run([[0, 0], [3000, 0], [49_000, 580 * MiB]]);
+    assert.deepEqual(out.at(-1)!.out, { requiredBps: Infinity, deadlineAt: 60_000, overdue: true });
+    const d = desiredDecision({ state: 'busy', reason: 'disk 80/s > 5/s' }, P, out.at(-1)!.out);
+    assert.equal(d.mode, 'full');
+    assert.equal(d.reason, 'disk 80/s > 5/s; past the planned finish time: full speed to finish by 1970-01-01T00:01:00.000Z');
+  });
+
   test('past the deadline with work left: full speed; nothing left: nothing asked', () => {
     assert.equal(run([[0, 0], [60_000, 0]]).at(-1)!.out.requiredBps, Infinity);
     assert.equal(run([[0, 0], [3000, 600 * MiB]]).at(-1)!.out.requiredBps, 0);

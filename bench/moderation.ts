@@ -1,0 +1,577 @@
+/**
+ * The evaluation of issue 4: the same guest and bursty workload (8 s idle / 8 s busy disk
+ * phases) while its disk is encrypted
+ *   (a) no job: the reference,
+ *   (b) an unthrottled mirror: `idlecrypt encrypt --no-moderation`,
+ *   (c) a fixed cap, as libvirt's `blockcopy --bandwidth` gives: `--speed 30M`, `--speed 100M`,
+ *   (d) idlecrypt's moderation with the shipped default policy,
+ * repeated in rounds that alternate the order of the modes (drift on these shared machines
+ * then hits every mode alike). Medians over rounds are reported.
+ *
+ * Per run, one guest, alone (no other guest of ours): boot on the shared source image, start
+ * the command 2 s into the guest's first idle phase, and measure from the host until the
+ * copy has completed (the guest runs on the LUKS image). A fixed-cap copy runs for at most
+ * --max-copy-s and is then cancelled, its total time extrapolated from its average progress
+ * (marked ≈): at 30 MiB/s a 6 GiB disk would take minutes per run, and its progress is as
+ * steady as its cap. For (a), the same stretch of the schedule is measured (2 cycles). The
+ * source image is made once: the workload writes back the bytes it reads, so the image
+ * never changes.
+ *
+ * What is measured (test/helpers/moderation-lab.ts, as the acceptance test does):
+ *   guest throughput   query-blockstats of the guest's device (the guest's own requests,
+ *                      never the mirror's), over the parts of busy phases while the copy
+ *                      ran (for (a): the same stretch of the schedule)
+ *   job speed          query-block-jobs offsets over the parts of idle (busy) phases while
+ *                      the copy had work left; "after hold-off" leaves out each idle phase's
+ *                      first 1.5 s (window + hold-off of the default policy, 1.25 s)
+ *   total time         from the command's "copying" record to its "completed" record
+ *   reaction           (d) only: busy-phase start (the guest's PHASE line arriving on the
+ *                      host) to the job paused or throttled: the earlier of QEMU's
+ *                      JOB_STATUS_CHANGE event and the first 100 ms poll showing it; only
+ *                      phases that began while the job ran unthrottled
+ *
+ * Output: a table on stdout, and bench/results/moderation-report.md with the table, every
+ * run's numbers, the host's load, and SVG plots over time (guest throughput, job speed,
+ * busy/idle state) of the last round; bench/results/moderation-<time>.json holds the data.
+ *
+ *   node --import tsx bench/moderation.ts [--rounds 3] [--size-mib 6144] [--max-copy-s 40]
+ *        [--modes none,unthrottled,cap30,cap100,idlecrypt] [--out bench/results]
+ *
+ * About 12 minutes with the defaults on a 2-core machine.
+ */
+import { execFileSync } from 'node:child_process';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os, { tmpdir } from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { ensureImage, makeDiskImage, startTestVm } from '../vm-images/launch.ts';
+import {
+  EncryptRun,
+  GuestRecorder,
+  MiB,
+  firstCaughtUp,
+  guestBytes,
+  jobOffset,
+  median,
+  now,
+  otherQemus,
+  percentile,
+  reactionAt,
+  sleepUntil,
+  type JobEvent,
+  type Phase,
+  type Sample,
+} from '../test/helpers/moderation-lab.ts';
+
+const { values } = parseArgs({
+  options: {
+    rounds: { type: 'string', default: '3' },
+    'size-mib': { type: 'string', default: '6144' },
+    'max-copy-s': { type: 'string', default: '40' },
+    modes: { type: 'string', default: 'none,unthrottled,cap30,cap100,idlecrypt' },
+    out: { type: 'string', default: 'bench/results' },
+  },
+});
+const rounds = Number(values.rounds);
+const sizeMiB = Number(values['size-mib']);
+const maxCopyMs = Number(values['max-copy-s']) * 1000;
+const outDir = values.out!;
+const IDLE_S = 8;
+const BUSY_S = 8;
+const POLL_MS = 100;
+const AFTER_HOLDOFF_MS = 1500;
+/** Where the command starts, from the first idle phase; and, for (a), where measuring starts. */
+const START_AT_MS = 2000;
+const NO_JOB_FROM_MS = 5000;
+const NO_JOB_FOR_MS = 2 * (IDLE_S + BUSY_S) * 1000;
+/** A copy that is not capped runs to the end, but not for ever. */
+const SAFETY_LIMIT_MS = 600_000;
+
+interface Mode {
+  readonly id: string;
+  readonly label: string;
+  /** encrypt's options; null: no job */
+  readonly args: string[] | null;
+  /** a fixed cap: cancelled after --max-copy-s, total time extrapolated */
+  readonly capped?: boolean;
+  /** moderated: reaction times are measured */
+  readonly moderated?: boolean;
+}
+
+const ALL_MODES: Mode[] = [
+  { id: 'none', label: '(a) no job', args: null },
+  { id: 'unthrottled', label: '(b) unthrottled mirror (--no-moderation)', args: ['--no-moderation'] },
+  { id: 'cap30', label: '(c) fixed cap 30 MiB/s (--speed 30M)', args: ['--speed', '30M'], capped: true },
+  { id: 'cap100', label: '(c) fixed cap 100 MiB/s (--speed 100M)', args: ['--speed', '100M'], capped: true },
+  { id: 'idlecrypt', label: '(d) idlecrypt, default policy', args: [], moderated: true },
+];
+const modes = values.modes!.split(',').map((id) => {
+  const m = ALL_MODES.find((x) => x.id === id.trim());
+  if (!m) throw new Error(`unknown mode ${id} (known: ${ALL_MODES.map((x) => x.id).join(', ')})`);
+  return m;
+});
+if (!(rounds >= 1) || !(sizeMiB >= 256) || !(maxCopyMs >= 16_000)) throw new Error('--rounds >= 1, --size-mib >= 256, --max-copy-s >= 16');
+
+interface Run {
+  mode: string;
+  round: number;
+  /** qemu-system processes of others at the start and end of the run */
+  others: [number, number];
+  loadavg: [number, number];
+  /** the stretch measured: the copy (or, for (a), the same stretch of the schedule) */
+  from: number;
+  to: number;
+  /** the job had nothing left to copy (READY) from here */
+  caughtUp: number;
+  completed: boolean;
+  totalS: number | null;
+  extrapolated: boolean;
+  bytesCopied: number | null;
+  guestBusyBps: number | null;
+  jobIdleBps: number | null;
+  jobIdleAfterHoldoffBps: number | null;
+  jobBusyBps: number | null;
+  reactionsMs: number[];
+  /** busy phases that began while the job was already slowed, or had not started */
+  reactionsSkipped: number;
+  /** for the plots: 0.5 s bins from the first idle phase */
+  series: { t0: number; binMs: number; guest: (number | null)[]; job: (number | null)[]; phases: { kind: string; from: number; to: number }[]; marks: { at: number; what: string }[] };
+}
+
+/** Σ counter increase / Σ time over the parts of `windows`; null if none. */
+function rateIn(samples: readonly Sample[], windows: { from: number; to: number }[], get: (s: Sample) => number | undefined): number | null {
+  let bytes = 0;
+  let ms = 0;
+  for (const w of windows) {
+    if (w.to - w.from < 300) continue;
+    const a = counterAt(samples, w.from, get);
+    const b = counterAt(samples, w.to, get);
+    if (a === undefined || b === undefined) continue;
+    bytes += b - a;
+    ms += w.to - w.from;
+  }
+  return ms > 0 ? bytes / (ms / 1000) : null;
+}
+
+/** A cumulative counter at `t`, interpolated between samples; for jobs, 0 before the job appears. */
+function counterAt(samples: readonly Sample[], t: number, get: (s: Sample) => number | undefined): number | undefined {
+  let prev: { t: number; v: number } | undefined;
+  for (const s of samples) {
+    const v = get(s);
+    if (v === undefined) continue;
+    const ts = (s.sent + s.t) / 2;
+    if (ts >= t) return prev ? prev.v + ((v - prev.v) * (t - prev.t)) / (ts - prev.t) : ts - t < 200 ? v : undefined;
+    prev = { t: ts, v };
+  }
+  return prev && t - prev.t < 200 ? prev.v : undefined;
+}
+
+function clip(phases: Phase[], kind: 'idle' | 'busy', from: number, to: number, skipMs = 0): { from: number; to: number }[] {
+  return phases
+    .filter((p) => p.kind === kind)
+    .map((p) => ({ from: Math.max(p.start + skipMs, from), to: Math.min(p.end, to) }))
+    .filter((w) => w.to > w.from);
+}
+
+function binned(samples: readonly Sample[], get: (s: Sample) => number | undefined, t0: number, t1: number, binMs: number): (number | null)[] {
+  const out: (number | null)[] = [];
+  for (let t = t0; t + binMs <= t1; t += binMs) {
+    const a = counterAt(samples, t, get);
+    const b = counterAt(samples, t + binMs, get);
+    out.push(a === undefined || b === undefined ? null : (b - a) / (binMs / 1000) / MiB);
+  }
+  return out;
+}
+
+async function runOne(mode: Mode, round: number, src: string, work: string, keyFile: string): Promise<Run> {
+  const name = `bench-${mode.id}-${round}`;
+  const vmDir = path.join(work, name);
+  await mkdir(vmDir);
+  const others0 = await otherQemus([]);
+  const load0 = os.loadavg()[0]!;
+  const vm = await startTestVm({ name, disk: src, dir: vmDir, workload: 'bursty', params: { idle: IDLE_S, busy: BUSY_S } });
+  const rec = new GuestRecorder(vm);
+  const target = path.join(work, `${name}.luks`);
+  let run: EncryptRun | undefined;
+  try {
+    await vm.ready;
+    await rec.poll({ intervalMs: POLL_MS, stats: true, jobs: true });
+    const idle0 = await rec.nextPhase('idle', 0);
+    await sleepUntil(idle0 + START_AT_MS);
+    let from: number;
+    let to: number;
+    let completed = false;
+    let cancelledAt: number | null = null;
+    if (mode.args === null) {
+      from = idle0 + NO_JOB_FROM_MS;
+      to = from + NO_JOB_FOR_MS;
+      await sleepUntil(to);
+    } else {
+      run = new EncryptRun(['--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', ...mode.args], path.join(work, `${name}.lp`));
+      const limitMs = mode.capped ? maxCopyMs : SAFETY_LIMIT_MS;
+      const result = run.result(limitMs + 120_000);
+      const copying = await waitFor(() => run!.phaseAt('copying'), 60_000, `${name}: the copy did not start:\n${run.cli.stderr().slice(-2000)}`);
+      const limit = sleepUntil(copying + limitMs).then(() => 'limit' as const);
+      const outcome = await Promise.race([result.then(() => 'done' as const), limit]);
+      if (outcome === 'limit' && !run.phaseAt('completing')) {
+        cancelledAt = now();
+        run.cli.child.kill('SIGINT'); // cancels the copy and removes the target
+      }
+      const r = await result;
+      completed = r.code === 0 && run.completed() !== undefined;
+      if (!completed && cancelledAt === null) throw new Error(`${name}: idlecrypt encrypt failed (${r.code}):\n${r.stderr.slice(-3000)}`);
+      from = copying;
+      to = run.phaseAt('completing') ?? cancelledAt ?? now();
+    }
+    await sleep(2000); // a little of what follows, for the plots
+    await rec.stop();
+    const others1 = await otherQemus([vm.pid]);
+    const phases = rec.phases();
+    const caughtUp = Math.min(firstCaughtUp(rec.samples), to);
+    const active = { from, to: mode.args === null ? to : caughtUp };
+
+    // Total time: measured, or extrapolated from the average net progress (offset/len).
+    let totalS: number | null = null;
+    let extrapolated = false;
+    let bytesCopied: number | null = null;
+    if (run && completed) {
+      totalS = (Date.parse(run.completed()!.time) - from) / 1000;
+      bytesCopied = Number(run.completed()!.bytes_copied);
+    } else if (run) {
+      const last = [...rec.samples].reverse().find((s) => s.job && s.t <= (cancelledAt ?? to));
+      if (last?.job && last.job.offset > 0) {
+        const elapsed = (last.t - from) / 1000;
+        totalS = elapsed + (last.job.len - last.job.offset) / (last.job.offset / elapsed);
+        extrapolated = true;
+        bytesCopied = last.job.offset;
+      }
+    }
+
+    const reactions = phases
+      .filter((p) => p.kind === 'busy' && p.start > from && p.start < caughtUp && mode.moderated)
+      .map((p) => reactionAt(rec.samples, rec.jobEvents, p.start));
+    const reactionsMs = reactions.filter((r) => r.before === 'running' && r.ms !== undefined).map((r) => r.ms!);
+
+    const t0 = idle0;
+    const t1 = Math.max(to, from + 10_000) + 1800;
+    const marks: { at: number; what: string }[] = [];
+    if (run) {
+      marks.push({ at: from, what: 'copy starts' });
+      if (caughtUp < to) marks.push({ at: caughtUp, what: 'in sync' });
+      if (completed) marks.push({ at: Date.parse(run.completed()!.time), what: 'pivot' });
+      if (cancelledAt) marks.push({ at: cancelledAt, what: 'cancelled' });
+    }
+    return {
+      mode: mode.id,
+      round,
+      others: [others0, others1],
+      loadavg: [load0, os.loadavg()[0]!],
+      from,
+      to,
+      caughtUp,
+      completed,
+      totalS,
+      extrapolated,
+      bytesCopied,
+      guestBusyBps: rateIn(rec.samples, clip(phases, 'busy', from, to), guestBytes),
+      jobIdleBps: run ? rateIn(rec.samples, clip(phases, 'idle', active.from, active.to), jobOffset) : null,
+      jobIdleAfterHoldoffBps: run ? rateIn(rec.samples, clip(phases, 'idle', active.from, active.to, AFTER_HOLDOFF_MS), jobOffset) : null,
+      jobBusyBps: run ? rateIn(rec.samples, clip(phases, 'busy', active.from, active.to), jobOffset) : null,
+      reactionsMs,
+      reactionsSkipped: reactions.length - reactionsMs.length,
+      series: {
+        t0,
+        binMs: 500,
+        guest: binned(rec.samples, guestBytes, t0, t1, 500),
+        job: run ? binned(rec.samples, jobOffset, t0, t1, 500) : [],
+        phases: phases.filter((p) => p.start < t1).map((p) => ({ kind: p.kind, from: p.start - t0, to: Math.min(p.end, t1) - t0 })),
+        marks: marks.map((m) => ({ at: m.at - t0, what: m.what })),
+      },
+    };
+  } finally {
+    if (run && run.cli.child.exitCode === null) {
+      run.cli.child.kill('SIGINT');
+      await run.cli.result;
+    }
+    await rec.stop();
+    await vm.stop();
+    await rm(target, { force: true });
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+async function waitFor<T>(get: () => T | undefined, timeoutMs: number, why: string): Promise<T> {
+  const end = now() + timeoutMs;
+  for (;;) {
+    const v = get();
+    if (v !== undefined) return v;
+    if (now() > end) throw new Error(why);
+    await sleep(20);
+  }
+}
+
+// ---------------------------------------------------------------- summary
+
+interface Row {
+  mode: Mode;
+  runs: Run[];
+  guestBusy: number | null;
+  guestRel: number | null;
+  jobIdle: number | null;
+  jobIdleAfter: number | null;
+  jobBusy: number | null;
+  total: number | null;
+  totalApprox: boolean;
+  reactions: number[];
+}
+
+const med = (xs: (number | null)[]): number | null => {
+  const v = xs.filter((x): x is number => x !== null && Number.isFinite(x));
+  return v.length ? median(v) : null;
+};
+
+function summarise(runs: Run[]): Row[] {
+  const base = med(runs.filter((r) => r.mode === 'none').map((r) => r.guestBusyBps));
+  return modes.map((mode) => {
+    const rs = runs.filter((r) => r.mode === mode.id);
+    const guestBusy = med(rs.map((r) => r.guestBusyBps));
+    return {
+      mode,
+      runs: rs,
+      guestBusy,
+      guestRel: guestBusy !== null && base ? guestBusy / base : null,
+      jobIdle: med(rs.map((r) => r.jobIdleBps)),
+      jobIdleAfter: med(rs.map((r) => r.jobIdleAfterHoldoffBps)),
+      jobBusy: med(rs.map((r) => r.jobBusyBps)),
+      total: med(rs.map((r) => r.totalS)),
+      totalApprox: rs.some((r) => r.extrapolated),
+      reactions: rs.flatMap((r) => r.reactionsMs),
+    };
+  });
+}
+
+const f0 = (x: number | null, d = 0) => (x === null ? '-' : x.toFixed(d));
+const mib = (bps: number | null) => (bps === null ? '-' : (bps / MiB).toFixed(0));
+
+function table(rows: Row[]): string[][] {
+  return [
+    ['mode', 'guest MiB/s in busy phases', 'vs (a)', 'job MiB/s in idle phases (after hold-off)', 'job MiB/s in busy phases', `time to encrypt ${sizeMiB} MiB (s)`, 'reaction p50 / p95 (ms)'],
+    ...rows.map((r) => [
+      r.mode.label,
+      mib(r.guestBusy),
+      r.guestRel === null ? '-' : `${(100 * r.guestRel).toFixed(0)}%`,
+      r.mode.args === null ? '-' : `${mib(r.jobIdle)} (${mib(r.jobIdleAfter)})`,
+      r.mode.args === null ? '-' : mib(r.jobBusy),
+      r.mode.args === null ? '-' : `${r.totalApprox ? '≈' : ''}${f0(r.total)}`,
+      r.reactions.length ? `${f0(percentile(r.reactions, 50))} / ${f0(percentile(r.reactions, 95))} (n=${r.reactions.length})` : '-',
+    ]),
+  ];
+}
+
+function textTable(t: string[][]): string {
+  const w = t[0]!.map((_, i) => Math.max(...t.map((r) => r[i]!.length)));
+  return t.map((r) => r.map((c, i) => c.padEnd(w[i]!)).join('  ')).join('\n');
+}
+
+function mdTable(t: string[][]): string {
+  return [t[0]!, t[0]!.map(() => '---'), ...t.slice(1)].map((r) => `| ${r.join(' | ')} |`).join('\n');
+}
+
+// ---------------------------------------------------------------- SVG, by hand
+
+const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+
+/** Stacked panels, one per run: busy phases shaded, guest throughput and job speed as lines. */
+function timelineSvg(runs: Run[], title: string): string {
+  const W = 960;
+  const PH = 150;
+  const L = 60;
+  const R = 20;
+  const T = 40;
+  const GAP = 38;
+  const H = T + runs.length * (PH + GAP) + 30;
+  const spanS = Math.max(...runs.map((r) => (r.series.guest.length * r.series.binMs) / 1000));
+  const yMax = Math.max(100, ...runs.flatMap((r) => [...r.series.guest, ...r.series.job].filter((v): v is number => v !== null)));
+  const yTop = Math.ceil(yMax / 100) * 100;
+  const x = (s: number) => L + ((W - L - R) * s) / spanS;
+  const out: string[] = [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`,
+    `<rect width="${W}" height="${H}" fill="white"/>`,
+    `<text x="${L}" y="20" font-size="14" font-weight="bold">${esc(title)}</text>`,
+    `<rect x="${W - 390}" y="10" width="12" height="12" fill="#f3d9b1"/><text x="${W - 374}" y="20">busy phase</text>`,
+    `<line x1="${W - 300}" y1="16" x2="${W - 280}" y2="16" stroke="#1f77b4" stroke-width="2"/><text x="${W - 276}" y="20">guest disk MiB/s</text>`,
+    `<line x1="${W - 170}" y1="16" x2="${W - 150}" y2="16" stroke="#d62728" stroke-width="2"/><text x="${W - 146}" y="20">copy job MiB/s</text>`,
+  ];
+  runs.forEach((r, i) => {
+    const top = T + i * (PH + GAP) + 14;
+    const y = (v: number) => top + PH - (PH * Math.min(v, yTop)) / yTop;
+    const label = ALL_MODES.find((m) => m.id === r.mode)!.label;
+    out.push(`<text x="${L}" y="${top - 6}" font-weight="bold">${esc(label)}${r.totalS !== null ? esc(`: encrypted in ${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)} s`) : ''}</text>`);
+    for (const p of r.series.phases) {
+      if (p.kind !== 'busy') continue;
+      const a = Math.max(0, p.from / 1000);
+      const b = Math.min(spanS, p.to / 1000);
+      if (b > a) out.push(`<rect x="${x(a).toFixed(1)}" y="${top}" width="${(x(b) - x(a)).toFixed(1)}" height="${PH}" fill="#f3d9b1"/>`);
+    }
+    out.push(`<rect x="${L}" y="${top}" width="${W - L - R}" height="${PH}" fill="none" stroke="#999"/>`);
+    for (let v = 0; v <= yTop; v += yTop / 4) {
+      out.push(`<line x1="${L - 4}" y1="${y(v).toFixed(1)}" x2="${L}" y2="${y(v).toFixed(1)}" stroke="#999"/><text x="${L - 6}" y="${(y(v) + 4).toFixed(1)}" text-anchor="end">${v.toFixed(0)}</text>`);
+    }
+    for (let s = 0; s <= spanS; s += 8) {
+      out.push(`<line x1="${x(s).toFixed(1)}" y1="${top + PH}" x2="${x(s).toFixed(1)}" y2="${top + PH + 4}" stroke="#999"/><text x="${x(s).toFixed(1)}" y="${top + PH + 15}" text-anchor="middle">${s}</text>`);
+    }
+    const line = (vals: (number | null)[], colour: string) => {
+      const segs: string[] = [];
+      let cur: string[] = [];
+      vals.forEach((v, k) => {
+        const px = x(((k + 0.5) * r.series.binMs) / 1000);
+        if (v === null) {
+          if (cur.length) segs.push(cur.join(' '));
+          cur = [];
+        } else cur.push(`${px.toFixed(1)},${y(Math.max(0, v)).toFixed(1)}`);
+      });
+      if (cur.length) segs.push(cur.join(' '));
+      for (const sgm of segs) out.push(`<polyline points="${sgm}" fill="none" stroke="${colour}" stroke-width="1.5"/>`);
+    };
+    line(r.series.guest, '#1f77b4');
+    line(r.series.job, '#d62728');
+    r.series.marks.forEach((m, k) => {
+      const px = x(m.at / 1000);
+      if (px < L || px > W - R) return;
+      out.push(`<line x1="${px.toFixed(1)}" y1="${top}" x2="${px.toFixed(1)}" y2="${top + PH}" stroke="#555" stroke-dasharray="3,3"/><text x="${(px + 3).toFixed(1)}" y="${top + 11 + 12 * (k % 3)}" fill="#555">${esc(m.what)}</text>`);
+    });
+  });
+  out.push(`<text x="${(W / 2).toFixed(0)}" y="${H - 6}" text-anchor="middle">seconds since the guest's first idle phase (MiB/s over 0.5 s)</text>`);
+  out.push('</svg>');
+  return out.join('\n');
+}
+
+/** Two bar charts side by side: guest throughput vs (a), and time to encrypt. */
+function summarySvg(rows: Row[]): string {
+  const W = 960;
+  const H = 300;
+  const panelW = (W - 60) / 2;
+  const out: string[] = [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`,
+    `<rect width="${W}" height="${H}" fill="white"/>`,
+  ];
+  const bars = (x0: number, title: string, vals: { label: string; v: number | null; text: string }[], max: number) => {
+    out.push(`<text x="${x0}" y="20" font-size="13" font-weight="bold">${esc(title)}</text>`);
+    const top = 35;
+    const bh = (H - top - 20) / vals.length;
+    const lw = 250;
+    vals.forEach((b, i) => {
+      const y0 = top + i * bh;
+      out.push(`<text x="${x0}" y="${(y0 + bh / 2 + 4).toFixed(1)}">${esc(b.label)}</text>`);
+      const w = b.v === null ? 0 : ((panelW - lw - 50) * Math.min(b.v, max)) / max;
+      out.push(`<rect x="${x0 + lw}" y="${(y0 + 4).toFixed(1)}" width="${w.toFixed(1)}" height="${(bh - 8).toFixed(1)}" fill="#4c78a8"/>`);
+      out.push(`<text x="${(x0 + lw + w + 4).toFixed(1)}" y="${(y0 + bh / 2 + 4).toFixed(1)}">${esc(b.text)}</text>`);
+    });
+  };
+  bars(20, 'guest throughput in busy phases, % of no job', rows.map((r) => ({ label: r.mode.label, v: r.guestRel, text: r.guestRel === null ? '-' : `${(100 * r.guestRel).toFixed(0)}%` })), 1.1);
+  const jobs = rows.filter((r) => r.mode.args !== null);
+  const tmax = Math.max(1, ...jobs.map((r) => r.total ?? 0));
+  bars(40 + panelW, `time to encrypt ${sizeMiB} MiB (s; ≈ extrapolated)`, jobs.map((r) => ({ label: r.mode.label, v: r.total, text: r.total === null ? '-' : `${r.totalApprox ? '≈' : ''}${r.total.toFixed(0)} s` })), tmax);
+  out.push('</svg>');
+  return out.join('\n');
+}
+
+// ---------------------------------------------------------------- main
+
+ensureImage();
+const work = await mkdtemp(path.join(tmpdir(), 'ic-bench-mod-'));
+const keyFile = path.join(work, 'key');
+await writeFile(keyFile, 'benchmark-key', { mode: 0o600 });
+const src = path.join(work, 'src.raw');
+const startedAt = new Date();
+const tImage = now();
+await makeDiskImage(src, { sizeMiB, format: 'raw', fill: 'pattern' });
+process.stderr.write(`source image: ${sizeMiB} MiB pattern-filled raw in ${((now() - tImage) / 1000).toFixed(1)} s; ${rounds} rounds of ${modes.map((m) => m.id).join(', ')}\n`);
+
+const runs: Run[] = [];
+try {
+  for (let round = 0; round < rounds; round++) {
+    const order = round % 2 === 0 ? modes : [...modes].reverse();
+    for (const mode of order) {
+      const r = await runOne(mode, round, src, work, keyFile);
+      runs.push(r);
+      process.stderr.write(
+        `round ${round + 1}/${rounds} ${mode.id.padEnd(11)} guest busy ${mib(r.guestBusyBps)} MiB/s, job idle ${mib(r.jobIdleBps)} (${mib(r.jobIdleAfterHoldoffBps)}) busy ${mib(r.jobBusyBps)} MiB/s, ` +
+          `total ${r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(1)} s`}, reactions ${r.reactionsMs.map((x) => x.toFixed(0)).join(' ') || '-'} ms; other qemus ${r.others.join('/')}, load ${r.loadavg.map((x) => x.toFixed(1)).join('/')}\n`,
+      );
+    }
+  }
+} finally {
+  await rm(work, { recursive: true, force: true });
+}
+
+const rows = summarise(runs);
+const t = table(rows);
+const header = `Moderation benchmark: bursty guest (${IDLE_S} s idle / ${BUSY_S} s busy), ${sizeMiB} MiB pattern-filled raw disk into LUKS, ${rounds} rounds, medians over rounds`;
+console.log(`${header}\n${textTable(t)}`);
+
+await mkdir(outDir, { recursive: true });
+const stamp = startedAt.toISOString().replace(/[:.]/g, '-');
+const lastRound = runs.filter((r) => r.round === rounds - 1);
+const qemuVersion = (() => {
+  try {
+    return execFileSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' }).split('\n')[0]!;
+  } catch {
+    return 'unknown';
+  }
+})();
+await writeFile(path.join(outDir, 'moderation-timeline.svg'), timelineSvg(lastRound, `One run of each mode (round ${rounds}): busy phases shaded`));
+await writeFile(path.join(outDir, 'moderation-summary.svg'), summarySvg(rows));
+await writeFile(path.join(outDir, `moderation-${stamp}.json`), JSON.stringify({ startedAt, sizeMiB, rounds, maxCopyMs, modes: modes.map((m) => m.id), runs }, null, 1));
+
+const perRun = [
+  ['round', 'mode', 'guest MiB/s busy', 'job MiB/s idle (after hold-off)', 'job MiB/s busy', 'total s', 'reactions ms (skipped)', 'other qemus start/end', 'load 1 min start/end'],
+  ...runs.map((r) => [
+    String(r.round + 1),
+    r.mode,
+    mib(r.guestBusyBps),
+    r.mode === 'none' ? '-' : `${mib(r.jobIdleBps)} (${mib(r.jobIdleAfterHoldoffBps)})`,
+    r.mode === 'none' ? '-' : mib(r.jobBusyBps),
+    r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(1)}`,
+    r.mode === 'none' ? '-' : `${r.reactionsMs.map((x) => x.toFixed(0)).join(' ') || '-'} (${r.reactionsSkipped})`,
+    r.others.join(' / '),
+    r.loadavg.map((x) => x.toFixed(1)).join(' / '),
+  ]),
+];
+const report = `# Moderation benchmark (issue 4)
+
+${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${qemuVersion}, TCG guest (1 vCPU, 256 MiB).
+Command: \`node --import tsx bench/moderation.ts --rounds ${rounds} --size-mib ${sizeMiB} --max-copy-s ${maxCopyMs / 1000} --modes ${modes.map((m) => m.id).join(',')}\`
+
+${header}.
+
+${mdTable(t)}
+
+- **guest MiB/s in busy phases**: the guest's own disk throughput (read + write, query-blockstats) over the
+  busy-phase time while the copy ran; for (a), over the same stretch of the schedule (${NO_JOB_FROM_MS / 1000}-${(NO_JOB_FROM_MS + NO_JOB_FOR_MS) / 1000} s).
+- **job MiB/s in idle phases**: copy progress over the idle-phase time while there was work left; in
+  brackets without each idle phase's first ${AFTER_HOLDOFF_MS / 1000} s (the default policy's window + hold-off is 1.25 s).
+- **time to encrypt**: from the copy's start to the guest running on the LUKS image. ≈: a fixed-cap copy,
+  cancelled after ${maxCopyMs / 1000} s, its total extrapolated from its average net progress.
+- **reaction**: busy-phase start (the guest's PHASE line arriving on the host, before its first request) to
+  the job paused or throttled (QEMU's JOB_STATUS_CHANGE event or a 100 ms poll, whichever came first), for
+  phases that began while the job ran unthrottled; measured for (d) only (the others never slow down).
+  p95 over fewer than 20 samples is their largest.
+- Each run is one guest alone; rounds alternate the order of the modes. Other people's guests on this
+  shared host are counted per run below: they take CPU and make single runs noisy.
+
+![summary](moderation-summary.svg)
+
+![timeline](moderation-timeline.svg)
+
+## Every run
+
+${mdTable(perRun)}
+
+Raw data: \`moderation-${stamp}.json\`.
+`;
+await writeFile(path.join(outDir, 'moderation-report.md'), report);
+process.stderr.write(`report: ${path.join(outDir, 'moderation-report.md')}\n`);

@@ -1,0 +1,397 @@
+/**
+ * Measuring moderation from the outside, for test/moderation and bench/moderation.ts: what
+ * the guest did and what the copy job did, on one host clock.
+ *
+ * - The guest's phases: its `PHASE idle|busy` serial lines, timestamped as they arrive on
+ *   the host (the guest's own t= is its uptime, another clock). A phase starts when its
+ *   line arrives, which is before the guest's first request of the phase: reaction times
+ *   measured from it are upper bounds.
+ * - The guest's throughput: QEMU's `query-blockstats` for the guest's device (rd_bytes +
+ *   wr_bytes), which counts the guest's own requests and not the mirror's.
+ * - The job: `query-block-jobs` (offset, len, paused, speed). A reply shows the job as it
+ *   was at some moment between the command being sent and the reply arriving; a state
+ *   change is dated at the reply (an upper bound), counters at the midpoint.
+ *
+ * Both are polled on the harness's own QMP socket (vm.qmpSocket), never on the one
+ * idlecrypt uses. Everything here is measurement; the analysis functions are pure.
+ */
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Subscription } from 'rxjs';
+import { QmpClient } from '../../src/qmp/client.ts';
+import type { TestVm } from '../../vm-images/launch.ts';
+import { startCli, type RunningCli } from './cli.ts';
+
+/** Epoch milliseconds with sub-millisecond resolution: one clock for every record. */
+export const now = (): number => performance.timeOrigin + performance.now();
+export const MiB = 1024 * 1024;
+
+export async function sleepUntil(t: number): Promise<void> {
+  const ms = t - now();
+  if (ms > 0) await sleep(ms);
+}
+
+export interface JobState {
+  readonly id: string;
+  readonly offset: number;
+  readonly len: number;
+  readonly paused: boolean;
+  /** the limit in force, bytes/s; 0 = unlimited */
+  readonly speed: number;
+  readonly ready: boolean;
+  readonly status: string;
+}
+
+export interface Sample {
+  /** when the poll was sent and when its replies arrived */
+  readonly sent: number;
+  readonly t: number;
+  /** the guest device's rd_bytes + wr_bytes, when polled */
+  readonly guestBytes?: number;
+  readonly guestOps?: number;
+  /** the copy job, when polled: null when there is none */
+  readonly job?: JobState | null;
+}
+
+export interface Phase {
+  readonly kind: 'idle' | 'busy';
+  readonly start: number;
+  /** the next phase's start; Infinity for the last one */
+  readonly end: number;
+  /** index among the phases of its kind, from 0 */
+  readonly n: number;
+}
+
+/** Is the job slowed (paused, or held to a speed limit)? */
+export const slowed = (j: JobState): boolean => j.paused || j.speed > 0;
+
+/**
+ * Serial lines and QMP samples of one guest. Attach right after startTestVm (before
+ * `ready`) so that no line is missed; `poll()` once the guest is up.
+ */
+export interface JobEvent {
+  /** QEMU's own timestamp of the event (host wall clock, epoch ms) */
+  readonly t: number;
+  /** arrival on the harness's socket */
+  readonly arrived: number;
+  readonly id: string;
+  readonly status: string;
+}
+
+export class GuestRecorder {
+  readonly lines: { t: number; line: string }[] = [];
+  readonly samples: Sample[] = [];
+  /** JOB_STATUS_CHANGE events: when a job really stopped ('paused') or ran again ('running'). */
+  readonly jobEvents: JobEvent[] = [];
+  private readonly sub: Subscription;
+  private qmp?: QmpClient;
+  private eventSub?: Subscription;
+  private polling?: Promise<void>;
+  private stopped = false;
+  private waiters: (() => void)[] = [];
+
+  constructor(readonly vm: TestVm) {
+    this.sub = vm.lines$.subscribe((line) => {
+      this.lines.push({ t: now(), line });
+      for (const w of this.waiters.splice(0)) w();
+    });
+  }
+
+  /**
+   * Polls every `intervalMs` (sequentially: a slow reply delays the next poll rather than
+   * piling up commands). `stats`: the guest device's counters; `jobs`: the copy job (any
+   * job whose id starts with `jobPrefix`).
+   */
+  async poll(o: { intervalMs: number; stats: boolean; jobs: boolean; jobPrefix?: string }): Promise<void> {
+    this.qmp = await QmpClient.connect(this.vm.qmpSocket);
+    const qmp = this.qmp;
+    const prefix = o.jobPrefix ?? 'idlecrypt-';
+    this.eventSub = qmp.events('JOB_STATUS_CHANGE').subscribe((e) => {
+      if (!e.data.id.startsWith(prefix)) return;
+      this.jobEvents.push({ t: e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000, arrived: now(), id: e.data.id, status: e.data.status });
+    });
+    this.polling = (async () => {
+      let next = now();
+      while (!this.stopped) {
+        const sent = now();
+        try {
+          const [stats, jobs] = await Promise.all([
+            o.stats ? qmp.execute('query-blockstats') : undefined,
+            o.jobs ? qmp.execute('query-block-jobs') : undefined,
+          ]);
+          const t = now();
+          let sample: Sample = { sent, t };
+          if (stats) {
+            const dev = stats.find((s) => s.qdev?.includes('/disk0/') || s.device === 'drive0' || s.device === 'disk0');
+            if (dev) sample = { ...sample, guestBytes: dev.stats.rd_bytes + dev.stats.wr_bytes, guestOps: dev.stats.rd_operations + dev.stats.wr_operations + dev.stats.flush_operations };
+          }
+          if (jobs) {
+            const j = jobs.find((x) => x.device.startsWith(prefix));
+            sample = {
+              ...sample,
+              job: j ? { id: j.device, offset: j.offset, len: j.len, paused: j.paused, speed: j.speed, ready: j.ready, status: j.status } : null,
+            };
+          }
+          this.samples.push(sample);
+        } catch {
+          if (this.stopped || qmp.state !== 'running') break; // the guest is gone
+        }
+        next = Math.max(next + o.intervalMs, now());
+        await sleepUntil(next);
+      }
+    })();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await this.polling;
+    this.eventSub?.unsubscribe();
+    await this.qmp?.close().catch(() => {});
+    this.sub.unsubscribe();
+  }
+
+  /** The harness's QMP connection (after poll()), for commands of its own. */
+  get client(): QmpClient {
+    if (!this.qmp) throw new Error('GuestRecorder: poll() first');
+    return this.qmp;
+  }
+
+  /** The guest's phases so far, from its PHASE lines. */
+  phases(): Phase[] {
+    return phasesFrom(this.lines);
+  }
+
+  /** Arrival time of the first PHASE `kind` line that arrives after `after`. */
+  async nextPhase(kind: 'idle' | 'busy', after: number, timeoutMs = 40_000): Promise<number> {
+    const deadline = now() + timeoutMs;
+    for (;;) {
+      const hit = this.lines.find((l) => l.t > after && l.line.startsWith(`PHASE ${kind} `));
+      if (hit) return hit.t;
+      if (now() > deadline) throw new Error(`${this.vm.name}: no PHASE ${kind} line within ${timeoutMs} ms`);
+      await new Promise<void>((resolve) => {
+        this.waiters.push(resolve);
+        setTimeout(resolve, 200);
+      });
+    }
+  }
+
+  /** Waits until a poll shows a job, and returns that sample. */
+  async jobAppears(timeoutMs = 60_000): Promise<Sample & { job: JobState }> {
+    const deadline = now() + timeoutMs;
+    for (;;) {
+      const s = this.samples.find((x) => x.job);
+      if (s) return s as Sample & { job: JobState };
+      if (now() > deadline) throw new Error(`${this.vm.name}: no copy job within ${timeoutMs} ms`);
+      await sleep(10);
+    }
+  }
+}
+
+export function phasesFrom(lines: readonly { t: number; line: string }[]): Phase[] {
+  const starts = lines
+    .map((l) => ({ t: l.t, m: /^PHASE (idle|busy) /.exec(l.line) }))
+    .filter((x): x is { t: number; m: RegExpExecArray } => x.m !== null)
+    .map((x) => ({ t: x.t, kind: x.m[1] as 'idle' | 'busy' }));
+  const count = { idle: 0, busy: 0 };
+  return starts.map((s, i) => ({ kind: s.kind, start: s.t, end: starts[i + 1]?.t ?? Infinity, n: count[s.kind]++ }));
+}
+
+// ---------------------------------------------------------------- analysis (pure)
+
+/** The midpoint of a sample: when its counters are taken to have been read. */
+const mid = (s: Sample) => (s.sent + s.t) / 2;
+
+/**
+ * A cumulative counter at time `t`, linearly interpolated between the samples around it;
+ * undefined outside the samples' span.
+ */
+export function counterAt(samples: readonly Sample[], t: number, get: (s: Sample) => number | undefined): number | undefined {
+  let prev: { t: number; v: number } | undefined;
+  for (const s of samples) {
+    const v = get(s);
+    if (v === undefined) continue;
+    const ts = mid(s);
+    if (ts >= t) {
+      if (!prev) return ts === t ? v : undefined;
+      return prev.v + ((v - prev.v) * (t - prev.t)) / (ts - prev.t);
+    }
+    prev = { t: ts, v };
+  }
+  return undefined;
+}
+
+/** Average rate of a cumulative counter over [from, to], per second; undefined if not covered. */
+export function rateOver(samples: readonly Sample[], from: number, to: number, get: (s: Sample) => number | undefined): number | undefined {
+  const a = counterAt(samples, from, get);
+  const b = counterAt(samples, to, get);
+  if (a === undefined || b === undefined || !(to > from)) return undefined;
+  return (b - a) / ((to - from) / 1000);
+}
+
+export const guestBytes = (s: Sample): number | undefined => s.guestBytes;
+/** The job's copied bytes (offset); undefined when the poll saw no job. */
+export const jobOffset = (s: Sample): number | undefined => s.job?.offset;
+
+/** The job as the last reply before `t` showed it (undefined: no reply yet or no job). */
+export function jobBefore(samples: readonly Sample[], t: number): JobState | undefined {
+  let j: JobState | undefined;
+  for (const s of samples) {
+    if (s.t > t) break;
+    if (s.job !== undefined) j = s.job ?? undefined;
+  }
+  return j;
+}
+
+/** When the job first had nothing left to copy (READY), or Infinity. */
+export function firstCaughtUp(samples: readonly Sample[]): number {
+  const s = samples.find((x) => x.job && (x.job.ready || (x.job.len > 0 && x.job.offset >= x.job.len)));
+  return s ? s.sent : Infinity;
+}
+
+export interface Reaction {
+  readonly phaseStart: number;
+  /** 'running': the job ran unthrottled when the phase began; 'slowed': it already was (hold-off, keys) */
+  readonly before: 'running' | 'slowed' | 'none';
+  /**
+   * ms from the phase start to the job being slowed: the earlier of QEMU's JOB_STATUS_CHANGE
+   * to 'paused' (QEMU's timestamp: the job really stopped) and the first poll reply showing
+   * it paused or throttled (an upper bound)
+   */
+  readonly ms: number | undefined;
+  /** ms to the 'paused' event alone */
+  readonly eventMs: number | undefined;
+  /** ms to the first poll reply showing it slowed */
+  readonly pollMs: number | undefined;
+}
+
+const STOPPED = new Set(['paused', 'standby']);
+
+/** How the job reacted to activity starting at `t0`. */
+export function reactionAt(samples: readonly Sample[], events: readonly JobEvent[], t0: number, horizonMs = 5000): Reaction {
+  const polled = jobBefore(samples, t0);
+  const lastEvent = events.filter((e) => e.t <= t0).at(-1);
+  const before =
+    polled === undefined && lastEvent === undefined
+      ? 'none'
+      : (polled && slowed(polled)) || (lastEvent && STOPPED.has(lastEvent.status))
+        ? 'slowed'
+        : 'running';
+  const ev = events.find((e) => e.t > t0 && e.t < t0 + horizonMs && STOPPED.has(e.status));
+  const poll = samples.find((s) => s.t > t0 && s.t < t0 + horizonMs && s.job && slowed(s.job));
+  const eventMs = ev ? ev.t - t0 : undefined;
+  const pollMs = poll ? poll.t - t0 : undefined;
+  const both = [eventMs, pollMs].filter((x): x is number => x !== undefined);
+  return { phaseStart: t0, before, ms: both.length ? Math.min(...both) : undefined, eventMs, pollMs };
+}
+
+/** When the job ran again / stopped, from its events, in [from, to]. */
+export function jobEventsIn(events: readonly JobEvent[], from: number, to: number): JobEvent[] {
+  return events.filter((e) => e.t >= from && e.t <= to);
+}
+
+export function median(xs: readonly number[]): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+/** Nearest-rank percentile, p in [0, 100]. */
+export function percentile(xs: readonly number[], p: number): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))]!;
+}
+
+export const mibps = (bps: number | undefined): string => (bps === undefined || Number.isNaN(bps) ? '-' : (bps / MiB).toFixed(0));
+
+// ---------------------------------------------------------------- idlecrypt runs
+
+export interface CliRecord {
+  readonly time: string;
+  readonly event: string;
+  readonly [k: string]: unknown;
+}
+
+/**
+ * A running `idlecrypt encrypt --json`, with its records timestamped by their own `time`.
+ * Its metrics go to `metricsFile` (the command's default is ./idlecrypt-metrics/ in the
+ * working directory, which is the repository when tests run).
+ */
+export class EncryptRun {
+  readonly cli: RunningCli;
+  readonly startedAt = now();
+
+  constructor(args: string[], metricsFile: string, env: Record<string, string> = {}) {
+    // IDLECRYPT_LOG=info: state changes with their reasons land in stderr, for diagnosis.
+    this.cli = startCli(['encrypt', ...args, '--metrics-file', metricsFile, '--json'], { IDLECRYPT_LOG: 'info', ...env });
+  }
+
+  records(): CliRecord[] {
+    return this.cli
+      .stdout()
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as CliRecord);
+  }
+
+  /** Epoch ms of a phase record ({"event":"phase","phase":...}), if seen. */
+  phaseAt(phase: string): number | undefined {
+    const r = this.records().find((x) => x.event === 'phase' && x.phase === phase);
+    return r ? Date.parse(r.time) : undefined;
+  }
+
+  completed(): CliRecord | undefined {
+    return this.records().find((x) => x.event === 'completed');
+  }
+
+  /** The log records on stderr (JSON lines). */
+  log(): Record<string, unknown>[] {
+    return this.cli
+      .stderr()
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
+  }
+
+  async result(timeoutMs: number) {
+    const timer = setTimeout(() => this.cli.child.kill('SIGINT'), timeoutMs);
+    try {
+      return await this.cli.result;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+}
+
+/**
+ * One keystroke (press and release, 2 events) every `everyMs` into the guest, from `from`
+ * to `to`: a person typing 5 characters a second. Returns when each press was delivered
+ * (its reply from QEMU, which injects the event as it runs the command): on a loaded host
+ * the harness itself may run late, so measure from these, not from the schedule.
+ */
+export async function typeKeys(qmp: QmpClient, from: number, to: number, everyMs = 200, holdMs = 60): Promise<number[]> {
+  const keys = ['h', 'e', 'l', 'o', 'w', 'r', 'd', 'spc'];
+  const pressed: number[] = [];
+  await sleepUntil(from);
+  for (let t = from; t < to; t += everyMs) {
+    await sleepUntil(t);
+    const key = { type: 'qcode' as const, data: keys[pressed.length % keys.length]! };
+    await qmp.execute('input-send-event', { events: [{ type: 'key', data: { down: true, key } }] });
+    pressed.push(now());
+    await sleep(holdMs);
+    await qmp.execute('input-send-event', { events: [{ type: 'key', data: { down: false, key } }] });
+  }
+  return pressed;
+}
+
+/** qemu-system processes on the host that are not among `ours` (other people's guests add noise). */
+export async function otherQemus(ours: readonly number[]): Promise<number> {
+  const { readdir, readFile } = await import('node:fs/promises');
+  let n = 0;
+  for (const e of await readdir('/proc')) {
+    if (!/^\d+$/.test(e) || ours.includes(Number(e))) continue;
+    const comm = await readFile(`/proc/${e}/comm`, 'utf8').catch(() => '');
+    if (comm.trim().startsWith('qemu-system')) n++;
+  }
+  return n;
+}

@@ -1,0 +1,321 @@
+/**
+ * Acceptance of issue 4 against real QEMU guests under TCG, with the real bpftrace and the
+ * real `idlecrypt encrypt` command. Run: `bash scripts/test.sh moderation` (about 3 min).
+ *
+ * 1. Moderation beside a reference. Three guests run at once:
+ *    mod  bursty workload (8 s idle / 8 s busy), 7 GiB pattern-filled raw disk, encrypted by
+ *         `idlecrypt encrypt` with the shipped default policy (no --policy, no --speed);
+ *    ref  the same guest and workload with no job: the reference for busy-phase throughput;
+ *    cmp  an idle guest with a 3 GiB disk of the same recipe, copied by `idlecrypt encrypt
+ *         --no-moderation`: the unthrottled mirror the idle-phase speed is compared with.
+ *
+ *    The unthrottled mirror is measured in the same run, under the same conditions as the
+ *    moderated job's idle phases and without competing with it: the harness holds the cmp
+ *    job paused (job-pause on cmp's own QMP socket) except during the idle phase in which
+ *    keys are typed into mod, when mod's job is held paused by the keys and both bursty
+ *    guests are idle. That phase lies between the moderated job's full-speed idle phases,
+ *    so drift on this shared, noisy machine hits both measurements alike. (Running both
+ *    copies at once would halve each; measuring the unthrottled copy before or after the
+ *    run would compare different minutes of a machine whose copy speed wanders 250-450 MiB/s.)
+ *
+ *    Why 7 GiB pattern-filled raw: the copy must be running at two busy-phase starts at
+ *    least (one idle window at full speed copies up to ~3 GiB here), and should span four
+ *    or five busy phases: one busy phase's throughput differs between two identical guests
+ *    side by side by up to ±15% on this shared machine, so the median needs several. A sparse raw source
+ *    is no shortcut for QEMU (it writes encrypted zeros into LUKS at about the speed of real
+ *    data: 307 vs 318 MiB/s measured, and faster under contention, since nothing is read),
+ *    but pattern data is what a real disk holds, and shows any plaintext leaking into the
+ *    target.
+ *
+ *    Timeline (mod's phases). The command starts 2 s into the first idle phase; the copy
+ *    starts 3-6 s later, once bpftrace is attached and the LUKS header written:
+ *      first idle phase after the copy starts   full speed after the hold-off: measured
+ *      busy phases                              the job must slow within 0.5 s of the start
+ *      second idle phase                        keys typed from +2 s to +7.9 s: the job must
+ *                                               pause and stay paused; cmp runs unthrottled
+ *      later idle phases                        full speed: measured, until the copy is done
+ *                                               and the guest pivots onto the LUKS image
+ *
+ *    Measured from the host: phases by the arrival of the guest's PHASE lines, guest
+ *    throughput by query-blockstats (the guest's own requests, not the mirror's), the job by
+ *    query-block-jobs, both polled every 100 ms on the harness's own QMP socket, and the
+ *    moment a job really stopped by QEMU's JOB_STATUS_CHANGE events.
+ *
+ * 2. The deadline: a guest that never goes idle (workload `disk`) under a policy with
+ *    `guarantee.deadline: 40s` on a 512 MiB disk is encrypted within 40 s of the copy's
+ *    start, and the image decrypts to exactly the source.
+ *
+ * IDLECRYPT_TEST_DUMP=FILE writes everything test 1 measured as JSON, for a closer look.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { ensureImage, makeDiskImage, startTestVm, type TestVm } from '../../vm-images/launch.ts';
+import { compareWithEncrypted, fileContains, writeKey } from '../helpers/images.ts';
+import {
+  EncryptRun,
+  GuestRecorder,
+  MiB,
+  firstCaughtUp,
+  guestBytes,
+  jobBefore,
+  jobOffset,
+  median,
+  mibps,
+  now,
+  otherQemus,
+  rateOver,
+  reactionAt,
+  sleepUntil,
+  typeKeys,
+  type Phase,
+} from '../helpers/moderation-lab.ts';
+
+const KEY = 'moderation acceptance key';
+/**
+ * Harness polls of each guest's QMP. Not faster: every poll is a command QEMU's main loop
+ * must answer, the same loop the copy and idlecrypt's own commands run in. State changes
+ * of the jobs come from QEMU's JOB_STATUS_CHANGE events, which cost nothing.
+ */
+const POLL_MS = 100;
+/** Full speed returns window + hold-off (1.25 s) after the last busy request: measure from +1.5 s. */
+const AFTER_HOLDOFF_MS = 1500;
+
+let dir: string;
+let keyFile: string;
+const vms: TestVm[] = [];
+const recorders: GuestRecorder[] = [];
+
+before(async () => {
+  ensureImage();
+  dir = await mkdtemp(path.join(tmpdir(), 'ic-mod-'));
+  keyFile = path.join(dir, 'key');
+  await writeKey(keyFile, KEY);
+});
+
+async function stopAll(): Promise<void> {
+  await Promise.all(recorders.map((r) => r.stop()));
+  await Promise.all(vms.map((vm) => vm.stop()));
+}
+
+after(async () => {
+  await stopAll();
+  await rm(dir, { recursive: true, force: true });
+});
+
+async function boot(opts: Parameters<typeof startTestVm>[0]): Promise<{ vm: TestVm; rec: GuestRecorder }> {
+  const vmDir = path.join(dir, opts.name);
+  await mkdir(vmDir);
+  const vm = await startTestVm({ dir: vmDir, ...opts });
+  vms.push(vm);
+  const rec = new GuestRecorder(vm); // before `ready`: no serial line is missed
+  recorders.push(rec);
+  await vm.ready;
+  return { vm, rec };
+}
+
+const s = (ms: number) => (ms / 1000).toFixed(2);
+const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
+
+describe('moderation of a real guest (issue 4 acceptance)', () => {
+  test('beside the same guest with no job: the guest keeps >= 93% of its busy throughput, the job uses >= 80% of an unthrottled mirror in idle phases, < 10% while keys are typed, and slows within 0.5 s of every busy phase', async (t) => {
+    t.after(stopAll); // the next test must not share the CPUs with these guests
+    const bursty = { idle: 8, busy: 8 };
+    const images = { mod: path.join(dir, 'mod.raw'), ref: path.join(dir, 'ref.raw'), cmp: path.join(dir, 'cmp.raw') };
+    // Same recipe (pattern-filled raw), sizes to need: ref's loop touches only its first
+    // 64 MiB; cmp copies for at most ~5 s (<= 2.8 GiB at the fastest seen here).
+    await Promise.all([
+      makeDiskImage(images.mod, { sizeMiB: 7168, format: 'raw', fill: 'pattern' }),
+      makeDiskImage(images.cmp, { sizeMiB: 3072, format: 'raw', fill: 'pattern' }),
+      makeDiskImage(images.ref, { sizeMiB: 256, format: 'raw', fill: 'pattern' }),
+    ]);
+    const [mod, ref, cmp] = await Promise.all([
+      boot({ name: 'mod', disk: images.mod, workload: 'bursty', params: bursty }),
+      boot({ name: 'ref', disk: images.ref, workload: 'bursty', params: bursty }),
+      boot({ name: 'cmp', disk: images.cmp, workload: 'idle' }),
+    ]);
+    const others = await otherQemus(vms.map((v) => v.pid));
+    await Promise.all([
+      mod.rec.poll({ intervalMs: POLL_MS, stats: true, jobs: true }),
+      ref.rec.poll({ intervalMs: POLL_MS, stats: true, jobs: false }),
+      cmp.rec.poll({ intervalMs: POLL_MS, stats: false, jobs: true }),
+    ]);
+
+    // The unthrottled comparison job: started now, held paused until its window.
+    const cmpRun = new EncryptRun(['--qmp', cmp.vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(dir, 'cmp.luks'), '--key-file', keyFile, '--iter-time', '50', '--no-moderation'], path.join(dir, 'cmp.lp'));
+    const cmpJob = (await cmp.rec.jobAppears()).job.id;
+    await cmp.rec.client.execute('job-pause', { id: cmpJob });
+
+    // The moderated run, 2 s into mod's first idle phase: the job starts 3-6 s later
+    // (bpftrace compiles and attaches meanwhile), before or at the first busy phase.
+    const idle0 = await mod.rec.nextPhase('idle', 0);
+    await sleepUntil(idle0 + 2000);
+    const target = path.join(dir, 'mod.luks');
+    const run = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50'], path.join(dir, 'mod.lp'));
+    const done = run.result(200_000);
+    const jobStart = (await mod.rec.jobAppears()).sent;
+
+    // idle#1 of the job: nothing to do but measure. idle#2: the keys and the cmp window.
+    const idleA = await mod.rec.nextPhase('idle', jobStart);
+    const idleK = await mod.rec.nextPhase('idle', idleA + 1000);
+    const stillCopying = jobBefore(mod.rec.samples, idleK);
+    assert.ok(stillCopying && !stillCopying.ready, 'the copy ended before the keyboard phase: the disk is too small for this machine, or the job ran while it should not');
+    const keysFrom = idleK + 2000;
+    const keysTo = idleK + 7900;
+    let cmpResumeSent = 0;
+    let cmpPauseSent = 0;
+    const [keys] = await Promise.all([
+      typeKeys(mod.rec.client, keysFrom, keysTo),
+      (async () => {
+        // Resume cmp once the moderated job has stopped for the keys (at most +2.6 s), and
+        // pause it in time to be stopped before mod's job may resume (+7.75 s) and before
+        // the next busy phase (+8 s): a full-speed mirror answers QMP slowly.
+        await sleepUntil(keysFrom);
+        while (now() < idleK + 2600 && !mod.rec.jobEvents.some((e) => e.t > keysFrom && e.status === 'paused')) await sleepUntil(now() + 10);
+        cmpResumeSent = now();
+        await cmp.rec.client.execute('job-resume', { id: cmpJob });
+        await sleepUntil(idleK + 7200);
+        cmpPauseSent = now();
+        await cmp.rec.client.execute('job-pause', { id: cmpJob });
+      })(),
+    ]);
+
+    const result = await done;
+    const finishedAt = now();
+    await sleepUntil(finishedAt + 300);
+    await Promise.all(recorders.map((r) => r.stop()));
+    cmpRun.cli.child.kill('SIGINT'); // cancels the cmp copy and removes its target
+    await cmpRun.result(60_000);
+    const othersAfter = await otherQemus(vms.map((v) => v.pid));
+
+    assert.equal(result.code, 0, `idlecrypt encrypt failed:\n${result.stderr.slice(-3000)}`);
+    assert.equal(cmpRun.completed(), undefined, 'the comparison copy was still going when cancelled');
+    const completing = run.phaseAt('completing')!;
+    const copying = run.phaseAt('copying')!;
+    assert.ok(run.completed(), 'a completed record');
+
+    // ---------------------------------------------------------------- measurements
+    const mp = mod.rec.phases();
+    const rp = ref.rec.phases();
+    const caughtUp = Math.min(firstCaughtUp(mod.rec.samples), completing);
+    const lines: string[] = [];
+    const note = (l: string) => {
+      lines.push(l);
+      t.diagnostic(l);
+    };
+    note(`other qemu-system processes on the host: ${others} at the start, ${othersAfter} at the end`);
+    note(`job: started ${s(jobStart - idle0)} s after mod's first idle phase; caught up ${s(caughtUp - jobStart)} s later; completing ${s(completing - copying)} s after copying began; ${(Number(run.completed()!.bytes_copied) / MiB).toFixed(0)} MiB copied`);
+
+    // The unthrottled mirror: offset rate from 0.3 s after it really ran again until the
+    // pause was asked for.
+    const cmpRunning = cmp.rec.jobEvents.find((e) => e.t >= cmpResumeSent - 50 && e.status === 'running')?.t ?? cmpResumeSent;
+    const cmpStopped = cmp.rec.jobEvents.find((e) => e.t >= cmpPauseSent && e.status === 'paused')?.t;
+    const cmpRate = rateOver(cmp.rec.samples, cmpRunning + 300, Math.min(cmpPauseSent, firstCaughtUp(cmp.rec.samples)), jobOffset);
+    assert.ok(cmpRate !== undefined && cmpRate > 50 * MiB, `the comparison mirror ran: ${mibps(cmpRate)} MiB/s`);
+    note(`unthrottled mirror (cmp, --no-moderation) in mod's keyboard phase: ${mibps(cmpRate)} MiB/s over ${s(cmpPauseSent - cmpRunning - 300)} s; it ran from +${s(cmpRunning - idleK)} s to +${cmpStopped ? s(cmpStopped - idleK) : '?'} s of that phase`);
+
+    // Keys: the job pauses and stays paused.
+    // From the first key QEMU took (the harness may run late on a loaded host).
+    const firstKey = keys[0]!;
+    const lastKey = keys.at(-1)!;
+    const keyReaction = reactionAt(mod.rec.samples, mod.rec.jobEvents, firstKey);
+    const keyRate = rateOver(mod.rec.samples, firstKey + 500, lastKey, jobOffset)!;
+    const gaps = keys.slice(1).map((k, i) => k - keys[i]!);
+    note(`keys: ${keys.length} keystrokes (${keys.length * 2} events) from +${s(firstKey - idleK)} s to +${s(lastKey - idleK)} s of the idle phase, ${median(gaps).toFixed(0)} ms apart (longest gap ${Math.max(...gaps).toFixed(0)} ms); job before: ${keyReaction.before}, paused ${keyReaction.ms?.toFixed(0)} ms after the first key; job ${mibps(keyRate)} MiB/s = ${pct(keyRate / cmpRate)} of unthrottled while typing (from 0.5 s after the first key)`);
+
+    // Idle phases after the hold-off, while there was something to copy.
+    const idleWindows = mp
+      .filter((p) => p.kind === 'idle' && p.start > jobStart && p.start !== idleK && p.start + AFTER_HOLDOFF_MS < caughtUp)
+      .map((p) => ({ p, from: p.start + AFTER_HOLDOFF_MS, to: Math.min(p.end, caughtUp) }))
+      .filter((w) => w.to - w.from >= 1500);
+    const idleRates = idleWindows.map((w) => rateOver(mod.rec.samples, w.from, w.to, jobOffset)!);
+    idleWindows.forEach((w, i) => note(`idle phase ${w.p.n}: job ${mibps(idleRates[i])} MiB/s = ${pct(idleRates[i]! / cmpRate)} of unthrottled over ${s(w.to - w.from)} s (from +${s(AFTER_HOLDOFF_MS)} s)`));
+
+    // Busy phases while the job existed and the guest still ran on its source.
+    const busy = mp.filter((p) => p.kind === 'busy' && p.start >= jobStart && p.end <= completing);
+    const pair = (p: Phase) => rp.filter((q) => q.kind === 'busy').sort((a, b) => Math.abs(a.start - p.start) - Math.abs(b.start - p.start))[0]!;
+    const tput = (rec: GuestRecorder, p: Phase, skipMs: number) => rateOver(rec.samples, p.start + skipMs, p.end, guestBytes)!;
+    const modFull = busy.map((p) => tput(mod.rec, p, 0));
+    const refFull = busy.map((p) => tput(ref.rec, pair(p), 0));
+    const modLate = busy.map((p) => tput(mod.rec, p, 500));
+    const refLate = busy.map((p) => tput(ref.rec, pair(p), 500));
+    busy.forEach((p, i) => note(`busy phase ${p.n}: mod ${mibps(modFull[i])} MiB/s, ref ${mibps(refFull[i])} MiB/s (${pct(modFull[i]! / refFull[i]!)}); without the first 0.5 s: ${pct(modLate[i]! / refLate[i]!)}; ref's phase starts ${s(pair(p).start - p.start)} s after mod's`));
+    const kept = median(modFull) / median(refFull);
+    const paired = median(modFull.map((m, i) => m / refFull[i]!));
+    note(`busy-phase throughput kept: ${pct(kept)} (ratio of the medians over ${busy.length} whole phases; median of the per-phase ratios ${pct(paired)}); without each phase's first 0.5 s: ${pct(median(modLate) / median(refLate))}`);
+
+    // Reactions to every busy phase the job saw.
+    const reactions = mp.filter((p) => p.kind === 'busy' && p.start > jobStart && p.start < caughtUp).map((p) => ({ p, r: reactionAt(mod.rec.samples, mod.rec.jobEvents, p.start) }));
+    for (const { p, r } of reactions) {
+      note(`busy phase ${p.n} reaction: job ${r.before} at the phase start; slowed after ${r.ms?.toFixed(0)} ms (paused event ${r.eventMs?.toFixed(0)} ms, first poll showing it ${r.pollMs?.toFixed(0)} ms)`);
+    }
+    if (process.env.IDLECRYPT_TEST_DUMP) {
+      // Everything measured, for a closer look: IDLECRYPT_TEST_DUMP=/some/file.json
+      await writeFile(process.env.IDLECRYPT_TEST_DUMP, JSON.stringify({
+        notes: lines, idle0, jobStart, idleK, keysFrom, keysTo, cmpResumeSent, cmpPauseSent, cmpRunning, completing, copying,
+        mod: { lines: mod.rec.lines, samples: mod.rec.samples, events: mod.rec.jobEvents }, ref: { lines: ref.rec.lines, samples: ref.rec.samples }, cmp: { samples: cmp.rec.samples, events: cmp.rec.jobEvents },
+        cli: { stdout: run.cli.stdout(), stderr: run.cli.stderr() }, cmpCli: { stdout: cmpRun.cli.stdout(), stderr: cmpRun.cli.stderr() },
+      }));
+    }
+
+    // ---------------------------------------------------------------- assertions
+    assert.ok(busy.length >= 2, `the copy spanned ${busy.length} whole busy phases; at least 2 needed`);
+    assert.ok(kept >= 0.93, `the moderated guest kept ${pct(kept)} of the reference's busy-phase throughput (need >= 93%)`);
+    assert.ok(idleWindows.length >= 1, 'at least one idle phase at full speed was measured');
+    assert.ok(median(idleRates) >= 0.8 * cmpRate, `idle-phase job speed ${mibps(median(idleRates))} MiB/s is ${pct(median(idleRates) / cmpRate)} of the unthrottled ${mibps(cmpRate)} MiB/s (need >= 80%)`);
+    assert.ok(keyReaction.ms !== undefined && keyReaction.ms <= 500, `paused ${keyReaction.ms} ms after the first key`);
+    assert.ok(keyRate < 0.1 * cmpRate, `while keys were typed the job ran at ${pct(keyRate / cmpRate)} of unthrottled (need < 10%)`);
+    const running = reactions.filter((x) => x.r.before === 'running');
+    assert.ok(running.length >= 2, `the job was running at ${running.length} busy-phase starts; at least 2 needed`);
+    for (const { p, r } of reactions) {
+      assert.ok(r.ms !== undefined && r.ms <= 500, `busy phase ${p.n}: the job slowed ${r.ms?.toFixed(0)} ms after the phase began (need <= 500 ms)`);
+    }
+
+    // The guest runs on the encrypted image, which decrypts to exactly the source.
+    await mod.vm.stop();
+    const cmpImg = await compareWithEncrypted(images.mod, target, 'luks', keyFile);
+    assert.ok(cmpImg.same, cmpImg.output);
+    assert.equal(await fileContains(target, 'IDLECRYPT-DATA'), false, 'no plaintext in the target');
+  });
+  test('a guest that never goes idle is still fully encrypted within the policy deadline (40 s for 512 MiB), and the image decrypts to the source', async (t) => {
+    t.after(stopAll);
+    const src = path.join(dir, 'never.raw');
+    const target = path.join(dir, 'never.luks');
+    const policy = path.join(dir, 'deadline.yaml');
+    await makeDiskImage(src, { sizeMiB: 512, format: 'raw', fill: 'pattern' });
+    // Everything else as shipped: paused while busy, unlimited while idle, margin 1.25.
+    await writeFile(policy, 'guarantee:\n  deadline: 40s\n');
+    const { vm, rec } = await boot({ name: 'never', disk: src, workload: 'disk' });
+    await rec.poll({ intervalMs: 250, stats: true, jobs: true });
+    const run = new EncryptRun(['--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', '--policy', policy], path.join(dir, 'never.lp'));
+    const result = await run.result(120_000);
+    await rec.stop();
+    assert.equal(result.code, 0, `idlecrypt encrypt failed:\n${result.stderr.slice(-3000)}`);
+
+    const copying = run.phaseAt('copying')!;
+    const completing = run.phaseAt('completing')!;
+    const done = run.completed()!;
+    const doneAt = Date.parse(done.time);
+    const progress = run.records().filter((r) => r.event === 'progress');
+    const states = new Map<string, number>();
+    for (const p of progress) states.set(String(p.state), (states.get(String(p.state)) ?? 0) + 1);
+    const raised = progress.filter((p) => /raised to|full speed/.test(String(p.reason)));
+    const speeds = [...new Set(raised.map((p) => Number(p.speed_limit_bps)))].map((b) => (b === 0 ? 'full' : (b / MiB).toFixed(0)));
+    const guest = rateOver(rec.samples, copying, completing, guestBytes);
+    t.diagnostic(`never-idle guest: copy began ${s(copying - run.startedAt)} s after the command, completing after ${s(completing - copying)} s, completed after ${s(doneAt - copying)} s (deadline 40 s); ${(Number(done.bytes_copied) / MiB).toFixed(0)} MiB copied for a 512 MiB disk`);
+    t.diagnostic(`states in progress records: ${[...states].map(([k, v]) => `${k} ${v}`).join(', ')}; speeds the deadline asked for (MiB/s): ${speeds.join(' ')}; guest disk ${mibps(guest)} MiB/s meanwhile`);
+    // The loop never stops, but on a loaded host the guest itself may stall for a second
+    // (no request for window + hold-off), which counts as idle: allow a little of it.
+    const counted = (states.get('busy') ?? 0) + (states.get('holdoff') ?? 0) + (states.get('idle') ?? 0);
+    assert.ok((states.get('idle') ?? 0) <= 0.1 * counted, `the guest was busy nearly throughout: ${[...states].map(([k, v]) => `${k} ${v}`).join(', ')}`);
+    assert.ok(raised.length > 0, 'the deadline raised the speed');
+    assert.ok(doneAt - copying <= 40_000, `completed ${s(doneAt - copying)} s after the copy began (deadline 40 s)`);
+
+    await vm.stop();
+    const cmp = await compareWithEncrypted(src, target, 'luks', keyFile);
+    assert.ok(cmp.same, cmp.output);
+  });
+});
+
