@@ -294,9 +294,10 @@ export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee
     );
   }
   const reason = why.join('; ');
-  if (speed === UNLIMITED) return { mode: 'full', speed: 0, state: s.state, reason };
+  const raised = g.requiredBps > 0 && g.requiredBps >= speed ? { guaranteed: true as const } : {};
+  if (speed === UNLIMITED) return { mode: 'full', speed: 0, state: s.state, reason, ...raised };
   if (speed === PAUSED) return { mode: 'paused', speed: 0, state: s.state, reason };
-  return { mode: 'throttled', speed: Math.round(speed), state: s.state, reason };
+  return { mode: 'throttled', speed: Math.round(speed), state: s.state, reason, ...raised };
 }
 
 export interface DecideInput {

@@ -88,4 +88,6 @@ export interface Decision {
   readonly speed: number;
   readonly state: ActivityState;
   readonly reason: string;
+  /** The completion guarantee raised the speed above the policy's (a deadline at risk). */
+  readonly guaranteed?: true;
 }

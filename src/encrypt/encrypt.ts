@@ -239,12 +239,7 @@ async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: Progr
   const closed$ = client.closed$.pipe(map(() => 'closed' as const));
   for (;;) {
     if (o.signal?.aborted) return 'cancel';
-    const snap = await mustSnapshot(job);
-    o.onProgress?.(withModeration(meter.sample(snap, performance.now()), mod));
-    if (snap.status === 'concluded' || snap.status === 'aborting') {
-      const err = await job.dismiss();
-      throw new IdlecryptError('JOB_FAILED', `the copy failed: ${err ?? snap.error ?? snap.status}`);
-    }
+    const snap = await runningSnapshot(job, meter, o, mod);
     if (snap.ready) return 'ready';
     await firstValueFrom(merge(timer(pollMs).pipe(map(() => 'tick' as const)), jobEvent$, abort$, closed$).pipe(take(1)));
   }
@@ -266,15 +261,17 @@ async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: Progres
   const readyAt = Date.now();
   for (;;) {
     if (o.signal?.aborted) return 'cancel';
-    const snap = await mustSnapshot(job);
-    o.onProgress?.(withModeration(meter.sample(snap, performance.now()), mod));
-    if (snap.status === 'concluded' || snap.status === 'aborting') {
-      const err = await job.dismiss();
-      throw new IdlecryptError('JOB_FAILED', `the copy failed: ${err ?? snap.error ?? snap.status}`);
-    }
+    const snap = await runningSnapshot(job, meter, o, mod);
     // idle, not mode 'full': a policy may cap the idle speed (mode 'throttled').
     const quiet = mod.decision?.state === 'idle' && snap.len - snap.offset === 0;
     if (quiet) return 'ready';
+    // A guest that kept the deadline guarantee engaged will not turn quiet in time: once
+    // the mirror has caught up, pivot now (a paused mirror's len stops growing, so the
+    // guarantee sees no work left and would let the job sit paused at READY).
+    if (mod.guaranteeEngaged && snap.len - snap.offset === 0) {
+      o.logger.info({ decision: mod.decision }, 'the deadline guarantee is engaged: pivoting without waiting for a quiet guest');
+      return 'ready';
+    }
     const deadline = mod.deadlineAt();
     if (deadline !== null && Date.now() >= readyAt + (deadline - readyAt) / 2) {
       o.logger.info({ decision: mod.decision, deadline: new Date(deadline).toISOString() }, 'the deadline is near: pivoting without waiting for a quiet guest');
@@ -298,6 +295,18 @@ function withModeration(p: Progress, mod: RunModeration | undefined): Progress {
 async function untilAborted(p: Promise<void>, signal: AbortSignal | undefined): Promise<void> {
   if (!signal) return p;
   await Promise.race([p, new Promise<void>((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }))]);
+}
+
+/** One reading of a job that should be running: reported as progress; a job that ended
+ * on its own (an I/O error on the target, say) fails the run with QEMU's error. */
+async function runningSnapshot(job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions, mod: RunModeration | undefined): Promise<JobSnapshot> {
+  const snap = await mustSnapshot(job);
+  o.onProgress?.(withModeration(meter.sample(snap, performance.now()), mod));
+  if (snap.status === 'concluded' || snap.status === 'aborting') {
+    const err = await job.dismiss();
+    throw new IdlecryptError('JOB_FAILED', `the copy failed: ${err ?? snap.error ?? snap.status}`);
+  }
+  return snap;
 }
 
 async function mustSnapshot(job: JobControl): Promise<JobSnapshot> {

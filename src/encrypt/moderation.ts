@@ -47,6 +47,8 @@ export class RunModeration {
   private steeredAt?: number;
   private readonly subs: Subscription[] = [];
   private closed = false;
+  /** The completion guarantee has raised the job's speed at some point in this run. */
+  guaranteeEngaged = false;
 
   private constructor(
     readonly vm: VmInfo & { name: string },
@@ -115,7 +117,12 @@ export class RunModeration {
       logger: this.log,
       startedAt: this.steeredAt,
     });
-    this.subs.push(this.run.decisions$.subscribe((d) => (this.last = d)));
+    this.subs.push(
+      this.run.decisions$.subscribe((d) => {
+        this.last = d;
+        if (d.guaranteed) this.guaranteeEngaged = true;
+      }),
+    );
   }
 
   get decision(): Decision | undefined {

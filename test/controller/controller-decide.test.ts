@@ -189,12 +189,14 @@ describe('desiredDecision', () => {
       speed: 14 * MiB,
       state: 'busy',
       reason: 'disk 80/s > 5/s; raised to 14 MiB/s to finish by 1970-01-01T00:01:00.000Z',
+      guaranteed: true,
     });
     assert.deepEqual(desiredDecision(st('busy', 'disk 80/s > 5/s'), P, { requiredBps: Infinity, deadlineAt: 60_000 }), {
       mode: 'full',
       speed: 0,
       state: 'busy',
       reason: 'disk 80/s > 5/s; deadline 1970-01-01T00:01:00.000Z passed: full speed',
+      guaranteed: true,
     });
   });
 });
@@ -421,7 +423,7 @@ describe('the completion guarantee, simulated', () => {
     assert.ok(finishedAt >= 40_000, `finished at ${finishedAt}: faster than needed, at the guest's expense`);
     assert.deepEqual(decisions[1], {
       t: 3250,
-      d: { mode: 'throttled', speed: 14 * MiB, state: 'busy', reason: 'disk 80/s > 5/s; raised to 14 MiB/s to finish by 1970-01-01T00:01:00.000Z' },
+      d: { mode: 'throttled', speed: 14 * MiB, state: 'busy', reason: 'disk 80/s > 5/s; raised to 14 MiB/s to finish by 1970-01-01T00:01:00.000Z', guaranteed: true },
     });
     assert.ok(decisions.every((r) => r.d.mode !== 'full'), 'never at full speed: the deadline was never passed');
   });
