@@ -230,7 +230,12 @@ export function guaranteeStep(
   const deadlineAt = 'after' in g.deadline ? startedAt + g.deadline.after : g.deadline.at;
   const result = (requiredBps: number): GuaranteeMemory => ({ key, history, finishBy, out: { requiredBps, deadlineAt } });
 
-  if (remaining === 0) return result(0);
+  if (remaining === 0) {
+    // Copied but not yet in sync (ready false): QEMU turns the mirror ready only while it
+    // runs, so ask for a trickle rather than nothing. Nothing would leave a busy guest's
+    // job paused at offset == len, never ready, past the deadline (seen in test/moderation).
+    return result(sample.ready === false ? SPEED_STEP : 0);
+  }
   const leftMs = deadlineAt - now;
   if (leftMs <= 0) return result(UNLIMITED);
   if (finishBy === null) {
@@ -261,7 +266,7 @@ export function guarantee(
       const t0 = startedAt ?? scheduler.now();
       return source.pipe(
         withLatestFrom(policy$),
-        scan((mem, [p, pol]) => guaranteeStep(mem, { offset: p.offset, len: p.len, time: scheduler.now() }, pol.guarantee, t0), INITIAL_GUARANTEE),
+        scan((mem, [p, pol]) => guaranteeStep(mem, { offset: p.offset, len: p.len, ...(p.ready !== undefined ? { ready: p.ready } : {}), time: scheduler.now() }, pol.guarantee, t0), INITIAL_GUARANTEE),
         map((mem) => mem.out),
         distinctUntilChanged(same),
       );

@@ -35,6 +35,11 @@ export interface ActivityRates {
 export interface JobProgress {
   readonly offset: number;
   readonly len: number;
+  /**
+   * QEMU's `ready` (the mirror is in sync), when known. A mirror shows offset == len a
+   * moment before it is ready, and a paused one stays so without ever getting there.
+   */
+  readonly ready?: boolean;
 }
 
 export interface Reason {

@@ -237,6 +237,14 @@ describe('guaranteeStep', () => {
     assert.equal(d.reason, 'disk 80/s > 5/s; past the planned finish time: full speed to finish by 1970-01-01T00:01:00.000Z');
   });
 
+  test('copied but not yet in sync (offset == len, ready false): a trickle, so that a paused mirror can become ready', () => {
+    let m = run([[0, 0], [3000, 0]]).at(-1)!;
+    m = guaranteeStep(m, { time: 40_000, offset: 600 * MiB, len: 600 * MiB, ready: false }, g60, 0);
+    assert.equal(m.out.requiredBps, MiB);
+    m = guaranteeStep(m, { time: 40_100, offset: 600 * MiB, len: 600 * MiB, ready: true }, g60, 0);
+    assert.equal(m.out.requiredBps, 0);
+  });
+
   test('past the deadline with work left: full speed; nothing left: nothing asked', () => {
     assert.equal(run([[0, 0], [60_000, 0]]).at(-1)!.out.requiredBps, Infinity);
     assert.equal(run([[0, 0], [3000, 600 * MiB]]).at(-1)!.out.requiredBps, 0);
