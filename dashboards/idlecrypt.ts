@@ -80,6 +80,14 @@ const tooltip = () => new VizTooltipOptionsBuilder().mode(TooltipDisplayMode.Mul
 
 const legend = () => new VizLegendOptionsBuilder().displayMode(LegendDisplayMode.List).placement(LegendPlacement.Bottom).showLegend(true);
 
+/** A time series panel with this dashboard's chrome: every series in the tooltip, a legend below, lines without points. */
+const timeseries = (id: number) =>
+  new TimeseriesPanel().id(id).datasource(DATASOURCE).showPoints(VisibilityMode.Never).tooltip(tooltip()).legend(legend());
+
+/** A state timeline with this dashboard's chrome: values shown, equal neighbours merged, a legend below. */
+const stateTimeline = (id: number) =>
+  new StateTimelinePanel().id(id).datasource(DATASOURCE).showValue(VisibilityMode.Auto).mergeValues(true).fillOpacity(80).legend(legend());
+
 /** The policy threshold as a dashed red line, on the query that reads it. */
 const thresholdLine: DynamicConfigValue[] = [
   { id: 'color', value: { mode: 'fixed', fixedColor: 'red' } },
@@ -99,14 +107,12 @@ const SIGNAL_PANEL: Record<Signal, { title: string; unit: string; what: string }
 function signalPanel(signal: Signal, id: number) {
   const p = SIGNAL_PANEL[signal];
   const rate = SIGNAL_RATE_FIELD[signal];
-  return new TimeseriesPanel()
-    .id(id)
+  return timeseries(id)
     .title(p.title)
     .description(
       `Per VM: ${p.what}. Averaged over the interval and drawn against the policy's \`${signal}\` threshold (dashed red): ` +
         'the guest counts as busy while any rate is above its threshold (the controller averages over sampling.window first).',
     )
-    .datasource(DATASOURCE)
     .withTarget(target('A', influxql('activity', (f) => `mean(${f(rate)})`), '$tag_vm'))
     .withTarget(target('B', influxql('moderation', (f) => `last(${f(thresholdField(signal))})`, { fill: 'previous' }), '$tag_vm threshold'))
     .overrideByQuery('B', thresholdLine)
@@ -114,21 +120,16 @@ function signalPanel(signal: Signal, id: number) {
     .min(0)
     .lineWidth(1)
     .fillOpacity(10)
-    .showPoints(VisibilityMode.Never)
-    .tooltip(tooltip())
-    .legend(legend())
     .height(8)
     .span(12);
 }
 
 function moderationStatePanel(id: number) {
-  return new StateTimelinePanel()
-    .id(id)
+  return stateTimeline(id)
     .title('Moderation state')
     .description(
       'Per VM: idle (the copy runs at the idle speed), busy (the busy speed, paused by default), hold-off (the quiet time after busy, still at the busy speed).',
     )
-    .datasource(DATASOURCE)
     .withTarget(target('A', influxql('moderation', (f) => `last(${f('state_code')})`, { fill: 'previous' }), '$tag_vm'))
     .mappings([
       valueMap({
@@ -137,10 +138,6 @@ function moderationStatePanel(id: number) {
         [STATE_CODE.busy]: { text: 'busy', color: 'red' },
       }),
     ])
-    .showValue(VisibilityMode.Auto)
-    .mergeValues(true)
-    .fillOpacity(80)
-    .legend(legend())
     .height(6)
     .span(24);
 }
@@ -161,11 +158,9 @@ function decisionsPanel(id: number) {
 }
 
 function speedPanel(id: number) {
-  return new TimeseriesPanel()
-    .id(id)
+  return timeseries(id)
     .title('Copy speed: limit and actual')
     .description('The speed limit in force (block-job-set-speed; 0 = unlimited) and the measured copy speed, per VM and disk.')
-    .datasource(DATASOURCE)
     .withTarget(target('A', influxql('job', (f) => `mean(${f('speed_actual_bps')}) AS "actual"`, { device: true, groupBy: [TAG.vm, TAG.device] }), '$tag_vm/$tag_device actual'))
     .withTarget(
       target(
@@ -182,19 +177,14 @@ function speedPanel(id: number) {
     .unit('binBps')
     .min(0)
     .fillOpacity(10)
-    .showPoints(VisibilityMode.Never)
-    .tooltip(tooltip())
-    .legend(legend())
     .height(8)
     .span(12);
 }
 
 function jobControlPanel(id: number) {
-  return new StateTimelinePanel()
-    .id(id)
+  return stateTimeline(id)
     .title('Job control')
     .description('Whether the copy is paused, and whether it runs without a speed limit, per VM and disk.')
-    .datasource(DATASOURCE)
     .withTarget(
       target(
         'A',
@@ -204,37 +194,26 @@ function jobControlPanel(id: number) {
     )
     .overrideByRegexp('/paused$/', [{ id: 'mappings', value: [valueMap({ 0: { text: 'running', color: 'green' }, 1: { text: 'paused', color: 'orange' } })] }])
     .overrideByRegexp('/unlimited$/', [{ id: 'mappings', value: [valueMap({ 0: { text: 'limited', color: 'blue' }, 1: { text: 'unlimited', color: 'green' } })] }])
-    .showValue(VisibilityMode.Auto)
-    .mergeValues(true)
-    .fillOpacity(80)
-    .legend(legend())
     .height(8)
     .span(12);
 }
 
 function progressPanel(id: number) {
-  return new TimeseriesPanel()
-    .id(id)
+  return timeseries(id)
     .title('Progress')
     .description('Bytes copied / bytes to copy, per VM and disk. It can step back: blocks the guest rewrites after they were copied are copied again.')
-    .datasource(DATASOURCE)
     .withTarget(target('A', influxql('job', (f) => `last(${f('percent')})`, { device: true, groupBy: [TAG.vm, TAG.device], fill: 'previous' }), '$tag_vm/$tag_device'))
     .unit('percent')
     .min(0)
     .max(100)
-    .showPoints(VisibilityMode.Never)
-    .tooltip(tooltip())
-    .legend(legend())
     .height(8)
     .span(10);
 }
 
 function bytesPanel(id: number) {
-  return new TimeseriesPanel()
-    .id(id)
+  return timeseries(id)
     .title('Bytes copied')
     .description('Bytes copied so far and the bytes to copy in all (QMP offset and len; len grows while the guest writes).')
-    .datasource(DATASOURCE)
     .withTarget(
       target(
         'A',
@@ -244,9 +223,6 @@ function bytesPanel(id: number) {
     )
     .unit('bytes')
     .min(0)
-    .showPoints(VisibilityMode.Never)
-    .tooltip(tooltip())
-    .legend(legend())
     .height(8)
     .span(9);
 }
@@ -268,13 +244,11 @@ function etaPanel(id: number) {
 }
 
 function probeHealthPanel(id: number) {
-  return new StateTimelinePanel()
-    .id(id)
+  return stateTimeline(id)
     .title('Probe health')
     .description(
       'Per VM: the activity source (ebpf, or qmp when degraded to query-blockstats: keyboard, pointer and interrupts are then unknown and never make the guest busy), whether the source delivers samples, and the degraded flag.',
     )
-    .datasource(DATASOURCE)
     .withTarget(
       target(
         'A',
@@ -285,28 +259,19 @@ function probeHealthPanel(id: number) {
     .overrideByRegexp('/source$/', [{ id: 'mappings', value: [valueMap({ ebpf: { text: 'ebpf', color: 'green' }, qmp: { text: 'qmp (degraded)', color: 'orange' } })] }])
     .overrideByRegexp('/attached$/', [{ id: 'mappings', value: [valueMap({ 0: { text: 'detached', color: 'red' }, 1: { text: 'attached', color: 'green' } })] }])
     .overrideByRegexp('/degraded$/', [{ id: 'mappings', value: [valueMap({ 0: { text: 'ok', color: 'green' }, 1: { text: 'degraded', color: 'orange' } })] }])
-    .showValue(VisibilityMode.Auto)
-    .mergeValues(true)
-    .fillOpacity(80)
-    .legend(legend())
     .height(8)
     .span(12);
 }
 
 function restartsPanel(id: number) {
-  return new TimeseriesPanel()
-    .id(id)
+  return timeseries(id)
     .title('Probe restarts')
     .description('bpftrace restarts since idlecrypt started, per VM (cumulative).')
-    .datasource(DATASOURCE)
     .withTarget(target('A', influxql('probe', (f) => `last(${f('restarts')})`, { fill: 'previous' }), '$tag_vm'))
     .lineInterpolation(LineInterpolation.StepAfter)
-    .showPoints(VisibilityMode.Never)
     .unit('short')
     .decimals(0)
     .min(0)
-    .tooltip(tooltip())
-    .legend(legend())
     .height(8)
     .span(6);
 }

@@ -8,23 +8,21 @@
  * when the window holds a single 50 ms sample (1 request / 0.05 s would read 20/s).
  */
 import { map, type OperatorFunction } from 'rxjs';
+import type { Counts } from '../probes/counters.ts';
 import type { ActivityRates } from './types.ts';
 
-/** The fields of an ActivitySample the controller reads. Counts per interval; null = unknown. */
-export interface CountSample {
+/**
+ * The fields of an ActivitySample the controller reads: the counters (one table in
+ * src/probes/counters.ts) per interval, null = unknown. Discards may be absent.
+ */
+export interface CountSample extends Readonly<Omit<Counts, 'diskDiscards'>> {
+  readonly diskDiscards?: number | null;
   readonly time: number;
   readonly pid: number;
   readonly vm: string | null;
   /** Measured length of the interval, seconds. */
   readonly intervalS: number;
   readonly source: 'ebpf' | 'qmp';
-  readonly diskReads: number | null;
-  readonly diskWrites: number | null;
-  readonly diskFlushes: number | null;
-  readonly diskDiscards?: number | null;
-  readonly keyEvents: number | null;
-  readonly pointerEvents: number | null;
-  readonly interrupts: number | null;
 }
 
 /** One sample as rates over its own interval. Disk is every request kind the guest submits. */

@@ -15,6 +15,7 @@
  * out of the point, never written as 0: InfluxDB has no null, and 0 would read as "idle".
  */
 import type { Signal } from '../policy/schema.ts';
+import type { Counts } from '../probes/counters.ts';
 
 export type FieldType = 'integer' | 'float' | 'string';
 
@@ -242,16 +243,8 @@ export interface VmIdentity {
   readonly vm: string;
 }
 
-/** Counts per interval as src/streams' ActivitySample carries them; null = not measured. */
-export interface ActivityCounts {
-  readonly diskReads: number | null;
-  readonly diskWrites: number | null;
-  readonly diskFlushes: number | null;
-  readonly diskDiscards?: number | null;
-  readonly keyEvents: number | null;
-  readonly pointerEvents: number | null;
-  readonly interrupts: number | null;
-}
+/** Counts per interval as src/streams' ActivitySample carries them (src/probes/counters.ts); null = not measured. */
+export type ActivityCounts = Readonly<Omit<Counts, 'diskDiscards'>> & { readonly diskDiscards?: number | null };
 
 /**
  * One activity sample. The rates are count / interval, the same arithmetic as the
