@@ -16,6 +16,12 @@
  *   is approximate over short spans.
  * - A paused job stays paused while READY (status `standby`): pausing a READY mirror is
  *   allowed, but it cannot be completed until resumed; `stop()` resumes it by default.
+ * - `paused` in query-block-jobs is true for any pause: ours, another client's
+ *   (`job-pause`, `block-job-pause`, `virsh blockjob --pause`...), or QEMU's own while it
+ *   drains the disk. A pause that is not ours is the one thing not undone: the operator
+ *   who paused the copy keeps it paused (the speed is still kept right, for when they
+ *   resume it), and a pause of QEMU's passes by itself. Ours is the pause from the
+ *   moment we ask for it until a snapshot shows the job running again.
  */
 import { Subject, type Observable, type Subscription } from 'rxjs';
 import { describeError, isIdlecryptError, type ErrorCode } from '../errors.ts';
@@ -110,6 +116,10 @@ export class Reconciler {
   private readonly snapshots = new Subject<JobSnapshot>();
   private desired: Decision | undefined;
   private lastError: string | undefined;
+  /** The job's pause, if it is paused, is ours (see the file comment). */
+  private ourPause = false;
+  /** The job is paused by someone else, and we leave it so. */
+  private held = false;
   private inFlight: Promise<void> | null = null;
   private again = false;
   private started = false;
@@ -162,13 +172,17 @@ export class Reconciler {
     if (ENDED.has(snapshot.status)) {
       return { outcome: 'terminal', snapshot, end: { cause: 'job-ended', status: snapshot.status, ...(snapshot.error ? { error: snapshot.error } : {}) } };
     }
-    const actions = plan(d, snapshot, this.caps);
+    if (!snapshot.paused) this.ourPause = false;
+    this.hold(this.caps.canPause && snapshot.paused && !this.ourPause, snapshot);
+    const actions = plan(d, snapshot, this.caps).filter((a) => !(this.held && a.kind === 'resume'));
     const applied: Action[] = [];
     for (const a of actions) {
       try {
         if (a.kind === 'setSpeed') await this.job.setSpeed(a.bps);
-        else if (a.kind === 'pause') await this.job.pause();
-        else await this.job.resume();
+        else if (a.kind === 'pause') {
+          this.ourPause = true; // before asking: a reply lost in a timeout must not make it someone else's
+          await this.job.pause();
+        } else await this.job.resume();
         applied.push(a);
       } catch (e) {
         return this.failed(e, applied, snapshot);
@@ -180,6 +194,24 @@ export class Reconciler {
       this.lastError = undefined;
     }
     return { outcome: 'ok', snapshot, actions: applied };
+  }
+
+  /** Whether the job is held paused by someone else; logged when that changes. */
+  get heldOutside(): boolean {
+    return this.held;
+  }
+
+  private hold(held: boolean, s: JobSnapshot): void {
+    if (held === this.held) return;
+    this.held = held;
+    if (held) {
+      this.log.warn(
+        { status: s.status },
+        'moderation: the job was paused by someone else (job-pause, block-job-pause, virsh blockjob --pause, or QEMU itself): leaving it paused until it is resumed',
+      );
+    } else {
+      this.log.warn({ status: s.status }, 'moderation: the job was resumed; moderating it again');
+    }
   }
 
   private failed(e: unknown, applied: Action[], snapshot: JobSnapshot | undefined): SyncResult {

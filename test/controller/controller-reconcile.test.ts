@@ -82,6 +82,50 @@ describe('Reconciler.sync (one pass)', () => {
     assert.deepEqual(job.actions(), [`setSpeed ${20 * MiB}`, `setSpeed ${20 * MiB}`]);
   });
 
+  test("someone else's pause is left alone: no resume while it lasts, the speed still kept; moderated again once they resume", async () => {
+    const job = new FakeJob();
+    const { logger, records } = captureLog();
+    const r = new Reconciler(job, { logger });
+    r.setDesired(FULL);
+    await r.sync();
+    Object.assign(job.state, { paused: true, status: 'paused' }); // an operator's block-job-pause
+    await r.sync();
+    assert.equal(r.heldOutside, true);
+    r.setDesired(SLOW);
+    await r.sync();
+    r.setDesired(FULL);
+    await r.sync();
+    assert.deepEqual(job.actions(), [`setSpeed ${20 * MiB}`, 'setSpeed 0'], 'speeds kept, never resumed');
+    assert.equal(job.state.paused, true);
+    const warned = records.filter((x) => x.level === 40).map((x) => x.msg);
+    assert.equal(warned.length, 1, 'said once');
+    assert.match(warned[0]!, /paused by someone else .*leaving it paused until it is resumed/);
+
+    Object.assign(job.state, { paused: false, status: 'running' }); // they resume it
+    r.setDesired(PAUSE);
+    await r.sync();
+    assert.equal(r.heldOutside, false);
+    assert.deepEqual(job.actions().slice(2), ['pause']);
+    r.setDesired(FULL);
+    await r.sync();
+    assert.deepEqual(job.actions().slice(3), ['resume'], 'our own pause is ours to undo');
+    assert.ok(records.some((x) => x.msg === 'moderation: the job was resumed; moderating it again'));
+  });
+
+  test('a pause whose reply was lost (a timeout) is still ours: undone when the guest is idle again', async () => {
+    const job = new FakeJob();
+    const r = new Reconciler(job, { logger: captureLog().logger });
+    r.setDesired(PAUSE);
+    job.failNext('pause', 'QMP_TIMEOUT');
+    assert.equal((await r.sync()).outcome, 'retry');
+    Object.assign(job.state, { paused: true, status: 'paused' }); // QEMU did pause it
+    r.setDesired(FULL);
+    await r.sync();
+    assert.equal(r.heldOutside, false);
+    assert.deepEqual(job.actions(), ['pause', 'resume']);
+    assert.equal(job.state.paused, false);
+  });
+
   test('a failed command is retryable: the next pass tries again; the error is logged once', async () => {
     const job = new FakeJob();
     const { logger, records } = captureLog();

@@ -205,6 +205,40 @@ describe('faults during a run', () => {
     await assertUntouched(vm, srcSha, src);
   });
 
+  test("an operator's pause (block-job-pause) holds until they resume: moderation does not undo it", async () => {
+    const policy = path.join(dir, 'slow-idle.yaml');
+    await writeFile(policy, 'speed:\n  idle: 2MiB\n'); // idle guest, slow copy: 32 s for 64 MiB
+    const cli = startCli(encrypt({ '--policy': policy, '--json': '' }).filter((a) => a !== ''));
+    const c = await QmpClient.connect(vm.qmpSocket);
+    try {
+      await cli.waitForStdout(/"event":"progress".*"offset":[1-9]/);
+      const id = (await c.execute('query-block-jobs'))[0]!.device;
+      await c.execute('block-job-pause', { device: id });
+      await cli.waitForStderr(/paused by someone else/);
+      const before = (await c.execute('query-block-jobs'))[0]!;
+      await new Promise((r) => setTimeout(r, 1500)); // six reconciler passes
+      const held = (await c.execute('query-block-jobs'))[0]!;
+      assert.equal(held.paused, true, 'still paused');
+      assert.equal(held.offset, before.offset, 'nothing copied while paused');
+      assert.equal(held.speed, 2 * 1024 * 1024, 'the policy speed is kept for when it runs again');
+      await c.execute('block-job-resume', { device: id });
+      await cli.waitForStderr(/the job was resumed; moderating it again/);
+      const t0 = Date.now();
+      while ((await c.execute('query-block-jobs'))[0]!.offset === held.offset) {
+        assert.ok(Date.now() - t0 < 5000, 'the copy runs again after the resume');
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      cli.child.kill('SIGINT');
+      const r = await cli.result;
+      assert.equal(r.code, 130, r.stderr);
+      await assertUntouched(vm, srcSha, src);
+    } finally {
+      cli.child.kill('SIGINT'); // a failed assertion must not leave the copy to the next test
+      await cli.result;
+      await c.close();
+    }
+  });
+
   test('QEMU dying mid-job is reported with the original disk intact', async () => {
     const src2 = path.join(dir, 'dying.raw');
     await makeDiskImage(src2, { sizeMiB: 64, format: 'raw', fill: 'pattern' });

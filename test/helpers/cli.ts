@@ -19,6 +19,8 @@ export interface RunningCli {
   readonly stderr: () => string;
   /** resolves when stdout has a line matching `re` */
   waitForStdout(re: RegExp, timeoutMs?: number): Promise<string>;
+  /** resolves when stderr has a line matching `re` */
+  waitForStderr(re: RegExp, timeoutMs?: number): Promise<string>;
   result: Promise<CliResult>;
 }
 
@@ -29,35 +31,39 @@ export function startCli(args: string[], env: Record<string, string> = {}): Runn
     env: { ...process.env, IDLECRYPT_LOG: 'debug', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
-  let out = '';
-  let err = '';
-  const waiters: { re: RegExp; resolve: (l: string) => void }[] = [];
-  child.stdout!.setEncoding('utf8').on('data', (d: string) => {
-    out += d;
-    for (const w of [...waiters]) {
-      const line = out.split('\n').find((l) => w.re.test(l));
-      if (line !== undefined) {
-        waiters.splice(waiters.indexOf(w), 1);
-        w.resolve(line);
+  const text = { stdout: '', stderr: '' };
+  type Stream = keyof typeof text;
+  const waiters: { stream: Stream; re: RegExp; resolve: (l: string) => void }[] = [];
+  const find = (stream: Stream, re: RegExp) => text[stream].split('\n').find((l) => re.test(l));
+  for (const stream of ['stdout', 'stderr'] as const) {
+    child[stream]!.setEncoding('utf8').on('data', (d: string) => {
+      text[stream] += d;
+      for (const w of waiters.filter((x) => x.stream === stream)) {
+        const line = find(stream, w.re);
+        if (line !== undefined) {
+          waiters.splice(waiters.indexOf(w), 1);
+          w.resolve(line);
+        }
       }
-    }
-  });
-  child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
+    });
+  }
   const result = new Promise<CliResult>((resolve) =>
-    child.on('close', (code, signal) => resolve({ code, signal, stdout: out, stderr: err })),
+    child.on('close', (code, signal) => resolve({ code, signal, stdout: text.stdout, stderr: text.stderr })),
   );
+  const waitFor = (stream: Stream, re: RegExp, timeoutMs: number): Promise<string> => {
+    const line = find(stream, re);
+    if (line !== undefined) return Promise.resolve(line);
+    return new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error(`no ${stream} line matching ${re} within ${timeoutMs} ms; stderr: ${text.stderr}`)), timeoutMs);
+      waiters.push({ stream, re, resolve: (l) => (clearTimeout(t), resolve(l)) });
+    });
+  };
   return {
     child,
-    stdout: () => out,
-    stderr: () => err,
-    waitForStdout(re, timeoutMs = 60_000) {
-      const line = out.split('\n').find((l) => re.test(l));
-      if (line !== undefined) return Promise.resolve(line);
-      return new Promise((resolve, reject) => {
-        const t = setTimeout(() => reject(new Error(`no stdout line matching ${re} within ${timeoutMs} ms; stderr: ${err}`)), timeoutMs);
-        waiters.push({ re, resolve: (l) => (clearTimeout(t), resolve(l)) });
-      });
-    },
+    stdout: () => text.stdout,
+    stderr: () => text.stderr,
+    waitForStdout: (re, timeoutMs = 60_000) => waitFor('stdout', re, timeoutMs),
+    waitForStderr: (re, timeoutMs = 60_000) => waitFor('stderr', re, timeoutMs),
     result,
   };
 }
