@@ -17,7 +17,7 @@
  * - A paused job stays paused while READY (status `standby`): pausing a READY mirror is
  *   allowed, but it cannot be completed until resumed; `stop()` resumes it by default.
  * - `paused` in query-block-jobs is true for any pause: ours, another client's
- *   (`job-pause`, `block-job-pause`, `virsh blockjob --pause`...), or QEMU's own while it
+ *   (`job-pause`, `block-job-pause`), or QEMU's own while it
  *   drains the disk. A pause that is not ours is the one thing not undone: the operator
  *   who paused the copy keeps it paused (the speed is still kept right, for when they
  *   resume it), and a pause of QEMU's passes by itself. Ours is the pause from the
@@ -207,7 +207,7 @@ export class Reconciler {
     if (held) {
       this.log.warn(
         { status: s.status },
-        'moderation: the job was paused by someone else (job-pause, block-job-pause, virsh blockjob --pause, or QEMU itself): leaving it paused until it is resumed',
+        'moderation: the job was paused by someone else (job-pause or block-job-pause from another QMP client, or QEMU itself): leaving it paused until it is resumed',
       );
     } else {
       this.log.warn({ status: s.status }, 'moderation: the job was resumed; moderating it again');
