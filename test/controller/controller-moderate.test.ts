@@ -5,7 +5,7 @@ import { BehaviorSubject, Subject } from 'rxjs';
 import { moderate } from '../../src/controller/controller.ts';
 import type { ActivityRates, Decision } from '../../src/controller/types.ts';
 import { defaultPolicy, parsePolicy, type Policy } from '../../src/policy/index.ts';
-import { captureLog, eventually, FakeJob } from './fake-job.ts';
+import { captureLog, eventually, FakeJob, sleep } from './fake-job.ts';
 
 const MiB = 1024 * 1024;
 
@@ -98,6 +98,25 @@ describe('moderate', () => {
       const d = await new Promise<Decision>((resolve) => run.decisions$.subscribe(resolve));
       assert.equal(d.mode, 'throttled');
       assert.match(d.reason, /^disk 80\/s > 5\/s; raised to 5 MiB\/s to finish by \d{4}-/);
+    } finally {
+      clearInterval(feed);
+      await run.stop();
+    }
+  });
+
+  test('under the deadline, a mirror that has copied everything but is not yet in sync is not left paused: QEMU makes it ready only while it runs', async () => {
+    const policy = parsePolicy('guarantee:\n  deadline: 20s\n', 'p.yaml');
+    const { job, activity, run } = setup({ policy, job: new FakeJob(true, { len: 64 * MiB }), resyncMs: 50 });
+    const feed = setInterval(() => activity.next(sample(400)), 50);
+    try {
+      activity.next(sample(400));
+      await eventually(() => job.state.speed === 5 * MiB && !job.state.paused, 3000); // the deadline engaged
+      job.state.offset = job.state.len; // copied; QEMU has not yet turned it ready
+      await sleep(300);
+      assert.equal(job.state.paused, false, 'a paused mirror would never turn ready');
+      assert.equal(job.state.speed, MiB, 'a trickle: there is nothing left to copy');
+      job.state.ready = true; // in sync: the busy guest gets its disk back until the pivot
+      await eventually(() => job.state.paused, 1000);
     } finally {
       clearInterval(feed);
       await run.stop();

@@ -13,7 +13,7 @@ export type Call = 'snapshot' | 'pause' | 'resume' | `setSpeed ${number}`;
 export class FakeJob implements JobControl {
   readonly id = 'idlecrypt-vda';
   readonly calls: Call[] = [];
-  state: { status: JobStatus; paused: boolean; speed: number; offset: number; len: number; error?: string };
+  state: { status: JobStatus; paused: boolean; speed: number; offset: number; len: number; ready?: boolean; error?: string };
   gone = false;
   /** ms each call waits before answering */
   delayMs = 0;
@@ -49,7 +49,7 @@ export class FakeJob implements JobControl {
   async snapshot(): Promise<JobSnapshot | undefined> {
     await this.call('snapshot', 'snapshot');
     if (this.gone) return undefined;
-    return { id: this.id, ready: false, ...this.state };
+    return { id: this.id, ...this.state, ready: this.state.ready ?? false };
   }
 
   async setSpeed(bps: number): Promise<void> {
