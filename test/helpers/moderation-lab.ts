@@ -283,6 +283,50 @@ export function reactionAt(samples: readonly Sample[], events: readonly JobEvent
   return { phaseStart: t0, before, ms: both.length ? Math.min(...both) : undefined, eventMs, pollMs };
 }
 
+/**
+ * One probe sample as idlecrypt wrote it to its metrics file (measurement
+ * idlecrypt_activity): the end of its interval on bpftrace's own clock, and the guest's
+ * disk requests in it.
+ */
+export interface ActivityPoint {
+  readonly t: number;
+  readonly intervalMs: number;
+  readonly disk: number;
+}
+
+/** The idlecrypt_activity points of a line-protocol metrics file (a run's --metrics-file). */
+export function parseActivity(lineProtocol: string): ActivityPoint[] {
+  const out: ActivityPoint[] = [];
+  for (const line of lineProtocol.split('\n')) {
+    if (!line.startsWith('idlecrypt_activity,')) continue;
+    const m = /^\S+ (\S+) (\d+)$/.exec(line); // no spaces in our tag or number values
+    if (!m) continue;
+    const f = new Map(m[1]!.split(',').map((kv) => kv.split('=') as [string, string]));
+    const num = (k: string) => (f.has(k) ? Number(f.get(k)!.replace(/i$/, '')) : 0);
+    const interval = num('interval_s');
+    if (!(interval > 0)) continue;
+    out.push({ t: Number(BigInt(m[2]!) / 1000n) / 1000, intervalMs: interval * 1000, disk: num('disk_reads') + num('disk_writes') + num('disk_flushes') + num('disk_discards') });
+  }
+  return out.sort((a, b) => a.t - b.t);
+}
+
+/**
+ * The start of the probe interval that holds the guest's first disk request of a busy
+ * phase announced at `phaseStart` (its PHASE line's arrival): the first interval with
+ * requests after one without, from `lookbackMs` before the line (a loaded host may deliver
+ * the line after the requests) to `horizonMs` after. A reaction measured from it is an
+ * upper bound of the time from the first request (which lies in that interval).
+ */
+export function firstRequestAt(points: readonly ActivityPoint[], phaseStart: number, lookbackMs = 300, horizonMs = 3000): number | undefined {
+  for (let i = 1; i < points.length; i++) {
+    const p = points[i]!;
+    if (p.t < phaseStart - lookbackMs) continue;
+    if (p.t > phaseStart + horizonMs) break;
+    if (p.disk > 0 && points[i - 1]!.disk === 0) return p.t - p.intervalMs;
+  }
+  return undefined;
+}
+
 /** When the job ran again / stopped, from its events, in [from, to]. */
 export function jobEventsIn(events: readonly JobEvent[], from: number, to: number): JobEvent[] {
   return events.filter((e) => e.t >= from && e.t <= to);

@@ -1,0 +1,42 @@
+/** The measuring harness's own arithmetic (test/helpers/moderation-lab.ts), on idlecrypt's real metric lines. */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { activityPoint } from '../../src/metrics/names.ts';
+import { toLineProtocol } from '../../src/metrics/line-protocol.ts';
+import { firstRequestAt, parseActivity } from '../helpers/moderation-lab.ts';
+
+/** The line idlecrypt writes for one 50 ms probe sample ending at `t` (epoch ms). */
+function line(t: number, reads: number, writes = 0): string {
+  const p = activityPoint({ host: 'h1', vm: 'mod', time: t, intervalS: 0.05, source: 'ebpf' }, { diskReads: reads, diskWrites: writes, diskFlushes: 0, diskDiscards: 0, keyEvents: 0, pointerEvents: 0, interrupts: 3 });
+  return toLineProtocol(p!);
+}
+
+describe('moderation lab: probe samples from a metrics file', () => {
+  const T = 1_795_600_000_000;
+  const file = [
+    '# DML',
+    '# CONTEXT-DATABASE: idlecrypt',
+    line(T + 50, 0),
+    'idlecrypt_job,host=h1,vm=mod,device=disk0 speed_set_bps=0i 1795600000060000000',
+    line(T + 100, 0),
+    line(T + 150, 2, 1),
+    line(T + 200, 40, 40),
+  ].join('\n');
+
+  test('reads the activity points (ms on the probe clock, interval, every disk request kind) and nothing else', () => {
+    assert.deepEqual(parseActivity(file), [
+      { t: T + 50, intervalMs: 50, disk: 0 },
+      { t: T + 100, intervalMs: 50, disk: 0 },
+      { t: T + 150, intervalMs: 50, disk: 3 },
+      { t: T + 200, intervalMs: 50, disk: 80 },
+    ]);
+  });
+
+  test('the first request of a phase lies in the first interval with requests after a quiet one', () => {
+    const pts = parseActivity(file);
+    assert.equal(firstRequestAt(pts, T + 120), T + 100, 'the line arrived after the interval began');
+    assert.equal(firstRequestAt(pts, T + 400), T + 100, 'a line delivered late still finds it (look-back)');
+    assert.equal(firstRequestAt(pts, T + 10_000), undefined, 'nothing new after the phase began');
+    assert.equal(firstRequestAt(pts.slice(2), T + 120), undefined, 'no quiet interval before: not a start');
+  });
+});
