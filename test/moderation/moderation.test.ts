@@ -348,6 +348,7 @@ describe('moderation of a real guest (issue 4 acceptance)', () => {
     await rec.poll({ intervalMs: 250, stats: true, jobs: true });
     const run = new EncryptRun(['--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', '--policy', policy], path.join(dir, 'never.lp'));
     const result = await run.result(120_000);
+    await sleepUntil(now() + 600); // polls past the pivot, so that the guest's rate covers the whole copy
     await rec.stop();
     assert.equal(result.code, 0, `idlecrypt encrypt failed:\n${result.stderr.slice(-3000)}`);
 
