@@ -10,11 +10,15 @@
  * Every step is recorded so that `remove()` undoes exactly what was done, in reverse.
  */
 import { promises as fs } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { firstValueFrom, filter, timeout } from 'rxjs';
 import type { QmpClient } from '../qmp/client.ts';
 import { QmpCommandError } from '../qmp/errors.ts';
 import { IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
+
+/** Tries at LUKS key-slot creation before its spurious timing failure is believed (see create()). */
+const LUKS_TIMING_ATTEMPTS = 12;
 
 export type TargetFormat = 'luks' | 'qcow2';
 
@@ -73,15 +77,20 @@ export class EncryptedTarget {
       format === 'luks'
         ? { driver: 'luks' as const, file: this.fileNode, size, ...luksOptions }
         : { driver: 'qcow2' as const, file: this.fileNode, size, encrypt: { format: 'luks' as const, ...luksOptions } };
-    // Key-slot creation times the PBKDF on this CPU; on a loaded VM the timing sometimes
-    // fails spuriously ("Unable to get accurate CPU usage", host-facts.md). Retry those.
+    // Key-slot creation times the PBKDF on this CPU (QEMU's qcrypto_pbkdf2_count_iters):
+    // it first runs 2^15 iterations, a few ms, and reads the thread's CPU time around them.
+    // Where that time is charged in whole scheduler ticks (as on these VMs), the reading is
+    // sometimes 0 and QEMU fails with "Unable to get accurate CPU usage" (host-facts.md),
+    // whatever the iter-time. Each attempt is an independent draw (about one in three on a
+    // busy host; five in a row were seen in CI): retry, a little apart.
     for (let attempt = 1; ; attempt++) {
       try {
         await runCreateJob(this.client, `idlecrypt-mkfmt-${tag}-${attempt}`, createOptions);
         break;
       } catch (e) {
-        if (attempt < 5 && e instanceof IdlecryptError && /accurate CPU usage/i.test(e.message)) {
+        if (attempt < LUKS_TIMING_ATTEMPTS && e instanceof IdlecryptError && /accurate CPU usage/i.test(e.message)) {
           this.log.info({ attempt }, 'LUKS key-slot timing failed spuriously; retrying');
+          await sleep(50 * attempt);
           continue;
         }
         throw e;

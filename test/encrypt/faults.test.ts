@@ -215,7 +215,13 @@ describe('faults during a run', () => {
       const id = (await c.execute('query-block-jobs'))[0]!.device;
       await c.execute('block-job-pause', { device: id });
       await cli.waitForStderr(/paused by someone else/);
-      const before = (await c.execute('query-block-jobs'))[0]!;
+      // `paused` shows the request at once; the job stops at its next pause point, after
+      // the copy operations in flight: from then on nothing may move.
+      let before = (await c.execute('query-block-jobs'))[0]!;
+      for (const t0 = Date.now(); before.status !== 'paused'; before = (await c.execute('query-block-jobs'))[0]!) {
+        assert.ok(Date.now() - t0 < 5000, `the job stops after block-job-pause (status ${before.status})`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
       await new Promise((r) => setTimeout(r, 1500)); // six reconciler passes
       const held = (await c.execute('query-block-jobs'))[0]!;
       assert.equal(held.paused, true, 'still paused');

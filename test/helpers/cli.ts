@@ -33,7 +33,7 @@ export function startCli(args: string[], env: Record<string, string> = {}): Runn
   });
   const text = { stdout: '', stderr: '' };
   type Stream = keyof typeof text;
-  const waiters: { stream: Stream; re: RegExp; resolve: (l: string) => void }[] = [];
+  const waiters: { stream: Stream; re: RegExp; resolve: (l: string) => void; reject: (e: Error) => void }[] = [];
   const find = (stream: Stream, re: RegExp) => text[stream].split('\n').find((l) => re.test(l));
   for (const stream of ['stdout', 'stderr'] as const) {
     child[stream]!.setEncoding('utf8').on('data', (d: string) => {
@@ -48,14 +48,19 @@ export function startCli(args: string[], env: Record<string, string> = {}): Runn
     });
   }
   const result = new Promise<CliResult>((resolve) =>
-    child.on('close', (code, signal) => resolve({ code, signal, stdout: text.stdout, stderr: text.stderr })),
+    child.on('close', (code, signal) => {
+      // A line that has not come by now never will: say so at once, not at the timeout.
+      for (const w of waiters.splice(0)) w.reject(new Error(`idlecrypt exited (${code ?? signal}) with no ${w.stream} line matching ${w.re}; stderr: ${text.stderr.slice(-2000)}`));
+      resolve({ code, signal, stdout: text.stdout, stderr: text.stderr });
+    }),
   );
   const waitFor = (stream: Stream, re: RegExp, timeoutMs: number): Promise<string> => {
     const line = find(stream, re);
     if (line !== undefined) return Promise.resolve(line);
+    if (child.exitCode !== null || child.signalCode !== null) return Promise.reject(new Error(`idlecrypt has exited with no ${stream} line matching ${re}; stderr: ${text.stderr.slice(-2000)}`));
     return new Promise((resolve, reject) => {
       const t = setTimeout(() => reject(new Error(`no ${stream} line matching ${re} within ${timeoutMs} ms; stderr: ${text.stderr}`)), timeoutMs);
-      waiters.push({ stream, re, resolve: (l) => (clearTimeout(t), resolve(l)) });
+      waiters.push({ stream, re, resolve: (l) => (clearTimeout(t), resolve(l)), reject: (e) => (clearTimeout(t), reject(e)) });
     });
   };
   return {
