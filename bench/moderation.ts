@@ -46,12 +46,14 @@ import { execFileSync } from 'node:child_process';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os, { tmpdir } from 'node:os';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { ensureImage, makeDiskImage, startTestVm } from '../vm-images/launch.ts';
 import {
   EncryptRun,
   GuestRecorder,
   MiB,
+  counterAt,
   firstCaughtUp,
   firstRequestAt,
   guestBytes,
@@ -151,8 +153,8 @@ function rateIn(samples: readonly Sample[], windows: { from: number; to: number 
   let ms = 0;
   for (const w of windows) {
     if (w.to - w.from < 300) continue;
-    const a = counterAt(samples, w.from, get);
-    const b = counterAt(samples, w.to, get);
+    const a = counterAt(samples, w.from, get, EDGE_MS);
+    const b = counterAt(samples, w.to, get, EDGE_MS);
     if (a === undefined || b === undefined) continue;
     bytes += b - a;
     ms += w.to - w.from;
@@ -160,18 +162,8 @@ function rateIn(samples: readonly Sample[], windows: { from: number; to: number 
   return ms > 0 ? bytes / (ms / 1000) : null;
 }
 
-/** A cumulative counter at `t`, interpolated between samples; for jobs, 0 before the job appears. */
-function counterAt(samples: readonly Sample[], t: number, get: (s: Sample) => number | undefined): number | undefined {
-  let prev: { t: number; v: number } | undefined;
-  for (const s of samples) {
-    const v = get(s);
-    if (v === undefined) continue;
-    const ts = (s.sent + s.t) / 2;
-    if (ts >= t) return prev ? prev.v + ((v - prev.v) * (t - prev.t)) / (ts - prev.t) : ts - t < 200 ? v : undefined;
-    prev = { t: ts, v };
-  }
-  return prev && t - prev.t < 200 ? prev.v : undefined;
-}
+/** Counters at the ends of a run's windows may lie up to one poll's midpoint outside its samples. */
+const EDGE_MS = 200;
 
 function clip(phases: Phase[], kind: 'idle' | 'busy', from: number, to: number, skipMs = 0): { from: number; to: number }[] {
   return phases
@@ -183,8 +175,8 @@ function clip(phases: Phase[], kind: 'idle' | 'busy', from: number, to: number, 
 function binned(samples: readonly Sample[], get: (s: Sample) => number | undefined, t0: number, t1: number, binMs: number): (number | null)[] {
   const out: (number | null)[] = [];
   for (let t = t0; t + binMs <= t1; t += binMs) {
-    const a = counterAt(samples, t, get);
-    const b = counterAt(samples, t + binMs, get);
+    const a = counterAt(samples, t, get, EDGE_MS);
+    const b = counterAt(samples, t + binMs, get, EDGE_MS);
     out.push(a === undefined || b === undefined ? null : (b - a) / (binMs / 1000) / MiB);
   }
   return out;
@@ -312,10 +304,6 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
     await vm.stop();
     await rm(target, { force: true });
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }
 
 async function waitFor<T>(get: () => T | undefined, timeoutMs: number, why: string): Promise<T> {

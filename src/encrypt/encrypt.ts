@@ -262,13 +262,13 @@ async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: Progres
   for (;;) {
     if (o.signal?.aborted) return 'cancel';
     const snap = await runningSnapshot(job, meter, o, mod);
+    const left = snap.len - snap.offset;
     // idle, not mode 'full': a policy may cap the idle speed (mode 'throttled').
-    const quiet = mod.decision?.state === 'idle' && snap.len - snap.offset === 0;
-    if (quiet) return 'ready';
+    if (mod.decision?.state === 'idle' && left === 0) return 'ready';
     // A guest that kept the deadline guarantee engaged will not turn quiet in time: once
     // the mirror has caught up, pivot now (a paused mirror's len stops growing, so the
     // guarantee sees no work left and would let the job sit paused at READY).
-    if (mod.guaranteeEngaged && snap.len - snap.offset === 0) {
+    if (mod.guaranteeEngaged && left === 0) {
       o.logger.info({ decision: mod.decision }, 'the deadline guarantee is engaged: pivoting without waiting for a quiet guest');
       return 'ready';
     }
@@ -278,7 +278,7 @@ async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: Progres
       return 'ready';
     }
     if (performance.now() > until) {
-      o.logger.info({ decision: mod.decision, left: snap.len - snap.offset }, 'the guest stayed busy at READY; pivoting anyway');
+      o.logger.info({ decision: mod.decision, left }, 'the guest stayed busy at READY; pivoting anyway');
       return 'ready';
     }
     await firstValueFrom(merge(timer(pollMs), client.closed$).pipe(take(1)));

@@ -202,21 +202,22 @@ const mid = (s: Sample) => (s.sent + s.t) / 2;
 
 /**
  * A cumulative counter at time `t`, linearly interpolated between the samples around it;
- * undefined outside the samples' span.
+ * undefined outside the samples' span, or, with `edgeMs`, the nearest end's value when `t`
+ * lies less than that outside it (the benchmark's windows reach to its first and last poll).
  */
-export function counterAt(samples: readonly Sample[], t: number, get: (s: Sample) => number | undefined): number | undefined {
+export function counterAt(samples: readonly Sample[], t: number, get: (s: Sample) => number | undefined, edgeMs = 0): number | undefined {
   let prev: { t: number; v: number } | undefined;
   for (const s of samples) {
     const v = get(s);
     if (v === undefined) continue;
     const ts = mid(s);
     if (ts >= t) {
-      if (!prev) return ts === t ? v : undefined;
+      if (!prev) return ts === t || ts - t < edgeMs ? v : undefined;
       return prev.v + ((v - prev.v) * (t - prev.t)) / (ts - prev.t);
     }
     prev = { t: ts, v };
   }
-  return undefined;
+  return prev && t - prev.t < edgeMs ? prev.v : undefined;
 }
 
 /** Average rate of a cumulative counter over [from, to], per second; undefined if not covered. */
