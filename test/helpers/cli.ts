@@ -1,6 +1,8 @@
 /** Runs the real `idlecrypt` command (bin/idlecrypt) as an operator would. */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const BIN = fileURLToPath(new URL('../../bin/idlecrypt', import.meta.url));
@@ -24,10 +26,24 @@ export interface RunningCli {
   result: Promise<CliResult>;
 }
 
+let cwd: string | undefined;
+/**
+ * Where the command runs: a directory of this test process's own, removed when the process
+ * exits, so that the metrics files runs write by default do not pile up in /tmp.
+ */
+function cliCwd(): string {
+  if (cwd === undefined) {
+    const dir = mkdtempSync(path.join(tmpdir(), 'idlecrypt-cli-'));
+    process.once('exit', () => rmSync(dir, { recursive: true, force: true }));
+    cwd = dir;
+  }
+  return cwd;
+}
+
 export function startCli(args: string[], env: Record<string, string> = {}): RunningCli {
   const child = spawn(BIN, args, {
     // Out of the repo: a run without --influx writes ./idlecrypt-metrics/ where it runs.
-    cwd: tmpdir(),
+    cwd: cliCwd(),
     env: { ...process.env, IDLECRYPT_LOG: 'debug', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
