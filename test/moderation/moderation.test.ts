@@ -148,8 +148,12 @@ async function sideBySide(t: TestContext, base: string, attempt: number): Promis
     makeDiskImage(images.ref, { sizeMiB: 256, format: 'raw', fill: 'pattern' }),
   ]);
   // 10 GiB just written: flush it now, or the kernel writes it back during the measured
-  // phases and throttles whichever guest dirties pages at that moment.
+  // phases and throttles whichever guest dirties pages at that moment. Then drop the page
+  // cache that earlier test files filled: reclaiming it during the first busy phase stalled
+  // QEMU's main loop, and the guest's first request reached QEMU 0.6-1.4 s after the guest
+  // began (three full-suite runs in a row; 7-60 ms otherwise).
   execFileSync('sync');
+  await writeFile('/proc/sys/vm/drop_caches', '1').catch(() => t.diagnostic('could not drop the page cache (not root?)'));
   const [mod, ref, cmp] = await Promise.all([
     boot(base, { name: 'mod', disk: images.mod, workload: 'bursty', params: bursty }),
     boot(base, { name: 'ref', disk: images.ref, workload: 'bursty', params: bursty }),
