@@ -44,6 +44,11 @@ export interface TestVmOptions {
    * `-device virtio-blk-pci,drive=drive0,id=disk0` (QEMU names the nodes itself).
    */
   diskStyle?: 'blockdev' | 'drive';
+  /**
+   * Host cache mode of the disk, as `-drive cache=`: default 'writeback' (QEMU's default).
+   * With 'blockdev' it is set on the file node only, which is where it takes effect.
+   */
+  cache?: 'writeback' | 'none' | 'unsafe';
   /** Default 'idle'. */
   workload?: Workload;
   /** Appended to the kernel command line as idlecrypt.<k>=<v>. */
@@ -180,17 +185,18 @@ async function detectFormat(disk: string): Promise<'raw' | 'qcow2'> {
   return format;
 }
 
-function diskArgs(disk: string, format: 'raw' | 'qcow2', style: 'blockdev' | 'drive'): string[] {
+function diskArgs(disk: string, format: 'raw' | 'qcow2', style: 'blockdev' | 'drive', cache: 'writeback' | 'none' | 'unsafe'): string[] {
   if (style === 'blockdev') {
+    const cacheOpts = { direct: cache === 'none', 'no-flush': cache === 'unsafe' };
     // JSON syntax: no comma escaping needed for the file name.
     return [
-      '-blockdev', JSON.stringify({ driver: 'file', filename: disk, 'node-name': 'disk0-file' }),
+      '-blockdev', JSON.stringify({ driver: 'file', filename: disk, 'node-name': 'disk0-file', cache: cacheOpts }),
       '-blockdev', JSON.stringify({ driver: format, file: 'disk0-file', 'node-name': 'disk0-fmt' }),
       '-device', 'virtio-blk-pci,drive=disk0-fmt,id=disk0',
     ];
   }
   return [
-    '-drive', `file=${optValue(disk)},format=${format},if=none,id=drive0`,
+    '-drive', `file=${optValue(disk)},format=${format},if=none,id=drive0,cache=${cache}`,
     '-device', 'virtio-blk-pci,drive=drive0,id=disk0',
   ];
 }
@@ -255,7 +261,7 @@ export async function startTestVm(options: TestVmOptions): Promise<TestVm> {
     '-kernel', KERNEL_PATH,
     '-initrd', INITRD_PATH,
     '-append', cmdline,
-    ...diskArgs(options.disk, format, options.diskStyle ?? 'blockdev'),
+    ...diskArgs(options.disk, format, options.diskStyle ?? 'blockdev', options.cache ?? 'writeback'),
     ...(options.input ?? true
       ? ['-device', 'virtio-keyboard-pci,id=keyboard0', '-device', 'virtio-tablet-pci,id=tablet0']
       : []),

@@ -19,7 +19,24 @@ export interface DiskInfo {
   readonly driver: string;
   readonly virtualSize: number;
   readonly encrypted: boolean;
+  /** How QEMU opened the image file (its protocol node): what the target inherits. */
+  readonly cache: DiskCache;
 }
+
+/**
+ * The host-cache mode of an image, as `-drive cache=` or `-blockdev cache.direct=,cache.no-flush=`
+ * set it: `cache=none` is { direct: true, noFlush: false }, `writeback` is { false, false },
+ * `unsafe` is { false, true }. (`writethrough` and `directsync` differ from writeback and none
+ * only in the device's write cache, which belongs to the guest's BlockBackend and survives
+ * the pivot unchanged.)
+ */
+export interface DiskCache {
+  readonly direct: boolean;
+  readonly noFlush: boolean;
+}
+
+/** Protocol drivers: the nodes that open the file itself, where O_DIRECT takes effect. */
+const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'host_cdrom']);
 
 /** The qdev id is the path component after /machine/peripheral/ (QOM path of -device id=). */
 export function qdevIdOf(qdev: string | undefined): string {
@@ -29,22 +46,29 @@ export function qdevIdOf(qdev: string | undefined): string {
 }
 
 export async function listDisks(client: QmpClient): Promise<DiskInfo[]> {
-  const blocks = await client.execute('query-block');
+  const [blocks, nodes] = await Promise.all([client.execute('query-block'), client.execute('query-named-block-nodes', { flat: true })]);
   const disks: DiskInfo[] = [];
   for (const b of blocks) {
     const ins = b.inserted;
     if (!ins) continue; // empty CD-ROM drives and the like
     const image = ins.image as { 'virtual-size'?: number; format?: string; 'format-specific'?: { type?: string; data?: { encrypt?: unknown } } } | undefined;
     const driver = ins.drv;
+    const file = imagePath(ins.file);
+    // With -blockdev, each node has its own cache options and the format node (the root)
+    // does not show its file node's: read them where the file is opened. -drive cache=
+    // sets both alike.
+    const protocol = nodes.find((n) => PROTOCOL_DRIVERS.has(n.drv) && n.file === file);
+    const cache = (protocol ?? ins).cache;
     disks.push({
       qdevId: qdevIdOf(b.qdev),
       device: b.device ?? '',
       nodeName: ins['node-name'] ?? '',
-      file: imagePath(ins.file),
+      file,
       driver,
       virtualSize: image?.['virtual-size'] ?? 0,
       // `encrypted` is set by qcow2's built-in encryption; a luks node is encrypted by its driver.
       encrypted: driver === 'luks' || ins.encrypted === true || image?.['format-specific']?.data?.encrypt !== undefined,
+      cache: { direct: cache.direct, noFlush: cache['no-flush'] },
     });
   }
   return disks;

@@ -132,7 +132,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     const tag = randomBytes(4).toString('hex');
     const target = new EncryptedTarget(
       client,
-      { path: targetPath, format: o.format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag },
+      { path: targetPath, format: o.format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag, cache: disk.cache },
       log,
     );
     let pivoting = false;

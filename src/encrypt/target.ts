@@ -16,6 +16,7 @@ import type { QmpClient } from '../qmp/client.ts';
 import { QmpCommandError } from '../qmp/errors.ts';
 import { IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
+import type { DiskCache } from './disks.ts';
 
 /** Tries at LUKS key-slot creation before its spurious timing failure is believed (see create()). */
 const LUKS_TIMING_ATTEMPTS = 12;
@@ -31,6 +32,11 @@ export interface TargetSpec {
   readonly iterTimeMs: number;
   /** Unique suffix for node, object and job ids. */
   readonly tag: string;
+  /**
+   * Host-cache mode of both target nodes: the source's, as libvirt's blockcopy does, so the
+   * guest keeps its O_DIRECT (`cache=none`) or page-cache behaviour across the pivot.
+   */
+  readonly cache: DiskCache;
 }
 
 export class EncryptedTarget {
@@ -54,6 +60,7 @@ export class EncryptedTarget {
 
   async create(): Promise<void> {
     const { path, format, size, keyFile, iterTimeMs, tag } = this.spec;
+    const cache = { direct: this.spec.cache.direct, 'no-flush': this.spec.cache.noFlush };
     // O_EXCL: if anything appeared at the path since the preflight check, we stop here
     // rather than let QEMU truncate it.
     try {
@@ -69,7 +76,7 @@ export class EncryptedTarget {
     this.secretAdded = true;
 
     await runCreateJob(this.client, `idlecrypt-mkfile-${tag}`, { driver: 'file', filename: path, size: 0 });
-    await this.client.execute('blockdev-add', { driver: 'file', 'node-name': this.fileNode, filename: path });
+    await this.client.execute('blockdev-add', { driver: 'file', 'node-name': this.fileNode, filename: path, cache });
     this.fileNodeAdded = true;
 
     const luksOptions = { 'key-secret': this.secretId, 'iter-time': iterTimeMs };
@@ -100,8 +107,8 @@ export class EncryptedTarget {
     await this.client.execute(
       'blockdev-add',
       format === 'luks'
-        ? { driver: 'luks', 'node-name': this.node, file: this.fileNode, 'key-secret': this.secretId }
-        : { driver: 'qcow2', 'node-name': this.node, file: this.fileNode, encrypt: { format: 'luks', 'key-secret': this.secretId } },
+        ? { driver: 'luks', 'node-name': this.node, file: this.fileNode, 'key-secret': this.secretId, cache }
+        : { driver: 'qcow2', 'node-name': this.node, file: this.fileNode, encrypt: { format: 'luks', 'key-secret': this.secretId }, cache },
     );
     this.nodeAdded = true;
   }

@@ -68,7 +68,9 @@ describe('encrypt', () => {
     const src = path.join(dir, 'writer.raw');
     const target = path.join(dir, 'writer.luks');
     await makeDiskImage(src, { sizeMiB: 128, format: 'raw', fill: 'pattern' });
-    const vm = await boot({ name: 'writer', disk: src, diskStyle: 'drive', workload: 'writer', params: { wps: 40 } });
+    // cache=unsafe: the target must inherit the host-cache mode (here: no flushes).
+    const vm = await boot({ name: 'writer', disk: src, diskStyle: 'drive', cache: 'unsafe', workload: 'writer', params: { wps: 40 } });
+    assert.deepEqual((await diskNow(vm)).cache, { direct: false, noFlush: true });
     await vm.waitForLine(/^WROTE seq=20 /, 30_000); // writes before the copy
 
     // 128 MiB at 16 MiB/s: ~8 s of copying while the guest writes 40 blocks/s.
@@ -90,6 +92,7 @@ describe('encrypt', () => {
     assert.equal(disk.file, target);
     assert.equal(disk.driver, 'luks');
     assert.equal(disk.encrypted, true);
+    assert.deepEqual(disk.cache, { direct: false, noFlush: true }, 'the target kept the source\'s cache mode');
     const lastBefore = writes(vm).at(-1)!.seq;
     await vm.waitForLine(new RegExp(`^WROTE seq=${lastBefore + 40} `), 30_000);
     await vm.stop();
@@ -132,11 +135,13 @@ describe('encrypt', () => {
     assert.ok(!run.stdout.includes(KEY) && !run.stderr.includes(KEY));
   });
 
-  test('a sparse qcow2 disk is encrypted into qcow2 with LUKS encryption, identical to the source', async () => {
+  test('a sparse qcow2 disk with cache.direct (cache=none) is encrypted into qcow2 with LUKS encryption, identical to the source, and keeps O_DIRECT', async () => {
     const src = path.join(dir, 'sparse.qcow2');
     const target = path.join(dir, 'sparse-enc.qcow2');
     await makeDiskImage(src, { sizeMiB: 256, format: 'qcow2', fill: 'sparse' });
-    const vm = await boot({ name: 'sparse', disk: src, diskStyle: 'blockdev', workload: 'idle' });
+    // cache.direct on the file node only: listDisks must read it there, not at the root.
+    const vm = await boot({ name: 'sparse', disk: src, diskStyle: 'blockdev', cache: 'none', workload: 'idle' });
+    assert.deepEqual((await diskNow(vm)).cache, { direct: true, noFlush: false });
     const before = await sha256(src);
     const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0-fmt', '--target', target, '--key-file', path.join(dir, 'key'), '--format', 'qcow2', '--iter-time', '50']);
     assert.equal(run.code, 0, run.stderr);
@@ -145,6 +150,7 @@ describe('encrypt', () => {
     assert.equal(disk.file, target);
     assert.equal(disk.driver, 'qcow2');
     assert.equal(disk.encrypted, true);
+    assert.deepEqual(disk.cache, { direct: true, noFlush: false }, 'the target is opened with O_DIRECT, as the source was');
     await vm.stop();
     assert.equal(await sha256(src), before, 'the source is unmodified');
     const info = await imageInfo(target);
@@ -174,6 +180,7 @@ describe('encrypt', () => {
       [['disk0', target, 'luks', true]],
     );
     assert.deepEqual(st.jobs, []);
+    assert.deepEqual((await diskNow(vm)).cache, { direct: false, noFlush: false }, 'writeback, as the source');
     await vm.stop();
     const cmp = await compareWithEncrypted(src, target, 'luks', path.join(dir, 'key'));
     assert.ok(cmp.same, cmp.output);

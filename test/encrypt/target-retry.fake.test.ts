@@ -49,7 +49,7 @@ async function attempt(failures: number) {
   const { luksJobs } = playQemu(conn, failures);
   const keyFile = path.join(dir, 'key');
   await writeFile(keyFile, 'k');
-  const target = new EncryptedTarget(client, { path: path.join(dir, 't.luks'), format: 'luks', size: 1 << 20, keyFile, iterTimeMs: 50, tag: 't1' }, logger);
+  const target = new EncryptedTarget(client, { path: path.join(dir, 't.luks'), format: 'luks', size: 1 << 20, keyFile, iterTimeMs: 50, tag: 't1', cache: { direct: false, noFlush: false } }, logger);
   try {
     const error = await target.create().then(
       () => undefined,
