@@ -38,7 +38,10 @@
  * busy/idle state) of the last round; bench/results/moderation-<time>.json holds the data.
  *
  *   node --import tsx bench/moderation.ts [--rounds 3] [--size-mib 6144] [--max-copy-s 32]
- *        [--modes none,unthrottled,cap30,cap100,idlecrypt] [--out bench/results]
+ *        [--modes none,unthrottled,cap30,cap100,idlecrypt] [--cache writeback|none] [--out bench/results]
+ *
+ * --cache: the guest's disk as `-drive cache=`; the target inherits it. writeback (QEMU's
+ * default) goes through the host's page cache, none (O_DIRECT) as production hosts often run.
  *
  * About 13 minutes with the defaults on a 2-core machine.
  */
@@ -76,9 +79,12 @@ const { values } = parseArgs({
     'size-mib': { type: 'string', default: '6144' },
     'max-copy-s': { type: 'string', default: '32' },
     modes: { type: 'string', default: 'none,unthrottled,cap30,cap100,idlecrypt' },
+    cache: { type: 'string', default: 'writeback' },
     out: { type: 'string', default: 'bench/results' },
   },
 });
+const cache = values.cache as 'writeback' | 'none';
+if (cache !== 'writeback' && cache !== 'none') throw new Error('--cache writeback|none');
 const rounds = Number(values.rounds);
 const sizeMiB = Number(values['size-mib']);
 const maxCopyMs = Number(values['max-copy-s']) * 1000;
@@ -188,7 +194,7 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
   await mkdir(vmDir);
   const others0 = await otherQemus([]);
   const load0 = os.loadavg()[0]!;
-  const vm = await startTestVm({ name, disk: src, dir: vmDir, workload: 'bursty', params: { idle: IDLE_S, busy: BUSY_S } });
+  const vm = await startTestVm({ name, disk: src, dir: vmDir, cache, workload: 'bursty', params: { idle: IDLE_S, busy: BUSY_S } });
   const rec = new GuestRecorder(vm);
   const target = path.join(work, `${name}.luks`);
   let run: EncryptRun | undefined;
@@ -518,7 +524,7 @@ try {
 
 const rows = summarise(runs);
 const t = table(rows);
-const header = `Moderation benchmark: bursty guest (${IDLE_S} s idle / ${BUSY_S} s busy), ${sizeMiB} MiB pattern-filled raw disk into LUKS, ${rounds} rounds, medians over rounds`;
+const header = `Moderation benchmark: bursty guest (${IDLE_S} s idle / ${BUSY_S} s busy), ${sizeMiB} MiB pattern-filled raw disk (cache=${cache}) into LUKS, ${rounds} rounds, medians over rounds`;
 console.log(`${header}\n${textTable(t)}`);
 
 await mkdir(outDir, { recursive: true });
@@ -533,7 +539,7 @@ const qemuVersion = (() => {
 })();
 await writeFile(path.join(outDir, 'moderation-timeline.svg'), timelineSvg(lastRound, `One run of each mode (round ${rounds}): busy phases shaded`));
 await writeFile(path.join(outDir, 'moderation-summary.svg'), summarySvg(rows));
-await writeFile(path.join(outDir, `moderation-${stamp}.json`), JSON.stringify({ startedAt, sizeMiB, rounds, maxCopyMs, modes: modes.map((m) => m.id), runs }, null, 1));
+await writeFile(path.join(outDir, `moderation-${stamp}.json`), JSON.stringify({ startedAt, sizeMiB, cache, rounds, maxCopyMs, modes: modes.map((m) => m.id), runs }, null, 1));
 
 const perRun = [
   ['round', 'mode', 'guest MiB/s busy', 'job MiB/s idle (after hold-off)', 'job MiB/s busy', 'total s', 'reactions ms (skipped)', 'from the first request ms', 'other qemus start/end', 'load 1 min start/end'],
@@ -553,7 +559,7 @@ const perRun = [
 const report = `# Moderation benchmark (issue 4)
 
 ${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${qemuVersion}, TCG guest (1 vCPU, 256 MiB).
-Command: \`node --import tsx bench/moderation.ts --rounds ${rounds} --size-mib ${sizeMiB} --max-copy-s ${maxCopyMs / 1000} --modes ${modes.map((m) => m.id).join(',')}\`
+Command: \`node --import tsx bench/moderation.ts --rounds ${rounds} --size-mib ${sizeMiB} --max-copy-s ${maxCopyMs / 1000} --modes ${modes.map((m) => m.id).join(',')} --cache ${cache}\`
 
 ${header}.
 

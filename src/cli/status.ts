@@ -27,6 +27,7 @@ export function statusCommand(): Command {
                 format: d.driver,
                 virtual_size: d.virtualSize,
                 encrypted: d.encrypted,
+                cache: { direct: d.cache.direct, 'no-flush': d.cache.noFlush },
               })),
               jobs: jobs.map((j) => ({
                 id: j.device,

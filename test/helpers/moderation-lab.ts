@@ -242,10 +242,23 @@ export function jobBefore(samples: readonly Sample[], t: number): JobState | und
   return j;
 }
 
-/** When the job first had nothing left to copy (READY), or Infinity. */
+/**
+ * When the job first had nothing left to copy (READY), or Infinity. A job that completes
+ * within a poll interval of READY (idlecrypt pivots at once when the guest is quiet) is
+ * never seen READY: then the last poll that saw it, the end of what the polls can measure.
+ */
 export function firstCaughtUp(samples: readonly Sample[]): number {
-  const s = samples.find((x) => x.job && (x.job.ready || (x.job.len > 0 && x.job.offset >= x.job.len)));
-  return s ? s.sent : Infinity;
+  let last: Sample | undefined;
+  for (const x of samples) {
+    if (x.job === undefined) continue; // not polled for jobs
+    if (x.job === null) {
+      if (last) return last.sent; // gone
+      continue; // not there yet
+    }
+    if (x.job.ready || (x.job.len > 0 && x.job.offset >= x.job.len)) return x.sent;
+    last = x;
+  }
+  return Infinity;
 }
 
 export interface Reaction {

@@ -305,6 +305,7 @@ async function sideBySide(t: TestContext, base: string, attempt: number): Promis
   // ---------------------------------------------------------------- assertions
   assert.ok(busy.length >= 2, `the copy spanned ${busy.length} whole busy phases; at least 2 needed`);
   assert.ok(idleWindows.length >= 1, 'at least one idle phase at full speed was measured');
+  idleWindows.forEach((w, i) => assert.ok(idleRates[i] !== undefined, `idle phase ${w.p.n}: the polls cover its window`));
   const shortfalls: string[] = [];
   if (!(kept >= 0.93)) shortfalls.push(`the moderated guest kept ${pct(kept)} of the reference's busy-phase throughput (need >= 93%)`);
   if (!(median(idleRates) >= 0.8 * cmpRate)) shortfalls.push(`idle-phase job speed ${mibps(median(idleRates))} MiB/s is ${pct(median(idleRates) / cmpRate)} of the unthrottled ${mibps(cmpRate)} MiB/s (need >= 80%)`);

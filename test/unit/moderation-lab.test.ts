@@ -3,7 +3,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { activityPoint } from '../../src/metrics/names.ts';
 import { toLineProtocol } from '../../src/metrics/line-protocol.ts';
-import { firstRequestAt, parseActivity } from '../helpers/moderation-lab.ts';
+import { firstCaughtUp, firstRequestAt, parseActivity, rateOver, jobOffset, type Sample } from '../helpers/moderation-lab.ts';
 
 /** The line idlecrypt writes for one 50 ms probe sample ending at `t` (epoch ms). */
 function line(t: number, reads: number, writes = 0): string {
@@ -38,5 +38,27 @@ describe('moderation lab: probe samples from a metrics file', () => {
     assert.equal(firstRequestAt(pts, T + 400), T + 100, 'a line delivered late still finds it (look-back)');
     assert.equal(firstRequestAt(pts, T + 10_000), undefined, 'nothing new after the phase began');
     assert.equal(firstRequestAt(pts.slice(2), T + 120), undefined, 'no quiet interval before: not a start');
+  });
+});
+
+describe('moderation lab: the end of the copy in the harness\'s polls', () => {
+  const job = (offset: number, len: number, ready = false) => ({ id: 'idlecrypt-1', offset, len, paused: false, speed: 0, ready, status: ready ? 'ready' : 'running' });
+  const at = (t: number, j: Sample['job']): Sample => ({ sent: t, t: t + 10, job: j });
+
+  test('the first poll that saw it READY, or all copied', () => {
+    assert.equal(firstCaughtUp([at(0, null), at(100, job(10, 100)), at(200, job(100, 100)), at(300, job(100, 100, true))]), 200);
+    assert.equal(firstCaughtUp([at(0, job(10, 100)), at(100, job(90, 120, true))]), 100);
+  });
+
+  test('a job that completed between two polls ends at the last poll that saw it, where its rate is still measurable', () => {
+    const samples = [at(0, null), at(100, job(0, 100)), at(200, job(50, 100)), at(300, job(90, 100)), at(400, null)];
+    const end = firstCaughtUp(samples);
+    assert.equal(end, 300);
+    assert.notEqual(rateOver(samples, 105, end, jobOffset), undefined);
+  });
+
+  test('a job still copying, or none yet: Infinity', () => {
+    assert.equal(firstCaughtUp([at(0, null), at(100, job(10, 100))]), Infinity);
+    assert.equal(firstCaughtUp([at(0, null)]), Infinity);
   });
 });
