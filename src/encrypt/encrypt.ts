@@ -17,7 +17,7 @@ import { IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { JobControl, JobSnapshot } from '../jobs/types.ts';
 import { QmpMirrorJob } from '../jobs/qmp-mirror.ts';
-import { diskLabel, findDisk, listDisks, type DiskInfo } from './disks.ts';
+import { diskLabel, findDisk, listDisks, type DiskCache, type DiskInfo } from './disks.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded } from './preflight.ts';
 import { EncryptedTarget, type TargetFormat } from './target.ts';
 import { ProgressMeter, type Progress } from './progress.ts';
@@ -39,7 +39,7 @@ export interface EncryptOptions {
   /** Initial speed limit, bytes/s; 0 = unlimited. */
   readonly speed: number;
   readonly iterTimeMs: number;
-  /** The mirror's buffer, bytes; default MODERATED_BUF_SIZE when moderated, else QEMU's (16 MiB). */
+  /** The mirror's buffer, bytes; default moderatedBufSize() when moderated, else QEMU's (16 MiB). */
   readonly bufSize?: number;
   readonly pollMs?: number;
   readonly signal?: AbortSignal;
@@ -71,28 +71,36 @@ export interface EncryptResult {
 }
 
 /**
- * The mirror's buffer (QMP blockdev-mirror `buf-size`) when the copy is moderated: 4 MiB,
- * i.e. four 1 MiB copy operations in flight, instead of QEMU's default 16 MiB (sixteen).
+ * The mirror's buffer (QMP blockdev-mirror `buf-size`) when the copy is moderated: 4 MiB
+ * (four 1 MiB copy operations in flight) on the host's page cache, 8 MiB with O_DIRECT
+ * (`cache=none`), instead of QEMU's default 16 MiB (sixteen).
  *
- * Why: QEMU encrypts LUKS writes in its main loop, holding the big QEMU lock, and that loop
- * is also where QMP commands run and where the guest's disk requests are handled (no
- * iothread). An unthrottled mirror with 16 operations in flight keeps it busy nearly all
+ * Why smaller: QEMU encrypts LUKS writes in its main loop, holding the big QEMU lock, and
+ * that loop is also where QMP commands run and where the guest's disk requests are handled
+ * (no iothread). An unthrottled mirror with 16 operations in flight keeps it busy nearly all
  * the time: while it runs (an idle phase, at full speed) a guest that starts working gets a
  * handful of requests through per second, so the busy phase is seen late, and every QMP
- * command, the pause included, waits its turn. Measured on the project's hosts (TCG guest,
- * bursty workload; tmp experiments behind test/moderation and bench/moderation.ts):
+ * command, the pause included, waits its turn. Measured on the project's hosts with the
+ * page cache (TCG guest, bursty workload; tmp experiments behind test/moderation and
+ * bench/moderation.ts):
  *   buf-size  QMP latency while copying    busy-phase start -> paused   unthrottled speed
  *   16 MiB    p50 40-160 ms, p95 180-650   0.5-1.4 s                    100% (366-418 MiB/s)
  *    8 MiB    p50 40-80 ms,  p95 100-205   0.05-0.26 s                  ~90%
  *    4 MiB    p50 6-23 ms,   p95 33-105    0.09-0.26 s                  ~85%
  *    2 MiB    p50 3-8 ms,    p95 9-40      0.04-0.34 s                  ~80%
  *    1 MiB    p50 1-3 ms,    p95 4-13      0.01-0.03 s                  ~65%
+ * Why larger with O_DIRECT: each operation then waits for the device, not for a memory copy,
+ * so fewer in flight leave the device idle while the main loop has time to spare. In the
+ * side-by-side acceptance test (test/moderation, cache=none, 2026-11-25), 4 MiB ran at
+ * 75-92% of the unthrottled copy in idle phases and slowed 29-174 ms after a busy phase
+ * began; 8 MiB ran at 97-98% and slowed after 108-117 ms.
  * Issue 4 asks that the job slow within 250 ms of the guest's first busy request and run at
- * >= 80% of an unthrottled mirror while the guest is idle; 4 MiB does both with room. A
- * copy at a fixed speed or none (--speed, --no-moderation) keeps QEMU's default, as
- * libvirt's blockcopy does.
+ * >= 80% of an unthrottled mirror while the guest is idle. A copy at a fixed speed or none
+ * (--speed, --no-moderation) keeps QEMU's default, as libvirt's blockcopy does.
  */
-export const MODERATED_BUF_SIZE = 4 * 1024 * 1024;
+export function moderatedBufSize(cache: DiskCache): number {
+  return (cache.direct ? 8 : 4) * 1024 * 1024;
+}
 
 export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
   const log = o.logger;
@@ -206,7 +214,7 @@ async function refuseIfBusy(client: QmpClient, disk: DiskInfo, asked: string): P
 }
 
 async function startMirror(client: QmpClient, disk: DiskInfo, target: EncryptedTarget, o: EncryptOptions, tag: string) {
-  const bufSize = o.bufSize ?? (o.moderation ? MODERATED_BUF_SIZE : undefined);
+  const bufSize = o.bufSize ?? (o.moderation ? moderatedBufSize(disk.cache) : undefined);
   try {
     return await QmpMirrorJob.start(client, {
       jobId: `idlecrypt-${tag}`,
