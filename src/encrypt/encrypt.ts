@@ -17,7 +17,7 @@ import { IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { JobControl, JobSnapshot } from '../jobs/types.ts';
 import { QmpMirrorJob } from '../jobs/qmp-mirror.ts';
-import { diskLabel, findDisk, listDisks, type DiskCache, type DiskInfo } from './disks.ts';
+import { diskLabel, findDisk, imagePath, listDisks, type DiskCache, type DiskInfo } from './disks.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded } from './preflight.ts';
 import { EncryptedTarget, type TargetFormat } from './target.ts';
 import { ProgressMeter, type Progress } from './progress.ts';
@@ -205,11 +205,31 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
   }
 }
 
+/**
+ * The filter nodes QEMU puts above a disk's node while a job runs on it (mirror, active
+ * commit, backup). query-block does not show them (they are implicit), but
+ * query-named-block-nodes does, named after the file beneath.
+ */
+const JOB_FILTER_DRIVERS = new Set(['mirror_top', 'commit_top', 'backup-top', 'copy-before-write']);
+
+/**
+ * Refuse before anything is created when a block job already runs on the disk: one named
+ * after the device (legacy drive jobs), or one under any id (libvirt's, a backup tool's)
+ * whose filter node sits on the disk's image.
+ */
 async function refuseIfBusy(client: QmpClient, disk: DiskInfo, asked: string): Promise<void> {
   const names = new Set([disk.device, disk.nodeName, disk.qdevId, asked].filter((n) => n !== ''));
-  const busy = (await client.execute('query-block-jobs')).find((j) => names.has(j.device));
+  const jobs = await client.execute('query-block-jobs');
+  const busy = jobs.find((j) => names.has(j.device));
   if (busy) {
     throw new IdlecryptError('JOB_EXISTS', `a ${busy.type} job (${busy.device}) is already running on '${asked}'; wait for it or cancel it first`);
+  }
+  if (jobs.length === 0) return;
+  const nodes = await client.execute('query-named-block-nodes', { flat: true });
+  const filter = nodes.find((n) => JOB_FILTER_DRIVERS.has(n.drv) && imagePath(n.file) === disk.file);
+  if (filter) {
+    const ids = jobs.map((j) => `${j.type} ${j.device}`).join(', ');
+    throw new IdlecryptError('JOB_EXISTS', `another block job is already running on '${asked}' (QEMU's jobs: ${ids}); wait for it or cancel it first`);
   }
 }
 

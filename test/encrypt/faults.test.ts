@@ -165,8 +165,9 @@ describe('bad input', () => {
     try {
       await c.execute('blockdev-add', { driver: 'null-co', 'node-name': 'scratch', size: 64 * 1024 * 1024 } as never);
       await c.execute('blockdev-mirror', { 'job-id': 'backup-by-someone', device: 'disk0-fmt', target: 'scratch', sync: 'full', speed: 1024 });
-      const r = await runCli(encrypt({}));
-      await assertRefused(r, /another block job is already running on 'disk0'|already running on 'disk0'/);
+      const r = await runCli(encrypt({}, ['--json']));
+      await assertRefused(r, /another block job is already running on 'disk0' \(QEMU's jobs: mirror backup-by-someone\)/);
+      assert.deepEqual(r.stdout.trim().split('\n').filter((l) => l !== '').map((l) => JSON.parse(l)).filter((r) => r.event === 'phase').map((r) => r.phase), ['preflight'], 'refused before the target was created');
       const jobs = await c.execute('query-block-jobs');
       assert.deepEqual(jobs.map((j) => j.device), ['backup-by-someone'], 'the other job is left alone');
     } finally {
