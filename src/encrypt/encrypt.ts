@@ -91,9 +91,11 @@ export interface EncryptResult {
  *    1 MiB    p50 1-3 ms,    p95 4-13      0.01-0.03 s                  ~65%
  * Why larger with O_DIRECT: each operation then waits for the device, not for a memory copy,
  * so fewer in flight leave the device idle while the main loop has time to spare. In the
- * side-by-side acceptance test (test/moderation, cache=none, 2026-11-25), 4 MiB ran at
- * 75-92% of the unthrottled copy in idle phases and slowed 29-174 ms after a busy phase
- * began; 8 MiB ran at 97-98% and slowed after 108-117 ms.
+ * side-by-side acceptance test (test/moderation, cache=none, 2026-11-25; 3 runs with 4 MiB,
+ * 5 with 8 MiB), the idle-phase copy ran at this share of the unthrottled one, single idle
+ * phases and the median per run, and slowed this long after a busy phase began:
+ *   4 MiB   75-92%, medians 79-92%   29-174 ms
+ *   8 MiB   81-98%, medians 88-98%   44-146 ms
  * Issue 4 asks that the job slow within 250 ms of the guest's first busy request and run at
  * >= 80% of an unthrottled mirror while the guest is idle. A copy at a fixed speed or none
  * (--speed, --no-moderation) keeps QEMU's default, as libvirt's blockcopy does.
