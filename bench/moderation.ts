@@ -359,7 +359,7 @@ function summarise(runs: Run[]): Row[] {
       total: med(rs.map((r) => r.totalS)),
       totalApprox: rs.some((r) => r.extrapolated),
       reactions: rs.flatMap((r) => r.reactionsMs),
-      reactionsFromRequest: rs.flatMap((r) => r.reactionsFromRequestMs ?? []),
+      reactionsFromRequest: rs.flatMap((r) => r.reactionsFromRequestMs),
     };
   });
 }

@@ -88,8 +88,9 @@ export class EncryptedTarget {
     // it first runs 2^15 iterations, a few ms, and reads the thread's CPU time around them.
     // Where the kernel accounts CPU time by ticks (CONFIG_TICK_CPU_ACCOUNTING, as on these
     // VMs), the reading is sometimes 0 and QEMU fails with "Unable to get accurate CPU
-    // usage" (host-facts.md), whatever the iter-time. Each attempt is an independent draw (about one in three on a
-    // busy host; five in a row were seen in CI): retry, a little apart.
+    // usage" (host-facts.md), whatever the iter-time. Each attempt is an independent draw
+    // (about one in three on a busy host; five in a row were seen in CI): retry, a little
+    // apart.
     for (let attempt = 1; ; attempt++) {
       try {
         await runCreateJob(this.client, `idlecrypt-mkfmt-${tag}-${attempt}`, createOptions);
