@@ -1,15 +1,26 @@
 /**
- * Creating the encrypted target inside the running QEMU, and removing it again.
+ * Creating the encrypted target and opening it in the running QEMU, and removing it again.
  *
- * The recipe (QAPI blockdev-create, docs/system/images.rst "luks"):
+ * The recipe:
+ *   open(O_EXCL)                              the empty image file, ours alone
  *   object-add secret (file=KEYFILE)          the key reaches QEMU from the file, never inline
- *   blockdev-create driver=file               the empty image file
+ *   qemu-img create -f luks|qcow2             the LUKS header (or qcow2 with LUKS encryption),
+ *     --object secret,file=KEYFILE            written by a process of its own
  *   blockdev-add    driver=file               opened as a protocol node
- *   blockdev-create driver=luks|qcow2         the LUKS header (or qcow2 with LUKS encryption)
  *   blockdev-add    driver=luks|qcow2         the node the mirror writes into
  * Every step is recorded so that `remove()` undoes exactly what was done, in reverse.
+ *
+ * Why the header is not made by the guest's QEMU (QAPI blockdev-create, as before): QEMU
+ * benchmarks and runs the key slot's PBKDF2 (`iter-time`, 2 s by default) in its main loop,
+ * where the guest's disk requests are handled too: a guest doing ~900 requests/s had none
+ * reach QEMU for 4 s while blockdev-create ran (host-facts.md). `qemu-img create` is the
+ * same code (block/crypto.c, crypto/block-luks.c) in another process, so the guest does not
+ * notice (docs/starvation.md has the gaps measured). Where no qemu-img is installed, the
+ * header is made with blockdev-create as before, and a warning says the guest will stall.
  */
+import { execFile } from 'node:child_process';
 import { promises as fs } from 'node:fs';
+import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { firstValueFrom, filter, timeout } from 'rxjs';
 import type { QmpClient } from '../qmp/client.ts';
@@ -37,7 +48,14 @@ export interface TargetSpec {
    * guest keeps its O_DIRECT (`cache=none`) or page-cache behaviour across the pivot.
    */
   readonly cache: DiskCache;
+  /**
+   * The qemu-img that writes the header ('qemu-img' on PATH by default); `null` makes it in
+   * the guest's QEMU with blockdev-create (see the file comment).
+   */
+  readonly qemuImg?: string | null;
 }
+
+const execFileP = promisify(execFile);
 
 export class EncryptedTarget {
   readonly secretId: string;
@@ -75,34 +93,22 @@ export class EncryptedTarget {
     await this.client.execute('object-add', { 'qom-type': 'secret', id: this.secretId, file: keyFile, format: 'raw' });
     this.secretAdded = true;
 
-    await runCreateJob(this.client, `idlecrypt-mkfile-${tag}`, { driver: 'file', filename: path, size: 0 });
-    await this.client.execute('blockdev-add', { driver: 'file', 'node-name': this.fileNode, filename: path, cache });
-    this.fileNodeAdded = true;
-
-    const luksOptions = { 'key-secret': this.secretId, 'iter-time': iterTimeMs };
-    const createOptions =
-      format === 'luks'
-        ? { driver: 'luks' as const, file: this.fileNode, size, ...luksOptions }
-        : { driver: 'qcow2' as const, file: this.fileNode, size, encrypt: { format: 'luks' as const, ...luksOptions } };
-    // Key-slot creation times the PBKDF on this CPU (QEMU's qcrypto_pbkdf2_count_iters):
-    // it first runs 2^15 iterations, a few ms, and reads the thread's CPU time around them.
-    // Where the kernel accounts CPU time by ticks (CONFIG_TICK_CPU_ACCOUNTING, as on these
-    // VMs), the reading is sometimes 0 and QEMU fails with "Unable to get accurate CPU
-    // usage" (host-facts.md), whatever the iter-time. Each attempt is an independent draw
-    // (about one in three on a busy host; five in a row were seen in CI): retry, a little
-    // apart.
-    for (let attempt = 1; ; attempt++) {
-      try {
-        await runCreateJob(this.client, `idlecrypt-mkfmt-${tag}-${attempt}`, createOptions);
-        break;
-      } catch (e) {
-        if (attempt < LUKS_TIMING_ATTEMPTS && e instanceof IdlecryptError && /accurate CPU usage/i.test(e.message)) {
-          this.log.info({ attempt }, 'LUKS key-slot timing failed spuriously; retrying');
-          await sleep(50 * attempt);
-          continue;
-        }
-        throw e;
-      }
+    const qemuImg = this.spec.qemuImg === undefined ? 'qemu-img' : this.spec.qemuImg;
+    let made = false;
+    if (qemuImg !== null) made = await this.createWithQemuImg(qemuImg);
+    if (made) {
+      await this.client.execute('blockdev-add', { driver: 'file', 'node-name': this.fileNode, filename: path, cache });
+      this.fileNodeAdded = true;
+    } else {
+      await runCreateJob(this.client, `idlecrypt-mkfile-${tag}`, { driver: 'file', filename: path, size: 0 });
+      await this.client.execute('blockdev-add', { driver: 'file', 'node-name': this.fileNode, filename: path, cache });
+      this.fileNodeAdded = true;
+      const luksOptions = { 'key-secret': this.secretId, 'iter-time': iterTimeMs };
+      const createOptions =
+        format === 'luks'
+          ? { driver: 'luks' as const, file: this.fileNode, size, ...luksOptions }
+          : { driver: 'qcow2' as const, file: this.fileNode, size, encrypt: { format: 'luks' as const, ...luksOptions } };
+      await retryLuksTiming(this.log, (attempt) => runCreateJob(this.client, `idlecrypt-mkfmt-${tag}-${attempt}`, createOptions));
     }
 
     await this.client.execute(
@@ -112,6 +118,39 @@ export class EncryptedTarget {
         : { driver: 'qcow2', 'node-name': this.node, file: this.fileNode, encrypt: { format: 'luks', 'key-secret': this.secretId }, cache },
     );
     this.nodeAdded = true;
+  }
+
+  /**
+   * Writes the header with qemu-img in its own process. The key reaches it as QEMU's does,
+   * through a secret object that names the key file: never on the command line. Returns
+   * false when there is no qemu-img to run (the caller falls back to blockdev-create).
+   */
+  private async createWithQemuImg(bin: string): Promise<boolean> {
+    const { path, format, size, keyFile, iterTimeMs } = this.spec;
+    const sec = 'sec0';
+    const opts =
+      format === 'luks'
+        ? `key-secret=${sec},iter-time=${iterTimeMs}`
+        : `encrypt.format=luks,encrypt.key-secret=${sec},encrypt.iter-time=${iterTimeMs}`;
+    // A comma in an option value is written ",," (QemuOpts); the key file's path is one.
+    const args = ['create', '-q', '-f', format, '--object', `secret,id=${sec},format=raw,file=${keyFile.replaceAll(',', ',,')}`, '-o', opts, path, String(size)];
+    try {
+      await retryLuksTiming(this.log, async () => {
+        try {
+          await execFileP(bin, args, { env: { ...process.env, LC_ALL: 'C' } });
+        } catch (e) {
+          const err = e as NodeJS.ErrnoException & { stderr?: string };
+          if (err.code === 'ENOENT') throw err;
+          const msg = (err.stderr ?? '').trim().split('\n').at(-1)?.replace(/^qemu-img: /, '') || err.message;
+          throw new IdlecryptError('JOB_FAILED', `creating the encrypted target failed: ${msg}`, { cause: e });
+        }
+      });
+      return true;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+      this.log.warn({ qemuImg: bin }, 'qemu-img not found: the LUKS header is made inside the guest\'s QEMU, which stalls the guest while it derives the key');
+      return false;
+    }
   }
 
   /**
@@ -135,6 +174,31 @@ export class EncryptedTarget {
     if (this.createdFile) {
       await step('unlink target', () => fs.rm(this.spec.path, { force: true }));
       this.createdFile = false;
+    }
+  }
+}
+
+/**
+ * Key-slot creation times the PBKDF on this CPU (QEMU's qcrypto_pbkdf2_count_iters): it
+ * first runs 2^15 iterations, a few ms, and reads the thread's CPU time around them. Where
+ * the kernel accounts CPU time by ticks (CONFIG_TICK_CPU_ACCOUNTING, as on these VMs), the
+ * reading is sometimes 0 and QEMU (or qemu-img, the same code) fails with "Unable to get
+ * accurate CPU usage" (host-facts.md), whatever the iter-time. Each attempt is an
+ * independent draw (about one in three on a busy host; five in a row were seen in CI):
+ * retry, a little apart.
+ */
+async function retryLuksTiming(log: Logger, fn: (attempt: number) => Promise<void>): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await fn(attempt);
+      return;
+    } catch (e) {
+      if (attempt < LUKS_TIMING_ATTEMPTS && e instanceof IdlecryptError && /accurate CPU usage/i.test(e.message)) {
+        log.info({ attempt }, 'LUKS key-slot timing failed spuriously; retrying');
+        await sleep(50 * attempt);
+        continue;
+      }
+      throw e;
     }
   }
 }

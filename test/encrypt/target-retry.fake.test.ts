@@ -2,11 +2,12 @@
  * LUKS key-slot creation's spurious "Unable to get accurate CPU usage" (QEMU times its
  * PBKDF with the thread's CPU time, which these VMs charge in whole ticks): real QEMU
  * shows it only by chance (five times in a row once in CI), so a scripted QMP server
- * plays QEMU's side: blockdev-create jobs that conclude with that error.
+ * plays QEMU's side: blockdev-create jobs that conclude with that error, and a stand-in
+ * qemu-img prints it and exits 1, as the real one does.
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { EncryptedTarget } from '../../src/encrypt/target.ts';
@@ -42,14 +43,14 @@ function playQemu(conn: FakeConnection, failures: number): { luksJobs: string[] 
   return { luksJobs };
 }
 
-async function attempt(failures: number) {
+async function attempt(failures: number, qemuImg: string | null = null) {
   const dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-retry-'));
   const { server, conn, client } = await connectToFake();
   const { logger, lines } = captureLogger();
   const { luksJobs } = playQemu(conn, failures);
   const keyFile = path.join(dir, 'key');
-  await writeFile(keyFile, 'k');
-  const target = new EncryptedTarget(client, { path: path.join(dir, 't.luks'), format: 'luks', size: 1 << 20, keyFile, iterTimeMs: 50, tag: 't1', cache: { direct: false, noFlush: false } }, logger);
+  await writeFile(keyFile, 'the-secret-passphrase');
+  const target = new EncryptedTarget(client, { path: path.join(dir, 't.luks'), format: 'luks', size: 1 << 20, keyFile, iterTimeMs: 50, tag: 't1', cache: { direct: false, noFlush: false }, qemuImg }, logger);
   try {
     const error = await target.create().then(
       () => undefined,
@@ -76,5 +77,56 @@ describe('LUKS key-slot timing that fails spuriously', () => {
     const r = await attempt(Infinity);
     assert.match(r.error?.message ?? '', /creating the encrypted target failed: Unable to get accurate CPU usage/);
     assert.equal(r.luksJobs.length, 12);
+  });
+});
+
+/** A qemu-img that fails with the timing error `failures` times, then writes a header, logging its arguments. */
+async function fakeQemuImg(dir: string, failures: number): Promise<{ bin: string; calls: () => Promise<string[]> }> {
+  const bin = path.join(dir, 'qemu-img');
+  const log = path.join(dir, 'calls');
+  await writeFile(
+    bin,
+    `#!/bin/sh\necho "$*" >>${log}\nn=$(wc -l <${log})\nif [ "$n" -le ${failures} ]; then echo "qemu-img: $9: Unable to get accurate CPU usage" >&2; exit 1; fi\nprintf 'LUKS\\272\\276' >"$9"\n`,
+  );
+  await chmod(bin, 0o755);
+  return { bin, calls: async () => (await readFile(log, 'utf8').catch(() => '')).split('\n').filter(Boolean) };
+}
+
+describe('the header written by qemu-img in its own process', () => {
+  test('spurious timing failures of qemu-img are retried too, and the key file is named, never the key', async () => {
+    const dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-qimg-'));
+    try {
+      const fake = await fakeQemuImg(dir, 3);
+      const r = await attempt(0, fake.bin);
+      assert.equal(r.error, undefined);
+      assert.equal(r.retries, 3);
+      assert.equal(r.luksJobs.length, 0, 'no blockdev-create in the guest\'s QEMU');
+      const calls = await fake.calls();
+      assert.equal(calls.length, 4);
+      assert.match(calls[0]!, /^create -q -f luks --object secret,id=sec0,format=raw,file=\S+\/key -o key-secret=sec0,iter-time=50 \S+t\.luks 1048576$/);
+      assert.doesNotMatch(calls.join(' '), /the-secret-passphrase/, 'the key itself is on no command line');
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a qemu-img error that is not the timing one fails at once with its message', async () => {
+    const dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-qimg-'));
+    try {
+      const bin = path.join(dir, 'qemu-img');
+      await writeFile(bin, '#!/bin/sh\necho "qemu-img: /x: Could not create: No space left on device" >&2\nexit 1\n');
+      await chmod(bin, 0o755);
+      const r = await attempt(0, bin);
+      assert.equal(r.error?.message, 'creating the encrypted target failed: /x: Could not create: No space left on device');
+      assert.equal(r.retries, 0);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('without qemu-img the header is made with blockdev-create in QEMU', async () => {
+    const r = await attempt(0, '/nonexistent/qemu-img');
+    assert.equal(r.error, undefined);
+    assert.equal(r.luksJobs.length, 1);
   });
 });
