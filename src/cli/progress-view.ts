@@ -32,7 +32,15 @@ function progressFields(p: Progress) {
     paused: p.paused,
     eta_s: p.etaS === null ? null : Math.round(p.etaS * 10) / 10,
     ...(p.moderation
-      ? { state: p.moderation.state, mode: p.moderation.mode, reason: p.moderation.reason, activity_source: p.moderation.source }
+      ? {
+          state: p.moderation.state,
+          mode: p.moderation.mode,
+          reason: p.moderation.reason,
+          activity_source: p.moderation.source,
+          ...(p.moderation.headroom
+            ? { speed_cap_bps: p.moderation.headroom.capBps, main_loop_load: p.moderation.headroom.load === null ? null : Math.round(p.moderation.headroom.load * 100) / 100 }
+            : {}),
+        }
       : {}),
   };
 }

@@ -15,8 +15,10 @@ import type { ActivityRates } from './types.ts';
  * The fields of an ActivitySample the controller reads: the counters (one table in
  * src/probes/counters.ts) per interval, null = unknown. Discards may be absent.
  */
-export interface CountSample extends Readonly<Omit<Counts, 'diskDiscards'>> {
+export interface CountSample extends Readonly<Omit<Counts, 'diskDiscards' | 'vcpuWaitUs'>> {
   readonly diskDiscards?: number | null;
+  /** µs the vCPUs waited for QEMU's big lock in the interval; absent or null = unknown. */
+  readonly vcpuWaitUs?: number | null;
   readonly time: number;
   readonly pid: number;
   readonly vm: string | null;
@@ -38,6 +40,8 @@ export function ratesFromSample(s: CountSample, vmName: string): ActivityRates {
     keyPerS: perS(s.keyEvents),
     pointerPerS: perS(s.pointerEvents),
     interruptsPerS: perS(s.interrupts),
+    // µs per interval → ms per second; a source without the counter leaves it out
+    ...(s.vcpuWaitUs !== undefined ? { stallMsPerS: s.vcpuWaitUs === null ? null : perS(s.vcpuWaitUs / 1000) } : {}),
     source: s.source,
   };
 }

@@ -1,22 +1,25 @@
 /**
  * Busy or idle, from windowed rates and thresholds: pure. The guest is busy while ANY
  * signal's rate is strictly above its threshold (the source design: disk > 5 requests/s,
- * keyboard > 5 events/s, pointer > 100 events/s, interrupts > 1000/s). A signal that is
+ * keyboard > 5 events/s, pointer > 100 events/s, interrupts > 1000/s; and the vCPUs' wait
+ * for QEMU's big lock, stall > 600 ms/s, which a copy that freezes the guest cannot
+ * suppress as it suppresses the disk count: docs/starvation.md). A signal that is
  * unknown (null: degraded mode) or switched off (threshold null) never makes it busy.
  */
 import { SIGNALS, type Moderation } from '../policy/schema.ts';
 import { formatRate } from '../policy/units.ts';
 import type { ActivityRates, Classification, Reason, Signal } from './types.ts';
 
-const FIELD: Record<Signal, 'diskPerS' | 'keyPerS' | 'pointerPerS' | 'interruptsPerS'> = {
+const FIELD: Record<Signal, 'diskPerS' | 'keyPerS' | 'pointerPerS' | 'interruptsPerS' | 'stallMsPerS'> = {
   disk: 'diskPerS',
   keyboard: 'keyPerS',
   pointer: 'pointerPerS',
   interrupts: 'interruptsPerS',
+  stall: 'stallMsPerS',
 };
 
 export function rateOf(rates: ActivityRates, signal: Signal): number | null {
-  return rates[FIELD[signal]];
+  return rates[FIELD[signal]] ?? null;
 }
 
 export function classify(rates: ActivityRates, thresholds: Moderation['thresholds']): Classification {
@@ -29,7 +32,8 @@ export function classify(rates: ActivityRates, thresholds: Moderation['threshold
   return { state: reasons.length > 0 ? 'busy' : 'idle', reasons };
 }
 
-/** "disk 37.5/s > 5/s, keyboard 8/s > 5/s" */
+/** "disk 37.5/s > 5/s, keyboard 8/s > 5/s", "stall 412ms/s > 600ms/s" */
 export function describeReasons(reasons: readonly Reason[]): string {
-  return reasons.map((r) => `${r.signal} ${formatRate(r.value)}/s > ${formatRate(r.threshold)}/s`).join(', ');
+  const unit = (sig: Signal) => (sig === 'stall' ? 'ms/s' : '/s');
+  return reasons.map((r) => `${r.signal} ${formatRate(r.value)}${unit(r.signal)} > ${formatRate(r.threshold)}${unit(r.signal)}`).join(', ');
 }

@@ -39,6 +39,8 @@ export interface ModerateOptions {
   readonly startedAt?: number;
   /** See staleAfter in decide.ts; default 2000 ms. */
   readonly staleMs?: number;
+  /** The VM's main-loop load, for the headroom (headroom.ts); none: the idle speed is not capped. */
+  readonly load$?: Observable<{ time: number; load: number }>;
 }
 
 export interface ModerationRun {
@@ -86,6 +88,7 @@ export function moderate(o: ModerateOptions): ModerationRun {
     scheduler,
     startedAt: o.startedAt ?? scheduler.now(),
     ...(o.staleMs !== undefined ? { staleMs: o.staleMs } : {}),
+    ...(o.load$ ? { load$: o.load$ } : {}),
   }).pipe(tap({ next: (d) => decisions.next(d) }));
 
   const done = reconciler.ended.then((end) => {

@@ -32,6 +32,7 @@ import {
 import { SIGNALS, type EffectivePolicy, type Moderation } from '../policy/schema.ts';
 import { formatDuration, formatSpeed, PAUSED, UNLIMITED } from '../policy/units.ts';
 import { classify, describeReasons, rateOf } from './classify.ts';
+import { applyHeadroom } from './headroom.ts';
 import type { ActivityRates, Classified, Decision, Guarantee, JobProgress, Signal, StateChange } from './types.ts';
 
 /** Structural equality, typed, for distinctUntilChanged. */
@@ -95,6 +96,7 @@ export function pushSample(
       keyPerS: windowed('keyboard'),
       pointerPerS: windowed('pointer'),
       interruptsPerS: windowed('interrupts'),
+      stallMsPerS: windowed('stall'),
     },
   };
 }
@@ -314,6 +316,11 @@ export interface DecideInput {
   readonly startedAt?: number;
   /** See staleAfter; default 2 s, longer than a probe restart's first backoff should take. */
   readonly staleMs?: number;
+  /**
+   * The VM's main-loop load (src/streams/load.ts). With it, the idle speed keeps the
+   * policy's `speed.headroom` of the loop free (headroom.ts); without it, no cap.
+   */
+  readonly load$?: Observable<{ time: number; load: number }>;
 }
 
 /** The whole decision pipeline. Emits only when the desired state changes. */
@@ -324,9 +331,13 @@ export function decide(i: DecideInput): Observable<Decision> {
     const guarantee$ = i.progress$
       ? i.progress$.pipe(guarantee(policy$, i.scheduler, i.startedAt ?? i.scheduler.now()), startWith(NO_GUARANTEE))
       : of(NO_GUARANTEE);
-    return combineLatest([state$, policy$, guarantee$]).pipe(
+    const base$ = combineLatest([state$, policy$, guarantee$]).pipe(
       map(([s, p, g]) => desiredDecision(s, p, g)),
       distinctUntilChanged(same),
     );
+    if (!i.load$ || !i.progress$) return base$;
+    const shared$ = base$.pipe(shareReplay({ bufferSize: 1, refCount: true }));
+    const progress$ = i.progress$.pipe(map((p) => ({ offset: p.offset, time: i.scheduler.now(), ...(p.paused !== undefined ? { paused: p.paused } : {}) })));
+    return applyHeadroom(shared$, i.load$, progress$, policy$).pipe(distinctUntilChanged(same));
   });
 }

@@ -149,12 +149,18 @@ export class Reconciler {
     const prev = this.desired;
     this.desired = d;
     if (prev && prev.state === d.state && prev.mode === d.mode && prev.speed === d.speed && prev.reason === d.reason) return;
+    // The headroom retunes the cap every few hundred ms: that is not a change of state.
+    if (prev && prev.state === d.state && prev.mode === d.mode && prev.reason === d.reason && d.headroom) {
+      this.log.debug({ capBps: d.headroom.capBps, load: d.headroom.load }, 'moderation: headroom cap');
+      return;
+    }
     this.log.info({ state: d.state, reason: d.reason, speed: this.speedText(d) }, `moderation: ${d.state}, ${this.speedText(d)}`);
   }
 
   /** "paused", "unlimited", "15 MiB/s", or "paused (as 1 MiB/s)" where pause is emulated. */
   speedText(d: Decision): string {
     if (d.mode === 'paused') return this.caps.canPause ? 'paused' : `paused (as ${formatSpeed(this.caps.pausedSpeed)})`;
+    if (d.headroom) return `${d.mode === 'full' ? 'full' : formatSpeed(d.speed)}, headroom cap ${formatSpeed(d.headroom.capBps)}`;
     return d.mode === 'full' ? 'unlimited' : formatSpeed(d.speed);
   }
 

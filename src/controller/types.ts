@@ -28,6 +28,11 @@ export interface ActivityRates {
   readonly keyPerS: number | null;
   readonly pointerPerS: number | null;
   readonly interruptsPerS: number | null;
+  /**
+   * Milliseconds per second the guest's vCPUs waited for QEMU's big lock (probes/qemu-stall.bt):
+   * the guest held back by QEMU's main loop. Absent or null = unknown.
+   */
+  readonly stallMsPerS?: number | null;
   readonly source: 'ebpf' | 'qmp';
 }
 
@@ -40,6 +45,8 @@ export interface JobProgress {
    * moment before it is ready, and a paused one stays so without ever getting there.
    */
   readonly ready?: boolean;
+  /** The job is paused (by us or anyone), when known. */
+  readonly paused?: boolean;
 }
 
 export interface Reason {
@@ -95,4 +102,9 @@ export interface Decision {
   readonly reason: string;
   /** The completion guarantee raised the speed above the policy's (a deadline at risk). */
   readonly guaranteed?: true;
+  /**
+   * The speed is the headroom's cap (controller/headroom.ts): what keeps `speed.headroom` of
+   * QEMU's main loop free, and the loop's busy share last measured at the idle speed.
+   */
+  readonly headroom?: { readonly capBps: number; readonly load: number | null };
 }

@@ -318,7 +318,7 @@ async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: Progres
 function withModeration(p: Progress, mod: RunModeration | undefined): Progress {
   const d = mod?.decision;
   if (!d) return p;
-  return { ...p, moderation: { state: d.state, mode: d.mode, reason: d.reason, source: mod.source ?? null } };
+  return { ...p, moderation: { state: d.state, mode: d.mode, reason: d.reason, source: mod.source ?? null, ...(d.headroom ? { headroom: d.headroom } : {}) } };
 }
 
 /** Waits for `p`, or returns early when the run is cancelled (the caller checks). */

@@ -3,13 +3,14 @@
  * run's mirror job.
  *
  *   activity$ (src/streams, eBPF or QMP) ─ this VM's samples ─┐
+ *   mainLoop$ (src/probes/mainloop.ts) ─ mainLoopLoad ─────────┤
  *   watchPolicy (src/policy, hot-reloaded) ───────────────────┼─ moderate (src/controller) ─ JobControl
  *
  * Observation starts before the mirror does (it overlaps LUKS key-slot creation), so that
  * the job never runs unmoderated while bpftrace attaches.
  */
 import { realpath } from 'node:fs/promises';
-import { firstValueFrom, filter, share, shareReplay, Subject, take, timeout, type Observable, type Subscription } from 'rxjs';
+import { firstValueFrom, filter, share, shareReplay, Subject, take, takeUntil, timeout, type Observable, type Subscription } from 'rxjs';
 import { IdlecryptError, describeError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { QmpClient } from '../qmp/client.ts';
@@ -17,6 +18,8 @@ import type { JobControl } from '../jobs/types.ts';
 import { ProcfsDiscovery } from '../discovery/procfs.ts';
 import type { VmDiscovery, VmInfo } from '../discovery/types.ts';
 import { activity$, type SourceChoice } from '../streams/activity.ts';
+import { mainLoop$ } from '../probes/mainloop.ts';
+import { mainLoopLoad } from '../streams/load.ts';
 import type { ActivitySample } from '../streams/types.ts';
 import { watchPolicy } from '../policy/watch.ts';
 import type { EffectivePolicy, Policy } from '../policy/schema.ts';
@@ -37,6 +40,9 @@ export interface ModerationOptions {
   /** Probe lifecycle: probes-spawned, probes-attached, probes-restarting, fallback, ... */
   readonly onStatus?: (type: string, reason?: string) => void;
 }
+
+/** How often the main loop's load is read for the headroom (as often as the reconciler reads the job). */
+const MAIN_LOOP_SAMPLE_MS = 250;
 
 export class RunModeration {
   private run?: ModerationRun;
@@ -116,6 +122,8 @@ export class RunModeration {
       vmName: this.vm.name,
       logger: this.log,
       startedAt: this.steeredAt,
+      // The headroom's input: how busy this QEMU's main loop is, read every reconcile tick.
+      load$: mainLoop$({ pid: this.vm.pid, intervalMs: MAIN_LOOP_SAMPLE_MS }).pipe(mainLoopLoad(), takeUntil(this.stop$), share()),
     });
     this.subs.push(
       this.run.decisions$.subscribe((d) => {

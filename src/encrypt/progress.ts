@@ -25,6 +25,8 @@ export interface Progress {
     readonly mode: 'full' | 'throttled' | 'paused';
     readonly reason: string;
     readonly source: 'ebpf' | 'qmp' | null;
+    /** The headroom's cap on the idle speed, bytes/s, and the main loop's busy share (controller/headroom.ts). */
+    readonly headroom?: { readonly capBps: number; readonly load: number | null };
   };
 }
 

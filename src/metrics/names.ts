@@ -52,6 +52,7 @@ export const SIGNAL_RATE_FIELD = {
   keyboard: 'key_events_per_s',
   pointer: 'pointer_events_per_s',
   interrupts: 'interrupts_per_s',
+  stall: 'vcpu_wait_ms_per_s',
 } as const satisfies Record<Signal, string>;
 
 type RateField = (typeof SIGNAL_RATE_FIELD)[Signal];
@@ -84,11 +85,13 @@ export const MEASUREMENTS = {
       key_events: { type: 'integer', unit: 'count', description: 'keyboard events (a key press is two: down and up); absent under `qmp`' },
       pointer_events: { type: 'integer', unit: 'count', description: 'pointer events (buttons and moves); absent under `qmp`' },
       interrupts: { type: 'integer', unit: 'count', description: 'interrupts delivered into the guest; absent under `qmp`' },
+      vcpu_wait_us: { type: 'integer', unit: 'µs', description: "time the guest's vCPUs waited for QEMU's big lock in the interval (summed over vCPUs); absent under `qmp`" },
       interval_s: { type: 'float', unit: 's', description: 'the measured length of the interval' },
       disk_requests_per_s: { type: 'float', unit: 'requests/s', description: '(reads + writes + flushes + discards) / interval_s: what the `disk` threshold is compared with' },
       key_events_per_s: { type: 'float', unit: 'events/s', description: 'key_events / interval_s (`keyboard` threshold)' },
       pointer_events_per_s: { type: 'float', unit: 'events/s', description: 'pointer_events / interval_s (`pointer` threshold)' },
       interrupts_per_s: { type: 'float', unit: 'interrupts/s', description: 'interrupts / interval_s (`interrupts` threshold)' },
+      vcpu_wait_ms_per_s: { type: 'float', unit: 'ms/s', description: 'vcpu_wait_us / 1000 / interval_s: the guest held back by QEMU\'s main loop (`stall` threshold)' },
     },
   },
   moderation: {
@@ -110,6 +113,7 @@ export const MEASUREMENTS = {
       threshold_key_events_per_s: { type: 'float', unit: 'events/s', description: 'policy thresholds.keyboard in force; absent when `off`' },
       threshold_pointer_events_per_s: { type: 'float', unit: 'events/s', description: 'policy thresholds.pointer in force; absent when `off`' },
       threshold_interrupts_per_s: { type: 'float', unit: 'interrupts/s', description: 'policy thresholds.interrupts in force; absent when `off`' },
+      threshold_vcpu_wait_ms_per_s: { type: 'float', unit: 'ms/s', description: 'policy thresholds.stall in force; absent when `off`' },
       holdoff_s: { type: 'float', unit: 's', description: 'policy holdoff in force' },
     },
   },
@@ -244,7 +248,7 @@ export interface VmIdentity {
 }
 
 /** Counts per interval as src/streams' ActivitySample carries them (src/probes/counters.ts); null = not measured. */
-export type ActivityCounts = Readonly<Omit<Counts, 'diskDiscards'>> & { readonly diskDiscards?: number | null };
+export type ActivityCounts = Readonly<Omit<Counts, 'diskDiscards' | 'vcpuWaitUs'>> & { readonly diskDiscards?: number | null; readonly vcpuWaitUs?: number | null };
 
 /**
  * One activity sample. The rates are count / interval, the same arithmetic as the
@@ -266,11 +270,13 @@ export function activityPoint(
     key_events: c.keyEvents,
     pointer_events: c.pointerEvents,
     interrupts: c.interrupts,
+    vcpu_wait_us: c.vcpuWaitUs ?? null,
     interval_s: id.intervalS,
     disk_requests_per_s: perS(disk),
     key_events_per_s: perS(c.keyEvents),
     pointer_events_per_s: perS(c.pointerEvents),
     interrupts_per_s: perS(c.interrupts),
+    vcpu_wait_ms_per_s: perS(c.vcpuWaitUs === undefined || c.vcpuWaitUs === null ? null : c.vcpuWaitUs / 1000),
   });
 }
 
@@ -297,6 +303,7 @@ export function moderationPoint(
     threshold_key_events_per_s: t?.keyboard ?? null,
     threshold_pointer_events_per_s: t?.pointer ?? null,
     threshold_interrupts_per_s: t?.interrupts ?? null,
+    threshold_vcpu_wait_ms_per_s: t?.stall ?? null,
     holdoff_s: m.holdoffMs === undefined ? null : m.holdoffMs / 1000,
   });
 }

@@ -30,12 +30,13 @@ export function describePolicy(policy: Policy): string[] {
 }
 
 function describeModeration(m: Moderation): string[] {
-  const busy = SIGNALS.filter((s) => m.thresholds[s] !== null).map((s) => `${s} > ${formatRate(m.thresholds[s]!)}/s`);
+  const busy = SIGNALS.filter((s) => m.thresholds[s] !== null).map((s) => `${s} > ${formatRate(m.thresholds[s]!)}${s === 'stall' ? 'ms/s' : '/s'}`);
   const g = m.guarantee;
   const deadline = g.deadline === null ? 'no deadline' : 'after' in g.deadline ? `finish within ${formatDuration(g.deadline.after)} of the job's start` : `finish by ${new Date(g.deadline.at).toISOString()}`;
   return [
     `busy while: ${busy.length > 0 ? busy.join(', ') : 'never (every signal is off)'}`,
     `speed: idle ${formatSpeed(m.speed.idle)}, busy ${formatSpeed(m.speed.busy)}; idle speed again after ${formatDuration(m.holdoff)} quiet`,
+    m.speed.headroom === null ? 'headroom: off (the idle speed may take all of QEMU\'s main loop)' : `headroom: the copy leaves ${Math.round(m.speed.headroom * 100)}% of QEMU's main loop free`,
     `guarantee: ${deadline}${g.deadline === null ? '' : ` (margin ${g.margin})`}, floor ${g.floor === 0 ? 'none' : formatSpeed(g.floor)}`,
   ];
 }

@@ -10,7 +10,7 @@
  */
 import { MIN_INTERVAL_MS } from '../probes/runner.ts';
 import { z } from 'zod';
-import { parseDeadline, parseDuration, parseFloor, parseSpeed, parseThreshold, show, type Parsed } from './units.ts';
+import { parseDeadline, parseDuration, parseFloor, parseHeadroom, parseSpeed, parseThreshold, show, type Parsed } from './units.ts';
 
 /** Turns one of units.ts's parsers into a schema whose problem is the parser's sentence. */
 function scalar<T>(parse: (v: unknown) => Parsed<T>) {
@@ -39,10 +39,14 @@ export const moderationShape = {
     keyboard: threshold,
     pointer: threshold,
     interrupts: threshold,
+    /** ms per second the guest's vCPUs waited for QEMU's big lock (probes/qemu-stall.bt). */
+    stall: threshold,
   }),
   speed: section({
     idle: scalar(parseSpeed),
     busy: scalar(parseSpeed),
+    /** Share of QEMU's main loop the copy leaves free (0.15); null = off (controller/headroom.ts). */
+    headroom: scalar(parseHeadroom),
   }),
   /** ms the guest must stay quiet before the idle speed returns. */
   holdoff: scalar(parseDuration),

@@ -99,6 +99,20 @@ export function parseThreshold(v: unknown): Parsed<number | null> {
   return ok(v);
 }
 
+/**
+ * The share of QEMU's main loop the copy leaves free at its idle speed: `off` (null: the
+ * idle speed is not capped), or a share from 5% to 90% written as `15%` or `0.15`.
+ */
+export function parseHeadroom(v: unknown): Parsed<number | null> {
+  if (v === 'off' || v === null) return ok(null);
+  let n: number | undefined;
+  if (typeof v === 'number' && Number.isFinite(v)) n = v;
+  else if (typeof v === 'string' && /^\d+(?:\.\d+)?\s*%$/.test(v.trim())) n = Number(v.trim().replace('%', '').trim()) / 100;
+  if (n === undefined) return bad(`expected off or a share of the main loop such as 15%, got ${show(v)}`);
+  if (n < 0.05 || n > 0.9) return bad(`must be between 5% and 90% (or off), got ${show(v)}`);
+  return ok(n);
+}
+
 /** When the copy must be done: a duration after the job starts, an ISO 8601 time, or none. */
 export type Deadline = { readonly after: number } | { readonly at: number };
 

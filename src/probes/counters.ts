@@ -1,7 +1,7 @@
 /**
  * The activity counters: one module owns their names. Each counter has
  *   - a camelCase key (ActivitySample fields in src/streams),
- *   - the bpftrace map that counts it (probes/*.bt, `@<map>[pid] = count()`),
+ *   - the bpftrace map that counts it (probes/*.bt, `@<map>[pid] = count()` or `sum(...)`),
  *   - its field in `idlecrypt observe --json` (snake_case; null when unknown), if any.
  * Tests check the probe scripts and the docs against this table.
  */
@@ -16,6 +16,9 @@ export const COUNTERS = [
   { key: 'keyEvents', map: 'key_events', json: 'key_events' },
   { key: 'pointerEvents', map: 'pointer_events', json: 'pointer_events' },
   { key: 'interrupts', map: 'interrupts', json: 'interrupts' },
+  // Microseconds the VM's vCPU threads waited for QEMU's big lock (a sum, not a count):
+  // the guest held back by QEMU's main loop (probes/qemu-stall.bt).
+  { key: 'vcpuWaitUs', map: 'vcpu_wait_us', json: 'vcpu_wait_us' },
 ] as const;
 
 export type CounterKey = (typeof COUNTERS)[number]['key'];

@@ -36,6 +36,8 @@ export const SCRIPTS = {
   irqQemu: 'qemu-irq.bt',
   /** Interrupts through KVM's in-kernel irqchip: kernel tracepoints. */
   irqKvm: 'kvm-irq.bt',
+  /** vCPU waits for QEMU's big lock: the stall a busy main loop inflicts on the guest. */
+  stall: 'qemu-stall.bt',
 } as const;
 
 export type ScriptId = keyof typeof SCRIPTS;
@@ -84,13 +86,13 @@ export function countingPart(script: ProbeScript, qemuBinaries: readonly string[
     .split('\n')
     .filter((l) => !l.startsWith('#!'))
     .map((line) => {
-      const m = /^uprobe:(\S+?):(\w+)\s*$/.exec(line);
+      const m = /^(uprobe|uretprobe):(\S+?):(\w+)\s*$/.exec(line);
       if (m) {
-        if (m[1] !== SCRIPT_QEMU_BINARY) {
-          throw new IdlecryptError('INTERNAL', `${script.file}: uprobe on ${m[1]}, expected ${SCRIPT_QEMU_BINARY}`);
+        if (m[2] !== SCRIPT_QEMU_BINARY) {
+          throw new IdlecryptError('INTERNAL', `${script.file}: ${m[1]} on ${m[2]}, expected ${SCRIPT_QEMU_BINARY}`);
         }
         probes += qemuBinaries.length;
-        return qemuBinaries.map((b) => `uprobe:${b}:${m[2]}`).join(',\n');
+        return qemuBinaries.map((b) => `${m[1]}:${b}:${m[3]}`).join(',\n');
       }
       // One attach point per probe header line, as the scripts are written.
       if (/^(tracepoint|kprobe|kretprobe|uretprobe|kfunc|kretfunc):\S+\s*$/.test(line)) probes += 1;
@@ -99,10 +101,13 @@ export function countingPart(script: ProbeScript, qemuBinaries: readonly string[
   return { text: lines.join('\n'), probes };
 }
 
-/** Counter maps a script writes, in order of first use. */
+/**
+ * Counter maps a script writes, in order of first use: per-pid `count()`s and `sum()`s,
+ * whose running totals the report prints (a difference of two is the interval's).
+ */
 export function mapsOf(text: string): string[] {
   const maps: string[] = [];
-  for (const m of text.matchAll(/@(\w+)\[pid\]\s*=\s*count\(\)/g)) {
+  for (const m of text.matchAll(/@(\w+)\[pid\]\s*=\s*(?:count\(\)|sum\()/g)) {
     const name = m[1]!;
     if (!counterForMap(name)) throw new IdlecryptError('INTERNAL', `probe map @${name} is not a known counter`);
     if (!maps.includes(name)) maps.push(name);

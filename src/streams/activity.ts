@@ -169,7 +169,7 @@ async function ebpfSetup(ctx: Ctx): Promise<EbpfSetup> {
   for (const vm of vms) if (vm.exe && isProbeableQemu(vm.exe)) binaries.add(vm.exe);
   const interrupts = ctx.interrupts ?? true;
   const kvmTracepoints = interrupts && (await hostHasKvmTracepoints());
-  const ids: ScriptId[] = ['disk', 'input', ...(interrupts ? (['irqQemu'] as const) : []), ...(kvmTracepoints ? (['irqKvm'] as const) : [])];
+  const ids: ScriptId[] = ['disk', 'input', ...(interrupts ? (['irqQemu'] as const) : []), ...(kvmTracepoints ? (['irqKvm'] as const) : []), 'stall'];
   const program = composeProgram(await loadScripts(ids), [...binaries]);
   ctx.log.debug({ binaries: [...binaries], kvmTracepoints, scripts: ids }, 'probe program composed');
   return { vms, program, binaries, kvmTracepoints, interrupts };

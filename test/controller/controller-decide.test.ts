@@ -166,7 +166,7 @@ describe('desiredDecision', () => {
     assert.deepEqual(desiredDecision(st('idle', 'quiet'), P, NO_GUARANTEE), { mode: 'full', speed: 0, state: 'idle', reason: 'quiet' });
     assert.deepEqual(desiredDecision(st('busy'), P, NO_GUARANTEE), { mode: 'paused', speed: 0, state: 'busy', reason: 'r' });
     assert.deepEqual(desiredDecision(st('holdoff'), P, NO_GUARANTEE), { mode: 'paused', speed: 0, state: 'holdoff', reason: 'r' });
-    const limited = withPolicy({ speed: { idle: 200 * MiB, busy: 20 * MiB } });
+    const limited = withPolicy({ speed: { ...P.speed, idle: 200 * MiB, busy: 20 * MiB } });
     assert.deepEqual(desiredDecision(st('idle'), limited, NO_GUARANTEE), { mode: 'throttled', speed: 200 * MiB, state: 'idle', reason: 'r' });
     assert.deepEqual(desiredDecision(st('busy'), limited, NO_GUARANTEE), { mode: 'throttled', speed: 20 * MiB, state: 'busy', reason: 'r' });
   });
@@ -343,7 +343,7 @@ describe('reaction (unit level, samples every 50 ms)', () => {
       untilMs: 2500,
       policy$: (ts) => {
         const s = new BehaviorSubject(P);
-        ts.schedule(() => s.next(withPolicy({ speed: { idle: Infinity, busy: 20 * MiB } })), 2000);
+        ts.schedule(() => s.next(withPolicy({ speed: { ...P.speed, idle: Infinity, busy: 20 * MiB } })), 2000);
         return s;
       },
     });

@@ -25,7 +25,7 @@ export interface ScenarioOptions {
   seconds?: number;
 }
 
-export const THRESHOLDS = { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000 };
+export const THRESHOLDS = { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600 };
 const MiB = 1024 * 1024;
 
 export function scenario(o: ScenarioOptions = {}): MetricPoint[] {
@@ -67,6 +67,7 @@ export function scenario(o: ScenarioOptions = {}): MetricPoint[] {
           keyEvents: degraded ? null : typing ? 2 + (jitter % 2) : 0,
           pointerEvents: degraded ? null : typing ? jitter : 0,
           interrupts: degraded ? null : diskBusy ? 250 + jitter : 2,
+          vcpuWaitUs: degraded ? null : diskBusy ? 12_000 + 1000 * jitter : 150,
         },
       ),
     );

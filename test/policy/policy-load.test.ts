@@ -46,7 +46,7 @@ describe('the shipped default policy', () => {
 
   test("has the source design's thresholds and speeds, a hold-off of at most 2 s and a deadline", () => {
     const p = defaultPolicy();
-    assert.deepEqual(p.thresholds, { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000 });
+    assert.deepEqual(p.thresholds, { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600 });
     assert.equal(p.speed.idle, UNLIMITED);
     assert.equal(p.speed.busy, PAUSED);
     assert.equal(p.holdoff, 1000);
@@ -87,8 +87,9 @@ describe('the shipped default policy', () => {
   test('reads as a short summary', () => {
     assert.deepEqual(describePolicy(defaultPolicy()), [
       'sampling: every 50ms, rates over 250ms',
-      'busy while: disk > 5/s, keyboard > 5/s, pointer > 100/s, interrupts > 1000/s',
+      'busy while: disk > 5/s, keyboard > 5/s, pointer > 100/s, interrupts > 1000/s, stall > 600ms/s',
       'speed: idle unlimited, busy paused; idle speed again after 1s quiet',
+      "headroom: the copy leaves 10% of QEMU's main loop free",
       "guarantee: finish within 4h of the job's start (margin 1.25), floor none",
     ]);
   });
@@ -98,7 +99,7 @@ describe('values as people write them', () => {
   test('a file sets only what it changes; the rest comes from the defaults', () => {
     const p = parsePolicy('holdoff: 1500ms\nthresholds:\n  disk: 20\n', 'mine.yaml');
     assert.equal(p.holdoff, 1500);
-    assert.deepEqual(p.thresholds, { disk: 20, keyboard: 5, pointer: 100, interrupts: 1000 });
+    assert.deepEqual(p.thresholds, { disk: 20, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600 });
     assert.equal(p.speed.busy, PAUSED);
     assert.equal(p.source, 'mine.yaml');
   });
@@ -118,6 +119,15 @@ describe('values as people write them', () => {
     assert.equal(busy('100M'), 100 * MiB);
     assert.equal(busy('1.5G'), 1.5 * 1024 * MiB);
     assert.equal(busy('64KiB/s'), 64 * 1024);
+  });
+
+  test('headroom: a share of the main loop from 5% to 90%, as 15% or 0.15, or off', () => {
+    const h = (v: string) => parsePolicy(`speed:\n  headroom: ${v}\n`, 'p.yaml').speed.headroom;
+    assert.equal(h('15%'), 0.15);
+    assert.equal(h('0.3'), 0.3);
+    assert.equal(h('off'), null);
+    assert.throws(() => h('95%'), /p\.yaml:2:13: speed\.headroom: must be between 5% and 90% \(or off\), got "95%"/);
+    assert.throws(() => h('lots'), /speed\.headroom: expected off or a share of the main loop such as 15%, got "lots"/);
   });
 
   test('durations need a unit; deadlines are relative, absolute or none; thresholds can be off', () => {
@@ -160,7 +170,7 @@ describe('per-VM overrides', () => {
     assert.equal(runner.holdoff, 2000); // the file's, not the default's
     assert.equal(runner.override, 'build-runner');
     const db = resolvePolicy(p, 'db');
-    assert.deepEqual(db.thresholds, { disk: 50, keyboard: 5, pointer: 100, interrupts: 1000 });
+    assert.deepEqual(db.thresholds, { disk: 50, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600 });
     assert.equal(db.speed.busy, PAUSED);
   });
 
@@ -194,7 +204,7 @@ describe('bad policy files are rejected with the file, line, column and key', ()
 
   test('an unknown key, with the likely one', () => {
     assert.deepEqual(problems('thresholds:\n  dsik: 5\n'), [
-      'p.yaml:2:3: thresholds.dsik: unknown key (did you mean disk?); expected one of disk, keyboard, pointer, interrupts',
+      'p.yaml:2:3: thresholds.dsik: unknown key (did you mean disk?); expected one of disk, keyboard, pointer, interrupts, stall',
     ]);
     assert.deepEqual(problems('hold_off: 1s\n'), [
       'p.yaml:1:1: hold_off: unknown key (did you mean holdoff?); expected one of sampling, thresholds, speed, holdoff, guarantee, vms',
@@ -258,7 +268,7 @@ describe('idlecrypt policy check', () => {
     const r = await check(DEFAULT_POLICY_FILE);
     assert.equal(r.error, undefined);
     assert.equal(r.out.split('\n')[0], `${DEFAULT_POLICY_FILE}: ok`);
-    assert.match(r.out, /^ {2}busy while: disk > 5\/s, keyboard > 5\/s, pointer > 100\/s, interrupts > 1000\/s$/m);
+    assert.match(r.out, /^ {2}busy while: disk > 5\/s, keyboard > 5\/s, pointer > 100\/s, interrupts > 1000\/s, stall > 600ms\/s$/m);
   });
 
   test('a bad file: one line per problem, and a POLICY error', async () => {

@@ -1,0 +1,157 @@
+/**
+ * Headroom: "full speed" that never takes all of QEMU's main loop.
+ *
+ * QEMU (7.2, no iothread) runs the guest's disk requests, the mirror's coroutines with their
+ * LUKS encryption, and QMP in one main loop that holds the big QEMU lock while it works. An
+ * unthrottled mirror can keep that loop busy all the time: then the guest's requests never
+ * reach QEMU (under TCG the vCPU cannot even take the lock to kick its virtqueue), the
+ * probes count nothing, and moderation sees an idle guest while the copy freezes it
+ * (docs/starvation.md has the measurements). So the idle speed `unlimited` is run as a speed
+ * limit that keeps the main loop's busy share (src/probes/mainloop.ts) at or under
+ * 1 - `speed.headroom`: a speed just under the saturation point, measured as the copy runs.
+ *
+ * The rule, on every main-loop sample while the job runs at the idle speed (pure, below):
+ *   load above the target   cap := base x target / load, at most -25% per step (-50% when
+ *                           the loop is saturated): the loop's work is proportional to what
+ *                           the copy is let do, which is the cap while it binds (the copy
+ *                           makes >= 80% of it: QEMU's 100 ms rate-limit slices deliver a
+ *                           steady 80-90% of a set speed), else the rate it makes (the copy
+ *                           is held back by something else)
+ *   load under the target   while the cap binds, raise it to cap x target / load, at most
+ *                           +25% per step; a copy held back by something else (the disk)
+ *                           keeps its cap
+ * The load is smoothed over about two samples (half a second): one sample spans only two
+ * or three rate-limit slices; a raise also heeds the newest sample, which the smoothed load
+ * lags behind. A new copy starts at 64 MiB/s and reaches 300 MiB/s within
+ * seven steps (under two seconds) if the loop allows.
+ * The cap learnt stays across busy phases: the next idle phase starts where the last ended.
+ */
+import {
+  combineLatest,
+  distinctUntilChanged,
+  map,
+  scan,
+  startWith,
+  withLatestFrom,
+  type Observable,
+  type OperatorFunction,
+} from 'rxjs';
+import type { EffectivePolicy } from '../policy/schema.ts';
+import type { Decision } from './types.ts';
+
+const MiB = 1024 * 1024;
+/** Where a copy's cap starts: low enough not to freeze any guest, reached again in ~1 s. */
+export const HEADROOM_START_BPS = 64 * MiB;
+/** Never lower: the copy still makes progress while the loop is loaded by others. */
+export const HEADROOM_MIN_BPS = 8 * MiB;
+/**
+ * The cap binds when the copy runs at this share of it or more (QEMU's slices deliver a
+ * steady 80-90% of a set speed). Only a binding cap is raised: a cap raised while the copy
+ * was held back by the disk would run away, and the copy then saturates the loop the
+ * moment the disk lets it (seen: a 1.6 s stall while the cap came down again).
+ */
+const BINDING = 0.8;
+/** Per step (250 ms): a saturated loop is relieved within a second, and noise moves little. */
+const MAX_RAISE = 1.25;
+const MAX_CUT = 0.75;
+/** A saturated loop (busy all the time, or waiting for a CPU on top) is relieved faster. */
+const MAX_CUT_SATURATED = 0.5;
+/** Weight of the newest load sample (exponential smoothing over about two samples). */
+const SMOOTHING = 0.5;
+
+/** One main-loop sample with what the job did up to it. */
+export interface HeadroomInput {
+  readonly time: number;
+  /** Busy share of the main loop over the last interval (src/streams/load.ts). */
+  readonly load: number;
+  /** The job's bytes copied, and when that was read (ms, the controller's clock). */
+  readonly offset: number;
+  readonly offsetAt: number;
+  /** The job ran at the idle speed (decision 'full', not paused) at this sample. */
+  readonly full: boolean;
+}
+
+export interface HeadroomMemory {
+  readonly capBps: number;
+  /** Last load measured while the job ran at the idle speed, for views. */
+  readonly load: number | null;
+  readonly prev: { readonly offset: number; readonly offsetAt: number; readonly full: boolean } | null;
+}
+
+export const INITIAL_HEADROOM: HeadroomMemory = { capBps: HEADROOM_START_BPS, load: null, prev: null };
+
+const roundMiB = (bps: number) => Math.max(HEADROOM_MIN_BPS, Math.round(bps / MiB) * MiB);
+
+/** One sample → the new cap. Pure. `headroom` is the share of the loop to leave free (0.15). */
+export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: number): HeadroomMemory {
+  const prev = { offset: s.offset, offsetAt: s.offsetAt, full: s.full };
+  const p = mem.prev;
+  if (!s.full || !p || !p.full || !(s.offsetAt > p.offsetAt)) return { ...mem, prev };
+  const target = 1 - headroom;
+  // One 250 ms sample holds two or three of QEMU's 100 ms rate-limit slices: smooth it.
+  const load = mem.load === null ? s.load : SMOOTHING * s.load + (1 - SMOOTHING) * mem.load;
+  const rate = Math.max(0, (s.offset - p.offset) / ((s.offsetAt - p.offsetAt) / 1000));
+  // The loop's work follows what the copy is let do: the cap while the copy keeps up with
+  // it (QEMU's slices deliver a steady 80-90% of a set speed, noisily over 250 ms), else
+  // the rate it makes (the copy is held back by something else: the disk).
+  const binding = rate >= BINDING * mem.capBps;
+  const base = binding ? mem.capBps : rate;
+  let cap = mem.capBps;
+  if (load > target) cap = Math.max(cap * (load >= 1 ? MAX_CUT_SATURATED : MAX_CUT), (base * target) / load);
+  // Raise only as far as the newest sample allows too: the smoothed load lags a rising one.
+  else if (binding) cap = Math.min(cap * MAX_RAISE, (base * target) / Math.max(load, s.load, 0.05));
+  return { capBps: roundMiB(cap), load, prev };
+}
+
+/** The job's progress as the controller sees it, with the time it was read. */
+export interface TimedProgress {
+  readonly offset: number;
+  readonly time: number;
+  readonly paused?: boolean;
+}
+
+/**
+ * Main-loop loads → the cap, given the decisions before headroom (`base$`) and the job's
+ * progress. Emits the cap when it changes.
+ */
+export function headroomCap(
+  base$: Observable<Decision>,
+  progress$: Observable<TimedProgress>,
+  policy$: Observable<EffectivePolicy>,
+): OperatorFunction<{ time: number; load: number }, HeadroomMemory> {
+  return (load$) =>
+    load$.pipe(
+      withLatestFrom(base$, progress$, policy$),
+      scan(
+        (mem, [l, d, p, pol]) =>
+          pol.speed.headroom === null
+            ? { ...mem, prev: null }
+            : headroomStep(mem, { time: l.time, load: l.load, offset: p.offset, offsetAt: p.time, full: d.mode === 'full' && !p.paused }, pol.speed.headroom),
+        INITIAL_HEADROOM,
+      ),
+      distinctUntilChanged((a, b) => a.capBps === b.capBps && a.load === b.load),
+    );
+}
+
+/**
+ * A decision with the headroom applied: a job at the idle speed or throttled never runs
+ * faster than the cap. 'full' stays 'full' (as fast as the guest allows), with the cap
+ * as its speed. Pure.
+ */
+export function withHeadroom(d: Decision, mem: HeadroomMemory, p: EffectivePolicy): Decision {
+  if (p.speed.headroom === null || d.mode === 'paused') return d;
+  const cap = mem.capBps;
+  if (d.mode === 'throttled' && d.speed <= cap) return d;
+  return { ...d, speed: cap, headroom: { capBps: cap, load: mem.load } };
+}
+
+/** decide()'s last stage: base decisions, capped by what the main loop allows. */
+export function applyHeadroom(
+  base$: Observable<Decision>,
+  load$: Observable<{ time: number; load: number }>,
+  progress$: Observable<TimedProgress>,
+  policy$: Observable<EffectivePolicy>,
+): Observable<Decision> {
+  const cap$ = load$.pipe(headroomCap(base$, progress$, policy$), startWith(INITIAL_HEADROOM));
+  return combineLatest([base$, cap$, policy$]).pipe(map(([d, mem, p]) => withHeadroom(d, mem, p)));
+}

@@ -1,0 +1,120 @@
+/**
+ * The headroom (src/controller/headroom.ts): the idle speed is a limit that keeps the policy's
+ * share of QEMU's main loop free, found from the loop's measured load as the copy runs.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  HEADROOM_MIN_BPS,
+  HEADROOM_START_BPS,
+  INITIAL_HEADROOM,
+  headroomStep,
+  withHeadroom,
+  type HeadroomMemory,
+} from '../../src/controller/headroom.ts';
+import { loadPolicy } from '../../src/policy/load.ts';
+import { resolvePolicy } from '../../src/policy/resolve.ts';
+import type { Decision } from '../../src/controller/types.ts';
+
+const MiB = 1024 * 1024;
+const P = resolvePolicy(loadPolicy(undefined), 'vm');
+
+/** Runs the copy against a model QEMU: the loop's load is `perMiB` per MiB/s copied, the copy makes `eff` of its cap up to `maxBps`. */
+function simulate(steps: number, model: { perMiB: number; eff: number; maxBps: number }, headroom = 0.15, start: HeadroomMemory = INITIAL_HEADROOM) {
+  let mem = start;
+  let offset = 0;
+  const caps: number[] = [];
+  const loads: number[] = [];
+  for (let i = 0; i <= steps; i++) {
+    const t = i * 250;
+    const rate = Math.min(model.maxBps, mem.capBps * model.eff);
+    const load = (rate / MiB) * model.perMiB;
+    if (i > 0) offset += rate / 4;
+    mem = headroomStep(mem, { time: t, load: i === 0 ? 0 : load, offset, offsetAt: t, full: true }, headroom);
+    caps.push(mem.capBps);
+    loads.push(load);
+  }
+  return { mem, caps, loads };
+}
+
+describe('headroomStep', () => {
+  test('a copy starts at 64 MiB/s and settles where the main loop is busy 85% of the time, from below', () => {
+    // The sparse cache=none copy of docs/starvation.md: 106% busy at 200 MiB/s unthrottled.
+    const r = simulate(40, { perMiB: 1.06 / 200, eff: 0.83, maxBps: 200 * MiB });
+    assert.equal(r.caps[0], HEADROOM_START_BPS);
+    const last = r.loads.slice(-8);
+    for (const l of last) assert.ok(l > 0.8 && l <= 0.87, `load ${l.toFixed(3)} settles at the target`);
+    assert.ok(r.loads.every((l) => l <= 0.95), `never far past the target: ${r.loads.map((l) => l.toFixed(2)).join(' ')}`);
+  });
+
+  test('a loop that gets busier (a slower region, the guest) cuts the cap at once, by the smoothed load, at most by a quarter per step (by half when saturated)', () => {
+    const mem: HeadroomMemory = { capBps: 200 * MiB, load: 0.85, prev: { offset: 0, offsetAt: 0, full: true } };
+    const next = headroomStep(mem, { time: 250, load: 1.05, offset: 0.25 * 170 * MiB, offsetAt: 250, full: true }, 0.15);
+    assert.equal(next.load, 0.95);
+    assert.equal(next.capBps, Math.round((200 * 0.85) / 0.95) * MiB);
+    const busier = headroomStep(mem, { time: 250, load: 1.1, offset: 0.25 * 170 * MiB, offsetAt: 250, full: true }, 0.15);
+    assert.ok(Math.abs(busier.load! - 0.975) < 1e-9);
+    assert.equal(busier.capBps, Math.round((200 * 0.85) / 0.975) * MiB, 'under 100% busy: by the load, at most a quarter');
+    const worst = headroomStep(mem, { time: 250, load: 5, offset: 0.25 * 170 * MiB, offsetAt: 250, full: true }, 0.15);
+    assert.equal(worst.capBps, 100 * MiB, 'saturated: at most by half');
+  });
+
+  test('a saturated loop is relieved within a second: from 106% busy to under the target in four steps', () => {
+    // sparse cache=none (docs/starvation.md): 106% busy at 200 MiB/s, the copy makes 83% of its cap
+    const model = { perMiB: 1.06 / 200, eff: 0.83, maxBps: 200 * MiB };
+    let mem: HeadroomMemory = { capBps: 400 * MiB, load: 1.06, prev: { offset: 0, offsetAt: 0, full: true } };
+    let offset = 0;
+    const loads: number[] = [];
+    for (let i = 1; i <= 4; i++) {
+      const rate = Math.min(model.maxBps, mem.capBps * model.eff);
+      offset += rate / 4;
+      loads.push((rate / MiB) * model.perMiB);
+      mem = headroomStep(mem, { time: i * 250, load: loads.at(-1)!, offset, offsetAt: i * 250, full: true }, 0.15);
+    }
+    const rate = Math.min(model.maxBps, mem.capBps * model.eff);
+    assert.ok((rate / MiB) * model.perMiB <= 0.85, `load after four steps: ${((rate / MiB) * model.perMiB).toFixed(3)} (${loads.map((l) => l.toFixed(2)).join(' ')})`);
+  });
+
+  test('a copy held back by something else (the disk) keeps its cap while the loop has room', () => {
+    const mem: HeadroomMemory = { capBps: 300 * MiB, load: 0.3, prev: { offset: 0, offsetAt: 0, full: true } };
+    const next = headroomStep(mem, { time: 1000, load: 0.3, offset: 100 * MiB, offsetAt: 1000, full: true }, 0.15);
+    assert.equal(next.capBps, 300 * MiB);
+  });
+
+  test('nothing is learnt while the job is paused or throttled for a busy guest, nor from the first sample after', () => {
+    const mem: HeadroomMemory = { capBps: 150 * MiB, load: 0.8, prev: { offset: 0, offsetAt: 0, full: true } };
+    const paused = headroomStep(mem, { time: 250, load: 0.1, offset: 0, offsetAt: 250, full: false }, 0.15);
+    assert.equal(paused.capBps, 150 * MiB);
+    const resumed = headroomStep(paused, { time: 500, load: 0.1, offset: 10 * MiB, offsetAt: 500, full: true }, 0.15);
+    assert.equal(resumed.capBps, 150 * MiB, 'the span since the pause is not one of full speed');
+  });
+
+  test('never under the minimum, whatever the load', () => {
+    const mem: HeadroomMemory = { capBps: 10 * MiB, load: 1, prev: { offset: 0, offsetAt: 0, full: true } };
+    const next = headroomStep(mem, { time: 250, load: 3, offset: 2 * MiB, offsetAt: 250, full: true }, 0.15);
+    assert.equal(next.capBps, HEADROOM_MIN_BPS);
+  });
+});
+
+describe('withHeadroom', () => {
+  const mem: HeadroomMemory = { capBps: 120 * MiB, load: 0.84, prev: null };
+  const full: Decision = { mode: 'full', speed: 0, state: 'idle', reason: 'quiet' };
+
+  test('the idle speed becomes the cap; the mode stays full', () => {
+    assert.deepEqual(withHeadroom(full, mem, P), { ...full, speed: 120 * MiB, headroom: { capBps: 120 * MiB, load: 0.84 } });
+  });
+
+  test('a pause, and a throttled speed under the cap, are left alone; a faster one is capped', () => {
+    const paused: Decision = { mode: 'paused', speed: 0, state: 'busy', reason: 'disk 40/s > 5/s' };
+    assert.equal(withHeadroom(paused, mem, P), paused);
+    const slow: Decision = { mode: 'throttled', speed: 20 * MiB, state: 'busy', reason: 'r' };
+    assert.equal(withHeadroom(slow, mem, P), slow);
+    const fast: Decision = { mode: 'throttled', speed: 500 * MiB, state: 'idle', reason: 'r' };
+    assert.equal(withHeadroom(fast, mem, P).speed, 120 * MiB);
+  });
+
+  test('headroom: off leaves every decision as it was', () => {
+    const off = { ...P, speed: { ...P.speed, headroom: null } };
+    assert.equal(withHeadroom(full, mem, off), full);
+  });
+});
