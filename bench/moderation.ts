@@ -80,11 +80,33 @@ const { values } = parseArgs({
     'max-copy-s': { type: 'string', default: '32' },
     modes: { type: 'string', default: 'none,unthrottled,cap30,cap100,idlecrypt' },
     cache: { type: 'string', default: 'writeback' },
+    disk: { type: 'string', default: 'raw' },
+    /** every copy (not only the fixed caps) is cancelled after --max-copy-s: for disks too big to copy whole in each run */
+    bounded: { type: 'boolean', default: false },
+    /** a policy file for (d) instead of the shipped default */
+    policy: { type: 'string' },
+    workload: { type: 'string', default: 'bursty' },
     out: { type: 'string', default: 'bench/results' },
   },
 });
 const cache = values.cache as 'writeback' | 'none';
 if (cache !== 'writeback' && cache !== 'none') throw new Error('--cache writeback|none');
+/**
+ * --disk: raw (pattern-filled, fully allocated), sparse-raw (a hole), sparse-qcow2 (no clusters).
+ * --workload: the guest's busy phases: bursty (1 MiB O_DIRECT requests, 4 MiB per dd),
+ * oneatatime (64 KiB O_DIRECT requests, one at a time), trickle (oneatatime's phases over a
+ * constant 15/s of 4 KiB O_DIRECT writes, each followed by a flush).
+ */
+const DISKS = { raw: { format: 'raw', fill: 'pattern' }, 'sparse-raw': { format: 'raw', fill: 'sparse' }, 'sparse-qcow2': { format: 'qcow2', fill: 'sparse' } } as const;
+const WORKLOADS = {
+  bursty: { workload: 'bursty', params: {} },
+  oneatatime: { workload: 'bursty', params: { bs_kb: 64, chunk_kb: 1024 } },
+  trickle: { workload: 'trickle', params: { bs_kb: 64, chunk_kb: 1024, wps: 15 } },
+} as const;
+const diskKind = values.disk as keyof typeof DISKS;
+const workloadKind = values.workload as keyof typeof WORKLOADS;
+if (!DISKS[diskKind]) throw new Error(`--disk ${Object.keys(DISKS).join('|')}`);
+if (!WORKLOADS[workloadKind]) throw new Error(`--workload ${Object.keys(WORKLOADS).join('|')}`);
 const rounds = Number(values.rounds);
 const sizeMiB = Number(values['size-mib']);
 const maxCopyMs = Number(values['max-copy-s']) * 1000;
@@ -116,7 +138,7 @@ const ALL_MODES: Mode[] = [
   { id: 'unthrottled', label: '(b) unthrottled mirror (--no-moderation)', args: ['--no-moderation'] },
   { id: 'cap30', label: '(c) fixed cap 30 MiB/s (--speed 30M)', args: ['--speed', '30M'], capped: true },
   { id: 'cap100', label: '(c) fixed cap 100 MiB/s (--speed 100M)', args: ['--speed', '100M'], capped: true },
-  { id: 'idlecrypt', label: '(d) idlecrypt, default policy', args: [], moderated: true },
+  { id: 'idlecrypt', label: values.policy ? `(d) idlecrypt, --policy ${values.policy}` : '(d) idlecrypt, default policy', args: values.policy ? ['--policy', values.policy] : [], moderated: true },
 ];
 const modes = values.modes!.split(',').map((id) => {
   const m = ALL_MODES.find((x) => x.id === id.trim());
@@ -194,7 +216,7 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
   await mkdir(vmDir);
   const others0 = await otherQemus([]);
   const load0 = os.loadavg()[0]!;
-  const vm = await startTestVm({ name, disk: src, dir: vmDir, cache, workload: 'bursty', params: { idle: IDLE_S, busy: BUSY_S } });
+  const vm = await startTestVm({ name, disk: src, dir: vmDir, cache, workload: WORKLOADS[workloadKind].workload, params: { idle: IDLE_S, busy: BUSY_S, ...WORKLOADS[workloadKind].params } });
   const rec = new GuestRecorder(vm);
   const target = path.join(work, `${name}.luks`);
   let run: EncryptRun | undefined;
@@ -213,7 +235,7 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
       await sleepUntil(to);
     } else {
       run = new EncryptRun(['--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', ...mode.args], path.join(work, `${name}.lp`));
-      const limitMs = mode.capped ? maxCopyMs : SAFETY_LIMIT_MS;
+      const limitMs = mode.capped || values.bounded ? maxCopyMs : SAFETY_LIMIT_MS;
       const result = run.result(limitMs + 120_000);
       const copying = await waitFor(() => run!.phaseAt('copying'), 60_000, `${name}: the copy did not start:\n${run.cli.stderr().slice(-2000)}`);
       // The limit's timer is cleared when the copy ends first: a pending 10-minute timer
@@ -499,11 +521,11 @@ ensureImage();
 const work = await mkdtemp(path.join(tmpdir(), 'ic-bench-mod-'));
 const keyFile = path.join(work, 'key');
 await writeFile(keyFile, 'benchmark-key', { mode: 0o600 });
-const src = path.join(work, 'src.raw');
+const src = path.join(work, `src.${DISKS[diskKind].format}`);
 const startedAt = new Date();
 const tImage = now();
-await makeDiskImage(src, { sizeMiB, format: 'raw', fill: 'pattern' });
-process.stderr.write(`source image: ${sizeMiB} MiB pattern-filled raw in ${((now() - tImage) / 1000).toFixed(1)} s; ${rounds} rounds of ${modes.map((m) => m.id).join(', ')}\n`);
+await makeDiskImage(src, { sizeMiB, ...DISKS[diskKind] });
+process.stderr.write(`source image: ${sizeMiB} MiB ${diskKind} in ${((now() - tImage) / 1000).toFixed(1)} s; ${rounds} rounds of ${modes.map((m) => m.id).join(', ')}\n`);
 
 const runs: Run[] = [];
 try {
@@ -524,7 +546,7 @@ try {
 
 const rows = summarise(runs);
 const t = table(rows);
-const header = `Moderation benchmark: bursty guest (${IDLE_S} s idle / ${BUSY_S} s busy), ${sizeMiB} MiB pattern-filled raw disk (cache=${cache}) into LUKS, ${rounds} rounds, medians over rounds`;
+const header = `Moderation benchmark: ${workloadKind} guest (${IDLE_S} s idle / ${BUSY_S} s busy), ${sizeMiB} MiB ${diskKind} disk (cache=${cache}) into LUKS${values.bounded ? `, every copy stopped after ${maxCopyMs / 1000} s` : ''}, ${rounds} rounds, medians over rounds`;
 console.log(`${header}\n${textTable(t)}`);
 
 await mkdir(outDir, { recursive: true });
@@ -559,7 +581,7 @@ const perRun = [
 const report = `# Moderation benchmark (issue 4)
 
 ${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${qemuVersion}, TCG guest (1 vCPU, 256 MiB).
-Command: \`node --import tsx bench/moderation.ts --rounds ${rounds} --size-mib ${sizeMiB} --max-copy-s ${maxCopyMs / 1000} --modes ${modes.map((m) => m.id).join(',')} --cache ${cache}\`
+Command: \`node --import tsx bench/moderation.ts --rounds ${rounds} --size-mib ${sizeMiB} --max-copy-s ${maxCopyMs / 1000} --modes ${modes.map((m) => m.id).join(',')} --cache ${cache} --disk ${diskKind} --workload ${workloadKind}${values.bounded ? ' --bounded' : ''}\`
 
 ${header}.
 

@@ -28,7 +28,7 @@ import { Observable, Subject } from 'rxjs';
 
 const execFileP = promisify(execFile);
 
-export type Workload = 'idle' | 'disk' | 'bursty' | 'writer';
+export type Workload = 'idle' | 'disk' | 'bursty' | 'writer' | 'trickle';
 
 export interface TestVmOptions {
   /** QEMU `-name guest=<name>`. */

@@ -61,8 +61,15 @@ export interface Phase {
   readonly n: number;
 }
 
-/** Is the job slowed (paused, or held to a speed limit)? */
-export const slowed = (j: JobState): boolean => j.paused || j.speed > 0;
+/**
+ * Below this a speed limit counts as the job slowed. idlecrypt's idle speed is itself a limit
+ * (the headroom's cap, src/controller/headroom.ts, never under 8 MiB/s), so a limit alone
+ * no longer says the job was slowed for a busy guest.
+ */
+export const SLOWED_BPS = 8 * 1024 * 1024;
+
+/** Is the job slowed (paused, or held to a speed under SLOWED_BPS)? */
+export const slowed = (j: JobState): boolean => j.paused || (j.speed > 0 && j.speed < SLOWED_BPS);
 
 /**
  * Serial lines and QMP samples of one guest. Attach right after startTestVm (before

@@ -285,9 +285,12 @@ async function sideBySide(t: TestContext, base: string, attempt: number): Promis
   const reactions = mp
     .filter((p) => p.kind === 'busy' && p.start > jobStart && p.start < caughtUp)
     .map((p) => {
-      const r = reactionAt(mod.rec.samples, mod.rec.jobEvents, p.start);
       const first = firstRequestAt(activity, p.start);
-      return { p, r, fromRequest: first === undefined || r.ms === undefined ? undefined : p.start + r.ms - first, firstAfterLine: first === undefined ? undefined : first - p.start };
+      // The harness may read the PHASE line after the guest's first requests (its own event
+      // loop polls three guests): a job paused in between was not "slowed at the start".
+      const t0 = first !== undefined && first < p.start ? first : p.start;
+      const r = reactionAt(mod.rec.samples, mod.rec.jobEvents, t0);
+      return { p, r, fromRequest: first === undefined || r.ms === undefined ? undefined : t0 + r.ms - first, firstAfterLine: first === undefined ? undefined : first - p.start };
     });
   for (const { p, r, fromRequest, firstAfterLine } of reactions) {
     note(`busy phase ${p.n} reaction: job ${r.before} at the phase start; slowed after ${r.ms?.toFixed(0)} ms (paused event ${r.eventMs?.toFixed(0)} ms, first poll showing it ${r.pollMs?.toFixed(0)} ms); ${fromRequest?.toFixed(0)} ms after the start of the probe interval with the first request (${firstAfterLine?.toFixed(0)} ms from the PHASE line)`);

@@ -240,3 +240,18 @@ workload_run_writer() {
   now_ms
   echo "WRITER DONE count=$_seq t=$NOW"
 }
+
+# --- trickle: small synchronous writes all the time, with bursty phases on top ---------
+
+# Parameters: those of writer (wps: the trickle's rate, default 20; flush) and of bursty.
+# A database's pattern: its log writes one small block and flushes it, a dozen times a
+# second, busy or not; its busy phases add the bursty loop. The writer runs in the
+# background and prints its WROTE lines throughout; the phases print as for bursty.
+workload_setup_trickle() {
+  workload_setup_writer && workload_setup_bursty
+}
+
+workload_run_trickle() {
+  workload_run_writer &
+  workload_run_bursty
+}
