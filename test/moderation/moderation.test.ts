@@ -58,13 +58,14 @@
 import { execFileSync } from 'node:child_process';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { ensureImage, makeDiskImage, startTestVm, type TestVm } from '../../vm-images/launch.ts';
+import { ensureImage, makeDiskImage } from '../../vm-images/launch.ts';
 import { compareWithEncrypted, fileContains, writeKey } from '../helpers/images.ts';
 import {
   EncryptRun,
+  GuestLab,
   GuestRecorder,
   MiB,
   firstCaughtUp,
@@ -80,7 +81,9 @@ import {
   rateOver,
   reactionAt,
   sleepUntil,
+  startSideBySide,
   typeKeys,
+  untilNoShortfall,
   type Phase,
 } from '../helpers/moderation-lab.ts';
 
@@ -96,8 +99,7 @@ const AFTER_HOLDOFF_MS = 1500;
 
 let dir: string;
 let keyFile: string;
-const vms: TestVm[] = [];
-const recorders: GuestRecorder[] = [];
+const lab = new GuestLab();
 
 before(async () => {
   ensureImage();
@@ -106,26 +108,10 @@ before(async () => {
   await writeKey(keyFile, KEY);
 });
 
-async function stopAll(): Promise<void> {
-  await Promise.all(recorders.splice(0).map((r) => r.stop()));
-  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
-}
-
 after(async () => {
-  await stopAll();
+  await lab.stopAll();
   await rm(dir, { recursive: true, force: true });
 });
-
-async function boot(under: string, opts: Parameters<typeof startTestVm>[0]): Promise<{ vm: TestVm; rec: GuestRecorder }> {
-  const vmDir = path.join(under, opts.name);
-  await mkdir(vmDir);
-  const vm = await startTestVm({ dir: vmDir, ...opts });
-  vms.push(vm);
-  const rec = new GuestRecorder(vm); // before `ready`: no serial line is missed
-  recorders.push(rec);
-  await vm.ready;
-  return { vm, rec };
-}
 
 const s = (ms: number) => (ms / 1000).toFixed(2);
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
@@ -162,31 +148,16 @@ async function sideBySide(t: TestContext, base: string, attempt: number): Promis
   // and the targets inherit it, so the run itself adds next to nothing to the page cache.
   execFileSync('sync');
   await writeFile('/proc/sys/vm/drop_caches', '1').catch(() => t.diagnostic('could not drop the page cache (not root?)'));
-  const [mod, ref, cmp] = await Promise.all([
-    boot(base, { name: 'mod', disk: images.mod, cache: 'none', workload: 'bursty', params: bursty }),
-    boot(base, { name: 'ref', disk: images.ref, cache: 'none', workload: 'bursty', params: bursty }),
-    boot(base, { name: 'cmp', disk: images.cmp, cache: 'none', workload: 'idle' }),
-  ]);
-  const others = await otherQemus(vms.map((v) => v.pid));
-  await Promise.all([
-    mod.rec.poll({ intervalMs: POLL_MS, stats: true, jobs: true }),
-    ref.rec.poll({ intervalMs: POLL_MS, stats: true, jobs: false }),
-    cmp.rec.poll({ intervalMs: POLL_MS, stats: false, jobs: true }),
-  ]);
-
-  // The unthrottled comparison job: started now, held paused until its window.
-  const cmpRun = new EncryptRun(['--qmp', cmp.vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(base, 'cmp.luks'), '--key-file', keyFile, '--iter-time', '50', '--no-moderation'], path.join(base, 'cmp.lp'));
-  const cmpJob = (await cmp.rec.jobAppears()).job.id;
-  await cmp.rec.client.execute('job-pause', { id: cmpJob });
-
-  // The moderated run, 2 s into mod's first idle phase: the job starts 3-6 s later
-  // (bpftrace compiles and attaches meanwhile), before or at the first busy phase.
-  const idle0 = await mod.rec.nextPhase('idle', 0);
-  await sleepUntil(idle0 + 2000);
-  const target = path.join(base, 'mod.luks');
-  const run = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50'], path.join(base, 'mod.lp'));
-  const done = run.result(200_000);
-  const jobStart = (await mod.rec.jobAppears()).sent;
+  // The unthrottled comparison job is started at once and held paused until its window;
+  // the moderated run 2 s into mod's first idle phase.
+  const { mod, ref, cmp, others, cmpRun, cmpJob, idle0, run, target, done, jobStart } = await startSideBySide(lab, base, {
+    mod: { name: 'mod', disk: images.mod, cache: 'none', workload: 'bursty', params: bursty },
+    ref: { name: 'ref', disk: images.ref, cache: 'none', workload: 'bursty', params: bursty },
+    cmp: { name: 'cmp', disk: images.cmp, cache: 'none', workload: 'idle' },
+    keyFile,
+    pollMs: POLL_MS,
+    runTimeoutMs: 200_000,
+  });
 
   // idle#1 of the job: nothing to do but measure. idle#2: the keys and the cmp window.
   const idleA = await mod.rec.nextPhase('idle', jobStart);
@@ -216,10 +187,10 @@ async function sideBySide(t: TestContext, base: string, attempt: number): Promis
   const result = await done;
   const finishedAt = now();
   await sleepUntil(finishedAt + 300);
-  await Promise.all(recorders.map((r) => r.stop()));
+  await lab.stopRecorders();
   cmpRun.cli.child.kill('SIGINT'); // cancels the cmp copy and removes its target
   await cmpRun.result(60_000);
-  const othersAfter = await otherQemus(vms.map((v) => v.pid));
+  const othersAfter = await otherQemus(lab.pids());
 
   assert.equal(result.code, 0, `idlecrypt encrypt failed:\n${result.stderr.slice(-3000)}`);
   assert.equal(cmpRun.completed(), undefined, 'the comparison copy was still going when cancelled');
@@ -336,35 +307,17 @@ async function sideBySide(t: TestContext, base: string, attempt: number): Promis
 
 describe('moderation of a real guest (issue 4 acceptance)', () => {
   test('beside the same guest with no job: the guest keeps >= 93% of its busy throughput, the job uses >= 80% of an unthrottled mirror in idle phases, < 10% while keys are typed, and slows within 0.5 s of every busy phase (250 ms of its first request)', async (t) => {
-    const shortfalls: string[] = [];
-    for (let attempt = 1; attempt <= ATTEMPTS; attempt++) {
-      const base = path.join(dir, `side-by-side-${attempt}`);
-      await mkdir(base);
-      let short: string[];
-      try {
-        short = await sideBySide(t, base, attempt);
-      } finally {
-        await stopAll(); // the next attempt or test must not share the CPUs with these guests
-        await rm(base, { recursive: true, force: true });
-      }
-      if (short.length === 0) {
-        if (attempt > 1) t.diagnostic(`attempt ${attempt} met every criterion; before it: ${shortfalls.join('; ')}`);
-        return;
-      }
-      shortfalls.push(...short.map((x) => `attempt ${attempt}: ${x}`));
-      t.diagnostic(`attempt ${attempt} fell short: ${short.join('; ')}`);
-    }
-    assert.fail(`every attempt fell short:\n${shortfalls.join('\n')}`);
+    await untilNoShortfall(t, { dir, name: 'side-by-side', attempts: ATTEMPTS, lab }, (base, attempt) => sideBySide(t, base, attempt));
   });
   test('a guest that never goes idle is still fully encrypted within the policy deadline (40 s for 512 MiB), and the image decrypts to the source', async (t) => {
-    t.after(stopAll);
+    t.after(lab.stopAll);
     const src = path.join(dir, 'never.raw');
     const target = path.join(dir, 'never.luks');
     const policy = path.join(dir, 'deadline.yaml');
     await makeDiskImage(src, { sizeMiB: 512, format: 'raw', fill: 'pattern' });
     // Everything else as shipped: paused while busy, unlimited while idle, margin 1.25.
     await writeFile(policy, 'guarantee:\n  deadline: 40s\n');
-    const { vm, rec } = await boot(dir, { name: 'never', disk: src, workload: 'disk' });
+    const { vm, rec } = await lab.boot(dir, { name: 'never', disk: src, workload: 'disk' });
     await rec.poll({ intervalMs: 250, stats: true, jobs: true });
     const run = new EncryptRun(['--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', '--policy', policy], path.join(dir, 'never.lp'));
     const result = await run.result(120_000);

@@ -30,13 +30,13 @@
 import { execFileSync } from 'node:child_process';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { access, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { access, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { ensureImage, makeDiskImage, startTestVm, type TestVm } from '../../vm-images/launch.ts';
+import { ensureImage, makeDiskImage } from '../../vm-images/launch.ts';
 import { writeKey } from '../helpers/images.ts';
 import {
-  EncryptRun,
+  GuestLab,
   GuestRecorder,
   MiB,
   guestBytes,
@@ -49,7 +49,9 @@ import {
   rateOver,
   reactionAt,
   sleepUntil,
+  startSideBySide,
   typeKeys,
+  untilNoShortfall,
   type Phase,
 } from '../helpers/moderation-lab.ts';
 
@@ -65,8 +67,7 @@ const REACTION_MAX_MS = 1000;
 
 let dir: string;
 let keyFile: string;
-const vms: TestVm[] = [];
-const recorders: GuestRecorder[] = [];
+const lab = new GuestLab();
 
 before(async () => {
   ensureImage();
@@ -75,26 +76,10 @@ before(async () => {
   await writeKey(keyFile, 'starved guest key');
 });
 
-async function stopAll(): Promise<void> {
-  await Promise.all(recorders.splice(0).map((r) => r.stop()));
-  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
-}
-
 after(async () => {
-  await stopAll();
+  await lab.stopAll();
   await rm(dir, { recursive: true, force: true });
 });
-
-async function boot(under: string, opts: Parameters<typeof startTestVm>[0]): Promise<{ vm: TestVm; rec: GuestRecorder }> {
-  const vmDir = path.join(under, opts.name);
-  await mkdir(vmDir);
-  const vm = await startTestVm({ dir: vmDir, ...opts });
-  vms.push(vm);
-  const rec = new GuestRecorder(vm);
-  recorders.push(rec);
-  await vm.ready;
-  return { vm, rec };
-}
 
 const s = (ms: number) => (ms / 1000).toFixed(2);
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
@@ -105,27 +90,14 @@ async function sideBySide(t: TestContext, base: string, cache: 'writeback' | 'no
   // Earlier test files filled the page cache; reclaiming it during a busy phase stalls QEMU.
   execFileSync('sync');
   await writeFile('/proc/sys/vm/drop_caches', '1').catch(() => t.diagnostic('could not drop the page cache (not root?)'));
-  const [mod, ref, cmp] = await Promise.all([
-    boot(base, { name: 'mod', disk: images.mod, cache, workload: 'bursty', params: ONE_AT_A_TIME }),
-    boot(base, { name: 'ref', disk: images.ref, cache, workload: 'bursty', params: ONE_AT_A_TIME }),
-    boot(base, { name: 'cmp', disk: images.cmp, cache, workload: 'idle' }),
-  ]);
-  await Promise.all([
-    mod.rec.poll({ intervalMs: POLL_MS, stats: true, jobs: true }),
-    ref.rec.poll({ intervalMs: POLL_MS, stats: true, jobs: false }),
-    cmp.rec.poll({ intervalMs: POLL_MS, stats: false, jobs: true }),
-  ]);
-
-  const cmpRun = new EncryptRun(['--qmp', cmp.vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(base, 'cmp.luks'), '--key-file', keyFile, '--iter-time', '50', '--no-moderation'], path.join(base, 'cmp.lp'));
-  const cmpJob = (await cmp.rec.jobAppears()).job.id;
-  await cmp.rec.client.execute('job-pause', { id: cmpJob });
-
-  const idle0 = await mod.rec.nextPhase('idle', 0);
-  await sleepUntil(idle0 + 2000);
-  const target = path.join(base, 'mod.luks');
-  const run = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50'], path.join(base, 'mod.lp'));
-  const done = run.result(400_000);
-  const jobStart = (await mod.rec.jobAppears()).sent;
+  const { mod, ref, cmp, cmpRun, cmpJob, run, target, done, jobStart } = await startSideBySide(lab, base, {
+    mod: { name: 'mod', disk: images.mod, cache, workload: 'bursty', params: ONE_AT_A_TIME },
+    ref: { name: 'ref', disk: images.ref, cache, workload: 'bursty', params: ONE_AT_A_TIME },
+    cmp: { name: 'cmp', disk: images.cmp, cache, workload: 'idle' },
+    keyFile,
+    pollMs: POLL_MS,
+    runTimeoutMs: 400_000,
+  });
 
   // mod's phases from the job's start: idle A (measured), busy, idle C (cmp's window), busy,
   // idle D (measured), busy, then the copy is cancelled.
@@ -152,7 +124,7 @@ async function sideBySide(t: TestContext, base: string, cache: 'writeback' | 'no
   const cancelAt = now();
   run.cli.child.kill('SIGINT');
   const result = await done;
-  await Promise.all(recorders.map((r) => r.stop()));
+  await lab.stopRecorders();
   cmpRun.cli.child.kill('SIGINT');
   await cmpRun.result(60_000);
 
@@ -230,25 +202,7 @@ async function sideBySide(t: TestContext, base: string, cache: 'writeback' | 'no
 describe('moderation sees a guest that a full-speed copy would freeze (issue 9)', () => {
   for (const cache of ['writeback', 'none'] as const) {
     test(`64 GiB sparse raw, cache=${cache}, one-at-a-time 64 KiB I/O: the copy no longer freezes the guest (>= 85% of its busy throughput kept, the copy slowed within 1 s of every busy phase, >= 60% of an unthrottled mirror's speed while the guest is idle), and a cancelled copy leaves it on its source`, async (t) => {
-      const shortfalls: string[] = [];
-      for (let attempt = 1; attempt <= ATTEMPTS; attempt++) {
-        const base = path.join(dir, `${cache}-${attempt}`);
-        await mkdir(base);
-        let short: string[];
-        try {
-          short = await sideBySide(t, base, cache, attempt);
-        } finally {
-          await stopAll();
-          await rm(base, { recursive: true, force: true });
-        }
-        if (short.length === 0) {
-          if (attempt > 1) t.diagnostic(`attempt ${attempt} met every criterion; before it: ${shortfalls.join('; ')}`);
-          return;
-        }
-        shortfalls.push(...short.map((x) => `attempt ${attempt}: ${x}`));
-        t.diagnostic(`attempt ${attempt} fell short: ${short.join('; ')}`);
-      }
-      assert.fail(`every attempt fell short:\n${shortfalls.join('\n')}`);
+      await untilNoShortfall(t, { dir, name: cache, attempts: ATTEMPTS, lab }, (base, attempt) => sideBySide(t, base, cache, attempt));
     });
   }
 });
