@@ -54,13 +54,14 @@ const BINDING = 0.8;
 /** Per step (250 ms): a saturated loop is relieved within a second, and noise moves little. */
 const MAX_RAISE = 1.25;
 const MAX_CUT = 0.75;
-/** A saturated loop (busy all the time, or waiting for a CPU on top) is relieved faster. */
+/** A saturated loop (on a CPU all the time) is relieved faster. */
 const MAX_CUT_SATURATED = 0.5;
 /** Weight of the newest load sample (exponential smoothing over about two samples). */
 const SMOOTHING = 0.5;
 
 /** One main-loop sample with what the job did up to it. */
 export interface HeadroomInput {
+  /** When the load was read (ms, the controller's clock). */
   readonly time: number;
   /** Busy share of the main loop over the last interval (src/streams/load.ts). */
   readonly load: number;
@@ -82,7 +83,7 @@ export const INITIAL_HEADROOM: HeadroomMemory = { capBps: HEADROOM_START_BPS, lo
 
 const roundMiB = (bps: number) => Math.max(HEADROOM_MIN_BPS, Math.round(bps / MiB) * MiB);
 
-/** One sample → the new cap. Pure. `headroom` is the share of the loop to leave free (0.15). */
+/** One sample → the new cap. Pure. `headroom` is the share of the loop to leave free (0.1). */
 export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: number): HeadroomMemory {
   const prev = { offset: s.offset, offsetAt: s.offsetAt, full: s.full };
   const p = mem.prev;

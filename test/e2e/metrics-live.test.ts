@@ -57,21 +57,22 @@ describe('metrics', () => {
     // idle phase, so the copy converges within a few cycles. (With a region larger than an
     // idle phase's worth of copying it would not, until the policy's deadline.)
     const { vm } = await boot('live', 256, 'bursty', { idle: 3, busy: 2, region_mb: 16 });
-    // A few keys typed into the guest early in the run (typing throughout would keep the
-    // guest busy and the job paused until the deadline): the keyboard panel must see them.
+    // A few keys typed into the guest once the copy runs (the probes are attached by then;
+    // keys typed while the command starts may precede them), not throughout, which would
+    // keep the guest busy and the job paused until the deadline: the keyboard panel must
+    // see them.
+    const cli = startCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(dir, 'live.luks'), '--key-file', path.join(dir, 'key'), '--iter-time', '50', '--policy', await policy('live', '48MiB'), '--influx', db.influxUrl('idlecrypt'), '--json']);
+    await cli.waitForStdout(/"phase":"copying"/, 60_000);
     const typer = await QmpClient.connect(vm.qmpSocket);
-    let typed = 0;
-    const typing = setInterval(() => {
-      if (typed++ >= 6) return clearInterval(typing);
-      for (const down of [true, false]) void typer.execute('input-send-event', { events: [{ type: 'key', data: { down, key: { type: 'qcode', data: 'a' } } }] }).catch(() => {});
-    }, 300);
-    let run;
     try {
-      run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(dir, 'live.luks'), '--key-file', path.join(dir, 'key'), '--iter-time', '50', '--policy', await policy('live', '48MiB'), '--influx', db.influxUrl('idlecrypt'), '--json']);
+      for (let i = 0; i < 6; i++) {
+        for (const down of [true, false]) await typer.execute('input-send-event', { events: [{ type: 'key', data: { down, key: { type: 'qcode', data: 'a' } } }] });
+        await new Promise((resolve) => setTimeout(resolve, 300));
+      }
     } finally {
-      clearInterval(typing);
       await typer.close();
     }
+    const run = await cli.result;
     assert.equal(run.code, 0, run.stderr);
     const done = JSON.parse(run.stdout.trim().split('\n').at(-1)!);
     assert.equal(done.event, 'completed');
