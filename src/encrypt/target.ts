@@ -96,13 +96,11 @@ export class EncryptedTarget {
     const qemuImg = this.spec.qemuImg === undefined ? 'qemu-img' : this.spec.qemuImg;
     let made = false;
     if (qemuImg !== null) made = await this.createWithQemuImg(qemuImg);
-    if (made) {
-      await this.client.execute('blockdev-add', { driver: 'file', 'node-name': this.fileNode, filename: path, cache });
-      this.fileNodeAdded = true;
-    } else {
-      await runCreateJob(this.client, `idlecrypt-mkfile-${tag}`, { driver: 'file', filename: path, size: 0 });
-      await this.client.execute('blockdev-add', { driver: 'file', 'node-name': this.fileNode, filename: path, cache });
-      this.fileNodeAdded = true;
+    // Without qemu-img, QEMU makes the file, and then the header on the opened file node.
+    if (!made) await runCreateJob(this.client, `idlecrypt-mkfile-${tag}`, { driver: 'file', filename: path, size: 0 });
+    await this.client.execute('blockdev-add', { driver: 'file', 'node-name': this.fileNode, filename: path, cache });
+    this.fileNodeAdded = true;
+    if (!made) {
       const luksOptions = { 'key-secret': this.secretId, 'iter-time': iterTimeMs };
       const createOptions =
         format === 'luks'

@@ -8,8 +8,6 @@ import type { MainLoopReading } from '../probes/mainloop.ts';
 export interface MainLoopLoad {
   /** End of the interval, epoch ms. */
   readonly time: number;
-  /** The interval's length, ms. */
-  readonly spanMs: number;
   /** Busy share of the interval. */
   readonly load: number;
 }
@@ -19,6 +17,6 @@ export function mainLoopLoad(): OperatorFunction<MainLoopReading, MainLoopLoad> 
     source.pipe(
       pairwise(),
       filter(([a, b]) => b.time > a.time && b.busyNs >= a.busyNs && a.pid === b.pid),
-      map(([a, b]) => ({ time: b.time, spanMs: b.time - a.time, load: (b.busyNs - a.busyNs) / 1e6 / (b.time - a.time) })),
+      map(([a, b]) => ({ time: b.time, load: (b.busyNs - a.busyNs) / 1e6 / (b.time - a.time) })),
     );
 }
