@@ -28,7 +28,9 @@
  *   reaction           (d) only: busy-phase start (the guest's PHASE line arriving on the
  *                      host) to the job paused or throttled: the earlier of QEMU's
  *                      JOB_STATUS_CHANGE event and the first 100 ms poll showing it; only
- *                      phases that began while the job ran unthrottled. "From the first
+ *                      phases that began while the job ran unthrottled, or that it slowed
+ *                      for within 1 s before their line arrived (negative: the line waits
+ *                      for QEMU's main loop like the guest's requests). "From the first
  *                      request": from the start of the probe interval that holds the
  *                      guest's first request of the phase (idlecrypt's own activity
  *                      samples, on bpftrace's clock): the issue's "within 250 ms"
@@ -66,6 +68,7 @@ import {
   otherQemus,
   parseActivity,
   percentile,
+  measurable,
   reactionAt,
   sleepUntil,
   type JobEvent,
@@ -282,7 +285,7 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
     const reactions = phases
       .filter((p) => p.kind === 'busy' && p.start > from && p.start < caughtUp && mode.moderated)
       .map((p) => ({ p, r: reactionAt(rec.samples, rec.jobEvents, p.start), first: firstRequestAt(activity, p.start) }));
-    const measured = reactions.filter(({ r }) => r.before === 'running' && r.ms !== undefined);
+    const measured = reactions.filter(({ r }) => measurable(r) && r.ms !== undefined);
     const reactionsMs = measured.map(({ r }) => r.ms!);
     const reactionsFromRequestMs = measured.filter(({ first }) => first !== undefined).map(({ p, r, first }) => p.start + r.ms! - first!);
 

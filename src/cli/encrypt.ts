@@ -30,7 +30,7 @@ export function encryptCommand(): Command {
     .description("copy a running VM's disk into an encrypted (LUKS) image in the background and switch the guest onto it")
     .requiredOption('--qmp <socket>', "path of the VM's QMP unix socket")
     .requiredOption('--device <id>', 'the disk: qdev id (virsh domblklist target), drive name or node name')
-    .requiredOption('--target <path>', 'the encrypted image to create (must not exist)')
+    .requiredOption('--target <path>', 'the encrypted image to create (must not exist, unless an earlier run into it died: then that run is resumed)')
     .requiredOption('--key-file <file>', 'file holding the passphrase, read by QEMU; all bytes are the key, as cryptsetup --key-file')
     .addOption(new Option('--format <format>', 'luks (raw LUKS, as cryptsetup) or qcow2 (qcow2 with LUKS encryption)').default('luks'))
     .option('--policy <file>', 'moderation policy (YAML, hot-reloaded on change and SIGHUP); default: the shipped policy/default.yaml')
@@ -90,6 +90,7 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
       ...(moderated ? { moderation: { source, ...(flags.policy !== undefined ? { policyFile: flags.policy } : {}) } } : {}),
       onPhase: (phase, disk) => view.phase(phase, disk ? { device: flags.device, source: disk.file } : undefined),
       onProgress: (p) => view.progress(p),
+      onNote: (text, record) => view.note(text, record),
       metrics: async (vm) =>
         (sink = await openMetricsSink({
           vm,

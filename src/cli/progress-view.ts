@@ -11,6 +11,8 @@ export interface View {
   progress(p: Progress): void;
   done(summary: Record<string, unknown>, text: string): void;
   error(code: string, message: string): void;
+  /** Something the operator should know that is not progress (a dead run resumed, say). */
+  note(text: string, record: Record<string, unknown>): void;
   stop(): void;
 }
 
@@ -52,6 +54,7 @@ export function jsonView(out: NodeJS.WritableStream = process.stdout): View {
     progress: (p) => emit({ event: 'progress', ...progressFields(p) }),
     done: (summary) => emit({ event: 'completed', ...summary }),
     error: (code, message) => emit({ event: 'error', code, message }),
+    note: (text, record) => emit({ event: 'note', message: text, ...record }),
     stop: () => {},
   };
 }
@@ -80,6 +83,7 @@ export function plainView(out: NodeJS.WritableStream = process.stderr, everyMs =
     },
     done: (_s, text) => process.stdout.write(text + '\n'),
     error: () => {},
+    note: (text) => out.write(`idlecrypt: ${text}\n`),
     stop: () => {},
   };
 }
@@ -133,6 +137,11 @@ export function barView(label: string): View {
     error: () => {
       if (started) bar.stop();
       started = false;
+    },
+    note: (text) => {
+      if (started) bar.stop();
+      started = false;
+      process.stderr.write(`idlecrypt: ${text}\n`);
     },
     stop: () => {
       if (started) bar.stop();

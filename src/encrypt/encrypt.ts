@@ -25,6 +25,8 @@ import { RunModeration, type ModerationOptions } from './moderation.ts';
 import { RunMetrics } from './metrics.ts';
 import type { MetricsSink } from '../metrics/sink.ts';
 import { hostTag } from '../metrics/index.ts';
+import { ownerAlive, RunStore, selfOwner, type RunRecord } from './runs.ts';
+import { recoverForRerun, type Recovery } from './recover.ts';
 
 export type { Progress };
 
@@ -56,6 +58,10 @@ export interface EncryptOptions {
   readonly metrics?: (vmName: string) => Promise<MetricsSink>;
   /** Called with the VM's name once it is known (QMP query-name or the process's -name). */
   readonly onVm?: (vmName: string) => void;
+  /** Things the operator should know: an earlier run's copy resumed or rolled back. */
+  readonly onNote?: (text: string, record: Record<string, unknown>) => void;
+  /** Where run records are kept (runs.ts); default $IDLECRYPT_STATE_DIR or /var/lib/idlecrypt. */
+  readonly runStore?: RunStore;
 }
 
 export interface EncryptResult {
@@ -109,19 +115,41 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
   const started = performance.now();
   o.onPhase?.('preflight');
   const keyFile = await checkKeyFile(o.keyFile);
-  await checkTargetPath(o.target, undefined);
+  // A run that died writing this target left a record: finish or undo it (recover.ts).
+  const store = o.runStore ?? new RunStore();
+  const prior = await store.forTarget(o.target);
+  if (prior && ownerAlive(prior)) {
+    throw new IdlecryptError('JOB_EXISTS', `idlecrypt (pid ${prior.owner.pid}) is already encrypting VM '${prior.vm}' disk ${prior.device} into ${prior.target}`);
+  }
+  if (!prior) await checkTargetPath(o.target, undefined);
   if (o.signal?.aborted) throw cancelledBeforeStart();
 
   const client = await QmpClient.connect(o.qmpSocket, { logger: log });
   try {
     const disk = findDisk(await listDisks(client), o.device);
-    const targetPath = await checkTargetPath(o.target, disk.file);
-    if (disk.encrypted) {
-      throw new IdlecryptError('USAGE', `device '${o.device}' already runs on an encrypted image (${disk.file})`);
+    let adopt: (Recovery & { kind: 'adopt' }) | undefined;
+    if (prior) {
+      const r = await recoverForRerun(client, store, prior, disk, { format: o.format, keyFile }, log);
+      if (r.kind === 'done') {
+        o.onNote?.(`the earlier run into ${prior.target} had already switched the guest onto it; nothing left to do`, { resumed: 'done', tag: prior.tag });
+        o.onPhase?.('completed', disk);
+        return { device: diskLabel(disk), source: prior.source, target: prior.target, targetNode: r.leftovers.node, format: prior.format, virtualSize: disk.virtualSize, bytesCopied: r.leftovers.job?.offset ?? 0, elapsedS: (performance.now() - started) / 1000 };
+      }
+      if (r.kind === 'rolled-back') {
+        o.onNote?.(`an earlier run into ${prior.target} died and could not be continued; removed ${r.removed.join(', ')}; starting again`, { resumed: 'rolled-back', tag: prior.tag, removed: r.removed });
+      } else {
+        adopt = r;
+      }
     }
-    await refuseIfBusy(client, disk, o.device);
-    await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, o.format));
-    // Observation starts now, so that bpftrace attaches while QEMU creates the LUKS header.
+    const targetPath = adopt ? adopt.record.target : await checkTargetPath(o.target, disk.file);
+    if (!adopt) {
+      if (disk.encrypted) {
+        throw new IdlecryptError('USAGE', `device '${o.device}' already runs on an encrypted image (${disk.file})`);
+      }
+      await refuseIfBusy(client, disk, o.device);
+      await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, o.format));
+    }
+    // Observation starts now, so that bpftrace attaches while the LUKS header is written.
     let rec: RunMetrics | undefined;
     const mod = o.moderation
       ? await RunModeration.start(client, {
@@ -139,23 +167,60 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       o.onProgress?.(p);
     };
 
-    const tag = randomBytes(4).toString('hex');
-    const target = new EncryptedTarget(
-      client,
-      { path: targetPath, format: o.format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag, cache: disk.cache },
-      log,
-    );
+    const tag = adopt?.record.tag ?? randomBytes(4).toString('hex');
+    const spec = { path: targetPath, format: o.format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag, cache: disk.cache };
+    const l = adopt?.leftovers;
+    const target = l ? EncryptedTarget.adopt(client, spec, log, { file: true, node: l.hasNode, fileNode: l.hasFileNode, secret: l.hasSecret }) : new EncryptedTarget(client, spec, log);
+    // The record goes to disk before anything is made: whatever happens next, the next run
+    // (or `idlecrypt cancel`) knows what is ours.
+    let record: RunRecord = {
+      ...(adopt?.record ?? {
+        version: 1 as const,
+        tag,
+        vm: vmName,
+        qmp: path.resolve(o.qmpSocket),
+        device: o.device,
+        source: disk.file,
+        target: targetPath,
+        format: o.format,
+        keyFile,
+        phase: 'creating-target' as const,
+        createdAt: Date.now(),
+      }),
+      owner: selfOwner(),
+    };
+    await store.save(record);
     let pivoting = false;
+    let job: QmpMirrorJob | undefined;
     try {
-      o.onPhase?.('creating-target', disk);
-      await target.create();
-      if (mod) await untilAborted(mod.attached, o.signal);
-      if (o.signal?.aborted) throw cancelledBeforeStart();
-
-      const job = await startMirror(client, disk, target, o, tag);
-      log.info({ job: job.id, source: disk.nodeName, target: target.node, speed: o.speed, moderated: !!mod }, 'mirror started');
+      if (adopt) {
+        job = QmpMirrorJob.adopt(client, adopt.leftovers.jobId);
+        if (mod) await untilAborted(mod.attached, o.signal);
+        if (o.signal?.aborted) throw cancelledAdopted(targetPath, disk);
+        const at = adopt.leftovers.job!;
+        o.onNote?.(
+          `resuming the copy into ${targetPath} that an earlier run (pid ${adopt.record.owner.pid}) left ${at.ready ? 'at READY' : `at ${at.len > 0 ? ((100 * at.offset) / at.len).toFixed(1) : '0.0'}%`}${at.paused ? ', paused' : ''}`,
+          { resumed: 'adopted', tag, job: job.id, offset: at.offset, len: at.len, paused: at.paused },
+        );
+        // Its pause was the dead run's (moderation's, or its hold at exit), not an
+        // operator's: this run steers from here, and pauses again at once if the guest is busy.
+        await job.setSpeed(o.speed);
+        if (at.paused) await job.resume();
+        if (record.copyStartedAt === undefined) record = { ...record, copyStartedAt: Date.now() };
+        record = { ...record, phase: 'copying' };
+        await store.save(record);
+      } else {
+        o.onPhase?.('creating-target', disk);
+        await target.create();
+        if (mod) await untilAborted(mod.attached, o.signal);
+        if (o.signal?.aborted) throw cancelledBeforeStart();
+        job = await startMirror(client, disk, target, o, tag);
+        record = { ...record, phase: 'copying', copyStartedAt: Date.now() };
+        await store.save(record);
+      }
+      log.info({ job: job.id, source: disk.nodeName, target: target.node, speed: o.speed, moderated: !!mod, adopted: !!adopt }, adopt ? 'mirror adopted' : 'mirror started');
       o.onPhase?.('copying', disk);
-      mod?.moderation.steer(job);
+      mod?.moderation.steer(job, record.copyStartedAt);
       o.onJob?.(job, client);
 
       const meter = new ProgressMeter();
@@ -168,6 +233,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         await moderation?.close();
         await cancelJob(client, job, o.pollMs ?? 250);
         await target.remove();
+        await store.remove(tag);
         throw new IdlecryptError(
           'CANCELLED',
           `cancelled: the copy was stopped and ${targetPath} removed; the guest runs on its original disk ${disk.file}`,
@@ -176,6 +242,8 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
 
       o.onPhase?.('completing', disk);
       await moderation?.release(); // resumed at unlimited speed: the last dirty blocks go fast
+      record = { ...record, phase: 'completing' };
+      await store.save(record);
       pivoting = true;
       const snap = await completeJob(client, job, o.pollMs ?? 250);
       report(meter.sample(snap, performance.now()));
@@ -185,6 +253,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       if (now.nodeName !== target.node) {
         throw new IdlecryptError('JOB_FAILED', `the job completed but '${o.device}' still runs on ${now.file}`);
       }
+      await store.remove(tag);
       o.onPhase?.('completed', now);
       return {
         device: diskLabel(disk),
@@ -198,7 +267,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       };
     } catch (e) {
       await mod?.moderation.close(); // stop steering before the job and target go away
-      throw await failRun(e, { client, target, disk, pivoting, log });
+      throw await failRun(e, { client, target, disk, pivoting, log, store, tag, job });
     } finally {
       await mod?.moderation.close();
     }
@@ -378,13 +447,14 @@ async function waitConcluded(client: QmpClient, job: QmpMirrorJob, pollMs: numbe
 /** Turns any failure into the one line the operator reads, after undoing what we did. */
 async function failRun(
   e: unknown,
-  ctx: { client: QmpClient; target: EncryptedTarget; disk: DiskInfo; pivoting: boolean; log: Logger },
+  ctx: { client: QmpClient; target: EncryptedTarget; disk: DiskInfo; pivoting: boolean; log: Logger; store: RunStore; tag: string; job: QmpMirrorJob | undefined },
 ): Promise<unknown> {
-  const { client, target, disk, pivoting, log } = ctx;
+  const { client, target, disk, pivoting, log, store, tag, job } = ctx;
   const qemuGone = client.state !== 'running' || (e instanceof IdlecryptError && e.code === 'QMP_DISCONNECTED');
   if (qemuGone) {
     if (pivoting) {
-      // The pivot may have happened: the target may hold the guest's newest writes. Keep it.
+      // The pivot may have happened: the target may hold the guest's newest writes. Keep it,
+      // and its record (phase 'completing': `idlecrypt cancel` will not delete it either).
       return new IdlecryptError(
         'VM_EXITED',
         `QEMU exited while the job was completing; ${disk.file} is unmodified and ${target.spec.path} was kept: check which image the VM uses before deleting either`,
@@ -392,6 +462,7 @@ async function failRun(
       );
     }
     await target.remove();
+    await store.remove(tag);
     return new IdlecryptError(
       'VM_EXITED',
       `QEMU exited during the copy; the original disk ${disk.file} is intact (the guest never ran on the target) and the partial target was removed`,
@@ -400,7 +471,18 @@ async function failRun(
   }
   if (!pivoting) {
     log.debug({ err: (e as Error).message }, 'removing the target after a failure');
+    // A job still in QEMU holds the target's nodes: end it first (the guest stays on its source).
+    const snap = job ? await job.snapshot().catch(() => undefined) : undefined;
+    if (job && snap) {
+      try {
+        if (snap.status !== 'concluded') await cancelJob(client, job, 250);
+        else await job.dismiss();
+      } catch (err) {
+        log.warn({ err: (err as Error).message }, 'cancelling the job after a failure');
+      }
+    }
     await target.remove();
+    await store.remove(tag);
   }
   return e;
 }
@@ -409,6 +491,10 @@ async function failRun(
 async function queryName(client: QmpClient): Promise<string> {
   const r = (await client.executeRaw('query-name')) as { name?: string };
   return r.name ?? path.basename(client.socketPath);
+}
+
+function cancelledAdopted(target: string, disk: DiskInfo): IdlecryptError {
+  return new IdlecryptError('CANCELLED', `cancelled: the earlier run's copy was stopped and ${target} removed; the guest runs on its original disk ${disk.file}`);
 }
 
 function cancelledBeforeStart(): IdlecryptError {

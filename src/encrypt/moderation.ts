@@ -112,9 +112,12 @@ export class RunModeration {
     return { moderation: m, attached };
   }
 
-  /** Hands the running job to the controller. */
-  steer(job: JobControl): void {
-    this.steeredAt = Date.now();
+  /**
+   * Hands the running job to the controller. `startedAt` (epoch ms): when the copy first
+   * started, for a job a dead run left (a deadline counts from the copy's start, not ours).
+   */
+  steer(job: JobControl, startedAt = Date.now()): void {
+    this.steeredAt = startedAt;
     this.run = moderate({
       activity$: this.samples$.pipe(toActivityRates(this.vm.name)),
       policy$: this.policy$,

@@ -76,6 +76,29 @@ export class EncryptedTarget {
     this.node = `idlecrypt-${spec.tag}`;
   }
 
+  /**
+   * The target a dead run made, found in QEMU (runs.ts): `remove()` then undoes what is
+   * there. The file is the run's own: its record was written before the file was made.
+   */
+  static adopt(client: QmpClient, spec: TargetSpec, log: Logger, found: { file: boolean; node: boolean; fileNode: boolean; secret: boolean }): EncryptedTarget {
+    const t = new EncryptedTarget(client, spec, log);
+    t.createdFile = found.file;
+    t.nodeAdded = found.node;
+    t.fileNodeAdded = found.fileNode;
+    t.secretAdded = found.secret;
+    return t;
+  }
+
+  /** What remove() would take away, in words, for the operator. */
+  describe(): string[] {
+    return [
+      ...(this.nodeAdded ? [`node ${this.node}`] : []),
+      ...(this.fileNodeAdded ? [`node ${this.fileNode}`] : []),
+      ...(this.secretAdded ? [`secret ${this.secretId}`] : []),
+      ...(this.createdFile ? [`file ${this.spec.path}`] : []),
+    ];
+  }
+
   async create(): Promise<void> {
     const { path, format, size, keyFile, iterTimeMs, tag } = this.spec;
     const cache = { direct: this.spec.cache.direct, 'no-flush': this.spec.cache.noFlush };

@@ -52,6 +52,11 @@ export class QmpMirrorJob implements JobControl {
     return new QmpMirrorJob(client, o.jobId);
   }
 
+  /** A mirror already in QEMU under this id (a run that died left it; see encrypt/runs.ts). */
+  static adopt(client: QmpClient, jobId: string): QmpMirrorJob {
+    return new QmpMirrorJob(client, jobId);
+  }
+
   async snapshot(): Promise<JobSnapshot | undefined> {
     const jobs = await this.client.execute('query-block-jobs');
     const j = jobs.find((x) => x.device === this.id);

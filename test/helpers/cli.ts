@@ -44,7 +44,8 @@ export function startCli(args: string[], env: Record<string, string> = {}): Runn
   const child = spawn(BIN, args, {
     // Out of the repo: a run without --influx writes ./idlecrypt-metrics/ where it runs.
     cwd: cliCwd(),
-    env: { ...process.env, IDLECRYPT_LOG: 'debug', ...env },
+    // Run records (src/encrypt/runs.ts) go with the run, not into the host's /var/lib.
+    env: { ...process.env, IDLECRYPT_LOG: 'debug', IDLECRYPT_STATE_DIR: path.join(cliCwd(), 'state'), ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const text = { stdout: '', stderr: '' };

@@ -274,8 +274,14 @@ export function firstCaughtUp(samples: readonly Sample[]): number {
 
 export interface Reaction {
   readonly phaseStart: number;
-  /** 'running': the job ran unthrottled when the phase began; 'slowed': it already was (hold-off, keys) */
-  readonly before: 'running' | 'slowed' | 'none';
+  /**
+   * 'running': the job ran unthrottled when the phase began; 'early': it ran within
+   * EARLY_MS before and had slowed by the time the host read the PHASE line (`ms` is then
+   * negative: the guest's vCPU stalls behind a busy main loop, which also holds its serial
+   * output, so the stall signal can see a phase before its line arrives); 'slowed': it
+   * already was (hold-off, keys)
+   */
+  readonly before: 'running' | 'early' | 'slowed' | 'none';
   /**
    * ms from the phase start to the job being slowed: the earlier of QEMU's JOB_STATUS_CHANGE
    * to 'paused' (QEMU's timestamp: the job really stopped) and the first poll reply showing
@@ -290,6 +296,16 @@ export interface Reaction {
 
 const STOPPED = new Set(['paused', 'standby']);
 
+/**
+ * A job that ran this close before a phase's line arrived and had slowed by then reacted to
+ * that phase ('early'): the guest's serial line waits for the same main loop as its disk
+ * requests (up to ~600 ms seen), and 1 s is shorter than any idle phase's full-speed part.
+ */
+export const EARLY_MS = 1000;
+
+/** A phase whose line is a moderation's measurable start: the job ran at full speed up to it. */
+export const measurable = (r: Reaction): boolean => r.before === 'running' || r.before === 'early';
+
 /** How the job reacted to activity starting at `t0`. */
 export function reactionAt(samples: readonly Sample[], events: readonly JobEvent[], t0: number, horizonMs = 5000): Reaction {
   const polled = jobBefore(samples, t0);
@@ -300,6 +316,17 @@ export function reactionAt(samples: readonly Sample[], events: readonly JobEvent
       : (polled && slowed(polled)) || (lastEvent && STOPPED.has(lastEvent.status))
         ? 'slowed'
         : 'running';
+  if (before === 'slowed') {
+    const lastRunning = samples.filter((s) => s.t <= t0 && s.job && !slowed(s.job)).at(-1);
+    if (lastRunning && t0 - lastRunning.t <= EARLY_MS) {
+      const ev = events.find((e) => e.t > lastRunning.t && e.t <= t0 && STOPPED.has(e.status));
+      const poll = samples.find((s) => s.t > lastRunning.t && s.t <= t0 && s.job && slowed(s.job));
+      const eventMs = ev ? ev.t - t0 : undefined;
+      const pollMs = poll ? poll.t - t0 : undefined;
+      const both = [eventMs, pollMs].filter((x): x is number => x !== undefined);
+      return { phaseStart: t0, before: 'early', ms: both.length ? Math.min(...both) : undefined, eventMs, pollMs };
+    }
+  }
   const ev = events.find((e) => e.t > t0 && e.t < t0 + horizonMs && STOPPED.has(e.status));
   const poll = samples.find((s) => s.t > t0 && s.t < t0 + horizonMs && s.job && slowed(s.job));
   const eventMs = ev ? ev.t - t0 : undefined;

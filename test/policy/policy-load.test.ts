@@ -46,7 +46,7 @@ describe('the shipped default policy', () => {
 
   test("has the source design's thresholds and speeds, a hold-off of at most 2 s and a deadline", () => {
     const p = defaultPolicy();
-    assert.deepEqual(p.thresholds, { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600 });
+    assert.deepEqual(p.thresholds, { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000, stall: 800 });
     assert.equal(p.speed.idle, UNLIMITED);
     assert.equal(p.speed.busy, PAUSED);
     assert.equal(p.holdoff, 1000);
@@ -87,7 +87,7 @@ describe('the shipped default policy', () => {
   test('reads as a short summary', () => {
     assert.deepEqual(describePolicy(defaultPolicy()), [
       'sampling: every 50ms, rates over 250ms',
-      'busy while: disk > 5/s, keyboard > 5/s, pointer > 100/s, interrupts > 1000/s, stall > 600ms/s',
+      'busy while: disk > 5/s, keyboard > 5/s, pointer > 100/s, interrupts > 1000/s, stall > 800ms/s',
       'speed: idle unlimited, busy paused; idle speed again after 1s quiet',
       "headroom: the copy leaves 10% of QEMU's main loop free",
       "guarantee: finish within 4h of the job's start (margin 1.25), floor none",
@@ -99,7 +99,7 @@ describe('values as people write them', () => {
   test('a file sets only what it changes; the rest comes from the defaults', () => {
     const p = parsePolicy('holdoff: 1500ms\nthresholds:\n  disk: 20\n', 'mine.yaml');
     assert.equal(p.holdoff, 1500);
-    assert.deepEqual(p.thresholds, { disk: 20, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600 });
+    assert.deepEqual(p.thresholds, { disk: 20, keyboard: 5, pointer: 100, interrupts: 1000, stall: 800 });
     assert.equal(p.speed.busy, PAUSED);
     assert.equal(p.source, 'mine.yaml');
   });
@@ -170,7 +170,7 @@ describe('per-VM overrides', () => {
     assert.equal(runner.holdoff, 2000); // the file's, not the default's
     assert.equal(runner.override, 'build-runner');
     const db = resolvePolicy(p, 'db');
-    assert.deepEqual(db.thresholds, { disk: 50, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600 });
+    assert.deepEqual(db.thresholds, { disk: 50, keyboard: 5, pointer: 100, interrupts: 1000, stall: 800 });
     assert.equal(db.speed.busy, PAUSED);
   });
 
@@ -268,7 +268,7 @@ describe('idlecrypt policy check', () => {
     const r = await check(DEFAULT_POLICY_FILE);
     assert.equal(r.error, undefined);
     assert.equal(r.out.split('\n')[0], `${DEFAULT_POLICY_FILE}: ok`);
-    assert.match(r.out, /^ {2}busy while: disk > 5\/s, keyboard > 5\/s, pointer > 100\/s, interrupts > 1000\/s, stall > 600ms\/s$/m);
+    assert.match(r.out, /^ {2}busy while: disk > 5\/s, keyboard > 5\/s, pointer > 100\/s, interrupts > 1000\/s, stall > 800ms\/s$/m);
   });
 
   test('a bad file: one line per problem, and a POLICY error', async () => {

@@ -3,7 +3,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { activityPoint } from '../../src/metrics/names.ts';
 import { toLineProtocol } from '../../src/metrics/line-protocol.ts';
-import { firstCaughtUp, firstRequestAt, parseActivity, rateOver, jobOffset, type Sample } from '../helpers/moderation-lab.ts';
+import { EARLY_MS, firstCaughtUp, firstRequestAt, measurable, parseActivity, rateOver, reactionAt, jobOffset, type Sample } from '../helpers/moderation-lab.ts';
 
 /** The line idlecrypt writes for one 50 ms probe sample ending at `t` (epoch ms). */
 function line(t: number, reads: number, writes = 0): string {
@@ -60,5 +60,31 @@ describe('moderation lab: the end of the copy in the harness\'s polls', () => {
   test('a job still copying, or none yet: Infinity', () => {
     assert.equal(firstCaughtUp([at(0, null), at(100, job(10, 100))]), Infinity);
     assert.equal(firstCaughtUp([at(0, null)]), Infinity);
+  });
+});
+
+describe('moderation lab: the reaction to a busy phase', () => {
+  const job = (paused: boolean, speed = 0) => ({ id: 'idlecrypt-1', offset: 1, len: 100, paused, speed, ready: false, status: paused ? 'paused' : 'running' });
+  const at = (t: number, paused: boolean, speed = 0): Sample => ({ sent: t - 5, t, job: job(paused, speed) });
+  const ev = (t: number, status: string) => ({ t, arrived: t + 2, id: 'idlecrypt-1', status });
+
+  test('running at the line: the earlier of the paused event and the first poll showing it', () => {
+    const r = reactionAt([at(900, false), at(1000, false), at(1100, true)], [ev(1060, 'paused')], 1000);
+    assert.deepEqual([r.before, r.ms, r.eventMs, r.pollMs], ['running', 60, 60, 100]);
+    assert.equal(measurable(r), true);
+  });
+
+  test('running until shortly before the line and slowed by then: early, a negative reaction', () => {
+    const r = reactionAt([at(600, false), at(700, false), at(800, true), at(900, true), at(1100, true)], [ev(760, 'paused')], 1000);
+    assert.deepEqual([r.before, r.ms], ['early', -240]);
+    assert.equal(measurable(r), true);
+    const throttled = reactionAt([at(700, false), at(800, false, 4 * 1024 * 1024), at(1100, true)], [], 1000);
+    assert.deepEqual([throttled.before, throttled.ms], ['early', -200], 'held under 8 MiB/s counts as slowed');
+  });
+
+  test('slowed for longer than EARLY_MS before the line (a hold-off, keys): not a reaction to this phase', () => {
+    const r = reactionAt([at(1000 - EARLY_MS - 100, false), at(1000 - EARLY_MS, true), at(900, true), at(1100, true)], [ev(1000 - EARLY_MS - 50, 'paused')], 1000);
+    assert.equal(r.before, 'slowed');
+    assert.equal(measurable(r), false);
   });
 });

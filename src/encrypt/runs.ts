@@ -1,0 +1,178 @@
+/**
+ * Run records: what a run has started, kept on disk so that a run killed at any point
+ * (`kill -9`, a crash, a reboot of the host) can be finished or undone by the next one.
+ *
+ * A record is written before anything is created (so the target file it names is known to
+ * be ours even after QEMU is gone) and removed when the run ends cleanly: completed,
+ * cancelled, or failed with everything it made removed. Writes are atomic (a temporary
+ * file renamed over the record), so a crash leaves the old record or the new, never half.
+ *
+ * Where: $IDLECRYPT_STATE_DIR, else /var/lib/idlecrypt (the host agent's state directory
+ * too), in runs/<tag>.json, root-only. Nothing secret is in a record: the key file is named,
+ * never read.
+ *
+ * What a run left in QEMU is found by its names (target.ts, encrypt.ts): job
+ * `idlecrypt-<tag>`, nodes `idlecrypt-<tag>` and `idlecrypt-file-<tag>`, secret object
+ * `idlecrypt-key-<tag>`.
+ */
+import { promises as fs, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { IdlecryptError } from '../errors.ts';
+import type { QmpClient } from '../qmp/client.ts';
+import type { TargetFormat } from './target.ts';
+
+export type RunPhase = 'creating-target' | 'copying' | 'completing';
+
+export interface RunRecord {
+  readonly version: 1;
+  /** The suffix of every name the run gives in QEMU. */
+  readonly tag: string;
+  /** The idlecrypt process that drives the run, and its start time (clock ticks since boot, /proc/PID/stat), so a reused pid is not taken for it. */
+  readonly owner: { readonly pid: number; readonly start: number };
+  readonly vm: string;
+  /** The VM's QMP socket as given. */
+  readonly qmp: string;
+  /** The disk as asked (qdev id, drive or node name) and the image it ran on. */
+  readonly device: string;
+  readonly source: string;
+  /** Absolute path of the encrypted image. */
+  readonly target: string;
+  readonly format: TargetFormat;
+  /** Absolute path of the key file QEMU's secret was read from (never its bytes). */
+  readonly keyFile: string;
+  readonly phase: RunPhase;
+  /** When the record was first written (epoch ms). */
+  readonly createdAt: number;
+  /** When the copy first started (epoch ms): a policy deadline counts from here, across restarts. */
+  readonly copyStartedAt?: number;
+}
+
+export function stateDir(): string {
+  return process.env.IDLECRYPT_STATE_DIR || '/var/lib/idlecrypt';
+}
+
+export class RunStore {
+  readonly dir: string;
+
+  constructor(base = stateDir()) {
+    this.dir = path.join(base, 'runs');
+  }
+
+  private file(tag: string): string {
+    return path.join(this.dir, `${tag}.json`);
+  }
+
+  async save(rec: RunRecord): Promise<void> {
+    await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
+    const tmp = `${this.file(rec.tag)}.${process.pid}.tmp`;
+    const fh = await fs.open(tmp, 'w', 0o600);
+    try {
+      await fh.writeFile(JSON.stringify(rec, null, 2) + '\n');
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await fs.rename(tmp, this.file(rec.tag));
+  }
+
+  async remove(tag: string): Promise<void> {
+    await fs.rm(this.file(tag), { force: true });
+  }
+
+  /** Every record; unreadable ones are skipped (a record is never half-written, see above). */
+  async list(): Promise<RunRecord[]> {
+    let names: string[];
+    try {
+      names = await fs.readdir(this.dir);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw new IdlecryptError('USAGE', `cannot read idlecrypt's state directory ${this.dir}: ${(e as Error).message}`, { cause: e });
+    }
+    const out: RunRecord[] = [];
+    for (const n of names.filter((x) => x.endsWith('.json'))) {
+      try {
+        const r = JSON.parse(await fs.readFile(path.join(this.dir, n), 'utf8')) as RunRecord;
+        if (r.version === 1 && typeof r.tag === 'string' && typeof r.target === 'string') out.push(r);
+      } catch {
+        // a file that vanished or is not ours
+      }
+    }
+    return out;
+  }
+
+  /** The record of the run that writes (or wrote) this target, if any. */
+  async forTarget(target: string): Promise<RunRecord | undefined> {
+    const abs = path.resolve(target);
+    return (await this.list()).find((r) => r.target === abs);
+  }
+}
+
+/** This process as a record's owner. */
+export function selfOwner(): { pid: number; start: number } {
+  return { pid: process.pid, start: processStart(process.pid) ?? 0 };
+}
+
+/** A record's owner still runs (same pid, same start time): the run is alive, not dead. */
+export function ownerAlive(rec: RunRecord): boolean {
+  if (rec.owner.pid === process.pid) return false;
+  const start = processStart(rec.owner.pid);
+  return start !== undefined && start === rec.owner.start;
+}
+
+/** Field 22 of /proc/PID/stat: the process's start time in clock ticks since boot. */
+function processStart(pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return Number(rest[19]);
+  } catch {
+    return undefined;
+  }
+}
+
+/** What a run's names find in QEMU. */
+export interface Leftovers {
+  readonly jobId: string;
+  readonly job?: { readonly status: string; readonly paused: boolean; readonly ready: boolean; readonly offset: number; readonly len: number };
+  /** The concluded job's error (query-jobs), if it failed. */
+  readonly jobError?: string;
+  readonly node: string;
+  readonly hasNode: boolean;
+  readonly fileNode: string;
+  readonly hasFileNode: boolean;
+  /** The file the file node has open. */
+  readonly fileNodePath?: string;
+  readonly secret: string;
+  readonly hasSecret: boolean;
+}
+
+export function runNames(tag: string): { jobId: string; node: string; fileNode: string; secret: string } {
+  return { jobId: `idlecrypt-${tag}`, node: `idlecrypt-${tag}`, fileNode: `idlecrypt-file-${tag}`, secret: `idlecrypt-key-${tag}` };
+}
+
+export async function findLeftovers(client: QmpClient, tag: string): Promise<Leftovers> {
+  const names = runNames(tag);
+  const jobs = await client.execute('query-block-jobs');
+  const j = jobs.find((x) => x.device === names.jobId);
+  let jobError: string | undefined;
+  if (j?.status === 'concluded') jobError = (await client.execute('query-jobs')).find((x) => x.id === names.jobId)?.error;
+  const nodes = await client.execute('query-named-block-nodes', { flat: true });
+  const node = nodes.find((n) => n['node-name'] === names.node);
+  const fileNode = nodes.find((n) => n['node-name'] === names.fileNode);
+  const objects = (await client.executeRaw('qom-list', { path: '/objects' })) as { name: string }[];
+  return {
+    ...names,
+    ...(j ? { job: { status: j.status, paused: j.paused, ready: j.ready, offset: j.offset, len: j.len } } : {}),
+    ...(jobError !== undefined ? { jobError } : {}),
+    hasNode: !!node,
+    hasFileNode: !!fileNode,
+    ...(fileNode ? { fileNodePath: fileNode.file } : {}),
+    hasSecret: objects.some((o) => o.name === names.secret),
+  };
+}
+
+/** A job that can go on: running, paused, or at READY (QEMU's job states, qapi/job.json). */
+export function continuable(l: Leftovers): boolean {
+  return !!l.job && ['created', 'running', 'paused', 'ready', 'standby'].includes(l.job.status);
+}
