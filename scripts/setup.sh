@@ -15,6 +15,7 @@ declare -A NEED=(
   [depmod]=kmod
   [influxd]=influxdb
   [dpkg-deb]=dpkg
+  [systemd-analyze]=systemd
 )
 missing=()
 for cmd in "${!NEED[@]}"; do

@@ -14,6 +14,8 @@ export type ErrorCode =
   | 'UNKNOWN_DEVICE'
   | 'JOB_EXISTS'
   | 'POLICY'
+  | 'CONFIG'
+  | 'AGENT_RUNNING'
   // QMP
   | 'QMP_CONNECT'
   | 'QMP_NOT_QMP'
@@ -26,6 +28,7 @@ export type ErrorCode =
   | 'JOB_FAILED'
   | 'VM_EXITED'
   | 'CANCELLED'
+  | 'DETACHED'
   // probes
   | 'PROBE_UNAVAILABLE'
   | 'PROBE_FAILED'

@@ -9,6 +9,7 @@ import { statusCommand } from './status.ts';
 import { observeCommand } from './observe.ts';
 import { policyCommand } from './policy.ts';
 import { cancelCommand } from './cancel.ts';
+import { agentCommand } from './agent.ts';
 
 export function buildProgram(): Command {
   const program = new Command('idlecrypt')
@@ -17,7 +18,7 @@ export function buildProgram(): Command {
     .showSuggestionAfterError()
     .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s.startsWith('error:') ? `idlecrypt: ${s.slice(7)}` : s) });
-  for (const cmd of [encryptCommand(), cancelCommand(), statusCommand(), observeCommand(), policyCommand()]) {
+  for (const cmd of [encryptCommand(), cancelCommand(), agentCommand(), statusCommand(), observeCommand(), policyCommand()]) {
     program.addCommand(cmd.exitOverride());
   }
   return program;

@@ -4,13 +4,21 @@ import { QmpClient } from '../qmp/client.ts';
 import { diskLabel, listDisks } from '../encrypt/disks.ts';
 import { fmtBytes } from '../encrypt/preflight.ts';
 import { createLogger } from '../log.ts';
+import { runDir, type AgentStatus, type DiskStatus } from '../agent/agent.ts';
+import { askAgent } from '../agent/status-server.ts';
+import path from 'node:path';
 
 export function statusCommand(): Command {
   return new Command('status')
-    .description("show the VM's disks, the image each runs on, whether it is encrypted, and block jobs")
-    .requiredOption('--qmp <socket>', "path of the VM's QMP unix socket")
+    .description("without --qmp: the host agent's VMs and disks (queued, copying, paused and why, encrypted, failed and why); with --qmp: one VM's disks, images and block jobs")
+    .option('--qmp <socket>', "path of the VM's QMP unix socket (default: ask the running agent)")
     .option('--json', 'print one JSON object')
-    .action(async (flags: { qmp: string; json?: boolean }) => {
+    .action(async (flags: { qmp?: string; json?: boolean }) => {
+      if (flags.qmp === undefined) {
+        const st = (await askAgent(path.join(runDir(), 'agent.sock'))) as AgentStatus;
+        process.stdout.write(flags.json ? `${JSON.stringify(st)}\n` : agentTable(st));
+        return;
+      }
       const client = await QmpClient.connect(flags.qmp, { logger: createLogger() });
       try {
         const disks = await listDisks(client);
@@ -60,6 +68,32 @@ export function statusCommand(): Command {
         await client.close();
       }
     });
+}
+
+function agentTable(st: AgentStatus): string {
+  const running = st.disks.filter((d) => d.state === 'creating-target' || d.state === 'copying' || d.state === 'completing').length;
+  let text = `agent pid ${st.pid} on ${st.host}, ${st.config}: ${st.vms.length} VMs watched, ${running}/${st.maxJobs} copies running\n`;
+  if (st.disks.length === 0) return `${text}no configured disk on a running VM\n`;
+  const rows = [['VM', 'DISK', 'STATE', 'PROGRESS', 'SPEED', 'ETA', 'WHY', 'TARGET']];
+  for (const d of st.disks) rows.push([d.vm, d.disk, d.state, progressText(d), speedText(d), etaText(d), d.reason ?? '', d.target]);
+  return text + table(rows);
+}
+
+function progressText(d: DiskStatus): string {
+  const p = d.progress;
+  if (!p || p.len === 0) return d.state === 'encrypted' ? '100%' : '';
+  return `${((100 * p.offset) / p.len).toFixed(1)}% ${fmtBytes(p.offset)} / ${fmtBytes(p.len)}`;
+}
+
+function speedText(d: DiskStatus): string {
+  const r = d.progress?.rateBps;
+  return r === undefined || r === null || d.state === 'encrypted' ? '' : `${fmtBytes(r)}/s`;
+}
+
+function etaText(d: DiskStatus): string {
+  const e = d.progress?.etaS;
+  if (e === undefined || e === null || d.state === 'encrypted') return '';
+  return e >= 3600 ? `${Math.floor(e / 3600)}h${String(Math.round((e % 3600) / 60)).padStart(2, '0')}m` : e >= 60 ? `${Math.floor(e / 60)}m${String(Math.round(e % 60)).padStart(2, '0')}s` : `${Math.round(e)}s`;
 }
 
 function table(rows: string[][]): string {

@@ -34,6 +34,19 @@ export type Phase = 'preflight' | 'creating-target' | 'copying' | 'completing' |
 
 export interface EncryptOptions {
   readonly qmpSocket: string;
+  /**
+   * An open session to the VM (the agent's, shared by the runs on its disks: QEMU greets
+   * only one client per socket). The run uses it and leaves it open. Default: the run
+   * connects to qmpSocket itself and closes it at the end.
+   */
+  readonly client?: QmpClient;
+  /**
+   * Stop steering and leave the copy where it is, paused, with its target and run record,
+   * for the next run (the agent's next start) to adopt: the agent's SIGTERM. The run then
+   * fails with code DETACHED. A target whose copy had not started yet is left too, and
+   * rolled back by the next run.
+   */
+  readonly detach?: AbortSignal;
   readonly device: string;
   readonly target: string;
   readonly keyFile: string;
@@ -124,7 +137,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
   if (!prior) await checkTargetPath(o.target, undefined);
   if (o.signal?.aborted) throw cancelledBeforeStart();
 
-  const client = await QmpClient.connect(o.qmpSocket, { logger: log });
+  const client = o.client ?? (await QmpClient.connect(o.qmpSocket, { logger: log }));
   try {
     const disk = findDisk(await listDisks(client), o.device);
     let adopt: (Recovery & { kind: 'adopt' }) | undefined;
@@ -195,8 +208,9 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     try {
       if (adopt) {
         job = QmpMirrorJob.adopt(client, adopt.leftovers.jobId);
-        if (mod) await untilAborted(mod.attached, o.signal);
+        if (mod) await untilAborted(mod.attached, o.signal, o.detach);
         if (o.signal?.aborted) throw cancelledAdopted(targetPath, disk);
+        if (o.detach?.aborted) throw detached(targetPath, job.id);
         const at = adopt.leftovers.job!;
         o.onNote?.(
           `resuming the copy into ${targetPath} that an earlier run (pid ${adopt.record.owner.pid}) left ${at.ready ? 'at READY' : `at ${at.len > 0 ? ((100 * at.offset) / at.len).toFixed(1) : '0.0'}%`}${at.paused ? ', paused' : ''}`,
@@ -212,8 +226,9 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       } else {
         o.onPhase?.('creating-target', disk);
         await target.create();
-        if (mod) await untilAborted(mod.attached, o.signal);
+        if (mod) await untilAborted(mod.attached, o.signal, o.detach);
         if (o.signal?.aborted) throw cancelledBeforeStart();
+        if (o.detach?.aborted) throw detached(targetPath, undefined);
         job = await startMirror(client, disk, target, o, tag);
         record = { ...record, phase: 'copying', copyStartedAt: Date.now() };
         await store.save(record);
@@ -228,6 +243,18 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       const ro = { ...o, onProgress: report };
       let outcome = await waitUntilReady(client, job, meter, ro, moderation);
       if (outcome === 'ready' && moderation) outcome = await waitForQuiet(client, job, meter, ro, moderation);
+      if (outcome === 'detach') {
+        await moderation?.close();
+        // Whatever happens here, the copy is the next run's to adopt, never rolled back.
+        try {
+          const snap = await job.snapshot();
+          if (snap && !snap.paused) await job.pause();
+        } catch (e) {
+          if (!(e instanceof QmpCommandError && /already paused/i.test(e.desc))) log.warn({ job: job.id, err: (e as Error).message }, 'could not pause the copy while detaching');
+        }
+        log.info({ job: job.id, target: targetPath }, 'detached: the copy is left paused for the next run to adopt');
+        throw detached(targetPath, job.id);
+      }
       if (outcome === 'cancel') {
         o.onPhase?.('cancelling', disk);
         await moderation?.close();
@@ -267,12 +294,13 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       };
     } catch (e) {
       await mod?.moderation.close(); // stop steering before the job and target go away
+      if (e instanceof IdlecryptError && e.code === 'DETACHED') throw e; // left for the next run, record and all
       throw await failRun(e, { client, target, disk, pivoting, log, store, tag, job });
     } finally {
       await mod?.moderation.close();
     }
   } finally {
-    await client.close();
+    if (!o.client) await client.close();
   }
 }
 
@@ -326,9 +354,11 @@ async function startMirror(client: QmpClient, disk: DiskInfo, target: EncryptedT
 }
 
 /** Polls the job (level-triggered) and wakes early on its events, abort, or QEMU exit. */
-async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions, mod?: RunModeration): Promise<'ready' | 'cancel'> {
+async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions, mod?: RunModeration): Promise<'ready' | 'cancel' | 'detach'> {
   const pollMs = o.pollMs ?? 250;
-  const abort$ = o.signal ? fromEvent(o.signal, 'abort').pipe(map(() => 'abort' as const)) : merge();
+  const abort$ = merge(
+    ...[o.signal, o.detach].filter((s): s is AbortSignal => s !== undefined).map((s) => fromEvent(s, 'abort').pipe(map(() => 'abort' as const))),
+  );
   const jobEvent$ = client
     .events('BLOCK_JOB_READY', 'JOB_STATUS_CHANGE', 'BLOCK_JOB_ERROR')
     .pipe(
@@ -338,6 +368,7 @@ async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: Progr
   const closed$ = client.closed$.pipe(map(() => 'closed' as const));
   for (;;) {
     if (o.signal?.aborted) return 'cancel';
+    if (o.detach?.aborted) return 'detach';
     const snap = await runningSnapshot(job, meter, o, mod);
     if (snap.ready) return 'ready';
     await firstValueFrom(merge(timer(pollMs).pipe(map(() => 'tick' as const)), jobEvent$, abort$, closed$).pipe(take(1)));
@@ -354,12 +385,13 @@ async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: Progr
  * the job paused at READY, and a paused mirror's `len` no longer grows with the guest's
  * writes (QEMU updates it only while the job runs), so no work seems left.
  */
-async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions, mod: RunModeration): Promise<'ready' | 'cancel'> {
+async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions, mod: RunModeration): Promise<'ready' | 'cancel' | 'detach'> {
   const pollMs = o.pollMs ?? 250;
   const until = performance.now() + (o.convergeWaitMs ?? 30_000);
   const readyAt = Date.now();
   for (;;) {
     if (o.signal?.aborted) return 'cancel';
+    if (o.detach?.aborted) return 'detach';
     const snap = await runningSnapshot(job, meter, o, mod);
     const left = snap.len - snap.offset;
     // idle, not mode 'full': a policy may cap the idle speed (mode 'throttled').
@@ -380,7 +412,8 @@ async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: Progres
       o.logger.info({ decision: mod.decision, left }, 'the guest stayed busy at READY; pivoting anyway');
       return 'ready';
     }
-    await firstValueFrom(merge(timer(pollMs), client.closed$).pipe(take(1)));
+    const stop$ = o.detach ? fromEvent(o.detach, 'abort') : merge();
+    await firstValueFrom(merge(timer(pollMs), client.closed$, stop$).pipe(take(1)));
   }
 }
 
@@ -391,9 +424,10 @@ function withModeration(p: Progress, mod: RunModeration | undefined): Progress {
 }
 
 /** Waits for `p`, or returns early when the run is cancelled (the caller checks). */
-async function untilAborted(p: Promise<void>, signal: AbortSignal | undefined): Promise<void> {
-  if (!signal) return p;
-  await Promise.race([p, new Promise<void>((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }))]);
+async function untilAborted(p: Promise<void>, ...signals: (AbortSignal | undefined)[]): Promise<void> {
+  const live = signals.filter((s): s is AbortSignal => s !== undefined);
+  if (live.length === 0) return p;
+  await Promise.race([p, ...live.map((s) => new Promise<void>((resolve) => s.addEventListener('abort', () => resolve(), { once: true })))]);
 }
 
 /** One reading of a job that should be running: reported as progress; a job that ended
@@ -495,6 +529,14 @@ async function queryName(client: QmpClient): Promise<string> {
 
 function cancelledAdopted(target: string, disk: DiskInfo): IdlecryptError {
   return new IdlecryptError('CANCELLED', `cancelled: the earlier run's copy was stopped and ${target} removed; the guest runs on its original disk ${disk.file}`);
+}
+
+function detached(target: string, job: string | undefined): IdlecryptError {
+  return new IdlecryptError(
+    'DETACHED',
+    job ? `detached: the copy into ${target} is left paused (job ${job}) for the next run to resume` : `detached before the copy started; ${target} is left for the next run to roll back`,
+    { context: { target, ...(job ? { job } : {}) } },
+  );
 }
 
 function cancelledBeforeStart(): IdlecryptError {

@@ -30,6 +30,15 @@ import type { Decision } from '../controller/types.ts';
 export interface ModerationOptions {
   /** The policy file; the shipped default when absent. */
   readonly policyFile?: string;
+  /** The policy in force as a stream (the agent's, from its configuration): used instead of policyFile. */
+  readonly policy$?: Observable<Policy>;
+  /**
+   * Shared observation: every VM's samples from one bpftrace for the host (the agent's),
+   * and this run's VM in it. Without them the run starts its own observation of its VM.
+   */
+  readonly shared?: { readonly samples$: Observable<ActivitySample>; readonly vm: VmInfo & { name: string } };
+  /** Wraps the job the controller steers (the agent's host-wide speed ceiling). */
+  readonly wrapJob?: (job: JobControl) => JobControl;
   readonly source?: SourceChoice;
   /** bpftrace binary (tests point this elsewhere). */
   readonly bpftrace?: string;
@@ -62,6 +71,7 @@ export class RunModeration {
     private readonly samples$: Observable<ActivitySample>,
     private readonly stop$: Subject<void>,
     private readonly log: Logger,
+    private readonly wrapJob: ((job: JobControl) => JobControl) | undefined,
   ) {}
 
   /**
@@ -70,11 +80,11 @@ export class RunModeration {
    */
   static async start(client: QmpClient, o: ModerationOptions): Promise<{ moderation: RunModeration; attached: Promise<void> }> {
     const log = o.logger.child({ component: 'moderation' });
-    const policy$ = watchPolicy(o.policyFile, { logger: log }).pipe(shareReplay({ bufferSize: 1, refCount: false }));
+    const policy$ = (o.policy$ ?? watchPolicy(o.policyFile, { logger: log })).pipe(shareReplay({ bufferSize: 1, refCount: false }));
     const policy = await firstValueFrom(policy$); // throws the policy's own file:line:col error
-    const vm = await findVm(client, o.discovery ?? new ProcfsDiscovery());
+    const vm = o.shared?.vm ?? (await findVm(client, o.discovery ?? new ProcfsDiscovery()));
     const stop$ = new Subject<void>();
-    const samples$ = activity$({
+    const own$: Observable<ActivitySample> = o.shared ? o.shared.samples$ : activity$({
       intervalMs: policy.sampling.interval,
       pids: [vm.pid],
       source: o.source ?? 'auto',
@@ -86,11 +96,13 @@ export class RunModeration {
         log.info({ status: s.type, ...(reason !== undefined ? { reason } : {}) }, `observation: ${s.type}`);
         o.onStatus?.(s.type, reason);
       },
-    }).pipe(
+    });
+    const samples$ = own$.pipe(
       filter((s) => s.pid === vm.pid),
+      takeUntil(stop$),
       share(),
     );
-    const m = new RunModeration(vm, policy$, samples$, stop$, log);
+    const m = new RunModeration(vm, policy$, samples$, stop$, log, o.wrapJob);
     m.subs.push(policy$.subscribe({ next: (p) => (m.effective = resolvePolicy(p, vm.name)), error: () => undefined }));
     m.subs.push(
       samples$.subscribe({
@@ -121,7 +133,7 @@ export class RunModeration {
     this.run = moderate({
       activity$: this.samples$.pipe(toActivityRates(this.vm.name)),
       policy$: this.policy$,
-      job,
+      job: this.wrapJob ? this.wrapJob(job) : job,
       vmName: this.vm.name,
       logger: this.log,
       startedAt: this.steeredAt,

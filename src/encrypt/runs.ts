@@ -115,8 +115,13 @@ export function selfOwner(): { pid: number; start: number } {
 /** A record's owner still runs (same pid, same start time): the run is alive, not dead. */
 export function ownerAlive(rec: RunRecord): boolean {
   if (rec.owner.pid === process.pid) return false;
-  const start = processStart(rec.owner.pid);
-  return start !== undefined && start === rec.owner.start;
+  return processAlive(rec.owner);
+}
+
+/** The process still runs: the same pid with the same start time (a reused pid is not it). */
+export function processAlive(owner: { pid: number; start: number }): boolean {
+  const start = processStart(owner.pid);
+  return start !== undefined && start === owner.start;
 }
 
 /** Field 22 of /proc/PID/stat: the process's start time in clock ticks since boot. */

@@ -10,7 +10,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { isMap, isNode, isScalar, LineCounter, parseDocument, type Document } from 'yaml';
+import { isMap, isNode, isScalar, isSeq, LineCounter, parseDocument, type Document } from 'yaml';
 import type { z } from 'zod';
 import { IdlecryptError } from '../errors.ts';
 import { knownKeys, moderationSchema, moderationShape, policySchema, type Moderation, type Policy } from './schema.ts';
@@ -155,7 +155,7 @@ function parse(text: string, file: string, base: Parsed | undefined): Parsed {
   return { policy: { ...settings, source: file, vms }, raw: merged };
 }
 
-function unknownKeyMessage(key: string, known: readonly string[]): string {
+export function unknownKeyMessage(key: string, known: readonly string[]): string {
   if (known.length === 0) return 'unknown key';
   const near = known.filter((k) => editDistance(k, key) <= Math.max(1, Math.floor(k.length / 3)));
   const hint = near.length > 0 ? ` (did you mean ${near.join(' or ')}?)` : '';
@@ -167,10 +167,18 @@ function unknownKeyMessage(key: string, known: readonly string[]): string {
  * path is not written in this file (a value that came from the defaults, or a key that is
  * missing), the nearest enclosing node that is, with `exact: false`.
  */
-function locate(doc: Document, path: readonly (string | number)[], want: 'key' | 'value'): { offset: number; exact: boolean } {
+export function locate(doc: Document, path: readonly (string | number)[], want: 'key' | 'value'): { offset: number; exact: boolean } {
   let node: unknown = doc.contents;
   let offset = (isNode(node) && node.range?.[0]) || 0;
   for (let i = 0; i < path.length; i++) {
+    // a list's entry, by index (the agent's `encrypt:` list)
+    if (isSeq(node) && typeof path[i] === 'number') {
+      const item: unknown = node.items[path[i] as number];
+      if (!isNode(item) || !item.range) return { offset, exact: false };
+      node = item;
+      offset = item.range[0];
+      continue;
+    }
     if (!isMap(node)) return { offset, exact: false };
     const pair = node.items.find((p) => keyText(p.key) === String(path[i]));
     if (!pair) return { offset, exact: false };
@@ -185,7 +193,7 @@ function locate(doc: Document, path: readonly (string | number)[], want: 'key' |
 }
 
 /** The key path whose entry spans `offset`, for syntax errors. */
-function pathAt(doc: Document, offset: number): string[] {
+export function pathAt(doc: Document, offset: number): string[] {
   const path: string[] = [];
   let node: unknown = doc.contents;
   while (isMap(node)) {
@@ -208,7 +216,7 @@ function keyText(key: unknown): string {
   return isScalar(key) ? String(key.value) : String(key);
 }
 
-function isPlainObject(v: unknown): v is Raw {
+export function isPlainObject(v: unknown): v is Raw {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
@@ -220,7 +228,7 @@ export function deepMerge(base: unknown, over: unknown): Raw {
   return out;
 }
 
-function lowerFirst(s: string): string {
+export function lowerFirst(s: string): string {
   return s.charAt(0).toLowerCase() + s.slice(1);
 }
 

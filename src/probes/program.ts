@@ -48,9 +48,18 @@ export interface ProbeScript {
   text: string;
 }
 
+/**
+ * Maps of spans in progress: `@<map>[pid, tid] = nsecs` at a span's start, 0 at its end,
+ * when the span's length is added to the counter (zeroed, not deleted: bpftrace 0.17
+ * aborts when an element is deleted while it prints the map). The report prints them after the
+ * counters, and the parser counts each open span up to the report's time (records.ts), so
+ * a span that lasts seconds is seen while it lasts, not when it ends.
+ */
+export const OPEN_SPAN_MAPS = { vcpu_waiting_since: 'vcpu_wait_us' } as const;
+
 export interface ComposedProgram {
   text: string;
-  /** Counter maps the program prints (without '@'). */
+  /** Counter maps the program prints (without '@'), then its open-span maps. */
   maps: string[];
   /** How many probes bpftrace must report in "attached_probes"; fewer means a symbol was missing. */
   expectedProbes: number;
@@ -125,8 +134,11 @@ export function composeProgram(scripts: readonly ProbeScript[], qemuBinaries: re
   const parts = scripts.map((s) => countingPart(s, qemuBinaries));
   const maps: string[] = [];
   for (const p of parts) for (const m of mapsOf(p.text)) if (!maps.includes(m)) maps.push(m);
-  const prints = maps.map((m) => `\tprint(@${m});`).join('\n');
-  const clears = maps.map((m) => `\tclear(@${m});`).join('\n');
+  // Counters first: a span that ends between the two prints is then missing from both (the
+  // parser keeps totals from going back; the next report has it), never counted twice.
+  const spans = Object.keys(OPEN_SPAN_MAPS).filter((m) => parts.some((p) => p.text.includes(`@${m}[`)));
+  const prints = [...maps, ...spans].map((m) => `\tprint(@${m});`).join('\n');
+  const clears = [...maps, ...spans].map((m) => `\tclear(@${m});`).join('\n');
   const report = [
     '// ---- idlecrypt report: running totals, then the CLOCK_MONOTONIC time they were printed for ----',
     'interval:ms:$1',
@@ -149,7 +161,7 @@ export function composeProgram(scripts: readonly ProbeScript[], qemuBinaries: re
   const text = `${parts.map((p) => p.text.trimEnd()).join('\n\n')}\n\n${report}`;
   // + the interval probe and END
   const expectedProbes = parts.reduce((n, p) => n + p.probes, 0) + 2;
-  return { text, maps, expectedProbes };
+  return { text, maps: [...maps, ...spans], expectedProbes };
 }
 
 /** Where tracefs shows kernel tracepoints (bpftrace reads their formats from there). */

@@ -14,7 +14,7 @@ import path from 'node:path';
 import { makeDiskImage, startTestVm, ensureImage, writerBlock, writerOffset, type TestVm } from '../../vm-images/launch.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
-import { humanLines, runCli, startCli, type RunningCli } from '../helpers/cli.ts';
+import { cliStateDir, humanLines, runCli, startCli, type RunningCli } from '../helpers/cli.ts';
 import { compareWithEncrypted, decryptToRaw, sha256, writeKey } from '../helpers/images.ts';
 
 const KEY = 'resume-test-key 7';
@@ -78,12 +78,10 @@ async function killMidCopy(vm: TestVm, target: string, extra: string[]): Promise
   return run;
 }
 
-/** Run records left in the state directory the CLI helper gives the command. */
+/** Run records left in the state directory the CLI helper gives this process's commands. */
 async function records(): Promise<string[]> {
-  const stateDirs = (await readdir(tmpdir())).filter((d) => d.startsWith('idlecrypt-cli-')).map((d) => path.join(tmpdir(), d, 'state', 'runs'));
-  const out: string[] = [];
-  for (const d of stateDirs.filter((x) => existsSync(x))) out.push(...(await readdir(d)).filter((f) => f.endsWith('.json')));
-  return out;
+  const d = path.join(cliStateDir(), 'runs');
+  return existsSync(d) ? (await readdir(d)).filter((f) => f.endsWith('.json')) : [];
 }
 
 function events(stdout: string): Record<string, unknown>[] {

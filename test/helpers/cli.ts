@@ -40,12 +40,17 @@ function cliCwd(): string {
   return cwd;
 }
 
+/** The state directory (run records) the commands this test process starts are given. */
+export function cliStateDir(): string {
+  return path.join(cliCwd(), 'state');
+}
+
 export function startCli(args: string[], env: Record<string, string> = {}): RunningCli {
   const child = spawn(BIN, args, {
     // Out of the repo: a run without --influx writes ./idlecrypt-metrics/ where it runs.
     cwd: cliCwd(),
     // Run records (src/encrypt/runs.ts) go with the run, not into the host's /var/lib.
-    env: { ...process.env, IDLECRYPT_LOG: 'debug', IDLECRYPT_STATE_DIR: path.join(cliCwd(), 'state'), ...env },
+    env: { ...process.env, IDLECRYPT_LOG: 'debug', IDLECRYPT_STATE_DIR: cliStateDir(), ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const text = { stdout: '', stderr: '' };

@@ -303,7 +303,8 @@ async function sideBySide(t: TestContext, base: string, attempt: number): Promis
   const cmpImg = await compareWithEncrypted(images.mod, target, 'luks', keyFile);
   assert.ok(cmpImg.same, cmpImg.output);
   assert.equal(await fileContains(target, 'IDLECRYPT-DATA'), false, 'no plaintext in the target');
-  return shortfalls;
+  // CI shows only the failure's message: it carries the figures of the attempt.
+  return shortfalls.length === 0 ? [] : [...shortfalls, `its figures: ${lines.join('; ')}`];
 }
 
 describe('moderation of a real guest (issue 4 acceptance)', () => {

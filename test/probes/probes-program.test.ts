@@ -108,7 +108,7 @@ describe('composeProgram', () => {
     ok(!report.includes('clear('), 'the interval report never clears');
     match(report, /printf\("idlecrypt-report %llu\\n", nsecs\);/);
     match(p.text, /uretprobe:\/usr\/bin\/qemu-system-x86_64:qemu_mutex_lock_iothread_impl,\nuretprobe:\/opt\/qemu\/bin\/qemu-system-x86_64:qemu_mutex_lock_iothread_impl\n/);
-    deepStrictEqual(p.maps, ['disk_reads', 'disk_writes', 'disk_flushes', 'disk_discards', 'key_events', 'pointer_events', 'interrupts', 'vcpu_wait_us']);
+    deepStrictEqual(p.maps, ['disk_reads', 'disk_writes', 'disk_flushes', 'disk_discards', 'key_events', 'pointer_events', 'interrupts', 'vcpu_wait_us', 'vcpu_waiting_since']);
     // 5 uprobes (one a uretprobe) x 2 binaries + 2 kvm tracepoints + interval + END
     equal(p.expectedProbes, 5 * 2 + 2 + 2);
   });

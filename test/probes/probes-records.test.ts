@@ -34,6 +34,35 @@ describe('BpftraceJsonParser', () => {
     equal(p.push('   '), undefined);
   });
 
+  it('counts each wait in progress up to the report, never lets a total go back, and caps a wait whose end was missed', () => {
+    const p = new BpftraceJsonParser();
+    const report = (ns: bigint) => {
+      const r = p.push(`{"type": "printf", "data": "idlecrypt-report ${ns}\\n"}`);
+      return r?.type === 'report' ? Object.fromEntries(r.totals) : r;
+    };
+    const s = 1_000_000_000n; // 1 s in ns
+    // 40 ms of finished waits; two vCPUs of VM 7 waiting since 100 ms and 250 ms before the report
+    p.push('{"type": "map", "data": {"@vcpu_wait_us": {"7": 40000}}}');
+    // (a third vCPU, 7,10, is not waiting: 0)
+    p.push(`{"type": "map", "data": {"@vcpu_waiting_since": {"7,8": ${100n * s - 100_000_000n}, "7,9": ${100n * s - 250_000_000n}, "7,10": 0}}}`);
+    deepStrictEqual(report(100n * s), { 7: { vcpuWaitUs: 40_000 + 100_000 + 250_000 } });
+    // 50 ms later one wait is still going (now 300 ms); the other ended between the prints,
+    // in neither map: the total stays where it was until the next report has it
+    p.push('{"type": "map", "data": {"@vcpu_wait_us": {"7": 40000}}}');
+    p.push(`{"type": "map", "data": {"@vcpu_waiting_since": {"7,8": 0, "7,9": ${100n * s - 250_000_000n}}}}`);
+    deepStrictEqual(report(100n * s + 50_000_000n), { 7: { vcpuWaitUs: 390_000 } });
+    p.push('{"type": "map", "data": {"@vcpu_wait_us": {"7": 190000}}}');
+    p.push(`{"type": "map", "data": {"@vcpu_waiting_since": {"7,9": ${100n * s - 250_000_000n}}}}`);
+    deepStrictEqual(report(100n * s + 100_000_000n), { 7: { vcpuWaitUs: 190_000 + 350_000 } });
+    // a wait open for a minute (its thread died in it) counts 10 s, and then no more
+    p.push('{"type": "map", "data": {"@vcpu_wait_us": {"7": 190000}}}');
+    p.push(`{"type": "map", "data": {"@vcpu_waiting_since": {"7,9": ${40n * s}}}}`);
+    deepStrictEqual(report(100n * s + 100_000_000n), { 7: { vcpuWaitUs: 190_000 + 10_000_000 } });
+    // a VM with only an open wait is reported too
+    p.push(`{"type": "map", "data": {"@vcpu_waiting_since": {"12,13": ${200n * s - 5_000_000n}}}}`);
+    deepStrictEqual(report(200n * s), { 12: { vcpuWaitUs: 5_000 } });
+  });
+
   it('keeps nanosecond times exact to the microsecond, even after 104 days of uptime', () => {
     equal(nsToMs(9_007_199_254_740_993_123n), 9_007_199_254_740.993);
   });

@@ -1,0 +1,516 @@
+/**
+ * The host agent: one service per KVM host that encrypts every disk its configuration
+ * names, moderated by what the guests do, and survives its own restarts.
+ *
+ *   config (agent.yaml, hot-reloaded) ──────────── desired: (VM, disk) → target
+ *   discovery (/proc, every second) ─┐
+ *   one QMP session per VM ──────────┼──────────── observed: disks, jobs; run records
+ *   one bpftrace for the host ───────┘                        │
+ *                                      reconcile (keyed by VM/disk, level-triggered)
+ *                                                             │
+ *                        encryptDisk per disk (src/encrypt: the engine `idlecrypt encrypt` runs)
+ *
+ * The loop runs on every change (config, VM list, a run ending) and every few seconds
+ * anyway; one pass at a time. Each disk is in one state (queued, copying, ..., encrypted,
+ * failed); at most host.max-jobs runs at once, in the order of the configuration's entries,
+ * then VM name, then the VM's disk order. A run that fails for a reason that may pass (its
+ * VM exited, QMP dropped) is queued again after a backoff; one that cannot (a key file
+ * missing, a disk another tool's job holds) ends that disk's attempt with its reason,
+ * until the configuration changes. A run is the engine's, so a dead agent's run records
+ * (src/encrypt/runs.ts) are adopted by the next agent exactly as `idlecrypt encrypt`
+ * adopts its own.
+ */
+import { mkdir, open, readFile, rm } from 'node:fs/promises';
+import { watch as watchFs, type FSWatcher } from 'node:fs';
+import path from 'node:path';
+import { BehaviorSubject, Subject, of, share, shareReplay, switchMap, takeUntil, type Observable, type Subscription } from 'rxjs';
+import { describeError, IdlecryptError } from '../errors.ts';
+import type { Logger } from '../log.ts';
+import { QmpClient } from '../qmp/client.ts';
+import { ProcfsDiscovery } from '../discovery/procfs.ts';
+import type { VmDiscovery, VmInfo } from '../discovery/types.ts';
+import { activity$, type SourceChoice } from '../streams/activity.ts';
+import type { ActivitySample } from '../streams/types.ts';
+import { watchPolicy } from '../policy/watch.ts';
+import type { Policy } from '../policy/schema.ts';
+import { diskLabel, listDisks, type DiskInfo } from '../encrypt/disks.ts';
+import { encryptDisk, type Phase, type Progress } from '../encrypt/encrypt.ts';
+import { processAlive, RunStore, selfOwner, stateDir } from '../encrypt/runs.ts';
+import type { JobControl } from '../jobs/types.ts';
+import { hostTag, openMetricsSink } from '../metrics/index.ts';
+import { expand, globMatch, loadAgentConfig, type AgentConfig, type EncryptEntry } from './config.ts';
+import { deviceOf, imageDevices, withNeighbours } from './neighbours.ts';
+import { StatusServer } from './status-server.ts';
+
+export type DiskState = 'waiting-for-vm' | 'queued' | 'creating-target' | 'copying' | 'completing' | 'encrypted' | 'failed';
+
+export interface DiskStatus {
+  readonly vm: string;
+  readonly disk: string;
+  readonly target: string;
+  readonly state: DiskState;
+  /** Why it is failed, or waiting; the moderation's reason while copying. */
+  readonly reason?: string;
+  readonly progress?: { readonly offset: number; readonly len: number; readonly rateBps: number | null; readonly etaS: number | null; readonly moderation?: string };
+  readonly attempts: number;
+  /** Epoch ms of the last state change. */
+  readonly since: number;
+}
+
+export interface AgentStatus {
+  readonly pid: number;
+  readonly host: string;
+  readonly config: string;
+  readonly startedAt: number;
+  readonly vms: readonly { readonly name: string; readonly pid: number; readonly qmp: string | null }[];
+  readonly disks: readonly DiskStatus[];
+  readonly maxJobs: number;
+}
+
+export interface AgentOptions {
+  readonly configFile: string;
+  readonly logger: Logger;
+  /** Run records and metrics files (default $IDLECRYPT_STATE_DIR or /var/lib/idlecrypt). */
+  readonly stateDir?: string;
+  /** The lock and the status socket (default $IDLECRYPT_RUN_DIR or /run/idlecrypt). */
+  readonly runDir?: string;
+  readonly discovery?: VmDiscovery;
+  readonly source?: SourceChoice;
+  readonly bpftrace?: string;
+  /** PBKDF time of the key slots, ms (default 2000, as cryptsetup). */
+  readonly iterTimeMs?: number;
+  /** Level-triggered resync period, ms (default 5000). */
+  readonly resyncMs?: number;
+}
+
+export function runDir(): string {
+  return process.env.IDLECRYPT_RUN_DIR || '/run/idlecrypt';
+}
+
+/** Errors that end a disk's attempt: retrying cannot help until the configuration changes. */
+const TERMINAL = new Set(['KEY_FILE', 'TARGET_EXISTS', 'NO_SPACE', 'UNKNOWN_DEVICE', 'JOB_EXISTS', 'USAGE', 'JOB_FAILED', 'POLICY']);
+const BACKOFF_MS = [2_000, 5_000, 15_000, 60_000];
+
+interface Session {
+  readonly vm: VmInfo & { name: string };
+  readonly client: QmpClient;
+  readonly socket: string;
+}
+
+interface Worker {
+  readonly key: string;
+  readonly done: Promise<void>;
+}
+
+export class Agent {
+  private config: AgentConfig;
+  private readonly config$: BehaviorSubject<AgentConfig>;
+  private readonly log: Logger;
+  private readonly store: RunStore;
+  private readonly stop$ = new Subject<void>();
+  private readonly detach = new AbortController();
+  private readonly sessions = new Map<string, Session>();
+  private readonly connecting = new Set<string>();
+  private readonly workers = new Map<string, Worker>();
+  private readonly status = new Map<string, DiskStatus>();
+  private readonly retryAt = new Map<string, number>();
+  private readonly subs: Subscription[] = [];
+  private vms: VmInfo[] = [];
+  private samples$!: Observable<ActivitySample>;
+  private policy$!: Observable<Policy>;
+  private pass: Promise<void> | undefined;
+  private again = false;
+  private stopping = false;
+  private resync?: NodeJS.Timeout;
+  private fileWatch?: FSWatcher;
+  private server?: StatusServer;
+  private readonly startedAt = Date.now();
+  private readonly runDir: string;
+  private readonly stateDir: string;
+  private readonly neighbourDevs = new Map<number, Set<number>>();
+
+  constructor(private readonly o: AgentOptions) {
+    this.log = o.logger.child({ component: 'agent' });
+    this.config = loadAgentConfig(o.configFile); // a bad file fails the start, with its place
+    this.config$ = new BehaviorSubject(this.config);
+    this.stateDir = o.stateDir ?? stateDir();
+    this.runDir = o.runDir ?? runDir();
+    this.store = new RunStore(this.stateDir);
+  }
+
+  /** Takes the host's agent lock, starts observing and reconciling. */
+  async start(): Promise<void> {
+    await this.lock();
+    this.server = new StatusServer(path.join(this.runDir, 'agent.sock'), () => this.snapshot(), this.log);
+    await this.server.listen();
+    const c = this.config;
+    this.log.info({ config: c.file, maxJobs: c.host.maxJobs, maxSpeed: c.host.maxSpeed, protect: c.host.protect, entries: c.encrypt.length }, 'agent started');
+    this.policy$ = this.config$.pipe(
+      switchMap((cfg) => (cfg.policyFile ? watchPolicy(cfg.policyFile, { logger: this.log }) : of(cfg.policy))),
+      shareReplay({ bufferSize: 1, refCount: false }),
+    );
+    this.subs.push(this.policy$.subscribe({ error: (e: unknown) => this.log.error({ err: describeError(e) }, 'policy') }));
+    // One observation for the host: every QEMU, followed as VMs come and go.
+    this.samples$ = activity$({
+      intervalMs: c.policy.sampling.interval,
+      source: this.o.source ?? 'auto',
+      logger: this.log,
+      stop$: this.stop$,
+      ...(this.o.bpftrace !== undefined ? { bpftrace: this.o.bpftrace } : {}),
+      ...(this.o.discovery ? { discovery: this.o.discovery } : {}),
+      onStatus: (s) => this.log.info({ status: s.type, ...('reason' in s ? { reason: s.reason } : {}) }, `observation: ${s.type}`),
+    }).pipe(share());
+    this.subs.push(this.samples$.subscribe({ error: (e: unknown) => this.log.error({ err: describeError(e) }, 'observation failed; copies run at their idle speed') }));
+    const discovery = this.o.discovery ?? new ProcfsDiscovery();
+    this.subs.push(
+      discovery.watch().pipe(takeUntil(this.stop$)).subscribe({
+        next: (vms) => {
+          this.vms = vms;
+          this.kick();
+        },
+        error: (e: unknown) => this.log.error({ err: describeError(e) }, 'VM discovery failed'),
+      }),
+    );
+    this.watchConfig();
+    this.resync = setInterval(() => this.kick(), this.o.resyncMs ?? 5000);
+    this.kick();
+  }
+
+  /** Re-reads the configuration; a bad file is reported and the last good one stays. */
+  reload(): void {
+    try {
+      const next = loadAgentConfig(this.o.configFile);
+      this.config = next;
+      // A disk that failed for good is tried again under a new configuration.
+      for (const [k, s] of this.status) if (s.state === 'failed') this.status.delete(k);
+      this.retryAt.clear();
+      this.config$.next(next);
+      this.log.info({ config: next.file, entries: next.encrypt.length }, 'configuration reloaded');
+      this.kick();
+    } catch (e) {
+      this.log.error({ err: describeError(e) }, 'configuration not reloaded; the last good one stays in force');
+    }
+  }
+
+  /**
+   * SIGTERM: every copy is left paused with its record, for the next start to resume; no
+   * guest is disturbed while nobody moderates. Resolves once all runs have let go.
+   */
+  async stop(): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    this.log.info({ running: this.workers.size }, 'stopping: copies are left paused for the next start');
+    this.detach.abort();
+    if (this.resync) clearInterval(this.resync);
+    this.fileWatch?.close();
+    await Promise.all([...this.workers.values()].map((w) => w.done));
+    await this.pass?.catch(() => undefined);
+    this.stop$.next();
+    for (const s of this.subs) s.unsubscribe();
+    await Promise.all([...this.sessions.values()].map((s) => s.client.close().catch(() => undefined)));
+    await this.server?.close();
+    await rm(path.join(this.runDir, 'agent.pid'), { force: true });
+    this.log.info({}, 'agent stopped');
+  }
+
+  snapshot(): AgentStatus {
+    return {
+      pid: process.pid,
+      host: hostTag(),
+      config: this.config.file,
+      startedAt: this.startedAt,
+      vms: this.vms.map((v) => ({ name: v.name ?? `pid-${v.pid}`, pid: v.pid, qmp: v.qmpSockets[0] ?? null })),
+      disks: [...this.status.values()].sort((a, b) => a.vm.localeCompare(b.vm) || a.disk.localeCompare(b.disk)),
+      maxJobs: this.config.host.maxJobs,
+    };
+  }
+
+  // ---- the reconcile loop -------------------------------------------------------------------
+
+  /** Asks for a pass; passes never overlap, and a request during one runs another after it. */
+  private kick(): void {
+    if (this.stopping) return;
+    if (this.pass) {
+      this.again = true;
+      return;
+    }
+    this.pass = this.reconcile()
+      .catch((e: unknown) => this.log.error({ err: describeError(e) }, 'reconcile pass failed'))
+      .finally(() => {
+        this.pass = undefined;
+        if (this.again) {
+          this.again = false;
+          this.kick();
+        }
+      });
+  }
+
+  private async reconcile(): Promise<void> {
+    const cfg = this.config;
+    const wanted: { key: string; entry: EncryptEntry; order: number; vm: VmInfo & { name: string }; disk: DiskInfo; target: string; session: Session }[] = [];
+    const seen = new Set<string>();
+    for (const vm of this.vms) {
+      const name = vm.name;
+      if (name === null) continue;
+      const entryIndex = cfg.encrypt.findIndex((e) => globMatch(e.vm, name));
+      if (entryIndex < 0) continue;
+      const entry = cfg.encrypt[entryIndex]!;
+      const session = await this.session({ ...vm, name }, entry);
+      if (!session) continue;
+      let disks: DiskInfo[];
+      try {
+        disks = await listDisks(session.client);
+      } catch (e) {
+        this.log.warn({ vm: name, err: describeError(e) }, 'cannot list the VM\'s disks');
+        continue;
+      }
+      const chosen =
+        entry.disks === 'all'
+          ? disks
+          : entry.disks.map((id) => disks.find((d) => [d.qdevId, d.device, d.nodeName].includes(id)) ?? ({ missing: id } as unknown as DiskInfo));
+      chosen.forEach((disk, i) => {
+        const missing = (disk as unknown as { missing?: string }).missing;
+        const label = missing ?? diskLabel(disk);
+        const key = `${name}/${label}`;
+        const target = expand(entry.target, name, label);
+        seen.add(key);
+        if (missing) {
+          this.set(key, { vm: name, disk: label, target, state: 'failed', reason: `the VM has no disk '${missing}' (it has ${disks.map(diskLabel).join(', ') || 'none'})` });
+          return;
+        }
+        wanted.push({ key, entry, order: entryIndex * 1000 + i, vm: session.vm, disk, target, session });
+      });
+    }
+    // Entries naming one VM that is not running: watched for, started when it appears.
+    for (const e of cfg.encrypt) {
+      if (/[*?[]/.test(e.vm) || this.vms.some((v) => v.name === e.vm) || e.disks === 'all') continue;
+      for (const d of e.disks) {
+        const key = `${e.vm}/${d}`;
+        seen.add(key);
+        if (!this.workers.has(key)) this.set(key, { vm: e.vm, disk: d, target: expand(e.target, e.vm, d), state: 'waiting-for-vm', reason: 'the VM is not running' });
+      }
+    }
+    for (const k of [...this.status.keys()]) if (!seen.has(k) && !this.workers.has(k)) this.status.delete(k);
+
+    // Observed state: encrypted already, or running; the rest queue in order.
+    const queue = [];
+    for (const w of wanted.sort((a, b) => a.order - b.order || a.vm.name.localeCompare(b.vm.name))) {
+      if (this.workers.has(w.key)) continue;
+      if (w.disk.encrypted) {
+        this.set(w.key, { vm: w.vm.name, disk: diskLabel(w.disk), target: w.target, state: 'encrypted', reason: w.disk.file });
+        continue;
+      }
+      const prev = this.status.get(w.key);
+      if (prev?.state === 'failed' && !this.retryAt.has(w.key)) continue; // for good, until a reload
+      if ((this.retryAt.get(w.key) ?? 0) > Date.now()) continue;
+      if (prev?.state !== 'queued') this.set(w.key, { vm: w.vm.name, disk: diskLabel(w.disk), target: w.target, state: 'queued' });
+      queue.push(w);
+    }
+    // A dead run's copy is already in QEMU: adopt those first.
+    const records = await this.store.list().catch(() => []);
+    const adoptable = new Set(records.map((r) => r.target));
+    queue.sort((a, b) => Number(adoptable.has(b.target)) - Number(adoptable.has(a.target)));
+    for (const w of queue) {
+      if (this.workers.size >= cfg.host.maxJobs || this.stopping) break;
+      this.startRun(w.key, w.entry, w.session, w.disk, w.target);
+    }
+  }
+
+  private startRun(key: string, entry: EncryptEntry, session: Session, disk: DiskInfo, target: string): void {
+    const vm = session.vm;
+    const label = diskLabel(disk);
+    const attempts = (this.status.get(key)?.attempts ?? 0) + 1;
+    const base = { vm: vm.name, disk: label, target, attempts };
+    this.set(key, { ...base, state: 'creating-target' }, attempts);
+    const log = this.log.child({ vm: vm.name, disk: label });
+    const cfg = this.config;
+    const cap = cfg.host.maxSpeed > 0 ? Math.floor(cfg.host.maxSpeed / cfg.host.maxJobs) : 0;
+    const done = (async () => {
+      const near = new Set<number>();
+      if (cfg.host.protect === 'storage') await this.neighboursOf(vm.pid, disk.file, target, near);
+      const samples$ = cfg.host.protect === 'storage' ? this.samples$.pipe(withNeighbours(vm.pid, () => near)) : this.samples$;
+      const refresh = cfg.host.protect === 'storage' ? setInterval(() => void this.neighboursOf(vm.pid, disk.file, target, near), 10_000) : undefined;
+      let phase: Phase = 'creating-target';
+      try {
+        await encryptDisk({
+          qmpSocket: session.socket,
+          client: session.client,
+          device: label,
+          target,
+          keyFile: expand(entry.keyFile, vm.name, label),
+          format: entry.format,
+          speed: cap,
+          iterTimeMs: this.o.iterTimeMs ?? 2000,
+          logger: log,
+          runStore: this.store,
+          detach: this.detach.signal,
+          moderation: {
+            policy$: this.policy$,
+            shared: { samples$, vm },
+            ...(cap > 0 ? { wrapJob: (j: JobControl) => capped(j, cap) } : {}),
+          },
+          metrics: (vmName) => openMetricsSink({ vm: vmName, ...(cfg.influx ? { influx: cfg.influx } : { file: path.join(this.stateDir, 'metrics', `${safe(vmName)}-${safe(label)}-${Date.now()}.lp`) }) }),
+          onPhase: (p) => {
+            phase = p;
+            if (p === 'creating-target' || p === 'copying' || p === 'completing') this.set(key, { ...base, state: p, ...this.progressOf(key) });
+          },
+          onProgress: (p) => this.set(key, { ...base, state: phase === 'completing' ? 'completing' : 'copying', progress: progressView(p), ...(p.moderation ? { reason: `${p.moderation.state}, ${p.moderation.reason}` } : {}) }),
+          onNote: (text, rec) => log.info({ ...rec }, text),
+        });
+        this.retryAt.delete(key);
+        this.set(key, { ...base, state: 'encrypted', reason: target });
+        log.info({ target }, 'encrypted: the guest runs on its encrypted image');
+      } catch (e) {
+        const err = e instanceof IdlecryptError ? e : undefined;
+        if (err?.code === 'DETACHED') {
+          this.set(key, { ...base, state: 'queued', reason: 'agent stopping: the copy is left paused' });
+          return;
+        }
+        const terminal = err !== undefined && TERMINAL.has(err.code);
+        const reason = describeError(e);
+        if (terminal) {
+          this.retryAt.delete(key);
+          this.set(key, { ...base, state: 'failed', reason });
+          log.error({ err: reason, code: err.code }, 'disk failed; the others go on');
+        } else {
+          const wait = BACKOFF_MS[Math.min(attempts - 1, BACKOFF_MS.length - 1)]!;
+          this.retryAt.set(key, Date.now() + wait);
+          this.set(key, { ...base, state: 'failed', reason: `${reason} (retrying in ${wait / 1000} s)` });
+          log.warn({ err: reason, code: err?.code, retryInMs: wait }, 'run failed; queued again after a backoff');
+          setTimeout(() => this.kick(), wait + 10).unref();
+        }
+      } finally {
+        if (refresh) clearInterval(refresh);
+        this.workers.delete(key);
+        this.kick();
+      }
+    })();
+    this.workers.set(key, { key, done });
+  }
+
+  /** The VMs whose images share a host device with this job's source or target. */
+  private async neighboursOf(pid: number, source: string, target: string, into: Set<number>): Promise<void> {
+    const devs = new Set<number>();
+    for (const p of [source, target]) {
+      const d = await deviceOf(p);
+      if (d !== undefined) devs.add(d);
+    }
+    into.clear();
+    for (const vm of this.vms) {
+      if (vm.pid === pid) continue;
+      const theirs = await imageDevices(vm.pid);
+      this.neighbourDevs.set(vm.pid, theirs);
+      if ([...theirs].some((d) => devs.has(d))) into.add(vm.pid);
+    }
+  }
+
+  private progressOf(key: string): Pick<DiskStatus, 'progress'> {
+    const p = this.status.get(key)?.progress;
+    return p ? { progress: p } : {};
+  }
+
+  private set(key: string, s: Omit<DiskStatus, 'since' | 'attempts'> & { attempts?: number }, attempts?: number): void {
+    const prev = this.status.get(key);
+    const next: DiskStatus = { ...s, attempts: attempts ?? s.attempts ?? prev?.attempts ?? 0, since: prev?.state === s.state ? prev.since : Date.now() };
+    this.status.set(key, next);
+    if (prev?.state !== s.state) this.log.info({ vm: s.vm, disk: s.disk, state: s.state, ...(s.reason ? { reason: s.reason } : {}) }, `${s.vm}/${s.disk}: ${s.state}`);
+  }
+
+  // ---- sessions ----------------------------------------------------------------------------
+
+  /** The VM's QMP session, opened on first need and dropped when QEMU goes away. */
+  private async session(vm: VmInfo & { name: string }, entry: EncryptEntry): Promise<Session | undefined> {
+    const id = `${vm.pid}/${vm.startTicks ?? ''}`;
+    const have = this.sessions.get(id);
+    if (have && have.client.state === 'running') return have;
+    if (this.connecting.has(id)) return undefined;
+    const socket = entry.qmp !== undefined ? expand(entry.qmp, vm.name, '') : vm.qmpSockets[0];
+    if (!socket) {
+      this.log.warn({ vm: vm.name, pid: vm.pid }, 'the VM has no QMP socket on its command line; name one with qmp: in the configuration');
+      return undefined;
+    }
+    this.connecting.add(id);
+    try {
+      const client = await QmpClient.connect(socket, { logger: this.log });
+      const s: Session = { vm, client, socket };
+      this.sessions.set(id, s);
+      client.closed$.subscribe(() => {
+        this.sessions.delete(id);
+        this.kick();
+      });
+      this.log.info({ vm: vm.name, pid: vm.pid, qmp: socket }, 'QMP session opened');
+      return s;
+    } catch (e) {
+      this.log.warn({ vm: vm.name, qmp: socket, err: describeError(e) }, 'cannot open the VM\'s QMP session');
+      return undefined;
+    } finally {
+      this.connecting.delete(id);
+    }
+  }
+
+  // ---- lock and configuration file -----------------------------------------------------------
+
+  /** One agent per host: the lock file names its owner; a dead owner's lock is taken over. */
+  private async lock(): Promise<void> {
+    await mkdir(this.runDir, { recursive: true, mode: 0o700 });
+    const file = path.join(this.runDir, 'agent.pid');
+    for (let i = 0; i < 2; i++) {
+      try {
+        const fh = await open(file, 'wx', 0o600);
+        await fh.writeFile(`${JSON.stringify(selfOwner())}\n`);
+        await fh.close();
+        return;
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+        const owner = await readFile(file, 'utf8').then((t) => JSON.parse(t) as { pid: number; start: number }, () => undefined);
+        if (owner && processAlive(owner)) {
+          throw new IdlecryptError('AGENT_RUNNING', `another idlecrypt agent (pid ${owner.pid}) is running on this host (${file})`);
+        }
+        await rm(file, { force: true });
+      }
+    }
+    throw new IdlecryptError('AGENT_RUNNING', `cannot take the agent lock ${file}`);
+  }
+
+  private watchConfig(): void {
+    const dir = path.dirname(this.o.configFile);
+    const base = path.basename(this.o.configFile);
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      // The directory, not the file: editors replace a file by renaming a new one over it.
+      this.fileWatch = watchFs(dir, (_ev, name) => {
+        if (name !== base) return;
+        clearTimeout(timer);
+        timer = setTimeout(() => this.reload(), 200);
+      });
+    } catch (e) {
+      this.log.warn({ err: describeError(e) }, 'cannot watch the configuration file; reload with SIGHUP');
+    }
+  }
+}
+
+/** The controller's speeds, held under the host's ceiling share (0 from it means unlimited). */
+function capped(job: JobControl, cap: number): JobControl {
+  return {
+    id: job.id,
+    canPause: job.canPause,
+    snapshot: () => job.snapshot(),
+    setSpeed: (bps) => job.setSpeed(bps === 0 ? cap : Math.min(bps, cap)),
+    pause: () => job.pause(),
+    resume: () => job.resume(),
+  };
+}
+
+function progressView(p: Progress): DiskStatus['progress'] {
+  return {
+    offset: p.offset,
+    len: p.len,
+    rateBps: p.rate,
+    etaS: p.etaS,
+    ...(p.moderation ? { moderation: `${p.moderation.state}, ${p.moderation.reason}` } : {}),
+  };
+}
+
+function safe(s: string): string {
+  return s.replace(/[^\w.-]/g, '_');
+}

@@ -1,0 +1,93 @@
+/**
+ * The stall probe sees a frozen guest while it is frozen (issue 9): real bpftrace, a real
+ * TCG guest doing disk I/O, and a real freeze of QEMU's main loop. `blockdev-create` of a
+ * LUKS image derives its key (PBKDF2, iter-time 1500 ms) in the main loop, holding the big
+ * lock all along, so the guest's vCPU waits for the lock in one wait of about that long
+ * (docs/starvation.md). Counted only when waits end, the reports taken during the freeze
+ * would show nothing; with waits in progress counted (src/probes/records.ts), they grow by
+ * about the time that passes.
+ */
+import { ok } from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { Subject, filter, firstValueFrom } from 'rxjs';
+import { composeProgram, loadScripts, SCRIPT_QEMU_BINARY } from '../../src/probes/program.ts';
+import { runBpftrace, type ProbeEvent } from '../../src/probes/runner.ts';
+import { ensureImage } from '../../vm-images/launch.ts';
+import { Lab, waitUntil, type Guest } from '../observe/helpers.ts';
+
+type Report = Extract<ProbeEvent, { type: 'report' }>;
+
+let lab: Lab;
+let guest: Guest;
+before(async () => {
+  ensureImage();
+  lab = await Lab.create('stall');
+  guest = await lab.boot({ name: 'stalled', workload: 'disk', params: { bs_kb: 64, chunk_kb: 1024 } });
+});
+after(async () => {
+  await lab?.cleanup();
+});
+
+describe('the stall probe', () => {
+  it('counts a vCPU\'s wait for the big lock while it lasts, not only when it ends', async () => {
+    const program = composeProgram(await loadScripts(['stall']), [SCRIPT_QEMU_BINARY]);
+    const stop$ = new Subject<void>();
+    const reports: Report[] = [];
+    let attached = false;
+    const sub = runBpftrace({ program, intervalMs: 50, stop$ }).subscribe((e) => {
+      if (e.type === 'attached') attached = true;
+      if (e.type === 'report') reports.push(e);
+    });
+    try {
+      await waitUntil('bpftrace attached', () => attached && reports.length >= 10);
+      const { qmp, vm } = guest;
+      const keyFile = join(lab.dir, 'key');
+      await writeFile(keyFile, 'stall test key', { mode: 0o600 });
+      const file = join(lab.dir, 'frozen.luks');
+      const concluded = (id: string) =>
+        firstValueFrom(qmp.events$.pipe(filter((e) => e.event === 'JOB_STATUS_CHANGE' && e.data?.id === id && e.data?.status === 'concluded')));
+      let done = concluded('mkfile');
+      await qmp.execute('blockdev-create', { 'job-id': 'mkfile', options: { driver: 'file', filename: file, size: 0 } });
+      await done;
+      await qmp.execute('job-dismiss', { id: 'mkfile' });
+      await qmp.execute('blockdev-add', { driver: 'file', 'node-name': 'frozen-file', filename: file });
+      await qmp.execute('object-add', { 'qom-type': 'secret', id: 'frozen-key', format: 'raw', file: keyFile });
+      done = concluded('mkluks');
+      const start = Date.now();
+      await qmp.execute('blockdev-create', {
+        'job-id': 'mkluks',
+        options: { driver: 'luks', file: 'frozen-file', size: 64 * 1024 * 1024, 'key-secret': 'frozen-key', 'iter-time': 1500 },
+      });
+      await done;
+      const end = Date.now();
+      await qmp.execute('job-dismiss', { id: 'mkluks' });
+      const wait = (r: Report) => r.totals.get(vm.pid)?.vcpuWaitUs ?? 0;
+      // The last report before the freeze, and the reports well inside it (the freeze ends
+      // before QEMU sends the event; 300 ms of margin for that and the report's own lag).
+      const before = reports.filter((r) => r.epochMs <= start).at(-1)!;
+      const inside = reports.filter((r) => r.epochMs > start + 300 && r.epochMs < end - 300);
+      ok(end - start >= 1000, `the key derivation froze the main loop for ${end - start} ms`);
+      ok(inside.length >= 5, `${inside.length} reports came during the freeze (bpftrace does not need QEMU's lock)`);
+      if (process.env.IDLECRYPT_TEST_DEBUG) for (const r of reports.filter((r) => r.epochMs > start - 500 && r.epochMs < end + 500)) console.log(r.epochMs - start, wait(r) - wait(before));
+      // The freeze's start within the command is QEMU's business (the file is opened and
+      // the PBKDF2 rate measured first): look for the longest stretch of reports over which
+      // the total grew by at least 90% of the time between them. Counted only when waits
+      // end, one long wait adds nothing until it ends: no such stretch at all.
+      let longest = 0;
+      for (let i = 0; i < inside.length; i++) {
+        for (let j = inside.length - 1; j > i; j--) {
+          const dt = inside[j]!.epochMs - inside[i]!.epochMs;
+          if (dt <= longest) break;
+          if ((wait(inside[j]!) - wait(inside[i]!)) / 1000 >= 0.9 * dt) longest = dt;
+        }
+      }
+      ok(longest >= 800, `the reports counted the vCPU waiting all the time for ${longest.toFixed(0)} ms of the ${end - start} ms freeze (need >= 800 ms)`);
+      for (let i = 1; i < reports.length; i++) ok(wait(reports[i]!) >= wait(reports[i - 1]!), 'the running total never goes back');
+    } finally {
+      stop$.next();
+      sub.unsubscribe();
+    }
+  });
+});
