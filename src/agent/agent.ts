@@ -41,6 +41,7 @@ import { hostTag, openMetricsSink } from '../metrics/index.ts';
 import { expand, globMatch, loadAgentConfig, type AgentConfig, type EncryptEntry } from './config.ts';
 import { deviceOf, imageDevices, withNeighbours } from './neighbours.ts';
 import { StatusServer } from './status-server.ts';
+import { rollBackOrphans } from './orphans.ts';
 
 export type DiskState = 'waiting-for-vm' | 'queued' | 'creating-target' | 'copying' | 'completing' | 'encrypted' | 'failed';
 
@@ -111,11 +112,16 @@ export class Agent {
   private readonly detach = new AbortController();
   private readonly sessions = new Map<string, Session>();
   private readonly connecting = new Set<string>();
+  private readonly warnedRecords = new Set<string>();
+  /** Why a VM's QMP session could not be opened, by VM name (for its disks' status). */
+  private readonly sessionErrors = new Map<string, string>();
   private readonly workers = new Map<string, Worker>();
   private readonly status = new Map<string, DiskStatus>();
   private readonly retryAt = new Map<string, number>();
   private readonly subs: Subscription[] = [];
   private vms: VmInfo[] = [];
+  /** No pass before the first VM list: every configured VM would look stopped. */
+  private discovered = false;
   private samples$!: Observable<ActivitySample>;
   private policy$!: Observable<Policy>;
   private pass: Promise<void> | undefined;
@@ -127,7 +133,6 @@ export class Agent {
   private readonly startedAt = Date.now();
   private readonly runDir: string;
   private readonly stateDir: string;
-  private readonly neighbourDevs = new Map<number, Set<number>>();
 
   constructor(private readonly o: AgentOptions) {
     this.log = o.logger.child({ component: 'agent' });
@@ -166,6 +171,7 @@ export class Agent {
       discovery.watch().pipe(takeUntil(this.stop$)).subscribe({
         next: (vms) => {
           this.vms = vms;
+          this.discovered = true;
           this.kick();
         },
         error: (e: unknown) => this.log.error({ err: describeError(e) }, 'VM discovery failed'),
@@ -229,7 +235,7 @@ export class Agent {
 
   /** Asks for a pass; passes never overlap, and a request during one runs another after it. */
   private kick(): void {
-    if (this.stopping) return;
+    if (this.stopping || !this.discovered) return;
     if (this.pass) {
       this.again = true;
       return;
@@ -247,6 +253,12 @@ export class Agent {
 
   private async reconcile(): Promise<void> {
     const cfg = this.config;
+    // Records this version cannot read: said once each, never guessed at (orphans.ts).
+    for (const u of (await this.store.scan()).unreadable) {
+      if (this.warnedRecords.has(u.file)) continue;
+      this.warnedRecords.add(u.file);
+      this.log.warn({ file: u.file, why: u.why }, `ignoring run record ${u.file}: ${u.why}; what it described is reconciled from QEMU alone`);
+    }
     const wanted: { key: string; entry: EncryptEntry; order: number; vm: VmInfo & { name: string }; disk: DiskInfo; target: string; session: Session }[] = [];
     const seen = new Set<string>();
     for (const vm of this.vms) {
@@ -256,13 +268,30 @@ export class Agent {
       if (entryIndex < 0) continue;
       const entry = cfg.encrypt[entryIndex]!;
       const session = await this.session({ ...vm, name }, entry);
-      if (!session) continue;
+      if (!session) {
+        // Shown, not dropped: the operator sees why nothing happens to this VM.
+        const why = this.sessionErrors.get(name) ?? 'connecting to its QMP socket';
+        for (const d of entry.disks === 'all' ? ['all'] : entry.disks) {
+          const key = `${name}/${d}`;
+          seen.add(key);
+          if (!this.workers.has(key)) this.set(key, { vm: name, disk: d, target: expand(entry.target, name, d), state: 'waiting-for-vm', reason: why });
+        }
+        continue;
+      }
       let disks: DiskInfo[];
       try {
         disks = await listDisks(session.client);
       } catch (e) {
         this.log.warn({ vm: name, err: describeError(e) }, 'cannot list the VM\'s disks');
         continue;
+      }
+      // Copies of ours no readable record describes: rolled back, the disk queued again.
+      // Not while a run of ours works on this VM (its record may be newer than our reading).
+      if (![...this.workers.keys()].some((k) => k.startsWith(`${name}/`))) {
+        const known = new Set((await this.store.scan()).records.map((r) => r.tag));
+        await rollBackOrphans(session.client, name, disks, known, this.log).catch((e: unknown) =>
+          this.log.error({ vm: name, err: describeError(e) }, 'rolling back a copy with no run record failed'),
+        );
       }
       const chosen =
         entry.disks === 'all'
@@ -327,11 +356,14 @@ export class Agent {
     const cap = cfg.host.maxSpeed > 0 ? Math.floor(cfg.host.maxSpeed / cfg.host.maxJobs) : 0;
     const done = (async () => {
       const near = new Set<number>();
-      if (cfg.host.protect === 'storage') await this.neighboursOf(vm.pid, disk.file, target, near);
-      const samples$ = cfg.host.protect === 'storage' ? this.samples$.pipe(withNeighbours(vm.pid, () => near)) : this.samples$;
-      const refresh = cfg.host.protect === 'storage' ? setInterval(() => void this.neighboursOf(vm.pid, disk.file, target, near), 10_000) : undefined;
+      const protect = cfg.host.protect === 'storage';
+      const samples$ = protect ? this.samples$.pipe(withNeighbours(vm.pid, () => near)) : this.samples$;
+      // VMs start, stop and open images: the neighbours are looked up again every 10 s.
+      const lookup = () => this.neighboursOf(vm.pid, disk.file, target, near).catch((e: unknown) => log.warn({ err: describeError(e) }, 'cannot find the neighbours on this storage'));
+      const refresh = protect ? setInterval(() => void lookup(), 10_000) : undefined;
       let phase: Phase = 'creating-target';
       try {
+        if (protect) await lookup();
         await encryptDisk({
           qmpSocket: session.socket,
           client: session.client,
@@ -399,7 +431,6 @@ export class Agent {
     for (const vm of this.vms) {
       if (vm.pid === pid) continue;
       const theirs = await imageDevices(vm.pid);
-      this.neighbourDevs.set(vm.pid, theirs);
       if ([...theirs].some((d) => devs.has(d))) into.add(vm.pid);
     }
   }
@@ -426,7 +457,8 @@ export class Agent {
     if (this.connecting.has(id)) return undefined;
     const socket = entry.qmp !== undefined ? expand(entry.qmp, vm.name, '') : vm.qmpSockets[0];
     if (!socket) {
-      this.log.warn({ vm: vm.name, pid: vm.pid }, 'the VM has no QMP socket on its command line; name one with qmp: in the configuration');
+      if (!this.sessionErrors.has(vm.name)) this.log.warn({ vm: vm.name, pid: vm.pid }, 'the VM has no QMP socket on its command line; name one with qmp: in the configuration');
+      this.sessionErrors.set(vm.name, 'no QMP socket on its command line; name one with qmp: in the configuration');
       return undefined;
     }
     this.connecting.add(id);
@@ -438,10 +470,13 @@ export class Agent {
         this.sessions.delete(id);
         this.kick();
       });
+      this.sessionErrors.delete(vm.name);
       this.log.info({ vm: vm.name, pid: vm.pid, qmp: socket }, 'QMP session opened');
       return s;
     } catch (e) {
-      this.log.warn({ vm: vm.name, qmp: socket, err: describeError(e) }, 'cannot open the VM\'s QMP session');
+      const why = `cannot open its QMP session: ${describeError(e)}`;
+      if (this.sessionErrors.get(vm.name) !== why) this.log.warn({ vm: vm.name, qmp: socket, err: describeError(e) }, 'cannot open the VM\'s QMP session');
+      this.sessionErrors.set(vm.name, why);
       return undefined;
     } finally {
       this.connecting.delete(id);

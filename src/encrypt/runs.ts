@@ -81,23 +81,40 @@ export class RunStore {
 
   /** Every record; unreadable ones are skipped (a record is never half-written, see above). */
   async list(): Promise<RunRecord[]> {
+    return (await this.scan()).records;
+  }
+
+  /**
+   * Every record, and the files here that are not records this version can read (corrupt,
+   * or written by another version): the caller says so, and does not guess what they held.
+   */
+  async scan(): Promise<{ records: RunRecord[]; unreadable: { file: string; why: string }[] }> {
     let names: string[];
     try {
       names = await fs.readdir(this.dir);
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { records: [], unreadable: [] };
       throw new IdlecryptError('USAGE', `cannot read idlecrypt's state directory ${this.dir}: ${(e as Error).message}`, { cause: e });
     }
-    const out: RunRecord[] = [];
+    const records: RunRecord[] = [];
+    const unreadable: { file: string; why: string }[] = [];
     for (const n of names.filter((x) => x.endsWith('.json'))) {
+      const file = path.join(this.dir, n);
+      let text: string;
       try {
-        const r = JSON.parse(await fs.readFile(path.join(this.dir, n), 'utf8')) as RunRecord;
-        if (r.version === 1 && typeof r.tag === 'string' && typeof r.target === 'string') out.push(r);
+        text = await fs.readFile(file, 'utf8');
       } catch {
-        // a file that vanished or is not ours
+        continue; // it vanished: a run ended meanwhile
+      }
+      try {
+        const r = JSON.parse(text) as RunRecord;
+        if (r.version === 1 && typeof r.tag === 'string' && typeof r.target === 'string') records.push(r);
+        else unreadable.push({ file, why: `not a version-1 run record (version ${JSON.stringify((r as { version?: unknown }).version)})` });
+      } catch (e) {
+        unreadable.push({ file, why: `not JSON (${(e as Error).message})` });
       }
     }
-    return out;
+    return { records, unreadable };
   }
 
   /** The record of the run that writes (or wrote) this target, if any. */

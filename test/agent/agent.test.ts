@@ -8,6 +8,7 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, open, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -287,6 +288,65 @@ describe('idlecrypt agent', () => {
     const adopted = logsOf(r3.stderr).find((l) => l.msg === 'mirror adopted')?.time as number;
     t.diagnostic(`after kill -9: the next agent adopted the copy ${((adopted - started) / 1000).toFixed(1)} s after it started`);
     assert.ok(adopted - started < 10_000, 'adopted promptly');
+  });
+
+  test('faults: a full target filesystem fails that disk alone; a VM killed mid-copy loses only its partial target; a corrupt run record is said and its copy rolled back from QEMU alone, then done again', async (t) => {
+    await killLeftAgents();
+    const full = path.join(dir, 'full');
+    await mkdir(full);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=80m', 'tmpfs', full]);
+    t.after(() => execFileSync('umount', ['-l', full]));
+    const f1 = await boot('f-1', 160, 'idle');
+    const f2 = await boot('f-2', 64, 'idle');
+    const f3 = await boot('f-3', 64, 'idle');
+    for (const n of ['f-1', 'f-2', 'f-3']) await writeKey(path.join(dir, `${n}.key`), `key of ${n}`);
+    const cfg = path.join(dir, 'faults.yaml');
+    const entry = (vm: string, target: string) => [`  - vm: ${vm}`, '    disks: [disk0]', `    target: ${target}`, `    key-file: ${dir}/{vm}.key`, `    qmp: ${dir}/vm-{vm}/tool-qmp.sock`];
+    await writeFile(
+      cfg,
+      ['host:', '  max-jobs: 3', '  max-speed: 12M', '  protect: vm', 'encrypt:', ...entry('f-1', `${dir}/{vm}-{disk}.luks`), ...entry('f-2', `${full}/{vm}-{disk}.luks`), ...entry('f-3', `${dir}/{vm}-{disk}.luks`), ''].join('\n'),
+    );
+    const a = startAgent(cfg);
+    const copying = (vm: TestVm) => until(`${vm.name} copying`, async () => ((await jobsOf(vm)).some((j) => j.offset > 0) ? true : undefined), 60_000);
+    await Promise.all([copying(f1.vm), copying(f2.vm), copying(f3.vm)]);
+
+    // The target's filesystem fills up under f-2's copy.
+    await writeFile(path.join(full, 'filler'), Buffer.alloc(60 * 1024 * 1024));
+    const st = await until('f-2 failed', async () => {
+      const s = await status();
+      return s.disks.find((d) => d.vm === 'f-2')?.state === 'failed' ? s : undefined;
+    }, 60_000);
+    t.diagnostic(`f-2: ${st.disks.find((d) => d.vm === 'f-2')!.reason}`);
+    assert.equal((await diskOf(f2.vm)).file, f2.disk, 'f-2 stays on its source');
+    assert.equal(existsSync(path.join(full, 'f-2-disk0.luks')), false, 'its partial target is removed');
+    assert.deepEqual(await jobsOf(f2.vm), []);
+
+    // f-3's QEMU is killed mid-copy.
+    process.kill(f3.vm.pid, 'SIGKILL');
+    await f3.vm.exited;
+    await until('f-3\'s partial target removed', async () => (existsSync(path.join(dir, 'f-3-disk0.luks')) ? undefined : true), 30_000);
+
+    // kill -9 of the agent while f-1 copies, and its run record corrupted.
+    assert.equal((await jobsOf(f1.vm)).length, 1, 'f-1 still copying, the others did not disturb it');
+    a.child.kill('SIGKILL');
+    await a.result;
+    const runs = path.join(cliStateDir(), 'runs');
+    const recs = (await readdir(runs)).filter((f) => f.endsWith('.json'));
+    assert.equal(recs.length, 1, `one record left, f-1's: ${recs.join(', ')}`);
+    await writeFile(path.join(runs, recs[0]!), '{"version": 1, "tag": ');
+    const b = startAgent(cfg);
+    await b.waitForStderr(/ignoring run record .*not JSON/, 30_000);
+    await b.waitForStderr(/rolled back a copy of ours in VM 'f-1' that no readable run record describes: removed job idlecrypt-[0-9a-f]{8}/, 30_000);
+    await until('f-1 encrypted', async () => ((await status()).disks.find((d) => d.vm === 'f-1')?.state === 'encrypted' ? true : undefined), 120_000);
+    assert.deepEqual(await jobsOf(f1.vm), []);
+    const d1 = await diskOf(f1.vm);
+    assert.equal(d1.file, path.join(dir, 'f-1-disk0.luks'));
+    b.child.kill('SIGTERM');
+    assert.equal((await b.result).code, 0);
+    await f1.vm.stop();
+    const cmp = await compareWithEncrypted(f1.disk, d1.file, 'luks', path.join(dir, 'f-1.key'));
+    assert.ok(cmp.same, cmp.output);
+    assert.equal((await diskOf(f2.vm)).file, f2.disk);
   });
 
   test('a bad configuration: one line with file:line:column and the key, exit 1; --check says valid', async () => {

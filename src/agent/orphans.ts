@@ -1,0 +1,77 @@
+/**
+ * Copies of ours in QEMU that no run record describes: their record was lost, is corrupt,
+ * or was written by another version. The agent does not guess what such a record held; it
+ * reconciles from QEMU alone. Our names carry the run's tag (runs.ts runNames: job and
+ * node `idlecrypt-<tag>`, file node `idlecrypt-file-<tag>`, secret `idlecrypt-key-<tag>`),
+ * so QEMU says which nodes and which file are ours. Such a copy is rolled back (the job
+ * cancelled: the guest stays on its source; nodes, secret and file removed) and the disk
+ * is queued again: a fresh copy is safe, adopting one whose key and format are unknown is
+ * not. A node the guest already runs on (the pivot happened) is the guest's disk now, and
+ * is never touched.
+ */
+import type { QmpClient } from '../qmp/client.ts';
+import type { Logger } from '../log.ts';
+import type { DiskInfo } from '../encrypt/disks.ts';
+import { findLeftovers, type RunRecord } from '../encrypt/runs.ts';
+import { rollBack } from '../encrypt/recover.ts';
+
+const TAG = '([0-9a-f]{8})';
+const JOB_OR_NODE = new RegExp(`^idlecrypt-(?:file-)?${TAG}$`);
+const SECRET = new RegExp(`^idlecrypt-key-${TAG}$`);
+
+/** The run tags our names in this QEMU carry. */
+export async function tagsInQemu(client: QmpClient): Promise<Set<string>> {
+  const tags = new Set<string>();
+  for (const j of await client.execute('query-block-jobs')) {
+    const m = JOB_OR_NODE.exec(j.device);
+    if (m) tags.add(m[1]!);
+  }
+  for (const n of await client.execute('query-named-block-nodes', { flat: true })) {
+    const m = JOB_OR_NODE.exec(n['node-name'] ?? '');
+    if (m) tags.add(m[1]!);
+  }
+  for (const o of (await client.executeRaw('qom-list', { path: '/objects' })) as { name: string }[]) {
+    const m = SECRET.exec(o.name);
+    if (m) tags.add(m[1]!);
+  }
+  return tags;
+}
+
+/**
+ * Rolls back every copy of ours in this VM that has no record (`known`: the tags of the
+ * records there are). Returns what it removed, per tag.
+ */
+export async function rollBackOrphans(
+  client: QmpClient,
+  vm: string,
+  disks: readonly DiskInfo[],
+  known: ReadonlySet<string>,
+  log: Logger,
+): Promise<{ tag: string; removed: string[] }[]> {
+  const out: { tag: string; removed: string[] }[] = [];
+  for (const tag of await tagsInQemu(client)) {
+    if (known.has(tag)) continue;
+    // The guest runs on it: it is the guest's disk now, whatever record was lost.
+    if (disks.some((d) => d.nodeName === `idlecrypt-${tag}`)) continue;
+    const l = await findLeftovers(client, tag);
+    const rec: RunRecord = {
+      version: 1,
+      tag,
+      owner: { pid: 0, start: 0 },
+      vm,
+      qmp: client.socketPath,
+      device: '',
+      source: '',
+      // The file our file node has open is the target we created; without one, no file is ours.
+      target: l.fileNodePath ?? '',
+      format: 'luks',
+      keyFile: '',
+      phase: 'copying',
+      createdAt: 0,
+    };
+    const removed = await rollBack(client, rec, l, log);
+    log.warn({ vm, tag, removed }, `rolled back a copy of ours in VM '${vm}' that no readable run record describes: removed ${removed.join(', ') || 'nothing'}; its disk is queued again`);
+    out.push({ tag, removed });
+  }
+  return out;
+}
