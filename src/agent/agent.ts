@@ -355,15 +355,16 @@ export class Agent {
     const cfg = this.config;
     const cap = cfg.host.maxSpeed > 0 ? Math.floor(cfg.host.maxSpeed / cfg.host.maxJobs) : 0;
     const done = (async () => {
+      // Neighbours: VMs start, stop and open images, so they are looked up again every
+      // 10 s; `protect` is read from the configuration in force (a reload applies at once).
       const near = new Set<number>();
-      const protect = cfg.host.protect === 'storage';
-      const samples$ = protect ? this.samples$.pipe(withNeighbours(vm.pid, () => near)) : this.samples$;
-      // VMs start, stop and open images: the neighbours are looked up again every 10 s.
+      const none: ReadonlySet<number> = new Set();
+      const samples$ = this.samples$.pipe(withNeighbours(vm.pid, () => (this.config.host.protect === 'storage' ? near : none)));
       const lookup = () => this.neighboursOf(vm.pid, disk.file, target, near).catch((e: unknown) => log.warn({ err: describeError(e) }, 'cannot find the neighbours on this storage'));
-      const refresh = protect ? setInterval(() => void lookup(), 10_000) : undefined;
+      const refresh = setInterval(() => void lookup(), 10_000);
       let phase: Phase = 'creating-target';
       try {
-        if (protect) await lookup();
+        await lookup();
         await encryptDisk({
           qmpSocket: session.socket,
           client: session.client,
@@ -412,7 +413,7 @@ export class Agent {
           setTimeout(() => this.kick(), wait + 10).unref();
         }
       } finally {
-        if (refresh) clearInterval(refresh);
+        clearInterval(refresh);
         this.workers.delete(key);
         this.kick();
       }
@@ -427,12 +428,18 @@ export class Agent {
       const d = await deviceOf(p);
       if (d !== undefined) devs.add(d);
     }
-    into.clear();
+    const found = new Set<number>();
     for (const vm of this.vms) {
       if (vm.pid === pid) continue;
       const theirs = await imageDevices(vm.pid);
-      if ([...theirs].some((d) => devs.has(d))) into.add(vm.pid);
+      if ([...theirs].some((d) => devs.has(d))) found.add(vm.pid);
     }
+    if (found.size !== into.size || [...found].some((p) => !into.has(p))) {
+      const names = this.vms.filter((v) => found.has(v.pid)).map((v) => v.name ?? `pid-${v.pid}`);
+      this.log.info({ pid, neighbours: names }, `neighbours on the same storage: ${names.join(', ') || 'none'}`);
+    }
+    into.clear();
+    for (const p of found) into.add(p);
   }
 
   private progressOf(key: string): Pick<DiskStatus, 'progress'> {

@@ -39,7 +39,7 @@ after(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-async function boot(name: string, sizeMiB: number, workload: 'idle' | 'writer', params?: Record<string, number>): Promise<{ vm: TestVm; disk: string }> {
+async function boot(name: string, sizeMiB: number, workload: 'idle' | 'writer' | 'bursty', params?: Record<string, number>): Promise<{ vm: TestVm; disk: string }> {
   const disk = path.join(dir, `${name}.raw`);
   await makeDiskImage(disk, { sizeMiB, format: 'raw', fill: 'pattern' });
   const vmDir = path.join(dir, `vm-${name}`);
@@ -347,6 +347,58 @@ describe('idlecrypt agent', () => {
     const cmp = await compareWithEncrypted(f1.disk, d1.file, 'luks', path.join(dir, 'f-1.key'));
     assert.ok(cmp.same, cmp.output);
     assert.equal((await diskOf(f2.vm)).file, f2.disk);
+  });
+
+  test('neighbours: with protect: storage a copy pauses while a guest on the same storage is busy; a reload to protect: vm lets it run', async (t) => {
+    await killLeftAgents();
+    const a = await boot('nb-a', 1024, 'idle');
+    const b = await boot('nb-b', 64, 'bursty', { idle: 3, busy: 3 });
+    await writeKey(path.join(dir, 'nb-a.key'), 'key of nb-a');
+    const cfg = path.join(dir, 'nb.yaml');
+    const write = (protect: string) =>
+      writeFile(cfg, ['host:', '  max-speed: 16M', `  protect: ${protect}`, 'encrypt:', '  - vm: nb-a', '    disks: [disk0]', `    target: ${dir}/{vm}-{disk}.luks`, `    key-file: ${dir}/{vm}.key`, `    qmp: ${dir}/vm-{vm}/tool-qmp.sock`, ''].join('\n'));
+    await write('storage');
+    const agent = startAgent(cfg);
+    await agent.waitForStderr(/neighbours on the same storage: nb-b/, 60_000);
+    await until('nb-a copying', async () => ((await jobsOf(a.vm)).length > 0 ? true : undefined), 60_000);
+
+    /** The share of polls in b's busy phases (from 0.5 s in, by our clock) that found a's job paused, over `ms`. */
+    const pausedWhileBusy = async (ms: number): Promise<number> => {
+      const end = Date.now() + ms;
+      let phase: string | undefined;
+      let since = 0;
+      let seen = b.vm.lines.length;
+      let busy = 0;
+      let paused = 0;
+      while (Date.now() < end) {
+        for (const l of b.vm.lines.slice(seen)) {
+          const m = /^PHASE (busy|idle)/.exec(l);
+          if (m) [phase, since] = [m[1], Date.now()];
+        }
+        seen = b.vm.lines.length;
+        const j = (await jobsOf(a.vm))[0];
+        assert.ok(j, 'a\'s copy is still running');
+        if (phase === 'busy' && Date.now() - since > 500) {
+          busy++;
+          if (j.paused) paused++;
+        }
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      assert.ok(busy >= 10, `${busy} polls in b's busy phases`);
+      return paused / busy;
+    };
+    const withStorage = await pausedWhileBusy(12_000);
+    t.diagnostic(`protect: storage: a's copy paused in ${(100 * withStorage).toFixed(0)}% of the polls during b's busy phases`);
+    assert.ok(withStorage >= 0.7, `paused in ${(100 * withStorage).toFixed(0)}% of b's busy time (need >= 70%)`);
+
+    await write('vm');
+    await agent.waitForStderr(/configuration reloaded/, 10_000);
+    const withVm = await pausedWhileBusy(12_000);
+    t.diagnostic(`protect: vm: a's copy paused in ${(100 * withVm).toFixed(0)}% of the polls during b's busy phases`);
+    assert.ok(withVm <= 0.3, `paused in ${(100 * withVm).toFixed(0)}% of b's busy time with protect: vm (need <= 30%)`);
+    agent.child.kill('SIGTERM');
+    assert.equal((await agent.result).code, 0);
+    await Promise.all([a.vm.stop(), b.vm.stop()]);
   });
 
   test('a bad configuration: one line with file:line:column and the key, exit 1; --check says valid', async () => {
