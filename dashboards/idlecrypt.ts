@@ -56,10 +56,11 @@ const match = (tag: string, variable: string) => `"${tag}" =~ /^$${variable}$/`;
 export function influxql<K extends MeasurementKey>(
   m: K,
   select: (f: (name: FieldName<K>) => string) => string,
-  o: { device?: boolean; groupBy?: readonly string[]; time?: boolean; fill?: 'none' | 'previous' | '0'; tail?: string } = {},
+  o: { device?: boolean; vm?: boolean; groupBy?: readonly string[]; time?: boolean; fill?: 'none' | 'previous' | '0'; tail?: string } = {},
 ): string {
-  const where = [match(TAG.host, 'host'), match(TAG.vm, 'vm'), ...(o.device ? [match(TAG.device, 'device')] : []), '$timeFilter'].join(' AND ');
-  const groups = [...(o.time === false ? [] : ['time($__interval)']), ...(o.groupBy ?? [TAG.vm]).map((t) => `"${t}"`)];
+  // A host-wide measurement (idlecrypt_agent) has no vm tag: `vm: false` leaves out its filter.
+  const where = [match(TAG.host, 'host'), ...(o.vm === false ? [] : [match(TAG.vm, 'vm')]), ...(o.device ? [match(TAG.device, 'device')] : []), '$timeFilter'].join(' AND ');
+  const groups = [...(o.time === false ? [] : ['time($__interval)']), ...(o.groupBy ?? [o.vm === false ? TAG.host : TAG.vm]).map((t) => `"${t}"`)];
   const fill = o.time === false ? '' : ` fill(${o.fill ?? 'none'})`;
   const tail = o.tail ? ` ${o.tail}` : '';
   return `SELECT ${select((name) => `"${name}"`)} FROM "${measurement(m)}" WHERE ${where} GROUP BY ${groups.join(', ')}${fill}${tail}`;
@@ -294,6 +295,55 @@ function samplesPanel(id: number) {
     .span(6);
 }
 
+/** The host agent's copies against max-jobs, and where its disks stand. */
+function hostCopiesPanel(id: number) {
+  return timeseries(id)
+    .title('Host: copies, queue and disks')
+    .description("The agent's copies in progress against host.max-jobs, the disks queued for a slot, waiting for their VM, encrypted and failed, per host (idlecrypt_agent, every 10 s).")
+    .withTarget(
+      target(
+        'A',
+        influxql(
+          'agent',
+          (f) =>
+            `last(${f('copies_running')}) AS "copies", last(${f('max_jobs')}) AS "max-jobs", last(${f('queued')}) AS "queued", last(${f('waiting')}) AS "waiting", last(${f('encrypted')}) AS "encrypted", last(${f('failed')}) AS "failed"`,
+          { vm: false, fill: 'previous' },
+        ),
+        '$tag_host $col',
+      ),
+    )
+    .lineInterpolation(LineInterpolation.StepAfter)
+    .unit('short')
+    .decimals(0)
+    .min(0)
+    .height(8)
+    .span(12);
+}
+
+/** What the agent costs the host, and how many VMs it watches. */
+function agentCostPanel(id: number) {
+  return timeseries(id)
+    .title('Host: the agent\'s CPU')
+    .description("The agent's CPU time in percent of one core (bpftrace not included), per host; the VMs it watches in the legend's tooltip.")
+    .withTarget(target('A', influxql('agent', (f) => `mean(${f('cpu_percent')}) AS "cpu"`, { vm: false }), '$tag_host cpu %'))
+    .withTarget(target('B', influxql('agent', (f) => `last(${f('vms_watched')}) AS "vms"`, { vm: false, fill: 'previous' }), '$tag_host VMs watched'))
+    .unit('short')
+    .min(0)
+    .height(8)
+    .span(6);
+}
+
+function agentMemoryPanel(id: number) {
+  return timeseries(id)
+    .title('Host: the agent\'s memory')
+    .description("The agent's resident memory, per host.")
+    .withTarget(target('A', influxql('agent', (f) => `last(${f('bytes_rss')}) AS "rss"`, { vm: false, fill: 'previous' }), '$tag_host'))
+    .unit('bytes')
+    .min(0)
+    .height(8)
+    .span(6);
+}
+
 function variable(name: (typeof VARIABLES)[number], label: string, query: string) {
   return new QueryVariableBuilder(name)
     .label(label)
@@ -321,6 +371,10 @@ export function buildDashboard(): Dashboard {
     .withVariable(variable('host', 'Host', `SHOW TAG VALUES FROM "${measurement('activity')}" WITH KEY = "${TAG.host}"`))
     .withVariable(variable('vm', 'VM', `SHOW TAG VALUES FROM "${measurement('activity')}" WITH KEY = "${TAG.vm}" WHERE ${match(TAG.host, 'host')}`))
     .withVariable(variable('device', 'Disk', `SHOW TAG VALUES FROM "${measurement('job')}" WITH KEY = "${TAG.device}" WHERE ${match(TAG.host, 'host')} AND ${match(TAG.vm, 'vm')}`))
+    .withRow(row('Host (idlecrypt agent)'))
+    .withPanel(hostCopiesPanel(next()))
+    .withPanel(agentCostPanel(next()))
+    .withPanel(agentMemoryPanel(next()))
     .withRow(row('Guest activity against the policy'));
   for (const s of SIGNALS) b.withPanel(signalPanel(s, next()));
   b.withRow(row('Moderation')).withPanel(moderationStatePanel(next())).withPanel(decisionsPanel(next()));

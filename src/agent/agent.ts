@@ -37,7 +37,7 @@ import { diskLabel, listDisks, type DiskInfo } from '../encrypt/disks.ts';
 import { encryptDisk, type Phase, type Progress } from '../encrypt/encrypt.ts';
 import { processAlive, RunStore, selfOwner, stateDir } from '../encrypt/runs.ts';
 import type { JobControl } from '../jobs/types.ts';
-import { hostTag, openMetricsSink } from '../metrics/index.ts';
+import { agentPoint, hostTag, openMetricsSink, type MetricsSink } from '../metrics/index.ts';
 import { expand, globMatch, loadAgentConfig, type AgentConfig, type EncryptEntry } from './config.ts';
 import { deviceOf, imageDevices, withNeighbours } from './neighbours.ts';
 import { StatusServer } from './status-server.ts';
@@ -82,6 +82,8 @@ export interface AgentOptions {
   readonly iterTimeMs?: number;
   /** Level-triggered resync period, ms (default 5000). */
   readonly resyncMs?: number;
+  /** How often the agent writes its own point, ms (default 10000). */
+  readonly metricsMs?: number;
 }
 
 export function runDir(): string {
@@ -130,6 +132,9 @@ export class Agent {
   private resync?: NodeJS.Timeout;
   private fileWatch?: FSWatcher;
   private server?: StatusServer;
+  private metrics?: MetricsSink;
+  private metricsTimer?: NodeJS.Timeout;
+  private lastCpu = { usage: process.cpuUsage(), at: performance.now() };
   private readonly startedAt = Date.now();
   private readonly runDir: string;
   private readonly stateDir: string;
@@ -179,6 +184,13 @@ export class Agent {
     );
     this.watchConfig();
     this.resync = setInterval(() => this.kick(), this.o.resyncMs ?? 5000);
+    // The agent's own points, for as long as it runs (idlecrypt_agent, src/metrics/names.ts).
+    this.metrics = await openMetricsSink({
+      vm: 'agent',
+      ...(c.influx ? { influx: c.influx } : { file: path.join(this.stateDir, 'metrics', `agent-${new Date().toISOString().replace(/[:.]/g, '-')}.lp`) }),
+    });
+    this.writeAgentPoint();
+    this.metricsTimer = setInterval(() => this.writeAgentPoint(), this.o.metricsMs ?? 10_000);
     this.kick();
   }
 
@@ -215,6 +227,9 @@ export class Agent {
     for (const s of this.subs) s.unsubscribe();
     await Promise.all([...this.sessions.values()].map((s) => s.client.close().catch(() => undefined)));
     await this.server?.close();
+    if (this.metricsTimer) clearInterval(this.metricsTimer);
+    this.writeAgentPoint();
+    await this.metrics?.close().catch(() => undefined);
     await rm(path.join(this.runDir, 'agent.pid'), { force: true });
     this.log.info({}, 'agent stopped');
   }
@@ -229,6 +244,32 @@ export class Agent {
       disks: [...this.status.values()].sort((a, b) => a.vm.localeCompare(b.vm) || a.disk.localeCompare(b.disk)),
       maxJobs: this.config.host.maxJobs,
     };
+  }
+
+  private writeAgentPoint(): void {
+    const now = performance.now();
+    const usage = process.cpuUsage();
+    const cpuUs = usage.user + usage.system - (this.lastCpu.usage.user + this.lastCpu.usage.system);
+    const elapsedMs = now - this.lastCpu.at;
+    this.lastCpu = { usage, at: now };
+    const disks = [...this.status.values()];
+    const count = (...states: DiskState[]) => disks.filter((d) => states.includes(d.state)).length;
+    const p = agentPoint(
+      { host: hostTag(), time: Date.now() },
+      {
+        vmsWatched: this.vms.length,
+        disksConfigured: disks.length,
+        copiesRunning: this.workers.size,
+        maxJobs: this.config.host.maxJobs,
+        queued: count('queued'),
+        waiting: count('waiting-for-vm'),
+        encrypted: count('encrypted'),
+        failed: count('failed'),
+        cpuPercent: elapsedMs > 100 ? (cpuUs / 1000 / elapsedMs) * 100 : null,
+        rssBytes: process.memoryUsage().rss,
+      },
+    );
+    if (p) this.metrics?.write([p]);
   }
 
   // ---- the reconcile loop -------------------------------------------------------------------

@@ -145,6 +145,23 @@ export const MEASUREMENTS = {
       reason: { type: 'string', unit: 'text', description: 'why the probes are degraded or restarting; absent when healthy' },
     },
   },
+  agent: {
+    name: 'idlecrypt_agent',
+    description: 'One point per host every 10 s while `idlecrypt agent` runs: what it watches, its copies and their queue, and its own cost.',
+    tags: { host: hostTag },
+    fields: {
+      vms_watched: { type: 'integer', unit: 'count', description: 'QEMU processes on the host the agent follows' },
+      disks_configured: { type: 'integer', unit: 'count', description: 'disks of running VMs that the configuration names, and named disks of VMs not running' },
+      copies_running: { type: 'integer', unit: 'count', description: 'copies in progress (target creation, copying, pivot), paused ones included' },
+      max_jobs: { type: 'integer', unit: 'count', description: 'host.max-jobs: the most copies at once' },
+      queued: { type: 'integer', unit: 'count', description: 'disks waiting for a copy slot' },
+      waiting: { type: 'integer', unit: 'count', description: 'disks whose VM is not running or cannot be reached' },
+      encrypted: { type: 'integer', unit: 'count', description: 'disks running on their encrypted image' },
+      failed: { type: 'integer', unit: 'count', description: 'disks whose attempt failed (for good until a reload, or retrying)' },
+      cpu_percent: { type: 'float', unit: '%', description: "the agent's CPU time in the last interval, in percent of one core (bpftrace not included)" },
+      bytes_rss: { type: 'integer', unit: 'bytes', description: "the agent's resident memory" },
+    },
+  },
 } as const satisfies Record<string, MeasurementSpec>;
 
 export type MeasurementKey = keyof typeof MEASUREMENTS;
@@ -346,5 +363,34 @@ export function probePoint(
     attached: p.attached ? 1 : 0,
     restarts: p.restarts,
     reason: p.reason ?? null,
+  });
+}
+
+/** What the agent counts of itself and its disks, every 10 s. */
+export interface AgentCounts {
+  readonly vmsWatched: number;
+  readonly disksConfigured: number;
+  readonly copiesRunning: number;
+  readonly maxJobs: number;
+  readonly queued: number;
+  readonly waiting: number;
+  readonly encrypted: number;
+  readonly failed: number;
+  readonly cpuPercent: number | null;
+  readonly rssBytes: number;
+}
+
+export function agentPoint(id: { readonly host: string; readonly time: number }, c: AgentCounts): MetricPoint | null {
+  return point('agent', id.time, { host: id.host }, {
+    vms_watched: c.vmsWatched,
+    disks_configured: c.disksConfigured,
+    copies_running: c.copiesRunning,
+    max_jobs: c.maxJobs,
+    queued: c.queued,
+    waiting: c.waiting,
+    encrypted: c.encrypted,
+    failed: c.failed,
+    cpu_percent: c.cpuPercent,
+    bytes_rss: c.rssBytes,
   });
 }

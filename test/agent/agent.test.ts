@@ -10,7 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, open, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { ensureImage, makeDiskImage, startTestVm, writerBlock, type TestVm } from '../../vm-images/launch.ts';
@@ -218,6 +218,13 @@ describe('idlecrypt agent', () => {
     const logs = logsOf(r.stderr);
     assert.ok(logs.some((l) => l.msg === 'web-a/disk0: encrypted'), 'JSON logs name each disk\'s state');
     assert.equal(existsSync(path.join(runDir, 'agent.sock')), false, 'the socket is removed at exit');
+    // Its own points (idlecrypt_agent), in the state directory without influx:.
+    const metricsDir = path.join(cliStateDir(), 'metrics');
+    const own = (await readdir(metricsDir)).filter((f) => f.startsWith('agent-'));
+    assert.equal(own.length, 1, own.join(', '));
+    const points = (await readFile(path.join(metricsDir, own[0]!), 'utf8')).split('\n').filter((l) => l.startsWith('idlecrypt_agent,'));
+    assert.ok(points.length >= 2, `${points.length} agent points (one at start, one at exit, and every 10 s)`);
+    assert.match(points.at(-1)!, /^idlecrypt_agent,host=\S+ .*encrypted=2i,failed=1i,max_jobs=1i,.*vms_watched=([3-9]|\d\d+)i/);
 
     await b.vm.stop();
     const cmp = await compareWithEncrypted(b.disk, path.join(dir, 'web-b-disk0.luks'), 'luks', path.join(dir, 'web-b.key'));

@@ -68,10 +68,15 @@ describe('dashboard queries against influxd', () => {
     assert.deepEqual(await values('device', { host: 'hv1', vm: 'web1' }), ['disk0']);
   });
 
-  test('the check can fail: for a VM with no data no panel returns data, and the assertion names them', async () => {
+  test('the check can fail: for a VM with no data no per-VM panel returns data (the host panels read the agent\'s points), and the assertion names them', async () => {
     const check = await checkPanels(influx, dashboard, { vm: 'nope' });
-    assert.equal(check.panelsWithData, 0);
-    assert.equal(check.empty.length, check.queries.length);
+    const hostWide = check.queries.filter((q) => q.raw.includes('"idlecrypt_agent"'));
+    assert.equal(hostWide.length, 4, 'the host row\'s queries');
+    assert.equal(check.empty.length, check.queries.length - hostWide.length);
     await assert.rejects(assertEveryPanelReturnsData(influx, dashboard, { vm: 'nope' }), /panels returned no data/);
+    // and for a host with no data, none at all
+    const none = await checkPanels(influx, dashboard, { host: 'nohost' });
+    assert.equal(none.panelsWithData, 0);
+    assert.equal(none.empty.length, none.queries.length);
   });
 });

@@ -3,7 +3,7 @@
  * exactly these, serialised (test/metrics/metrics-docs.test.ts), and influxd must accept
  * them (test/metrics/metrics-influxd.test.ts).
  */
-import { activityPoint, jobPoint, moderationPoint, probePoint, type MetricPoint } from '../../src/metrics/names.ts';
+import { activityPoint, agentPoint, jobPoint, moderationPoint, probePoint, type MetricPoint } from '../../src/metrics/names.ts';
 
 const id = { host: 'hv1', vm: 'web1' };
 const t = Date.UTC(2026, 10, 25, 9, 17, 32, 200); // 2026-11-25T09:17:32.200Z
@@ -18,4 +18,5 @@ export const EXAMPLE_POINTS: MetricPoint[] = [
   jobPoint({ ...id, time: t + 250, device: 'disk0' }, { speedSetBps: 0, speedActualBps: 0, paused: true, bytesDone: 3221225472, bytesTotal: 8589934592, etaS: null, status: 'paused' }),
   probePoint({ ...id, time: t }, { source: 'ebpf', attached: true, restarts: 0 }),
   probePoint({ ...id, time: t + 5000 }, { source: 'qmp', attached: true, restarts: 3, reason: 'bpftrace exited 3 times in 60s' }),
+  agentPoint({ host: 'hv1', time: t }, { vmsWatched: 40, disksConfigured: 12, copiesRunning: 1, maxJobs: 1, queued: 3, waiting: 0, encrypted: 7, failed: 1, cpuPercent: 0.4, rssBytes: 98566144 }),
 ].filter((p): p is MetricPoint => p !== null);

@@ -11,9 +11,9 @@
  *   50-60 s   idle            eBPF back, the job completes
  *
  * Moderation points are written at every state change and every second; job readings
- * every 250 ms; probe health at changes and every 5 s.
+ * every 250 ms; probe health at changes and every 5 s; the host agent's point every 10 s.
  */
-import { activityPoint, jobPoint, moderationPoint, probePoint, type MetricPoint, type ModerationState } from '../../src/metrics/names.ts';
+import { activityPoint, agentPoint, jobPoint, moderationPoint, probePoint, type MetricPoint, type ModerationState } from '../../src/metrics/names.ts';
 
 export interface ScenarioOptions {
   host?: string;
@@ -113,6 +113,14 @@ export function scenario(o: ScenarioOptions = {}): MetricPoint[] {
       );
       lastProbe = probeKey;
       lastProbeAt = time;
+    }
+
+    // The host agent's own point every 10 s: one copy (this VM's) until it completes.
+    if (i % 100 === 0) {
+      const copying = done < total;
+      points.push(
+        agentPoint({ host, time }, { vmsWatched: 3, disksConfigured: 3, copiesRunning: copying ? 1 : 0, maxJobs: 1, queued: copying ? 1 : 0, waiting: 0, encrypted: copying ? 1 : 2, failed: 0, cpuPercent: 0.3 + jitter / 10, rssBytes: 95_000_000 + jitter * 1_000_000 }),
+      );
     }
   }
   return points.filter((p): p is MetricPoint => p !== null);
