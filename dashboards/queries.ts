@@ -117,10 +117,18 @@ interface RawResult {
   results?: { error?: string; series?: { values?: unknown[][] }[] }[];
 }
 
-/** Runs every panel query against InfluxDB (the client's default database, or `database`). */
-export async function checkPanels(influx: InfluxDB, dashboard: unknown, vars: GrafanaVars, o: MacroValues & { database?: string } = {}): Promise<PanelCheck> {
+/** The measurement only `idlecrypt agent` writes: a run of `idlecrypt encrypt` leaves the host row empty. */
+export const AGENT_MEASUREMENT = 'idlecrypt_agent';
+
+/**
+ * Runs every panel query against InfluxDB (the client's default database, or `database`).
+ * `runOnly`: only the panels a run of `idlecrypt encrypt` fills (not the host row, whose
+ * points the agent writes).
+ */
+export async function checkPanels(influx: InfluxDB, dashboard: unknown, vars: GrafanaVars, o: MacroValues & { database?: string; runOnly?: boolean } = {}): Promise<PanelCheck> {
   const queries: QueryCheck[] = [];
   for (const q of panelQueries(dashboard, vars, o)) {
+    if (o.runOnly && q.raw.includes(`"${AGENT_MEASUREMENT}"`)) continue;
     try {
       const res = (await influx.queryRaw(q.query, o.database ? { database: o.database } : {})) as RawResult;
       const r = res.results?.[0];

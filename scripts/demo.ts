@@ -89,8 +89,9 @@ try {
     if (!cmp.ok) exitCode = 1;
     say(`plaintext markers in the raw encrypted file: ${await countMarkers(target)} (in the source: ${await countMarkers(source)})`);
     if (influxd) {
-      const check = await checkPanels(new InfluxDB(influxd.influxUrl('idlecrypt')), JSON.parse(readFileSync(path.join(ROOT, 'dashboards/json/idlecrypt.json'), 'utf8')), { host: hostTag(), vm: 'demo' });
-      say(`dashboard: ${check.panelsWithData} of ${check.panels} panels have data`);
+      // The host row shows the agent (idlecrypt agent); this run fills every other panel.
+      const check = await checkPanels(new InfluxDB(influxd.influxUrl('idlecrypt')), JSON.parse(readFileSync(path.join(ROOT, 'dashboards/json/idlecrypt.json'), 'utf8')), { host: hostTag(), vm: 'demo' }, { runOnly: true });
+      say(`dashboard: ${check.panelsWithData} of ${check.panels} panels have data (the host row shows idlecrypt agent, not run here)`);
       if (check.panelsWithData !== check.panels) exitCode = 1;
       const counts = await influxd.query('SELECT count("interval_s") FROM "idlecrypt_activity"; SELECT count("state_code") FROM "idlecrypt_moderation"; SELECT count("bytes_done") FROM "idlecrypt_job"', 'idlecrypt');
       const n = (i: number) => String(counts.results[i]?.series?.[0]?.values[0]?.[1] ?? 0);

@@ -295,7 +295,9 @@ export class Agent {
   private async reconcile(): Promise<void> {
     const cfg = this.config;
     // Records this version cannot read: said once each, never guessed at (orphans.ts).
-    for (const u of (await this.store.scan()).unreadable) {
+    const scan = await this.store.scan();
+    const known = new Set(scan.records.map((r) => r.tag));
+    for (const u of scan.unreadable) {
       if (this.warnedRecords.has(u.file)) continue;
       this.warnedRecords.add(u.file);
       this.log.warn({ file: u.file, why: u.why }, `ignoring run record ${u.file}: ${u.why}; what it described is reconciled from QEMU alone`);
@@ -329,8 +331,8 @@ export class Agent {
       // Copies of ours no readable record describes: rolled back, the disk queued again.
       // Not while a run of ours works on this VM (its record may be newer than our reading).
       if (![...this.workers.keys()].some((k) => k.startsWith(`${name}/`))) {
-        const known = new Set((await this.store.scan()).records.map((r) => r.tag));
-        await rollBackOrphans(session.client, name, disks, known, this.log).catch((e: unknown) =>
+        const fresh = async () => new Set((await this.store.scan()).records.map((r) => r.tag));
+        await rollBackOrphans(session.client, name, disks, known, fresh, this.log).catch((e: unknown) =>
           this.log.error({ vm: name, err: describeError(e) }, 'rolling back a copy with no run record failed'),
         );
       }

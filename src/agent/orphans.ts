@@ -38,19 +38,24 @@ export async function tagsInQemu(client: QmpClient): Promise<Set<string>> {
 }
 
 /**
- * Rolls back every copy of ours in this VM that has no record (`known`: the tags of the
- * records there are). Returns what it removed, per tag.
+ * Rolls back every copy of ours in this VM that has no record. `known`: the tags of the
+ * records read at the start of the pass; a tag not among them is checked against the
+ * records as they are now (`fresh`) before anything is touched. Returns what it removed.
  */
 export async function rollBackOrphans(
   client: QmpClient,
   vm: string,
   disks: readonly DiskInfo[],
   known: ReadonlySet<string>,
+  fresh: () => Promise<ReadonlySet<string>>,
   log: Logger,
 ): Promise<{ tag: string; removed: string[] }[]> {
   const out: { tag: string; removed: string[] }[] = [];
-  for (const tag of await tagsInQemu(client)) {
-    if (known.has(tag)) continue;
+  const unknown = [...(await tagsInQemu(client))].filter((t) => !known.has(t));
+  if (unknown.length === 0) return out;
+  const now = await fresh();
+  for (const tag of unknown) {
+    if (now.has(tag)) continue;
     // The guest runs on it: it is the guest's disk now, whatever record was lost.
     if (disks.some((d) => d.nodeName === `idlecrypt-${tag}`)) continue;
     const l = await findLeftovers(client, tag);

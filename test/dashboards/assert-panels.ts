@@ -23,7 +23,7 @@ export function loadDashboard(file: URL | string = DASHBOARD_JSON): unknown {
 }
 
 /** Fails with every query that returned nothing (not just the first); returns the check for reporting. */
-export async function assertEveryPanelReturnsData(influx: InfluxDB, dashboardJson: unknown, vars: GrafanaVars, macros: MacroValues & { database?: string } = {}): Promise<PanelCheck> {
+export async function assertEveryPanelReturnsData(influx: InfluxDB, dashboardJson: unknown, vars: GrafanaVars, macros: MacroValues & { database?: string; runOnly?: boolean } = {}): Promise<PanelCheck> {
   const check = await checkPanels(influx, dashboardJson, vars, macros);
   assert.ok(check.queries.length > 0, 'the dashboard has panel queries');
   assert.deepEqual(

@@ -99,7 +99,7 @@ describe('metrics sinks against influxd', () => {
     });
     assert.deepEqual(records.filter((r) => r.level >= WARN), []);
 
-    const anyField: Record<string, string> = { idlecrypt_activity: 'interval_s', idlecrypt_moderation: 'state', idlecrypt_job: 'bytes_done', idlecrypt_probe: 'source' };
+    const anyField: Record<string, string> = { idlecrypt_activity: 'interval_s', idlecrypt_moderation: 'state', idlecrypt_job: 'bytes_done', idlecrypt_probe: 'source', idlecrypt_agent: 'max_jobs' };
     for (const m of Object.values(MEASUREMENTS)) {
       const expected = points.filter((p) => p.measurement === m.name).length;
       assert.ok(expected > 0, m.name);
