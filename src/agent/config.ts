@@ -23,11 +23,9 @@ import { isMap, isNode, LineCounter, parseDocument } from 'yaml';
 import { z } from 'zod';
 import { IdlecryptError } from '../errors.ts';
 import { parseInfluxUrl } from '../metrics/influx-url.ts';
-import { isPlainObject, locate, lowerFirst, parsePolicy, pathAt, unknownKeyMessage, type PolicyIssue } from '../policy/load.ts';
-import { formatIssue } from '../policy/load.ts';
-import type { Policy } from '../policy/schema.ts';
-import { loadPolicy } from '../policy/load.ts';
-import { parseByteRate, show, type Parsed } from '../policy/units.ts';
+import { formatIssue, isPlainObject, loadPolicy, locate, lowerFirst, parsePolicy, pathAt, unknownKeyMessage, type PolicyIssue } from '../policy/load.ts';
+import { scalar, type Policy } from '../policy/schema.ts';
+import { parseByteRate, show } from '../policy/units.ts';
 import type { TargetFormat } from '../encrypt/target.ts';
 
 export const DEFAULT_AGENT_CONFIG = '/etc/idlecrypt/agent.yaml';
@@ -56,15 +54,6 @@ export interface AgentConfig {
   readonly influx?: string;
   readonly host: { readonly maxJobs: number; readonly maxSpeed: number; readonly protect: Protect };
   readonly encrypt: readonly EncryptEntry[];
-}
-
-function scalar<T>(parse: (v: unknown) => Parsed<T>) {
-  return z.unknown().transform((v, ctx): T => {
-    const r = parse(v);
-    if (r.ok) return r.value;
-    ctx.issues.push({ code: 'custom', message: r.problem, input: v });
-    return z.NEVER;
-  });
 }
 
 const mapping = { error: (iss: { code: string; input?: unknown }) => (iss.code === 'invalid_type' ? `expected a mapping (key: value lines), got ${show(iss.input)}` : undefined) };

@@ -13,7 +13,7 @@ import { z } from 'zod';
 import { parseDeadline, parseDuration, parseFloor, parseHeadroom, parseSpeed, parseThreshold, show, type Parsed } from './units.ts';
 
 /** Turns one of units.ts's parsers into a schema whose problem is the parser's sentence. */
-function scalar<T>(parse: (v: unknown) => Parsed<T>) {
+export function scalar<T>(parse: (v: unknown) => Parsed<T>) {
   return z.unknown().transform((v, ctx): T => {
     const r = parse(v);
     if (r.ok) return r.value;
