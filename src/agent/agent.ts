@@ -379,8 +379,7 @@ export class Agent {
       queue.push(w);
     }
     // A dead run's copy is already in QEMU: adopt those first.
-    const records = await this.store.list().catch(() => []);
-    const adoptable = new Set(records.map((r) => r.target));
+    const adoptable = new Set(scan.records.map((r) => r.target));
     queue.sort((a, b) => Number(adoptable.has(b.target)) - Number(adoptable.has(a.target)));
     for (const w of queue) {
       if (this.workers.size >= cfg.host.maxJobs || this.stopping) break;
