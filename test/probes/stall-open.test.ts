@@ -62,6 +62,10 @@ describe('the stall probe', () => {
       });
       await done;
       const end = Date.now();
+      // A job that failed concludes too, at once: say why instead of "froze for 11 ms".
+      const jobs = (await qmp.execute('query-jobs')) as { id: string; error?: string }[];
+      const error = jobs.find((j) => j.id === 'mkluks')?.error;
+      ok(error === undefined, `creating the LUKS image failed: ${error}`);
       await qmp.execute('job-dismiss', { id: 'mkluks' });
       const wait = (r: Report) => r.totals.get(vm.pid)?.vcpuWaitUs ?? 0;
       // The last report before the freeze, and the reports well inside it (the freeze ends

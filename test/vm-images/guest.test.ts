@@ -281,12 +281,14 @@ describe('test guest', () => {
     assert.deepEqual(phases.map((p) => p.phase), ['idle', 'busy', 'idle', 'busy']);
     // Phases keep to an absolute schedule from the first: phase k starts at t0 + 2000 k
     // (a little later if the previous busy phase's last dd ran over), lasting about 2 s.
+    // The guest reads its clock from /proc/uptime in 10 ms ticks, and the schedule starts
+    // at a reading taken just before phase 0's line: a phase may look a tick or two "early".
     const t0 = phases[0]!.t;
     const ends = phases.map((p, i) => phases[i + 1]?.t ?? doneAt);
     phases.forEach((p, k) => {
       const late = p.t - (t0 + 2000 * k);
       const ms = ends[k]! - p.t;
-      assert.ok(late >= 0 && late <= 200, `phase ${k} starts ${late} ms after its slot`);
+      assert.ok(late >= -20 && late <= 200, `phase ${k} starts ${late} ms after its slot`);
       assert.ok(ms >= 1800 && ms <= 2200, `phase ${k} (${p.phase}) lasts ${ms} ms`);
       if (p.phase === 'idle') {
         assert.deepEqual(p.io, [], 'no IO lines in an idle phase');
