@@ -16,11 +16,15 @@ declare -A NEED=(
   [influxd]=influxdb
   [dpkg-deb]=dpkg
   [systemd-analyze]=systemd
+  [libvirtd]=libvirt-daemon-system
+  [virsh]=libvirt-clients
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
 done
+# The libvirt backend's helper runs on Debian's python3 with its libvirt module.
+/usr/bin/python3 -c 'import libvirt' >/dev/null 2>&1 || missing+=(python3-libvirt)
 # busybox must be the static build: it runs inside the guest's initramfs.
 if command -v busybox >/dev/null 2>&1 && ! file -L "$(command -v busybox)" 2>/dev/null | grep -q static; then
   dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)

@@ -16,6 +16,9 @@ export type ErrorCode =
   | 'POLICY'
   | 'CONFIG'
   | 'AGENT_RUNNING'
+  | 'UNKNOWN_DOMAIN'
+  // libvirt
+  | 'LIBVIRT'
   // QMP
   | 'QMP_CONNECT'
   | 'QMP_NOT_QMP'

@@ -160,7 +160,7 @@ function optValue(s: string): string {
 const PARAM_KEY = /^[a-z0-9_]+$/;
 const PARAM_VALUE = /^[!-~]+$/; // printable ASCII, no spaces: one kernel command-line word
 
-function kernelCommandLine(workload: Workload, params: Record<string, string | number>): string {
+export function kernelCommandLine(workload: Workload, params: Record<string, string | number>): string {
   const words = ['console=ttyS0', 'quiet', 'panic=1', `idlecrypt.workload=${workload}`];
   for (const [key, raw] of Object.entries(params)) {
     const value = String(raw);

@@ -8,12 +8,18 @@ import { openMetricsSink, parseInfluxUrl } from '../metrics/index.ts';
 import type { MetricsSink } from '../metrics/sink.ts';
 import { parseBytes, parseChoice, parsePositiveInt } from './options.ts';
 import { barView, jsonView, plainView, type View } from './progress-view.ts';
+import type { Progress } from '../encrypt/progress.ts';
+import { encryptDomainDisk, type DomainEncryptResult } from '../libvirt/encrypt.ts';
 
 interface EncryptFlags {
-  qmp: string;
-  device: string;
+  qmp?: string;
+  device?: string;
+  domain?: string;
+  disk?: string;
+  connect?: string;
+  secret?: string;
   target: string;
-  keyFile: string;
+  keyFile?: string;
   format: string;
   speed?: string;
   policy?: string;
@@ -28,10 +34,14 @@ interface EncryptFlags {
 export function encryptCommand(): Command {
   return new Command('encrypt')
     .description("copy a running VM's disk into an encrypted (LUKS) image in the background and switch the guest onto it")
-    .requiredOption('--qmp <socket>', "path of the VM's QMP unix socket")
-    .requiredOption('--device <id>', 'the disk: qdev id (virsh domblklist target), drive name or node name')
+    .option('--qmp <socket>', "a VM run by hand: the path of its QMP unix socket (with --device)")
+    .option('--device <id>', 'with --qmp, the disk: qdev id, drive name or node name')
+    .option('--domain <name>', 'a libvirt domain (with --disk): the copy goes through libvirt, and its definition follows')
+    .option('--disk <target>', "with --domain, the disk's target name, as virsh domblklist shows it (vda)")
+    .option('--connect <uri>', 'with --domain, the libvirt URI', 'qemu:///system')
     .requiredOption('--target <path>', 'the encrypted image to create (must not exist, unless an earlier run into it died: then that run is resumed)')
-    .requiredOption('--key-file <file>', 'file holding the passphrase, read by QEMU; all bytes are the key, as cryptsetup --key-file')
+    .option('--key-file <file>', 'file holding the passphrase; all bytes are the key, as cryptsetup --key-file')
+    .option('--secret <uuid>', 'with --domain, instead of --key-file: an existing libvirt secret holding the passphrase (libvirt then makes the image)')
     .addOption(new Option('--format <format>', 'luks (raw LUKS, as cryptsetup) or qcow2 (qcow2 with LUKS encryption)').default('luks'))
     .option('--policy <file>', 'moderation policy (YAML, hot-reloaded on change and SIGHUP); default: the shipped policy/default.yaml')
     .option('--speed <bytes/s>', 'no moderation: a fixed copy speed, bytes/s with optional K/M/G suffix; 0 = unlimited')
@@ -47,6 +57,20 @@ export function encryptCommand(): Command {
 }
 
 async function runEncrypt(flags: EncryptFlags): Promise<void> {
+  const libvirt = flags.domain !== undefined;
+  if (libvirt === (flags.qmp !== undefined)) throw new IdlecryptError('USAGE', 'name the VM: --qmp SOCKET --device ID, or --domain NAME --disk TARGET (libvirt)');
+  if (libvirt && flags.disk === undefined) throw new IdlecryptError('USAGE', '--domain needs --disk (the target name, as virsh domblklist shows it)');
+  if (libvirt && flags.device !== undefined) throw new IdlecryptError('USAGE', 'with --domain, name the disk with --disk (as virsh domblklist shows it), not --device');
+  if (!libvirt && flags.device === undefined) throw new IdlecryptError('USAGE', '--qmp needs --device');
+  if (!libvirt && flags.disk !== undefined) throw new IdlecryptError('USAGE', 'with --qmp, name the disk with --device');
+  if (!libvirt && flags.secret !== undefined) throw new IdlecryptError('USAGE', '--secret names a libvirt secret: it goes with --domain');
+  if ((flags.keyFile === undefined) === (flags.secret === undefined)) {
+    throw new IdlecryptError('USAGE', libvirt ? 'give the key as --key-file FILE or --secret UUID (one of them)' : 'give the key as --key-file FILE');
+  }
+  if (flags.secret !== undefined && !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(flags.secret)) {
+    throw new IdlecryptError('USAGE', `--secret: '${flags.secret}' is not a UUID (virsh secret-list)`);
+  }
+  const device = (libvirt ? flags.disk : flags.device)!;
   const format = parseChoice('--format', flags.format, ['luks', 'qcow2'] as const);
   if (flags.speed !== undefined && !flags.moderation) throw new IdlecryptError('USAGE', '--speed and --no-moderation: choose one');
   if (flags.policy !== undefined && (flags.speed !== undefined || !flags.moderation)) {
@@ -58,7 +82,7 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
   const iterTimeMs = parsePositiveInt('--iter-time', flags.iterTime, 10);
   if (flags.influx !== undefined && flags.metricsFile !== undefined) throw new IdlecryptError('USAGE', '--influx and --metrics-file: choose one');
   if (flags.influx !== undefined) parseInfluxUrl(flags.influx); // a bad URL fails before anything starts
-  const view: View = flags.json ? jsonView() : process.stderr.isTTY ? barView(flags.device) : plainView();
+  const view: View = flags.json ? jsonView() : process.stderr.isTTY ? barView(libvirt ? `${flags.domain} ${device}` : device) : plainView();
   const log = createLogger();
 
   // Ctrl-C (or SIGTERM from a service manager) cancels the job cleanly; a second one is
@@ -76,31 +100,49 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   let sink: MetricsSink | undefined;
+  const common = {
+    target: flags.target,
+    format,
+    speed,
+    iterTimeMs,
+    signal: abort.signal,
+    logger: log,
+    onProgress: (p: Progress) => view.progress(p),
+    onNote: (text: string, record: Record<string, unknown>) => view.note(text, record),
+    metrics: async (vm: string) =>
+      (sink = await openMetricsSink({
+        vm,
+        logger: log,
+        ...(flags.influx !== undefined ? { influx: flags.influx } : {}),
+        ...(flags.metricsFile !== undefined ? { file: flags.metricsFile } : {}),
+      })),
+  };
   try {
+    if (libvirt) {
+      if (source === 'qmp') throw new IdlecryptError('USAGE', '--source qmp needs the VM\'s QMP socket, which libvirt keeps to itself: use ebpf');
+      const result = await encryptDomainDisk({
+        ...common,
+        uri: flags.connect!,
+        domain: flags.domain!,
+        disk: device,
+        ...(flags.keyFile !== undefined ? { keyFile: flags.keyFile } : { secret: flags.secret! }),
+        ...(moderated ? { moderation: { source: 'ebpf' as const, ...(flags.policy !== undefined ? { policyFile: flags.policy } : {}) } } : {}),
+        onPhase: (phase, disk) => view.phase(phase, disk ? { device, source: disk.source } : undefined),
+      });
+      await sink?.close();
+      view.done({ ...domainSummaryRecord(result), ...(sink ? { metrics: metricsRecord(sink) } : {}) }, domainSummaryText(result) + (sink ? `\nidlecrypt: metrics: ${(sink as MetricsSink).description}` : ''));
+      return;
+    }
     const result = await encryptDisk({
-      qmpSocket: flags.qmp,
-      device: flags.device,
-      target: flags.target,
-      keyFile: flags.keyFile,
-      format,
-      speed,
-      iterTimeMs,
-      signal: abort.signal,
-      logger: log,
+      ...common,
+      qmpSocket: flags.qmp!,
+      device,
+      keyFile: flags.keyFile!,
       ...(moderated ? { moderation: { source, ...(flags.policy !== undefined ? { policyFile: flags.policy } : {}) } } : {}),
-      onPhase: (phase, disk) => view.phase(phase, disk ? { device: flags.device, source: disk.file } : undefined),
-      onProgress: (p) => view.progress(p),
-      onNote: (text, record) => view.note(text, record),
-      metrics: async (vm) =>
-        (sink = await openMetricsSink({
-          vm,
-          logger: log,
-          ...(flags.influx !== undefined ? { influx: flags.influx } : {}),
-          ...(flags.metricsFile !== undefined ? { file: flags.metricsFile } : {}),
-        })),
+      onPhase: (phase, disk) => view.phase(phase, disk ? { device, source: disk.file } : undefined),
     });
     await sink?.close();
-    view.done({ ...summaryRecord(result), ...(sink ? { metrics: metricsRecord(sink) } : {}) }, summaryText(result) + (sink ? `\nidlecrypt: metrics: ${sink.description}` : ''));
+    view.done({ ...summaryRecord(result), ...(sink ? { metrics: metricsRecord(sink) } : {}) }, summaryText(result) + (sink ? `\nidlecrypt: metrics: ${(sink as MetricsSink).description}` : ''));
   } catch (e) {
     if (e instanceof IdlecryptError) view.error(e.code, e.message);
     view.stop();
@@ -123,6 +165,34 @@ function summaryRecord(r: EncryptResult): Record<string, unknown> {
     bytes_copied: r.bytesCopied,
     elapsed_s: Math.round(r.elapsedS * 100) / 100,
   };
+}
+
+function domainSummaryRecord(r: DomainEncryptResult): Record<string, unknown> {
+  return {
+    domain: r.domain,
+    device: r.device,
+    source: r.source,
+    target: r.target,
+    format: r.format,
+    secret: r.secret,
+    persistence: r.persistence,
+    virtual_size: r.virtualSize,
+    bytes_copied: r.bytesCopied,
+    elapsed_s: Math.round(r.elapsedS * 100) / 100,
+  };
+}
+
+function domainSummaryText(r: DomainEncryptResult): string {
+  const rate = r.elapsedS > 0 ? fmtBytes(r.bytesCopied / r.elapsedS) : '-';
+  const next =
+    r.persistence === 'transient'
+      ? 'The domain is transient: it has no definition for a next boot.'
+      : `Its persistent definition names the encrypted image too (${r.persistence === 'updated' ? 'updated by idlecrypt' : 'rewritten by libvirt'}), with libvirt secret ${r.secret}.`;
+  return (
+    `idlecrypt: domain ${r.domain} ${r.device} now runs on the encrypted image ${r.target} (${r.format}).\n` +
+    `idlecrypt: copied ${fmtBytes(r.bytesCopied)} in ${r.elapsedS.toFixed(1)} s (${rate}/s). ${next} ` +
+    `The original ${r.source} is unchanged and no longer used by the guest.`
+  );
 }
 
 function metricsRecord(sink: MetricsSink): Record<string, unknown> {

@@ -7,13 +7,23 @@ import { createLogger } from '../log.ts';
 import { runDir, type AgentStatus, type DiskStatus } from '../agent/agent.ts';
 import { askAgent } from '../agent/status-server.ts';
 import path from 'node:path';
+import { IdlecryptError } from '../errors.ts';
+import { LibvirtClient } from '../libvirt/client.ts';
+import { BLOCK_JOB_TYPE_COPY } from '../libvirt/types.ts';
 
 export function statusCommand(): Command {
   return new Command('status')
     .description("without --qmp: the host agent's VMs and disks (queued, copying, paused and why, encrypted, failed and why); with --qmp: one VM's disks, images and block jobs")
     .option('--qmp <socket>', "path of the VM's QMP unix socket (default: ask the running agent)")
+    .option('--domain <name>', 'a libvirt domain: per disk, the image it runs on and the one its next boot will use, and block copies')
+    .option('--connect <uri>', 'with --domain, the libvirt URI', 'qemu:///system')
     .option('--json', 'print one JSON object')
-    .action(async (flags: { qmp?: string; json?: boolean }) => {
+    .action(async (flags: { qmp?: string; domain?: string; connect: string; json?: boolean }) => {
+      if (flags.qmp !== undefined && flags.domain !== undefined) throw new IdlecryptError('USAGE', '--qmp and --domain: choose one');
+      if (flags.domain !== undefined) {
+        process.stdout.write(await domainStatus(flags.domain, flags.connect, !!flags.json));
+        return;
+      }
       if (flags.qmp === undefined) {
         const st = (await askAgent(path.join(runDir(), 'agent.sock'))) as AgentStatus;
         process.stdout.write(flags.json ? `${JSON.stringify(st)}\n` : agentTable(st));
@@ -68,6 +78,50 @@ export function statusCommand(): Command {
         await client.close();
       }
     });
+}
+
+/** One row per disk: the running image and the next boot's, which must agree once encrypted. */
+async function domainStatus(domain: string, uri: string, json: boolean): Promise<string> {
+  const client = await LibvirtClient.connect({ uri, logger: createLogger() });
+  try {
+    const dom = await client.domain(domain);
+    const live = await client.disks(domain);
+    const next = dom.persistent ? await client.disks(domain, true) : [];
+    const disks = await Promise.all(
+      live
+        .filter((d) => d.target !== null)
+        .map(async (d) => {
+          const n = next.find((x) => x.target === d.target);
+          const job = dom.active ? await client.jobInfo(domain, d.target!) : null;
+          return {
+            disk: d.target!,
+            image: d.source,
+            format: d.format,
+            encrypted: d.encryption !== null,
+            secret: d.encryption?.secret ?? null,
+            next_boot: dom.persistent ? (n?.source ?? null) : null,
+            next_boot_encrypted: dom.persistent ? n?.encryption != null : null,
+            differs: dom.persistent && (n?.source ?? null) !== d.source,
+            job: job ? { type: job.type === BLOCK_JOB_TYPE_COPY ? 'copy' : String(job.type), destination: d.mirror?.source ?? null, offset: job.cur, len: job.end, speed: job.bandwidth, ready: d.mirror?.ready === 'yes' } : null,
+          };
+        }),
+    );
+    if (json) return JSON.stringify({ domain: dom.name, uuid: dom.uuid, active: dom.active, persistent: dom.persistent, disks }) + '\n';
+    let text = `domain ${dom.name} (${dom.active ? 'running' : 'shut off'}, ${dom.persistent ? 'persistent' : 'transient: no next boot'})\n`;
+    const rows = [['DISK', 'ENCRYPTED', 'IMAGE', 'NEXT BOOT']];
+    for (const d of disks) rows.push([d.disk, d.encrypted ? 'yes' : 'no', d.image ?? '-', d.next_boot === null ? '-' : d.differs ? `${d.next_boot} (differs!)` : 'same']);
+    text += table(rows);
+    for (const d of disks) {
+      if (d.differs) text += `warning: ${d.disk} runs on ${d.image} but the next boot will use ${d.next_boot}${d.next_boot_encrypted ? '' : ' (not encrypted)'}\n`;
+      if (d.job) {
+        const pct = d.job.len > 0 ? ((100 * d.job.offset) / d.job.len).toFixed(1) : '0.0';
+        text += `${d.disk}: block ${d.job.type} into ${d.job.destination ?? '?'}, ${pct}% ${fmtBytes(d.job.offset)} / ${fmtBytes(d.job.len)}${d.job.ready ? ', ready' : ''}, speed limit ${d.job.speed === 0 ? 'unlimited' : `${fmtBytes(d.job.speed)}/s`}\n`;
+      }
+    }
+    return text;
+  } finally {
+    await client.close();
+  }
 }
 
 function agentTable(st: AgentStatus): string {

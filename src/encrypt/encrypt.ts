@@ -10,7 +10,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
-import { firstValueFrom, fromEvent, merge, timer, filter, map, take } from 'rxjs';
+import { firstValueFrom, fromEvent, merge, timer, filter, map, take, type Observable } from 'rxjs';
 import { QmpClient } from '../qmp/client.ts';
 import { QmpCommandError } from '../qmp/errors.ts';
 import { IdlecryptError } from '../errors.ts';
@@ -241,8 +241,8 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       const meter = new ProgressMeter();
       const moderation = mod?.moderation;
       const ro = { ...o, onProgress: report };
-      let outcome = await waitUntilReady(client, job, meter, ro, moderation);
-      if (outcome === 'ready' && moderation) outcome = await waitForQuiet(client, job, meter, ro, moderation);
+      let outcome = await waitUntilReady(job, qmpWake$(client, job), meter, ro, moderation);
+      if (outcome === 'ready' && moderation) outcome = await waitForQuiet(job, client.closed$, meter, ro, moderation);
       if (outcome === 'detach') {
         await moderation?.close();
         // Whatever happens here, the copy is the next run's to adopt, never rolled back.
@@ -353,26 +353,36 @@ async function startMirror(client: QmpClient, disk: DiskInfo, target: EncryptedT
   }
 }
 
-/** Polls the job (level-triggered) and wakes early on its events, abort, or QEMU exit. */
-async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions, mod?: RunModeration): Promise<'ready' | 'cancel' | 'detach'> {
+/** What the waits below need of a run: its signals, its poll period, and where progress goes. */
+export type WaitOptions = Pick<EncryptOptions, 'signal' | 'detach' | 'pollMs' | 'logger' | 'convergeWaitMs' | 'onProgress'>;
+
+/** A copy the waits can read: a `JobControl`, and QMP's dismiss (which reads a concluded job's error) where there is one. */
+export type WaitableJob = JobControl & { dismiss?(): Promise<string | undefined> };
+
+/**
+ * Polls the job (level-triggered) and wakes early on `wake$` (the job's events, the
+ * backend's connection closing) or an abort.
+ */
+export async function waitUntilReady(job: WaitableJob, wake$: Observable<unknown>, meter: ProgressMeter, o: WaitOptions, mod?: RunModeration): Promise<'ready' | 'cancel' | 'detach'> {
   const pollMs = o.pollMs ?? 250;
   const abort$ = merge(
     ...[o.signal, o.detach].filter((s): s is AbortSignal => s !== undefined).map((s) => fromEvent(s, 'abort').pipe(map(() => 'abort' as const))),
   );
-  const jobEvent$ = client
-    .events('BLOCK_JOB_READY', 'JOB_STATUS_CHANGE', 'BLOCK_JOB_ERROR')
-    .pipe(
-      filter((e) => ('id' in e.data ? e.data.id : (e.data as { device?: string }).device) === job.id),
-      map(() => 'event' as const),
-    );
-  const closed$ = client.closed$.pipe(map(() => 'closed' as const));
   for (;;) {
     if (o.signal?.aborted) return 'cancel';
     if (o.detach?.aborted) return 'detach';
     const snap = await runningSnapshot(job, meter, o, mod);
     if (snap.ready) return 'ready';
-    await firstValueFrom(merge(timer(pollMs).pipe(map(() => 'tick' as const)), jobEvent$, abort$, closed$).pipe(take(1)));
+    await firstValueFrom(merge(timer(pollMs).pipe(map(() => 'tick' as const)), wake$, abort$).pipe(take(1)));
   }
+}
+
+/** What wakes a wait on a QMP mirror early: its events, and QEMU going away. */
+function qmpWake$(client: QmpClient, job: JobControl): Observable<unknown> {
+  return merge(
+    client.events('BLOCK_JOB_READY', 'JOB_STATUS_CHANGE', 'BLOCK_JOB_ERROR').pipe(filter((e) => ('id' in e.data ? e.data.id : (e.data as { device?: string }).device) === job.id)),
+    client.closed$,
+  );
 }
 
 /**
@@ -385,7 +395,7 @@ async function waitUntilReady(client: QmpClient, job: QmpMirrorJob, meter: Progr
  * the job paused at READY, and a paused mirror's `len` no longer grows with the guest's
  * writes (QEMU updates it only while the job runs), so no work seems left.
  */
-async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions, mod: RunModeration): Promise<'ready' | 'cancel' | 'detach'> {
+export async function waitForQuiet(job: WaitableJob, closed$: Observable<unknown>, meter: ProgressMeter, o: WaitOptions, mod: RunModeration): Promise<'ready' | 'cancel' | 'detach'> {
   const pollMs = o.pollMs ?? 250;
   const until = performance.now() + (o.convergeWaitMs ?? 30_000);
   const readyAt = Date.now();
@@ -413,18 +423,18 @@ async function waitForQuiet(client: QmpClient, job: QmpMirrorJob, meter: Progres
       return 'ready';
     }
     const stop$ = o.detach ? fromEvent(o.detach, 'abort') : merge();
-    await firstValueFrom(merge(timer(pollMs), client.closed$, stop$).pipe(take(1)));
+    await firstValueFrom(merge(timer(pollMs), closed$, stop$).pipe(take(1)));
   }
 }
 
-function withModeration(p: Progress, mod: RunModeration | undefined): Progress {
+export function withModeration(p: Progress, mod: RunModeration | undefined): Progress {
   const d = mod?.decision;
   if (!d) return p;
   return { ...p, moderation: { state: d.state, mode: d.mode, reason: d.reason, source: mod.source ?? null, ...(d.headroom ? { headroom: d.headroom } : {}) } };
 }
 
 /** Waits for `p`, or returns early when the run is cancelled (the caller checks). */
-async function untilAborted(p: Promise<void>, ...signals: (AbortSignal | undefined)[]): Promise<void> {
+export async function untilAborted(p: Promise<void>, ...signals: (AbortSignal | undefined)[]): Promise<void> {
   const live = signals.filter((s): s is AbortSignal => s !== undefined);
   if (live.length === 0) return p;
   await Promise.race([p, ...live.map((s) => new Promise<void>((resolve) => s.addEventListener('abort', () => resolve(), { once: true })))]);
@@ -432,17 +442,17 @@ async function untilAborted(p: Promise<void>, ...signals: (AbortSignal | undefin
 
 /** One reading of a job that should be running: reported as progress; a job that ended
  * on its own (an I/O error on the target, say) fails the run with QEMU's error. */
-async function runningSnapshot(job: QmpMirrorJob, meter: ProgressMeter, o: EncryptOptions, mod: RunModeration | undefined): Promise<JobSnapshot> {
+async function runningSnapshot(job: WaitableJob, meter: ProgressMeter, o: WaitOptions, mod: RunModeration | undefined): Promise<JobSnapshot> {
   const snap = await mustSnapshot(job);
   o.onProgress?.(withModeration(meter.sample(snap, performance.now()), mod));
   if (snap.status === 'concluded' || snap.status === 'aborting') {
-    const err = await job.dismiss();
+    const err = await job.dismiss?.();
     throw new IdlecryptError('JOB_FAILED', `the copy failed: ${err ?? snap.error ?? snap.status}`);
   }
   return snap;
 }
 
-async function mustSnapshot(job: JobControl): Promise<JobSnapshot> {
+export async function mustSnapshot(job: JobControl): Promise<JobSnapshot> {
   const snap = await job.snapshot();
   if (!snap) throw new IdlecryptError('JOB_FAILED', `the copy job ${job.id} disappeared (cancelled by someone else?)`);
   return snap;

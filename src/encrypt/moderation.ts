@@ -37,6 +37,10 @@ export interface ModerationOptions {
    * and this run's VM in it. Without them the run starts its own observation of its VM.
    */
   readonly shared?: { readonly samples$: Observable<ActivitySample>; readonly vm: VmInfo & { name: string } };
+  /** The VM to observe, when the backend knows it (libvirt's domain and its QEMU pid). */
+  readonly vm?: VmInfo & { name: string };
+  /** The speed that stands in for a pause on a job that cannot pause (libvirt's copies). */
+  readonly pausedSpeed?: number;
   /** Wraps the job the controller steers (the agent's host-wide speed ceiling). */
   readonly wrapJob?: (job: JobControl) => JobControl;
   readonly source?: SourceChoice;
@@ -72,17 +76,19 @@ export class RunModeration {
     private readonly stop$: Subject<void>,
     private readonly log: Logger,
     private readonly wrapJob: ((job: JobControl) => JobControl) | undefined,
+    private readonly pausedSpeed: number | undefined,
   ) {}
 
   /**
    * Finds the VM behind the QMP socket, loads the policy (a bad policy fails here, before
    * anything is created), and starts observing. `attached` resolves with the first sample.
    */
-  static async start(client: QmpClient, o: ModerationOptions): Promise<{ moderation: RunModeration; attached: Promise<void> }> {
+  static async start(client: QmpClient | undefined, o: ModerationOptions): Promise<{ moderation: RunModeration; attached: Promise<void> }> {
     const log = o.logger.child({ component: 'moderation' });
     const policy$ = (o.policy$ ?? watchPolicy(o.policyFile, { logger: log })).pipe(shareReplay({ bufferSize: 1, refCount: false }));
     const policy = await firstValueFrom(policy$); // throws the policy's own file:line:col error
-    const vm = o.shared?.vm ?? (await findVm(client, o.discovery ?? new ProcfsDiscovery()));
+    const vm = o.shared?.vm ?? o.vm ?? (client ? await findVm(client, o.discovery ?? new ProcfsDiscovery()) : undefined);
+    if (!vm) throw new IdlecryptError('PROBE_UNAVAILABLE', 'no VM to observe');
     const stop$ = new Subject<void>();
     const own$: Observable<ActivitySample> = o.shared ? o.shared.samples$ : activity$({
       intervalMs: policy.sampling.interval,
@@ -102,7 +108,7 @@ export class RunModeration {
       takeUntil(stop$),
       share(),
     );
-    const m = new RunModeration(vm, policy$, samples$, stop$, log, o.wrapJob);
+    const m = new RunModeration(vm, policy$, samples$, stop$, log, o.wrapJob, o.pausedSpeed);
     m.subs.push(policy$.subscribe({ next: (p) => (m.effective = resolvePolicy(p, vm.name)), error: () => undefined }));
     m.subs.push(
       samples$.subscribe({
@@ -137,6 +143,7 @@ export class RunModeration {
       vmName: this.vm.name,
       logger: this.log,
       startedAt: this.steeredAt,
+      ...(this.pausedSpeed !== undefined ? { pausedSpeed: this.pausedSpeed } : {}),
       // The headroom's input: how busy this QEMU's main loop is, read every reconcile tick.
       load$: mainLoop$({ pid: this.vm.pid, intervalMs: MAIN_LOOP_SAMPLE_MS }).pipe(mainLoopLoad(), takeUntil(this.stop$), share()),
     });

@@ -51,18 +51,27 @@ export function stateDir(): string {
   return process.env.IDLECRYPT_STATE_DIR || '/var/lib/idlecrypt';
 }
 
-export class RunStore {
+/** What every kind of run record has (QMP runs here, libvirt runs in src/libvirt/runs.ts). */
+export interface BaseRunRecord {
+  readonly version: 1;
+  readonly tag: string;
+  readonly owner: { readonly pid: number; readonly start: number };
+  readonly target: string;
+}
+
+export class RunStore<R extends BaseRunRecord = RunRecord> {
   readonly dir: string;
 
-  constructor(base = stateDir()) {
-    this.dir = path.join(base, 'runs');
+  /** `kind`: the folder under the state directory ('runs' for QMP runs, 'libvirt-runs'). */
+  constructor(base = stateDir(), kind = 'runs') {
+    this.dir = path.join(base, kind);
   }
 
   private file(tag: string): string {
     return path.join(this.dir, `${tag}.json`);
   }
 
-  async save(rec: RunRecord): Promise<void> {
+  async save(rec: R): Promise<void> {
     await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
     const tmp = `${this.file(rec.tag)}.${process.pid}.tmp`;
     const fh = await fs.open(tmp, 'w', 0o600);
@@ -80,7 +89,7 @@ export class RunStore {
   }
 
   /** Every record; unreadable ones are skipped (a record is never half-written, see above). */
-  async list(): Promise<RunRecord[]> {
+  async list(): Promise<R[]> {
     return (await this.scan()).records;
   }
 
@@ -88,7 +97,7 @@ export class RunStore {
    * Every record, and the files here that are not records this version can read (corrupt,
    * or written by another version): the caller says so, and does not guess what they held.
    */
-  async scan(): Promise<{ records: RunRecord[]; unreadable: { file: string; why: string }[] }> {
+  async scan(): Promise<{ records: R[]; unreadable: { file: string; why: string }[] }> {
     let names: string[];
     try {
       names = await fs.readdir(this.dir);
@@ -96,7 +105,7 @@ export class RunStore {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { records: [], unreadable: [] };
       throw new IdlecryptError('USAGE', `cannot read idlecrypt's state directory ${this.dir}: ${(e as Error).message}`, { cause: e });
     }
-    const records: RunRecord[] = [];
+    const records: R[] = [];
     const unreadable: { file: string; why: string }[] = [];
     for (const n of names.filter((x) => x.endsWith('.json'))) {
       const file = path.join(this.dir, n);
@@ -107,7 +116,7 @@ export class RunStore {
         continue; // it vanished: a run ended meanwhile
       }
       try {
-        const r = JSON.parse(text) as RunRecord;
+        const r = JSON.parse(text) as R;
         if (r.version === 1 && typeof r.tag === 'string' && typeof r.target === 'string') records.push(r);
         else unreadable.push({ file, why: `not a version-1 run record (version ${JSON.stringify((r as { version?: unknown }).version)})` });
       } catch (e) {
@@ -118,7 +127,7 @@ export class RunStore {
   }
 
   /** The record of the run that writes (or wrote) this target, if any. */
-  async forTarget(target: string): Promise<RunRecord | undefined> {
+  async forTarget(target: string): Promise<R | undefined> {
     const abs = path.resolve(target);
     return (await this.list()).find((r) => r.target === abs);
   }
@@ -130,7 +139,7 @@ export function selfOwner(): { pid: number; start: number } {
 }
 
 /** A record's owner still runs (same pid, same start time): the run is alive, not dead. */
-export function ownerAlive(rec: RunRecord): boolean {
+export function ownerAlive(rec: Pick<BaseRunRecord, 'owner'>): boolean {
   if (rec.owner.pid === process.pid) return false;
   return processAlive(rec.owner);
 }

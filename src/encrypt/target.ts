@@ -147,25 +147,8 @@ export class EncryptedTarget {
    * false when there is no qemu-img to run (the caller falls back to blockdev-create).
    */
   private async createWithQemuImg(bin: string): Promise<boolean> {
-    const { path, format, size, keyFile, iterTimeMs } = this.spec;
-    const sec = 'sec0';
-    const opts =
-      format === 'luks'
-        ? `key-secret=${sec},iter-time=${iterTimeMs}`
-        : `encrypt.format=luks,encrypt.key-secret=${sec},encrypt.iter-time=${iterTimeMs}`;
-    // A comma in an option value is written ",," (QemuOpts); the key file's path is one.
-    const args = ['create', '-q', '-f', format, '--object', `secret,id=${sec},format=raw,file=${keyFile.replaceAll(',', ',,')}`, '-o', opts, path, String(size)];
     try {
-      await retryLuksTiming(this.log, async () => {
-        try {
-          await execFileP(bin, args, { env: { ...process.env, LC_ALL: 'C' } });
-        } catch (e) {
-          const err = e as NodeJS.ErrnoException & { stderr?: string };
-          if (err.code === 'ENOENT') throw err;
-          const msg = (err.stderr ?? '').trim().split('\n').at(-1)?.replace(/^qemu-img: /, '') || err.message;
-          throw new IdlecryptError('JOB_FAILED', `creating the encrypted target failed: ${msg}`, { cause: e });
-        }
-      });
+      await writeImageWithQemuImg(bin, this.spec, this.log);
       return true;
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
@@ -197,6 +180,37 @@ export class EncryptedTarget {
       this.createdFile = false;
     }
   }
+}
+
+/**
+ * Writes an encrypted image (LUKS, or qcow2 with LUKS encryption) with qemu-img, in its own
+ * process, into `spec.path` (which may exist, empty). The key reaches qemu-img as QEMU's
+ * does, through a secret object that names the key file: never on the command line. An
+ * error with code ENOENT means there is no such qemu-img.
+ */
+export async function writeImageWithQemuImg(
+  bin: string,
+  spec: Pick<TargetSpec, 'path' | 'format' | 'size' | 'keyFile' | 'iterTimeMs'>,
+  log: Logger,
+): Promise<void> {
+  const { path, format, size, keyFile, iterTimeMs } = spec;
+  const sec = 'sec0';
+  const opts =
+    format === 'luks'
+      ? `key-secret=${sec},iter-time=${iterTimeMs}`
+      : `encrypt.format=luks,encrypt.key-secret=${sec},encrypt.iter-time=${iterTimeMs}`;
+  // A comma in an option value is written ",," (QemuOpts); the key file's path is one.
+  const args = ['create', '-q', '-f', format, '--object', `secret,id=${sec},format=raw,file=${keyFile.replaceAll(',', ',,')}`, '-o', opts, path, String(size)];
+  await retryLuksTiming(log, async () => {
+    try {
+      await execFileP(bin, args, { env: { ...process.env, LC_ALL: 'C' } });
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException & { stderr?: string };
+      if (err.code === 'ENOENT') throw err;
+      const msg = (err.stderr ?? '').trim().split('\n').at(-1)?.replace(/^qemu-img: /, '') || err.message;
+      throw new IdlecryptError('JOB_FAILED', `creating the encrypted target failed: ${msg}`, { cause: e });
+    }
+  });
 }
 
 /**

@@ -157,7 +157,10 @@ describe('bad input', () => {
     await assertRefused(await runCli(encrypt({ '--speed': 'fast' })), /--speed: 'fast' is not a byte count/, 2);
     const r = await runCli(['encrypt', '--qmp', vm.toolQmpSocket]);
     assert.equal(r.code, 2);
-    assert.match(r.stderr, /required option '--device <id>' not specified/);
+    assert.match(r.stderr, /required option '--target <path>' not specified/);
+    // --device is required with --qmp (--disk goes with --domain): said in one line.
+    await assertRefused(await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--target', '/tmp/never.luks', '--key-file', '/etc/hostname']), /--qmp needs --device/, 2);
+    await assertRefused(await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', '/tmp/never.luks']), /give the key as --key-file FILE/, 2);
   });
 
   test('a disk that already has a block job is refused', async () => {

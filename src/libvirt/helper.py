@@ -1,0 +1,267 @@
+#!/usr/bin/python3
+"""idlecrypt's libvirt helper: one long-lived process that speaks JSON lines.
+
+Why a helper: no Node binding to libvirt has block-job calls (docs/libvirt.md), and running
+`virsh` per call costs a process and a new connection each time (about 60 ms here) and
+answers in translated text. Debian's python3-libvirt is the C API itself: one connection,
+typed parameters (speeds in bytes/s), block-job events, and secrets whose value goes
+through this pipe, never through a file or a command line.
+
+Protocol (stdin/stdout, one JSON object per line):
+  request   {"id": 1, "op": "domains", ...arguments}
+  reply     {"id": 1, "ok": <result>}  or  {"id": 1, "error": {"message": ..., "code": ...}}
+  event     {"event": "block-job", "domain": NAME, "disk": "vda", "type": N, "status": N}
+            {"event": "lifecycle", "domain": NAME, "type": N, "detail": N}
+            {"event": "closed", "reason": N}   (libvirtd went away; the helper then exits)
+The first line is {"event": "hello", "uri": ..., "libvirt": N}. End of stdin ends it.
+Nothing here logs: a secret's value passes through `secret-define` and is dropped.
+"""
+import base64
+import json
+import signal
+import sys
+import threading
+import xml.etree.ElementTree as ET
+
+import libvirt
+
+out_lock = threading.Lock()
+# Keep the usual prefixes when a definition is written back (libvirt matches by URI anyway).
+ET.register_namespace("qemu", "http://libvirt.org/schemas/domain/qemu/1.0")
+
+
+def emit(obj):
+    line = json.dumps(obj, separators=(",", ":"))
+    with out_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def quiet_errors(_ctx, _err):
+    # libvirt prints every error on stderr by default; ours travel in the replies.
+    pass
+
+
+libvirt.registerErrorHandler(quiet_errors, None)
+libvirt.virEventRegisterDefaultImpl()
+
+
+def event_loop():
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+def disk_info(el):
+    """One <disk> element as the fields idlecrypt reads (virsh domblklist's and more)."""
+    target = el.find("target")
+    source = el.find("source")
+    driver = el.find("driver")
+    enc = el.find("encryption")
+    if enc is None and source is not None:
+        enc = source.find("encryption")
+    secret = enc.find("secret") if enc is not None else None
+    src = None
+    if source is not None:
+        src = source.get("file") or source.get("dev") or source.get("name") or source.get("volume")
+    mirror = el.find("mirror")
+    return {
+        "target": target.get("dev") if target is not None else None,
+        "bus": target.get("bus") if target is not None else None,
+        "type": el.get("type"),
+        "device": el.get("device"),
+        "source": src,
+        "format": driver.get("type") if driver is not None else None,
+        "cache": driver.get("cache") if driver is not None else None,
+        "readonly": el.find("readonly") is not None,
+        "encryption": None
+        if enc is None
+        else {
+            "format": enc.get("format"),
+            "engine": enc.get("engine"),
+            "secret": secret.get("uuid") if secret is not None else None,
+        },
+        "mirror": None
+        if mirror is None
+        else {
+            "job": mirror.get("job"),
+            "ready": mirror.get("ready"),
+            "source": (mirror.find("source").get("file") if mirror.find("source") is not None else mirror.get("file")),
+        },
+    }
+
+
+class Helper:
+    def __init__(self, uri):
+        self.conn = libvirt.open(uri)
+        self.conn.setKeepAlive(5, 3)
+        self.conn.registerCloseCallback(lambda _c, reason, _o: emit({"event": "closed", "reason": reason}), None)
+        self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self.on_block_job, None)
+        self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self.on_lifecycle, None)
+
+    def on_block_job(self, _conn, dom, disk, typ, status, _opaque):
+        emit({"event": "block-job", "domain": dom.name(), "disk": disk, "type": typ, "status": status})
+
+    def on_lifecycle(self, _conn, dom, event, detail, _opaque):
+        emit({"event": "lifecycle", "domain": dom.name(), "type": event, "detail": detail})
+
+    def dom(self, a):
+        return self.conn.lookupByName(a["domain"])
+
+    # --- operations -------------------------------------------------------------------
+
+    def op_ping(self, a):
+        return True
+
+    def op_domains(self, a):
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        return [
+            {"name": d.name(), "uuid": d.UUIDString(), "id": d.ID(), "persistent": bool(d.isPersistent())}
+            for d in self.conn.listAllDomains(flags)
+        ]
+
+    def op_domain(self, a):
+        d = self.dom(a)
+        return {"name": d.name(), "uuid": d.UUIDString(), "id": d.ID(), "persistent": bool(d.isPersistent()), "active": bool(d.isActive())}
+
+    def op_disks(self, a):
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if a.get("inactive") else 0
+        root = ET.fromstring(self.dom(a).XMLDesc(flags))
+        return [disk_info(el) for el in root.findall("./devices/disk")]
+
+    def op_block_info(self, a):
+        capacity, allocation, physical = self.dom(a).blockInfo(a["disk"])
+        return {"capacity": capacity, "allocation": allocation, "physical": physical}
+
+    def op_job_info(self, a):
+        info = self.dom(a).blockJobInfo(a["disk"], libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
+        if not info:
+            return None
+        return {"type": info["type"], "bandwidth": info["bandwidth"], "cur": info["cur"], "end": info["end"]}
+
+    def op_blockcopy(self, a):
+        flags = 0
+        for f in a.get("flags", []):
+            flags |= {"reuse-external": libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT, "transient-job": libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB}[f]
+        params = {}
+        if a.get("bandwidth"):
+            params[libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH] = int(a["bandwidth"])
+        if a.get("buf-size"):
+            params[libvirt.VIR_DOMAIN_BLOCK_COPY_BUF_SIZE] = int(a["buf-size"])
+        self.dom(a).blockCopy(a["disk"], a["xml"], params, flags)
+        return True
+
+    def op_set_speed(self, a):
+        self.dom(a).blockJobSetSpeed(a["disk"], int(a["bytes"]), libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
+        return True
+
+    def op_abort(self, a):
+        flags = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT if a.get("pivot") else 0
+        if a.get("async"):
+            flags |= libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_ASYNC
+        self.dom(a).blockJobAbort(a["disk"], flags)
+        return True
+
+    def op_secret_define(self, a):
+        xml = a["xml"]
+        s = self.conn.secretDefineXML(xml)
+        try:
+            s.setValue(base64.b64decode(a["value"]))
+        except Exception:
+            s.undefine()
+            raise
+        return s.UUIDString()
+
+    def op_secret_undefine(self, a):
+        try:
+            self.conn.secretLookupByUUIDString(a["uuid"]).undefine()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                return False
+            raise
+        return True
+
+    def op_secret(self, a):
+        try:
+            s = self.conn.secretLookupByUUIDString(a["uuid"])
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                return None
+            raise
+        root = ET.fromstring(s.XMLDesc())
+        return {"uuid": s.UUIDString(), "usage": s.usageID(), "private": root.get("private") == "yes", "ephemeral": root.get("ephemeral") == "yes"}
+
+    def op_define(self, a):
+        self.conn.defineXML(a["xml"])
+        return True
+
+    def op_retarget_inactive(self, a):
+        """Points the persistent definition's disk `disk` at the encrypted image: its source,
+        its format, and an <encryption> naming the secret. Returns the source it replaced.
+        The definition is read with VIR_DOMAIN_XML_SECURE so that redefining it keeps what
+        the plain dump leaves out (passwords)."""
+        d = self.dom(a)
+        root = ET.fromstring(d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+        for el in root.findall("./devices/disk"):
+            t = el.find("target")
+            if t is None or t.get("dev") != a["disk"]:
+                continue
+            old = disk_info(el)["source"]
+            el.set("type", "file")
+            for child in list(el):
+                if child.tag in ("source", "encryption"):
+                    el.remove(child)
+            src = ET.Element("source", {"file": a["source"]})
+            enc = ET.SubElement(src, "encryption", {"format": "luks", "engine": "qemu"})
+            ET.SubElement(enc, "secret", {"type": "passphrase", "uuid": a["secret"]})
+            el.insert(1, src)
+            driver = el.find("driver")
+            if driver is None:
+                driver = ET.Element("driver", {"name": "qemu"})
+                el.insert(0, driver)
+            driver.set("type", a["format"])
+            self.conn.defineXML(ET.tostring(root, encoding="unicode"))
+            return old
+        raise ValueError("the persistent definition has no disk " + a["disk"])
+
+    def op_xml(self, a):
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if a.get("inactive") else 0
+        return self.dom(a).XMLDesc(flags)
+
+    def op_monitor(self, a):
+        import libvirt_qemu
+
+        return json.loads(libvirt_qemu.qemuMonitorCommand(self.dom(a), json.dumps(a["command"]), 0))
+
+
+def main():
+    uri = sys.argv[1] if len(sys.argv) > 1 else "qemu:///system"
+    # idlecrypt decides when we end (it closes our stdin, or dies and so closes it): a Ctrl-C
+    # or a service manager's SIGTERM to the whole process group must not take the connection
+    # away while idlecrypt still undoes its run through it.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=event_loop, daemon=True).start()
+    try:
+        h = Helper(uri)
+    except libvirt.libvirtError as e:
+        emit({"event": "error", "message": str(e), "code": e.get_error_code()})
+        sys.exit(1)
+    emit({"event": "hello", "uri": h.conn.getURI(), "libvirt": h.conn.getLibVersion()})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        rid = req.get("id")
+        fn = getattr(h, "op_" + str(req.get("op", "")).replace("-", "_"), None)
+        try:
+            if fn is None:
+                raise ValueError("unknown operation " + repr(req.get("op")))
+            emit({"id": rid, "ok": fn(req)})
+        except libvirt.libvirtError as e:
+            emit({"id": rid, "error": {"message": str(e), "code": e.get_error_code()}})
+        except Exception as e:  # a bad request: say so, keep serving
+            emit({"id": rid, "error": {"message": "%s: %s" % (type(e).__name__, e), "code": -1}})
+
+
+if __name__ == "__main__":
+    main()

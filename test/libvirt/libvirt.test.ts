@@ -1,0 +1,215 @@
+/**
+ * The libvirt backend (issue 11) against a real libvirtd managing TCG domains of the test
+ * guest: `idlecrypt encrypt --domain` copies through libvirt's block copy, moderated by
+ * speed (libvirt has no pause), pivots, and leaves the persistent definition on the
+ * encrypted image, so the next `virsh start` boots on it. Failures and cancels leave the
+ * guest on its disk with nothing of ours behind; a killed run is adopted by the next.
+ */
+import { ok, equal, match } from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { chmod, mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { after, before, describe, it } from 'node:test';
+import { ensureImage, makeDiskImage, patternMiB } from '../../vm-images/launch.ts';
+import { ensureLibvirtd, TestDomain, virsh } from '../../vm-images/libvirt.ts';
+import { cliStateDir, runCli, startCli } from '../helpers/cli.ts';
+
+const execFileP = promisify(execFile);
+const MiB = 1024 * 1024;
+
+let dir: string;
+let keyFile: string;
+let key: string;
+const domains: TestDomain[] = [];
+
+async function sha(file: string): Promise<string> {
+  return createHash('sha256').update(await readFile(file)).digest('hex');
+}
+
+function jsonLines(stdout: string): Record<string, unknown>[] {
+  return stdout
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}
+
+/** The image decrypted with the key, as raw bytes (qemu-img in its own process; -U: QEMU may hold it). */
+async function decrypt(image: string, out: string): Promise<Buffer> {
+  await execFileP('qemu-img', ['convert', '-U', '--object', `secret,id=k,format=raw,file=${keyFile}`, '--image-opts', `driver=luks,key-secret=k,file.filename=${image}`, '-O', 'raw', out]);
+  return readFile(out);
+}
+
+async function secrets(): Promise<string> {
+  return virsh('secret-list');
+}
+
+before(async () => {
+  ensureImage();
+  await ensureLibvirtd();
+  dir = await mkdtemp(join(tmpdir(), 'ic-libvirt-'));
+  await chmod(dir, 0o755); // QEMU runs as libvirt-qemu and must reach the disks
+  key = randomBytes(24).toString('hex');
+  keyFile = join(dir, 'key');
+  await writeFile(keyFile, key, { mode: 0o600 });
+});
+after(async () => {
+  for (const d of domains) await d.remove();
+  await rm(dir, { recursive: true, force: true });
+});
+
+async function domain(name: string, o: { workload?: 'idle' | 'bursty'; params?: Record<string, number>; persistent?: boolean; sizeMiB?: number } = {}) {
+  const disk = join(dir, `${name}.raw`);
+  await makeDiskImage(disk, { sizeMiB: o.sizeMiB ?? 64, format: 'raw', fill: 'pattern' });
+  const d = await TestDomain.start({ name, dir, disk, workload: o.workload ?? 'idle', ...(o.params ? { params: o.params } : {}), persistent: o.persistent ?? true });
+  domains.push(d);
+  return { d, disk };
+}
+
+describe('idlecrypt encrypt --domain (libvirt)', () => {
+  it('copies a busy persistent domain through libvirt at the guest\'s pace, pivots, and its next boot runs on the encrypted image; the key is in no XML, log or listing', async () => {
+    const name = `ic-lv-a-${process.pid}`;
+    const { d, disk } = await domain(name, { workload: 'bursty', params: { idle: 3, busy: 2, region_mb: 16 }, sizeMiB: 256 });
+    const before = await sha(disk);
+    const target = join(dir, 'a.luks');
+    const r = await runCli(['encrypt', '--domain', name, '--disk', 'vda', '--target', target, '--key-file', keyFile, '--iter-time', '100', '--json']);
+    equal(r.code, 0, r.stderr.slice(-2000));
+    const lines = jsonLines(r.stdout);
+    const done = lines.find((l) => l.event === 'completed')!;
+    equal(done.target, target);
+    equal(done.persistence, 'rewritten-by-libvirt');
+    // Moderated through libvirt's speed: paused as 1 byte/s while busy, unlimited while idle.
+    const progress = lines.filter((l) => l.event === 'progress');
+    const seen = [...new Set(progress.map((p) => `${String(p.state)}/${String(p.mode)}@${String(p.speed_limit_bps)}`))].join(', ');
+    ok(progress.some((p) => p.mode === 'paused' && p.speed_limit_bps === 1), `the copy was held at 1 byte/s while the guest was busy (seen: ${seen})`);
+    ok(progress.some((p) => p.state === 'idle' && p.mode === 'full'), `the copy ran at full speed while the guest was idle (seen: ${seen})`);
+    // How close 1 byte/s comes to a pause: over each stretch read back at 1 byte/s, the copy
+    // moves only the operations in flight when the speed dropped (the 4 MiB buffer) and at
+    // most one more that the rate limit let through (4-5 MiB seen): bounded, not growing.
+    let stretch: Record<string, unknown>[] = [];
+    let worst = 0;
+    for (const p of [...progress, {}]) {
+      if (p.speed_limit_bps === 1) stretch.push(p);
+      else {
+        if (stretch.length > 1) worst = Math.max(worst, Number(stretch.at(-1)!.offset) - Number(stretch[0]!.offset));
+        stretch = [];
+      }
+    }
+    ok(worst <= 8 * MiB, `held at 1 byte/s, the copy still moved ${worst} bytes in one stretch`);
+    ok(progress.some((p) => p.activity_source === 'ebpf') && !progress.some((p) => p.activity_source === 'qmp'), 'the probes counted the domain\'s QEMU');
+
+    // libvirt's live view and the persistent definition both name the encrypted image.
+    match(await virsh('domblklist', name), new RegExp(`vda\\s+${target}`));
+    const inactive = await virsh('dumpxml', '--inactive', name);
+    ok(inactive.includes(`<source file='${target}'`), inactive);
+    match(inactive, /<encryption format='luks' engine='qemu'>/);
+    const uuid = String(done.secret);
+    match(await secrets(), new RegExp(`${uuid}\\s+volume ${target}`));
+    // The key is nowhere but in its file and libvirt's private secret store.
+    const secretXml = await virsh('secret-dumpxml', uuid);
+    for (const [what, text] of [
+      ['live XML', await virsh('dumpxml', name)],
+      ['inactive XML', inactive],
+      ['secret XML', secretXml],
+      ['our stdout and debug log', r.stdout + r.stderr],
+      ['QEMU command line', (await readFile(`/proc/${await d.pid()}/cmdline`, 'utf8')).replaceAll('\0', ' ')],
+    ] as const) {
+      ok(!text.includes(key) && !text.includes(Buffer.from(key).toString('base64')), `the key appears in the ${what}`);
+    }
+    match(secretXml, /private='yes'/);
+    await virsh('secret-get-value', uuid).then(
+      () => assertFail('a private secret gave its value back'),
+      (e: Error) => match(e.message, /private/),
+    );
+    const st = await runCli(['status', '--domain', name]);
+    equal(st.code, 0, st.stderr);
+    match(st.stdout, new RegExp(`vda\\s+yes\\s+${target}\\s+same`));
+
+    // The original disk: never written by us; the guest rewrote its region with the same bytes.
+    equal(await sha(disk), before, 'the original disk is unchanged');
+    // Next boot: off, the image decrypts to the guest's disk, and on again it boots from it.
+    await virsh('destroy', name);
+    const plain = await decrypt(target, join(dir, 'a-decrypted.raw'));
+    equal(plain.length, 256 * MiB);
+    for (const i of [0, 15, 16, 255]) ok(plain.subarray(i * MiB, (i + 1) * MiB).equals(patternMiB(i)), `MiB ${i} of the decrypted image`);
+    await virsh('start', name);
+    await d.waitForLine(/^IDLECRYPT-GUEST READY/, 60_000);
+    await d.waitForLine(/^IO t=/, 30_000);
+    match(await virsh('domblklist', name), new RegExp(`vda\\s+${target}`));
+    equal((await readdir(join(cliStateDir(), 'libvirt-runs')).catch(() => [])).length, 0, 'no run record left');
+  });
+
+  it('bad input: one line, a non-zero exit, and nothing made', async () => {
+    const name = `ic-lv-a-${process.pid}`; // runs on its encrypted image now
+    const target = join(dir, 'never.luks');
+    const cases: [string[], RegExp][] = [
+      [['--domain', `no-such-${process.pid}`, '--disk', 'vda'], /has no domain 'no-such-\d+'/],
+      [['--domain', name, '--disk', 'vdz'], /has no disk 'vdz' \(its disks: vda\)/],
+      [['--domain', name, '--disk', 'vda'], /already runs on an encrypted image/],
+      [['--domain', name, '--disk', 'vda', '--qmp', '/tmp/x.sock'], /name the VM: --qmp SOCKET --device ID, or --domain NAME --disk TARGET/],
+      [['--domain', name], /--domain needs --disk/],
+    ];
+    for (const [args, re] of cases) {
+      const r = await runCli(['encrypt', ...args, '--target', target, '--key-file', keyFile]);
+      ok(r.code === 1 || r.code === 2, `${args.join(' ')}: exit ${r.code}: ${r.stderr}`);
+      const msg = r.stderr.trim().split('\n').filter((l) => l.startsWith('idlecrypt: '));
+      equal(msg.length, 1, r.stderr);
+      match(msg[0]!, re);
+    }
+    for (const [secret, re] of [
+      ['not-a-uuid', /--secret: 'not-a-uuid' is not a UUID/],
+      ['00000000-0000-4000-8000-000000000000', /libvirt has no secret 00000000-0000-4000-8000-000000000000/],
+    ] as const) {
+      const r = await runCli(['encrypt', '--domain', name, '--disk', 'vda', '--target', target, '--secret', secret]);
+      ok(r.code !== 0, r.stderr);
+      match(r.stderr, re);
+    }
+    await stat(target).then(
+      () => assertFail(`${target} was made`),
+      () => undefined,
+    );
+  });
+
+  it('Ctrl-C mid-copy: the guest stays on its disk, and the target, our secret and the run record are gone; a kill -9 mid-copy is adopted by the next run, which finishes', async () => {
+    const name = `ic-lv-b-${process.pid}`;
+    const { disk } = await domain(name, { persistent: false }); // transient: no next boot to fix
+    const before = await secrets();
+    const target = join(dir, 'b.luks');
+    const copyArgs = ['encrypt', '--domain', name, '--disk', 'vda', '--target', target, '--key-file', keyFile, '--iter-time', '100', '--json'];
+    // Slow, so that it is surely mid-copy when interrupted.
+    let run = startCli([...copyArgs, '--speed', '2M']);
+    await run.waitForStdout(/"offset":[1-9]/, 60_000);
+    run.child.kill('SIGINT');
+    let r = await run.result;
+    equal(r.code, 130, r.stderr);
+    match(r.stderr, /cancelled: the copy was stopped and .*b\.luks removed; the guest runs on its original disk/);
+    match(await virsh('domblklist', name), new RegExp(`vda\\s+${disk}`));
+    equal((await virsh('blockjob', name, 'vda', '--info')).trim(), 'No current block job for vda');
+    await stat(target).then(() => assertFail('the target is left'), () => undefined);
+    equal(await secrets(), before, 'our secret is removed');
+
+    run = startCli([...copyArgs, '--speed', '2M']);
+    await run.waitForStdout(/"offset":[1-9]/, 60_000);
+    run.child.kill('SIGKILL');
+    await run.result;
+    // libvirt keeps the job; the record names it. The next run adopts and finishes it.
+    match(await virsh('blockjob', name, 'vda', '--raw'), /type=Block Copy/);
+    r = await runCli(copyArgs);
+    equal(r.code, 0, r.stderr.slice(-2000));
+    const lines = jsonLines(r.stdout);
+    ok(lines.some((l) => l.event === 'note' && l.resumed === 'adopted'), r.stdout.slice(-2000));
+    equal(lines.find((l) => l.event === 'completed')?.persistence, 'transient');
+    match(await virsh('domblklist', name), new RegExp(`vda\\s+${target}`));
+    const plain = await decrypt(target, join(dir, 'b-decrypted.raw'));
+    for (const i of [0, 63]) ok(plain.subarray(i * MiB, (i + 1) * MiB).equals(patternMiB(i)), `MiB ${i}`);
+  });
+});
+
+function assertFail(msg: string): never {
+  throw new Error(msg);
+}
+
+
+
