@@ -4,11 +4,11 @@
  *
  *   config (agent.yaml, hot-reloaded) ──────────── desired: (VM, disk) → target
  *   discovery (/proc, every second) ─┐
- *   one QMP session per VM ──────────┼──────────── observed: disks, jobs; run records
+ *   a session per VM (backends.ts) ──┼──────────── observed: disks, jobs; run records
  *   one bpftrace for the host ───────┘                        │
  *                                      reconcile (keyed by VM/disk, level-triggered)
  *                                                             │
- *                        encryptDisk per disk (src/encrypt: the engine `idlecrypt encrypt` runs)
+ *        per disk, the engine `idlecrypt encrypt` runs: src/encrypt over QMP, or src/libvirt
  *
  * The loop runs on every change (config, VM list, a run ending) and every few seconds
  * anyway; one pass at a time. Each disk is in one state (queued, copying, ..., encrypted,
@@ -26,22 +26,21 @@ import path from 'node:path';
 import { BehaviorSubject, Subject, of, share, shareReplay, switchMap, takeUntil, type Observable, type Subscription } from 'rxjs';
 import { describeError, IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
-import { QmpClient } from '../qmp/client.ts';
 import { ProcfsDiscovery } from '../discovery/procfs.ts';
 import type { VmDiscovery, VmInfo } from '../discovery/types.ts';
 import { activity$, type SourceChoice } from '../streams/activity.ts';
 import type { ActivitySample } from '../streams/types.ts';
 import { watchPolicy } from '../policy/watch.ts';
 import type { Policy } from '../policy/schema.ts';
-import { diskLabel, listDisks, type DiskInfo } from '../encrypt/disks.ts';
-import { encryptDisk, type Phase, type Progress } from '../encrypt/encrypt.ts';
+import type { Progress } from '../encrypt/encrypt.ts';
 import { processAlive, RunStore, selfOwner, stateDir } from '../encrypt/runs.ts';
 import type { JobControl } from '../jobs/types.ts';
 import { agentPoint, hostTag, openMetricsSink, type MetricsSink } from '../metrics/index.ts';
 import { expand, globMatch, loadAgentConfig, type AgentConfig, type EncryptEntry } from './config.ts';
 import { deviceOf, imageDevices, withNeighbours } from './neighbours.ts';
 import { StatusServer } from './status-server.ts';
-import { rollBackOrphans } from './orphans.ts';
+import { recordTargets, Sessions, type AgentDisk, type RunPhase, type VmSession } from './backends.ts';
+import { libvirtRunStore } from '../libvirt/encrypt.ts';
 
 export type DiskState = 'waiting-for-vm' | 'queued' | 'creating-target' | 'copying' | 'completing' | 'encrypted' | 'failed';
 
@@ -63,7 +62,7 @@ export interface AgentStatus {
   readonly host: string;
   readonly config: string;
   readonly startedAt: number;
-  readonly vms: readonly { readonly name: string; readonly pid: number; readonly qmp: string | null }[];
+  readonly vms: readonly { readonly name: string; readonly pid: number; readonly qmp: string | null; readonly backend?: 'qmp' | 'libvirt' }[];
   readonly disks: readonly DiskStatus[];
   readonly maxJobs: number;
 }
@@ -94,12 +93,6 @@ export function runDir(): string {
 const TERMINAL = new Set(['KEY_FILE', 'TARGET_EXISTS', 'NO_SPACE', 'UNKNOWN_DEVICE', 'JOB_EXISTS', 'USAGE', 'JOB_FAILED', 'POLICY']);
 const BACKOFF_MS = [2_000, 5_000, 15_000, 60_000];
 
-interface Session {
-  readonly vm: VmInfo & { name: string };
-  readonly client: QmpClient;
-  readonly socket: string;
-}
-
 interface Worker {
   readonly key: string;
   readonly done: Promise<void>;
@@ -110,13 +103,13 @@ export class Agent {
   private readonly config$: BehaviorSubject<AgentConfig>;
   private readonly log: Logger;
   private readonly store: RunStore;
+  private readonly libvirtStore: ReturnType<typeof libvirtRunStore>;
   private readonly stop$ = new Subject<void>();
   private readonly detach = new AbortController();
-  private readonly sessions = new Map<string, Session>();
-  private readonly connecting = new Set<string>();
+  private readonly sessions: Sessions;
+  /** The backend of each VM's last session, by name (for status). */
+  private readonly backendOf = new Map<string, 'qmp' | 'libvirt'>();
   private readonly warnedRecords = new Set<string>();
-  /** Why a VM's QMP session could not be opened, by VM name (for its disks' status). */
-  private readonly sessionErrors = new Map<string, string>();
   private readonly workers = new Map<string, Worker>();
   private readonly status = new Map<string, DiskStatus>();
   private readonly retryAt = new Map<string, number>();
@@ -146,6 +139,14 @@ export class Agent {
     this.stateDir = o.stateDir ?? stateDir();
     this.runDir = o.runDir ?? runDir();
     this.store = new RunStore(this.stateDir);
+    this.libvirtStore = libvirtRunStore(this.stateDir);
+    this.sessions = new Sessions({
+      log: this.log,
+      stores: { qmp: this.store, libvirt: this.libvirtStore },
+      onClosed: () => this.kick(),
+      backend: () => this.config.backend,
+      uri: () => this.config.connect,
+    });
   }
 
   /** Takes the host's agent lock, starts observing and reconciling. */
@@ -154,7 +155,7 @@ export class Agent {
     this.server = new StatusServer(path.join(this.runDir, 'agent.sock'), () => this.snapshot(), this.log);
     await this.server.listen();
     const c = this.config;
-    this.log.info({ config: c.file, maxJobs: c.host.maxJobs, maxSpeed: c.host.maxSpeed, protect: c.host.protect, entries: c.encrypt.length }, 'agent started');
+    this.log.info({ config: c.file, backend: c.backend, maxJobs: c.host.maxJobs, maxSpeed: c.host.maxSpeed, protect: c.host.protect, entries: c.encrypt.length }, 'agent started');
     this.policy$ = this.config$.pipe(
       switchMap((cfg) => (cfg.policyFile ? watchPolicy(cfg.policyFile, { logger: this.log }) : of(cfg.policy))),
       shareReplay({ bufferSize: 1, refCount: false }),
@@ -225,7 +226,7 @@ export class Agent {
     await this.pass?.catch(() => undefined);
     this.stop$.next();
     for (const s of this.subs) s.unsubscribe();
-    await Promise.all([...this.sessions.values()].map((s) => s.client.close().catch(() => undefined)));
+    await this.sessions.close();
     await this.server?.close();
     if (this.metricsTimer) clearInterval(this.metricsTimer);
     this.writeAgentPoint();
@@ -240,7 +241,10 @@ export class Agent {
       host: hostTag(),
       config: this.config.file,
       startedAt: this.startedAt,
-      vms: this.vms.map((v) => ({ name: v.name ?? `pid-${v.pid}`, pid: v.pid, qmp: v.qmpSockets[0] ?? null })),
+      vms: this.vms.map((v) => {
+        const backend = v.name !== null ? this.backendOf.get(v.name) : undefined;
+        return { name: v.name ?? `pid-${v.pid}`, pid: v.pid, qmp: v.qmpSockets[0] ?? null, ...(backend ? { backend } : {}) };
+      }),
       disks: [...this.status.values()].sort((a, b) => a.vm.localeCompare(b.vm) || a.disk.localeCompare(b.disk)),
       maxJobs: this.config.host.maxJobs,
     };
@@ -302,7 +306,7 @@ export class Agent {
       this.warnedRecords.add(u.file);
       this.log.warn({ file: u.file, why: u.why }, `ignoring run record ${u.file}: ${u.why}; what it described is reconciled from QEMU alone`);
     }
-    const wanted: { key: string; entry: EncryptEntry; order: number; vm: VmInfo & { name: string }; disk: DiskInfo; target: string; session: Session }[] = [];
+    const wanted: { key: string; entry: EncryptEntry; order: number; vm: VmInfo & { name: string }; disk: AgentDisk; target: string; session: VmSession }[] = [];
     const seen = new Set<string>();
     for (const vm of this.vms) {
       const name = vm.name;
@@ -310,10 +314,10 @@ export class Agent {
       const entryIndex = cfg.encrypt.findIndex((e) => globMatch(e.vm, name));
       if (entryIndex < 0) continue;
       const entry = cfg.encrypt[entryIndex]!;
-      const session = await this.session({ ...vm, name }, entry);
+      const session = await this.sessions.open({ ...vm, name }, entry);
       if (!session) {
         // Shown, not dropped: the operator sees why nothing happens to this VM.
-        const why = this.sessionErrors.get(name) ?? 'connecting to its QMP socket';
+        const why = this.sessions.errors.get(name) ?? 'connecting to it';
         for (const d of entry.disks === 'all' ? ['all'] : entry.disks) {
           const key = `${name}/${d}`;
           seen.add(key);
@@ -321,9 +325,10 @@ export class Agent {
         }
         continue;
       }
-      let disks: DiskInfo[];
+      this.backendOf.set(name, session.backend);
+      let disks: AgentDisk[];
       try {
-        disks = await listDisks(session.client);
+        disks = await session.disks();
       } catch (e) {
         this.log.warn({ vm: name, err: describeError(e) }, 'cannot list the VM\'s disks');
         continue;
@@ -332,22 +337,20 @@ export class Agent {
       // Not while a run of ours works on this VM (its record may be newer than our reading).
       if (![...this.workers.keys()].some((k) => k.startsWith(`${name}/`))) {
         const fresh = async () => new Set((await this.store.scan()).records.map((r) => r.tag));
-        await rollBackOrphans(session.client, name, disks, known, fresh, this.log).catch((e: unknown) =>
+        await session.rollBackOrphans(known, fresh, this.log).catch((e: unknown) =>
           this.log.error({ vm: name, err: describeError(e) }, 'rolling back a copy with no run record failed'),
         );
       }
-      const chosen =
-        entry.disks === 'all'
-          ? disks
-          : entry.disks.map((id) => disks.find((d) => [d.qdevId, d.device, d.nodeName].includes(id)) ?? ({ missing: id } as unknown as DiskInfo));
+      const chosen: (AgentDisk | { missing: string })[] =
+        entry.disks === 'all' ? disks : entry.disks.map((id) => disks.find((d) => d.ids.includes(id)) ?? { missing: id });
       chosen.forEach((disk, i) => {
-        const missing = (disk as unknown as { missing?: string }).missing;
-        const label = missing ?? diskLabel(disk);
+        const missing = 'missing' in disk ? disk.missing : undefined;
+        const label = 'missing' in disk ? disk.missing : disk.label;
         const key = `${name}/${label}`;
         const target = expand(entry.target, name, label);
         seen.add(key);
-        if (missing) {
-          this.set(key, { vm: name, disk: label, target, state: 'failed', reason: `the VM has no disk '${missing}' (it has ${disks.map(diskLabel).join(', ') || 'none'})` });
+        if (missing !== undefined || 'missing' in disk) {
+          this.set(key, { vm: name, disk: label, target, state: 'failed', reason: `the VM has no disk '${missing}' (it has ${disks.map((d) => d.label).join(', ') || 'none'})` });
           return;
         }
         wanted.push({ key, entry, order: entryIndex * 1000 + i, vm: session.vm, disk, target, session });
@@ -369,17 +372,17 @@ export class Agent {
     for (const w of wanted.sort((a, b) => a.order - b.order || a.vm.name.localeCompare(b.vm.name))) {
       if (this.workers.has(w.key)) continue;
       if (w.disk.encrypted) {
-        this.set(w.key, { vm: w.vm.name, disk: diskLabel(w.disk), target: w.target, state: 'encrypted', reason: w.disk.file });
+        this.set(w.key, { vm: w.vm.name, disk: w.disk.label, target: w.target, state: 'encrypted', reason: w.disk.file });
         continue;
       }
       const prev = this.status.get(w.key);
       if (prev?.state === 'failed' && !this.retryAt.has(w.key)) continue; // for good, until a reload
       if ((this.retryAt.get(w.key) ?? 0) > Date.now()) continue;
-      if (prev?.state !== 'queued') this.set(w.key, { vm: w.vm.name, disk: diskLabel(w.disk), target: w.target, state: 'queued' });
+      if (prev?.state !== 'queued') this.set(w.key, { vm: w.vm.name, disk: w.disk.label, target: w.target, state: 'queued' });
       queue.push(w);
     }
     // A dead run's copy is already in QEMU: adopt those first.
-    const adoptable = new Set(scan.records.map((r) => r.target));
+    const adoptable = await recordTargets({ qmp: this.store, libvirt: this.libvirtStore });
     queue.sort((a, b) => Number(adoptable.has(b.target)) - Number(adoptable.has(a.target)));
     for (const w of queue) {
       if (this.workers.size >= cfg.host.maxJobs || this.stopping) break;
@@ -387,9 +390,9 @@ export class Agent {
     }
   }
 
-  private startRun(key: string, entry: EncryptEntry, session: Session, disk: DiskInfo, target: string): void {
+  private startRun(key: string, entry: EncryptEntry, session: VmSession, disk: AgentDisk, target: string): void {
     const vm = session.vm;
-    const label = diskLabel(disk);
+    const label = disk.label;
     const attempts = (this.status.get(key)?.attempts ?? 0) + 1;
     const base = { vm: vm.name, disk: label, target, attempts };
     this.set(key, { ...base, state: 'creating-target' }, attempts);
@@ -404,30 +407,25 @@ export class Agent {
       const samples$ = this.samples$.pipe(withNeighbours(vm.pid, () => (this.config.host.protect === 'storage' ? near : none)));
       const lookup = () => this.neighboursOf(vm.pid, disk.file, target, near).catch((e: unknown) => log.warn({ err: describeError(e) }, 'cannot find the neighbours on this storage'));
       const refresh = setInterval(() => void lookup(), 10_000);
-      let phase: Phase = 'creating-target';
+      let phase: RunPhase = 'creating-target';
       try {
         await lookup();
-        await encryptDisk({
-          qmpSocket: session.socket,
-          client: session.client,
-          device: label,
+        await session.encrypt({
+          disk,
           target,
           keyFile: expand(entry.keyFile, vm.name, label),
           format: entry.format,
           speed: cap,
           iterTimeMs: this.o.iterTimeMs ?? 2000,
           logger: log,
-          runStore: this.store,
           detach: this.detach.signal,
-          moderation: {
-            policy$: this.policy$,
-            shared: { samples$, vm },
-            ...(cap > 0 ? { wrapJob: (j: JobControl) => capped(j, cap) } : {}),
-          },
+          policy$: this.policy$,
+          samples$,
+          ...(cap > 0 ? { wrapJob: (j: JobControl) => capped(j, cap) } : {}),
           metrics: (vmName) => openMetricsSink({ vm: vmName, ...(cfg.influx ? { influx: cfg.influx } : { file: path.join(this.stateDir, 'metrics', `${safe(vmName)}-${safe(label)}-${Date.now()}.lp`) }) }),
           onPhase: (p) => {
             phase = p;
-            if (p === 'creating-target' || p === 'copying' || p === 'completing') this.set(key, { ...base, state: p, ...this.progressOf(key) });
+            this.set(key, { ...base, state: p, ...this.progressOf(key) });
           },
           onProgress: (p) => this.set(key, { ...base, state: phase === 'completing' ? 'completing' : 'copying', progress: progressView(p), ...(p.moderation ? { reason: `${p.moderation.state}, ${p.moderation.reason}` } : {}) }),
           onNote: (text, rec) => log.info({ ...rec }, text),
@@ -494,42 +492,6 @@ export class Agent {
     const next: DiskStatus = { ...s, attempts: attempts ?? s.attempts ?? prev?.attempts ?? 0, since: prev?.state === s.state ? prev.since : Date.now() };
     this.status.set(key, next);
     if (prev?.state !== s.state) this.log.info({ vm: s.vm, disk: s.disk, state: s.state, ...(s.reason ? { reason: s.reason } : {}) }, `${s.vm}/${s.disk}: ${s.state}`);
-  }
-
-  // ---- sessions ----------------------------------------------------------------------------
-
-  /** The VM's QMP session, opened on first need and dropped when QEMU goes away. */
-  private async session(vm: VmInfo & { name: string }, entry: EncryptEntry): Promise<Session | undefined> {
-    const id = `${vm.pid}/${vm.startTicks ?? ''}`;
-    const have = this.sessions.get(id);
-    if (have && have.client.state === 'running') return have;
-    if (this.connecting.has(id)) return undefined;
-    const socket = entry.qmp !== undefined ? expand(entry.qmp, vm.name, '') : vm.qmpSockets[0];
-    if (!socket) {
-      if (!this.sessionErrors.has(vm.name)) this.log.warn({ vm: vm.name, pid: vm.pid }, 'the VM has no QMP socket on its command line; name one with qmp: in the configuration');
-      this.sessionErrors.set(vm.name, 'no QMP socket on its command line; name one with qmp: in the configuration');
-      return undefined;
-    }
-    this.connecting.add(id);
-    try {
-      const client = await QmpClient.connect(socket, { logger: this.log });
-      const s: Session = { vm, client, socket };
-      this.sessions.set(id, s);
-      client.closed$.subscribe(() => {
-        this.sessions.delete(id);
-        this.kick();
-      });
-      this.sessionErrors.delete(vm.name);
-      this.log.info({ vm: vm.name, pid: vm.pid, qmp: socket }, 'QMP session opened');
-      return s;
-    } catch (e) {
-      const why = `cannot open its QMP session: ${describeError(e)}`;
-      if (this.sessionErrors.get(vm.name) !== why) this.log.warn({ vm: vm.name, qmp: socket, err: describeError(e) }, 'cannot open the VM\'s QMP session');
-      this.sessionErrors.set(vm.name, why);
-      return undefined;
-    } finally {
-      this.connecting.delete(id);
-    }
   }
 
   // ---- lock and configuration file -----------------------------------------------------------

@@ -4,6 +4,8 @@
  * (src/policy/load.ts): every problem as `FILE:LINE:COLUMN: key.path: problem`.
  *
  *   policy: /etc/idlecrypt/policy.yaml        # or the policy's keys inline
+ *   backend: auto                              # qmp | libvirt | auto (libvirt for its domains)
+ *   connect: qemu:///system                    # the libvirt URI
  *   influx: http://127.0.0.1:8086/idlecrypt    # optional; else the local metrics file
  *   host:
  *     max-jobs: 1                              # copies at once on this host
@@ -45,8 +47,14 @@ export interface EncryptEntry {
   readonly qmp?: string;
 }
 
+/** How the agent reaches a VM: its QMP socket, libvirt, or whichever it has (auto). */
+export type BackendChoice = 'auto' | 'qmp' | 'libvirt';
+
 export interface AgentConfig {
   readonly file: string;
+  readonly backend: BackendChoice;
+  /** The libvirt URI (default qemu:///system). */
+  readonly connect: string;
   /** The policy file, or undefined for the shipped default or an inline policy. */
   readonly policyFile?: string;
   /** The policy in force: read from policyFile, or the inline keys. */
@@ -97,6 +105,8 @@ const entrySchema = z
 const configSchema = z.strictObject(
   {
     policy: z.union([z.string().min(1), z.record(z.string(), z.unknown())], { error: (iss) => `expected a policy file path or the policy's keys, got ${show(iss.input)}` }).optional(),
+    backend: z.enum(['auto', 'qmp', 'libvirt'], { error: (iss) => `expected auto, qmp or libvirt, got ${show(iss.input)}` }).default('auto'),
+    connect: z.string({ error: (iss) => `expected a libvirt URI such as qemu:///system, got ${show(iss.input)}` }).regex(/^[a-z][a-z0-9+]*:\/\//, 'expected a libvirt URI such as qemu:///system').default('qemu:///system'),
     influx: z
       .string({ error: (iss) => `expected a URL such as http://127.0.0.1:8086/idlecrypt, got ${show(iss.input)}` })
       .superRefine((u, ctx) => {
@@ -123,7 +133,7 @@ const configSchema = z.strictObject(
 );
 
 const KNOWN: Record<string, string[]> = {
-  '': ['policy', 'influx', 'host', 'encrypt'],
+  '': ['policy', 'backend', 'connect', 'influx', 'host', 'encrypt'],
   host: ['max-jobs', 'max-speed', 'protect'],
   entry: ['vm', 'disks', 'target', 'key-file', 'format', 'qmp'],
 };
@@ -190,6 +200,8 @@ export function parseAgentConfig(text: string, file: string): AgentConfig {
   }
   return {
     file,
+    backend: c.backend,
+    connect: c.connect,
     ...(policyFile !== undefined ? { policyFile } : {}),
     policy,
     ...(c.influx !== undefined ? { influx: c.influx } : {}),

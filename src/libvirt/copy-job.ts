@@ -19,12 +19,17 @@ import { BLOCK_JOB_TYPE_COPY } from './types.ts';
  * (`buf-size`), and QEMU wakes the job at once when the speed is raised again
  * (block_job_set_speed kicks a job whose rate-limit timer is pending). How close it comes
  * is measured in test/libvirt and docs/libvirt.md.
+ *
+ * Not at READY: there QEMU's mirror no longer sleeps for its rate limit while dirty data
+ * is left (mirror_run, block/mirror.c: a READY job's delay is 0 unless it is clean), so
+ * the copy follows the guest's writes whatever its speed. The libvirt engine pivots as
+ * soon as the copy is READY for that reason (encrypt.ts).
  */
 export const LIBVIRT_PAUSED_SPEED = 1;
 
 export class LibvirtCopyJob implements JobControl {
   readonly canPause = false;
-  /** The last status libvirt reported by event (ready, completed, failed, cancelled), if any. */
+  /** libvirt said the copy is READY (its event, or `<mirror ready='yes'>`): a pivot may be asked. */
   ready = false;
 
   constructor(
@@ -44,17 +49,22 @@ export class LibvirtCopyJob implements JobControl {
     if (info.type !== BLOCK_JOB_TYPE_COPY) {
       throw new IdlecryptError('JOB_EXISTS', `the block job on ${this.domain} ${this.disk} is not a copy (libvirt job type ${info.type})`);
     }
-    // libvirt reports cur == end once the mirror is in sync; its READY event (and the
-    // <mirror ready='yes'> attribute) says when a pivot may be asked.
-    const ready = this.ready && info.cur === info.end;
+    // libvirt's READY event (and the <mirror ready='yes'> attribute) says when a pivot may
+    // be asked; it stays so while the mirror follows the guest's writes, as QEMU's `ready`
+    // does. The attribute is read too, for an event that came while nobody listened (a job
+    // adopted after a restart).
+    if (!this.ready && info.end > 0 && info.cur === info.end) {
+      const d = (await this.client.disks(this.domain)).find((x) => x.target === this.disk);
+      if (d?.mirror?.ready === 'yes') this.ready = true;
+    }
     return {
       id: this.id,
-      status: ready ? 'ready' : 'running',
+      status: this.ready ? 'ready' : 'running',
       offset: info.cur,
       len: info.end,
       speed: info.bandwidth,
       paused: false,
-      ready,
+      ready: this.ready,
     };
   }
 

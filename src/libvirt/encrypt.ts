@@ -9,7 +9,8 @@
  *                          key, its value passed through the helper's stdin, never a file
  *   virDomainBlockCopy     REUSE_EXT (+ TRANSIENT_JOB for a persistent domain), the source's
  *                          cache mode, bandwidth in bytes/s; moderated by speed (copy-job.ts)
- *   virDomainBlockJobAbort PIVOT at READY, after the same quiet-moment rule as the QMP engine
+ *   virDomainBlockJobAbort PIVOT as soon as the copy is READY (a READY mirror ignores its
+ *                          speed in QEMU, so waiting for a quiet guest would not hold it)
  *   persistence            the persistent definition names the encrypted image after the
  *                          pivot: libvirt rewrites it itself when its source matched the live
  *                          one (qemuBlockJobRewriteConfigDiskSource); otherwise we do, and say so
@@ -31,7 +32,7 @@ import { writeImageWithQemuImg, type TargetFormat } from '../encrypt/target.ts';
 import { ProgressMeter, type Progress } from '../encrypt/progress.ts';
 import { RunModeration, type ModerationOptions } from '../encrypt/moderation.ts';
 import { RunMetrics } from '../encrypt/metrics.ts';
-import { moderatedBufSize, mustSnapshot, untilAborted, waitForQuiet, waitUntilReady, withModeration } from '../encrypt/encrypt.ts';
+import { moderatedBufSize, mustSnapshot, untilAborted, waitUntilReady } from '../encrypt/encrypt.ts';
 import { ownerAlive, RunStore, selfOwner, stateDir } from '../encrypt/runs.ts';
 import type { MetricsSink } from '../metrics/sink.ts';
 import { hostTag } from '../metrics/index.ts';
@@ -62,12 +63,17 @@ export interface DomainEncryptOptions {
   readonly bufSize?: number;
   readonly pollMs?: number;
   readonly signal?: AbortSignal;
+  /**
+   * Stop steering and leave the copy to libvirt, held at 1 byte/s, with its run record, for
+   * the next run (the agent's next start) to adopt: the agent's SIGTERM. The run then fails
+   * with code DETACHED.
+   */
+  readonly detach?: AbortSignal;
   readonly logger: Logger;
   readonly onPhase?: (phase: LibvirtPhase, disk?: { readonly device: string; readonly source: string }) => void;
   readonly onProgress?: (p: Progress) => void;
   readonly onJob?: (job: JobControl) => void;
   readonly moderation?: Omit<ModerationOptions, 'logger' | 'vm' | 'pausedSpeed'>;
-  readonly convergeWaitMs?: number;
   readonly metrics?: (vmName: string) => Promise<MetricsSink>;
   readonly onVm?: (vmName: string) => void;
   /** Things the operator should know: an earlier run resumed or rolled back, the definition updated. */
@@ -240,7 +246,8 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
     let undone = false;
     try {
       if (adopting) {
-        if (mod) await untilAborted(mod.attached, o.signal);
+        if (mod) await untilAborted(mod.attached, o.signal, o.detach);
+        if (o.detach?.aborted) throw detached(targetPath, true);
         const at = await mustSnapshot(job);
         o.onNote?.(`resuming the copy into ${targetPath} that an earlier run (pid ${adopting.owner.pid}) left at ${at.len > 0 ? ((100 * at.offset) / at.len).toFixed(1) : '0.0'}%`, { resumed: 'adopted', tag, offset: at.offset, len: at.len });
         await job.setSpeed(o.speed);
@@ -255,8 +262,9 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         } else {
           log.warn({ secret: record.secret }, "the key is a libvirt secret idlecrypt cannot read: libvirt makes the LUKS image inside the guest's QEMU, which stalls the guest while it derives the key");
         }
-        if (mod) await untilAborted(mod.attached, o.signal);
+        if (mod) await untilAborted(mod.attached, o.signal, o.detach);
         if (o.signal?.aborted) throw new IdlecryptError('CANCELLED', `cancelled before the copy started; ${targetPath} and its secret were removed, nothing else was changed`);
+        if (o.detach?.aborted) throw detached(targetPath, false);
         const bufSize = o.bufSize ?? (mod ? moderatedBufSize({ direct: directCache(disk.cache), noFlush: false }) : undefined);
         await startCopy(client, o, dom.persistent, destinationXml(targetPath, o.format, record.secret), reuse, bufSize);
         record = { ...record, phase: 'copying', copyStartedAt: Date.now() };
@@ -269,10 +277,19 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
 
       const meter = new ProgressMeter();
       const moderation = mod?.moderation;
-      const wo = { ...(o.signal ? { signal: o.signal } : {}), pollMs: o.pollMs ?? 250, logger: log, onProgress: (p: Progress) => report(p), ...(o.convergeWaitMs !== undefined ? { convergeWaitMs: o.convergeWaitMs } : {}) };
+      const wo = { ...(o.signal ? { signal: o.signal } : {}), ...(o.detach ? { detach: o.detach } : {}), pollMs: o.pollMs ?? 250, logger: log, onProgress: (p: Progress) => report(p) };
       const gone$ = merge(client.closed$, client.events$.pipe(filter((e) => e.event === 'lifecycle' && e.domain === o.domain)));
-      let outcome = await waitUntilReady(job, merge(events$, gone$), meter, wo, moderation);
-      if (outcome === 'ready' && moderation) outcome = await waitForQuiet(job, gone$, meter, wo, moderation);
+      // At READY, no quiet-moment wait as the QMP engine makes: QEMU's mirror ignores its
+      // speed once READY (copy-job.ts), so a held copy would follow the guest's writes at
+      // full speed for as long as we waited. The pivot now costs the guest the least.
+      const outcome = await waitUntilReady(job, merge(events$, gone$), meter, wo, moderation);
+      if (outcome === 'detach') {
+        await moderation?.close();
+        // libvirt keeps the job; held at 1 byte/s nobody's guest is disturbed while nobody moderates.
+        await job.setSpeed(LIBVIRT_PAUSED_SPEED).catch((e: unknown) => log.warn({ err: describe(e) }, 'could not hold the copy while detaching'));
+        log.info({ domain: o.domain, disk: o.disk, target: targetPath }, 'detached: the copy is left to libvirt at 1 byte/s for the next run to adopt');
+        throw detached(targetPath, true);
+      }
       if (outcome !== 'ready') {
         o.onPhase?.('cancelling', { device: o.disk, source: disk.source! });
         await moderation?.close();
@@ -311,7 +328,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
     } catch (e) {
       await mod?.moderation.close();
       sub.unsubscribe();
-      if (undone) throw e;
+      if (undone || (e instanceof IdlecryptError && e.code === 'DETACHED')) throw e; // a detached run's record and copy are the next run's
       // Where does the guest run now? On the target, the pivot happened: keep everything.
       const now = await client.disks(o.domain).then((ds) => ds.find((d) => d.target === o.disk), () => undefined);
       if (pivoting && (now === undefined || now.source === targetPath)) {
@@ -331,6 +348,14 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
   } finally {
     if (!o.client) await client.close();
   }
+}
+
+function detached(target: string, copying: boolean): IdlecryptError {
+  return new IdlecryptError(
+    'DETACHED',
+    copying ? `detached: the copy into ${target} is left to libvirt at 1 byte/s for the next run to resume` : `detached before the copy started; ${target} is left for the next run to roll back`,
+    { context: { target } },
+  );
 }
 
 function describe(e: unknown): string {

@@ -39,6 +39,10 @@ describe('agent configuration', () => {
     );
     assert.deepEqual(c.host, { maxJobs: 1, maxSpeed: 200 * 1024 * 1024, protect: 'storage' });
     assert.equal(c.influx, 'http://127.0.0.1:8086/idlecrypt');
+    assert.equal(c.backend, 'auto', 'QMP where a VM has a socket, libvirt where libvirt runs it');
+    assert.equal(c.connect, 'qemu:///system');
+    const lv = parseAgentConfig('backend: libvirt\nconnect: qemu+ssh://host/system\n', F);
+    assert.deepEqual([lv.backend, lv.connect], ['libvirt', 'qemu+ssh://host/system']);
     assert.equal(c.policy.thresholds.stall, 800, 'the shipped policy when none is named');
     assert.deepEqual(c.encrypt, [
       { vm: 'web*', disks: ['vd0'], target: '/var/lib/idlecrypt/{vm}-{disk}.luks', keyFile: '/etc/idlecrypt/keys/{vm}.key', format: 'luks' },
@@ -59,6 +63,7 @@ describe('agent configuration', () => {
     assert.deepEqual(problems('encrypt:\n  - vm: a\n    disks: all\n    target: /x/{vm}.luks\n    key-file: /k\n'), ['4:13 encrypt.0.target: needs {disk} when the entry names more than one disk (each disk gets its own image)']);
     assert.deepEqual(problems('encrypt:\n  - vm: "a*"\n    disks: [d]\n    target: /x/{vm}-{disk}.luks\n    key-file: /k/{host}\n'), ['5:15 encrypt.0.key-file: unknown placeholder {host}; the placeholders are {vm} and {disk}']);
     assert.deepEqual(problems('influx: ftp://x\n').length, 1);
+    assert.deepEqual(problems('backend: virsh\nconnect: localhost\n'), ['1:10 backend: expected auto, qmp or libvirt, got "virsh"', '2:10 connect: expected a libvirt URI such as qemu:///system']);
     assert.deepEqual(problems('host: [1]\n'), ['1:7 host: expected a mapping (key: value lines), got a list']);
     assert.match(problems('host:\n  max-jobs: 1\n max-speed: 2\n')[0]!, /^3:\d+ .*YAML syntax/);
   });
