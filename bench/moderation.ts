@@ -48,12 +48,14 @@
  * About 13 minutes with the defaults on a 2-core machine.
  */
 import { execFileSync } from 'node:child_process';
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os, { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { ensureImage, makeDiskImage, startTestVm } from '../vm-images/launch.ts';
+import { ensureLibvirtd, TestDomain } from '../vm-images/libvirt.ts';
+import { DomainRecorder } from '../test/helpers/domain-recorder.ts';
 import {
   EncryptRun,
   GuestRecorder,
@@ -90,8 +92,12 @@ const { values } = parseArgs({
     policy: { type: 'string' },
     workload: { type: 'string', default: 'bursty' },
     out: { type: 'string', default: 'bench/results' },
+    /** qmp: a QEMU of our own; libvirt: a libvirt domain, copied with `encrypt --domain` */
+    backend: { type: 'string', default: 'qmp' },
   },
 });
+const backend = values.backend as 'qmp' | 'libvirt';
+if (backend !== 'qmp' && backend !== 'libvirt') throw new Error('--backend qmp|libvirt');
 const cache = values.cache as 'writeback' | 'none';
 if (cache !== 'writeback' && cache !== 'none') throw new Error('--cache writeback|none');
 /**
@@ -141,11 +147,14 @@ const ALL_MODES: Mode[] = [
   { id: 'unthrottled', label: '(b) unthrottled mirror (--no-moderation)', args: ['--no-moderation'] },
   { id: 'cap30', label: '(c) fixed cap 30 MiB/s (--speed 30M)', args: ['--speed', '30M'], capped: true },
   { id: 'cap100', label: '(c) fixed cap 100 MiB/s (--speed 100M)', args: ['--speed', '100M'], capped: true },
-  { id: 'idlecrypt', label: values.policy ? `(d) idlecrypt, --policy ${values.policy}` : '(d) idlecrypt, default policy', args: values.policy ? ['--policy', values.policy] : [], moderated: true },
+  { id: 'idlecrypt', label: values.policy ? `(d) idlecrypt, --policy ${values.policy}` : `(d) idlecrypt, default policy${backend === 'libvirt' ? ', pause = 1 byte/s' : ''}`, args: values.policy ? ['--policy', values.policy] : [], moderated: true },
+  // libvirt only: the opt-in pause through QEMU's job-pause (libvirt's monitor pass-through).
+  { id: 'idlecrypt-qemu', label: '(d) idlecrypt, default policy, --pause qemu', args: [...(values.policy ? ['--policy', values.policy] : []), '--pause', 'qemu'], moderated: true },
 ];
 const modes = values.modes!.split(',').map((id) => {
   const m = ALL_MODES.find((x) => x.id === id.trim());
   if (!m) throw new Error(`unknown mode ${id} (known: ${ALL_MODES.map((x) => x.id).join(', ')})`);
+  if (m.id === 'idlecrypt-qemu' && backend !== 'libvirt') throw new Error('mode idlecrypt-qemu needs --backend libvirt');
   return m;
 });
 if (!(rounds >= 1) || !(sizeMiB >= 256) || !(maxCopyMs >= 16_000)) throw new Error('--rounds >= 1, --size-mib >= 256, --max-copy-s >= 16');
@@ -219,13 +228,12 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
   await mkdir(vmDir);
   const others0 = await otherQemus([]);
   const load0 = os.loadavg()[0]!;
-  const vm = await startTestVm({ name, disk: src, dir: vmDir, cache, workload: WORKLOADS[workloadKind].workload, params: { idle: IDLE_S, busy: BUSY_S, ...WORKLOADS[workloadKind].params } });
-  const rec = new GuestRecorder(vm);
+  const params = { idle: IDLE_S, busy: BUSY_S, ...WORKLOADS[workloadKind].params };
+  const guest = await bootGuest(mode, name, src, vmDir, params);
+  const rec = guest.rec;
   const target = path.join(work, `${name}.luks`);
   let run: EncryptRun | undefined;
   try {
-    await vm.ready;
-    await rec.poll({ intervalMs: POLL_MS, stats: true, jobs: true });
     const idle0 = await rec.nextPhase('idle', 0);
     await sleepUntil(idle0 + START_AT_MS);
     let from: number;
@@ -237,7 +245,7 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
       to = from + NO_JOB_FOR_MS;
       await sleepUntil(to);
     } else {
-      run = new EncryptRun(['--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', ...mode.args], path.join(work, `${name}.lp`));
+      run = new EncryptRun([...guest.args, '--target', target, '--key-file', keyFile, '--iter-time', '50', ...mode.args], path.join(work, `${name}.lp`));
       const limitMs = mode.capped || values.bounded ? maxCopyMs : SAFETY_LIMIT_MS;
       const result = run.result(limitMs + 120_000);
       const copying = await waitFor(() => run!.phaseAt('copying'), 60_000, `${name}: the copy did not start:\n${run.cli.stderr().slice(-2000)}`);
@@ -259,7 +267,7 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
     }
     await sleep(2000); // a little of what follows, for the plots
     await rec.stop();
-    const others1 = await otherQemus([vm.pid]);
+    const others1 = await otherQemus([guest.pid]);
     const phases = rec.phases();
     const caughtUp = Math.min(firstCaughtUp(rec.samples), to);
     const active = { from, to: mode.args === null ? to : caughtUp };
@@ -332,9 +340,25 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
       await run.cli.result;
     }
     await rec.stop();
-    await vm.stop();
+    await guest.stop();
     await rm(target, { force: true });
   }
+}
+
+/** The guest, booted as this backend's operators run it, and its recorder, polling. */
+async function bootGuest(mode: Mode, name: string, src: string, vmDir: string, params: Record<string, number>) {
+  const workload = WORKLOADS[workloadKind].workload;
+  if (backend === 'libvirt') {
+    const d = await TestDomain.start({ name: `${name}-${process.pid}`, dir: vmDir, disk: src, format: DISKS[diskKind].format, cache, workload, params, persistent: false, memoryMiB: 256 });
+    const rec = new DomainRecorder(d);
+    await rec.poll({ intervalMs: POLL_MS, qemuJobs: mode.id === 'idlecrypt-qemu' });
+    return { rec, pid: await d.pid(), args: ['--domain', d.name, '--disk', 'vda'], stop: () => d.remove() };
+  }
+  const vm = await startTestVm({ name, disk: src, dir: vmDir, cache, workload, params });
+  const rec = new GuestRecorder(vm);
+  await vm.ready;
+  await rec.poll({ intervalMs: POLL_MS, stats: true, jobs: true });
+  return { rec, pid: vm.pid, args: ['--qmp', vm.toolQmpSocket, '--device', 'disk0'], stop: () => vm.stop() };
 }
 
 async function waitFor<T>(get: () => T | undefined, timeoutMs: number, why: string): Promise<T> {
@@ -522,6 +546,10 @@ function summarySvg(rows: Row[]): string {
 
 ensureImage();
 const work = await mkdtemp(path.join(tmpdir(), 'ic-bench-mod-'));
+if (backend === 'libvirt') {
+  await ensureLibvirtd();
+  await chmod(work, 0o755); // libvirt's QEMU runs as libvirt-qemu and must reach the images
+}
 const keyFile = path.join(work, 'key');
 await writeFile(keyFile, 'benchmark-key', { mode: 0o600 });
 const src = path.join(work, `src.${DISKS[diskKind].format}`);
@@ -549,7 +577,7 @@ try {
 
 const rows = summarise(runs);
 const t = table(rows);
-const header = `Moderation benchmark: ${workloadKind} guest (${IDLE_S} s idle / ${BUSY_S} s busy), ${sizeMiB} MiB ${diskKind} disk (cache=${cache}) into LUKS${values.bounded ? `, every copy stopped after ${maxCopyMs / 1000} s` : ''}, ${rounds} rounds, medians over rounds`;
+const header = `Moderation benchmark${backend === 'libvirt' ? ' through libvirt (encrypt --domain)' : ''}: ${workloadKind} guest (${IDLE_S} s idle / ${BUSY_S} s busy), ${sizeMiB} MiB ${diskKind} disk (cache=${cache}) into LUKS${values.bounded ? `, every copy stopped after ${maxCopyMs / 1000} s` : ''}, ${rounds} rounds, medians over rounds`;
 console.log(`${header}\n${textTable(t)}`);
 
 await mkdir(outDir, { recursive: true });
@@ -562,9 +590,10 @@ const qemuVersion = (() => {
     return 'unknown';
   }
 })();
-await writeFile(path.join(outDir, 'moderation-timeline.svg'), timelineSvg(lastRound, `One run of each mode (round ${rounds}): busy phases shaded`));
-await writeFile(path.join(outDir, 'moderation-summary.svg'), summarySvg(rows));
-await writeFile(path.join(outDir, `moderation-${stamp}.json`), JSON.stringify({ startedAt, sizeMiB, cache, rounds, maxCopyMs, modes: modes.map((m) => m.id), runs }, null, 1));
+const prefix = backend === 'libvirt' ? 'moderation-libvirt' : 'moderation';
+await writeFile(path.join(outDir, `${prefix}-timeline.svg`), timelineSvg(lastRound, `One run of each mode (round ${rounds}): busy phases shaded`));
+await writeFile(path.join(outDir, `${prefix}-summary.svg`), summarySvg(rows));
+await writeFile(path.join(outDir, `${prefix}-${stamp}.json`), JSON.stringify({ startedAt, backend, sizeMiB, cache, rounds, maxCopyMs, modes: modes.map((m) => m.id), runs }, null, 1));
 
 const perRun = [
   ['round', 'mode', 'guest MiB/s busy', 'job MiB/s idle (after hold-off)', 'job MiB/s busy', 'total s', 'reactions ms (skipped)', 'from the first request ms', 'other qemus start/end', 'load 1 min start/end'],
@@ -605,15 +634,15 @@ ${mdTable(t)}
 - Each run is one guest alone; rounds alternate the order of the modes. Other people's guests on this
   shared host are counted per run below: they take CPU and make single runs noisy.
 
-![summary](moderation-summary.svg)
+![summary](${prefix}-summary.svg)
 
-![timeline](moderation-timeline.svg)
+![timeline](${prefix}-timeline.svg)
 
 ## Every run
 
 ${mdTable(perRun)}
 
-Raw data: \`moderation-${stamp}.json\`.
+Raw data: \`${prefix}-${stamp}.json\`.
 `;
-await writeFile(path.join(outDir, 'moderation-report.md'), report);
-process.stderr.write(`report: ${path.join(outDir, 'moderation-report.md')}\n`);
+await writeFile(path.join(outDir, `${prefix}-report.md`), report);
+process.stderr.write(`report: ${path.join(outDir, `${prefix}-report.md`)}\n`);

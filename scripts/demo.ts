@@ -8,7 +8,13 @@
  * encrypted image, that the image decrypts to the guest's data and that every dashboard
  * panel has data, and says where everything is.
  *
- *   npm run demo [-- --size-mib 1024] [--keep]
+ *   npm run demo [-- --size-mib 1024] [--keep] [--libvirt]
+ *
+ * --libvirt: the guest is a libvirt domain (`idlecrypt-demo`, TCG, defined and started
+ * through virsh; libvirtd is started if it is not running), encrypted with
+ * `idlecrypt encrypt --domain idlecrypt-demo --disk vda` through libvirt's block copy; the
+ * demo shows `idlecrypt status --domain` (the running image and the next boot's), and
+ * removes the domain and its secret at the end.
  *
  * Output: ./demo-output/ (metrics, influxd data, logs); the disk images live in a temp
  * folder that is removed at the end unless --keep is given.
@@ -16,20 +22,21 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createReadStream, existsSync, readFileSync } from 'node:fs';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import { InfluxDB } from 'influx';
 import { ensureImage, makeDiskImage, startTestVm } from '../vm-images/launch.ts';
+import { ensureLibvirtd, TestDomain, virsh } from '../vm-images/libvirt.ts';
 import { startInfluxd, INFLUXD, type Influxd } from '../test/helpers/influxd.ts';
 import { checkPanels } from '../dashboards/queries.ts';
 import { hostTag } from '../src/metrics/index.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BIN = path.join(ROOT, 'bin/idlecrypt');
-const { values } = parseArgs({ options: { 'size-mib': { type: 'string', default: '1024' }, keep: { type: 'boolean', default: false } } });
+const { values } = parseArgs({ options: { 'size-mib': { type: 'string', default: '1024' }, keep: { type: 'boolean', default: false }, libvirt: { type: 'boolean', default: false } } });
 const sizeMiB = Number(values['size-mib']);
 const OUT = path.join(ROOT, 'demo-output');
 
@@ -60,14 +67,40 @@ if (existsSync(INFLUXD)) {
   say('no influxd here (apt-get install influxdb): metrics go to a line-protocol file');
 }
 
-say('booting the test VM (TCG): 6 s idle, 6 s of disk I/O, repeating');
-const vm = await startTestVm({ name: 'demo', disk: source, dir: path.join(work, 'vm'), workload: 'bursty', params: { idle: 6, busy: 6 } });
+const params = { idle: 6, busy: 6 };
+let guest: { name: string; pid: number; args: string[]; status: string[]; stop: () => Promise<void> } | undefined;
 let exitCode = 0;
 try {
-  await vm.ready;
-  say(`guest up (QEMU pid ${vm.pid}); encrypting its disk while it runs, moderated by guest activity:`);
+  if (values.libvirt) {
+    const name = 'idlecrypt-demo';
+    say(`starting libvirtd if needed, and the test guest as libvirt domain '${name}' (TCG): 6 s idle, 6 s of disk I/O, repeating`);
+    await ensureLibvirtd();
+    await chmod(work, 0o755); // libvirt's QEMU runs as libvirt-qemu and must reach the images
+    await virsh('destroy', name).catch(() => undefined); // a demo interrupted before its clean-up
+    await virsh('undefine', name).catch(() => undefined);
+    const d = await TestDomain.start({ name, dir: work, disk: source, workload: 'bursty', params });
+    guest = {
+      name,
+      pid: await d.pid(),
+      args: ['--domain', name, '--disk', 'vda'],
+      status: ['status', '--domain', name],
+      stop: async () => {
+        await d.remove();
+        // The secret our run defined for the image (usage volume = the target): the domain is gone.
+        for (const m of (await virsh('secret-list').catch(() => '')).matchAll(/^\s*([0-9a-f-]{36})\s+volume (\S+)/gm)) {
+          if (m[2] === target) await virsh('secret-undefine', m[1]!).catch(() => undefined);
+        }
+      },
+    };
+  } else {
+    say('booting the test VM (TCG): 6 s idle, 6 s of disk I/O, repeating');
+    const vm = await startTestVm({ name: 'demo', disk: source, dir: path.join(work, 'vm'), workload: 'bursty', params });
+    guest = { name: 'demo', pid: vm.pid, args: ['--qmp', vm.toolQmpSocket, '--device', 'disk0'], status: ['status', '--qmp', vm.toolQmpSocket], stop: () => vm.stop() };
+    await vm.ready;
+  }
+  say(`guest up (QEMU pid ${guest.pid}); encrypting its disk while it runs, moderated by guest activity:`);
   const metricsArgs = influxd ? ['--influx', influxd.influxUrl('idlecrypt')] : ['--metrics-file', path.join(OUT, 'metrics.lp')];
-  const args = ['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--policy', policyFile, ...metricsArgs];
+  const args = ['encrypt', ...guest.args, '--target', target, '--key-file', keyFile, '--policy', policyFile, ...metricsArgs];
   process.stdout.write(`    idlecrypt ${args.join(' ')}\n`);
   const code = await new Promise<number>((resolve) => {
     const child = spawn(BIN, args, { stdio: ['ignore', 'inherit', 'inherit'], env: { ...process.env, IDLECRYPT_LOG: process.env.IDLECRYPT_LOG ?? 'error' } });
@@ -79,8 +112,8 @@ try {
     exitCode = code;
     say(`encrypt exited with ${code}; the guest still runs on ${source}`);
   } else {
-    say('the guest now runs on its encrypted disk:');
-    execFileSync(BIN, ['status', '--qmp', vm.toolQmpSocket], { stdio: 'inherit' });
+    say(values.libvirt ? 'the guest now runs on its encrypted disk, and its next boot will too:' : 'the guest now runs on its encrypted disk:');
+    execFileSync(BIN, guest.status, { stdio: 'inherit' });
     say('verifying: the encrypted image, decrypted with the key, equals the guest\'s data');
     // The guest's disk loop writes back the bytes it read, so the data stays comparable
     // while the guest runs; -U lets qemu-img read images QEMU holds open.
@@ -90,7 +123,7 @@ try {
     say(`plaintext markers in the raw encrypted file: ${await countMarkers(target)} (in the source: ${await countMarkers(source)})`);
     if (influxd) {
       // The host row shows the agent (idlecrypt agent); this run fills every other panel.
-      const check = await checkPanels(new InfluxDB(influxd.influxUrl('idlecrypt')), JSON.parse(readFileSync(path.join(ROOT, 'dashboards/json/idlecrypt.json'), 'utf8')), { host: hostTag(), vm: 'demo' }, { runOnly: true });
+      const check = await checkPanels(new InfluxDB(influxd.influxUrl('idlecrypt')), JSON.parse(readFileSync(path.join(ROOT, 'dashboards/json/idlecrypt.json'), 'utf8')), { host: hostTag(), vm: guest.name }, { runOnly: true });
       say(`dashboard: ${check.panelsWithData} of ${check.panels} panels have data (the host row shows idlecrypt agent, not run here)`);
       if (check.panelsWithData !== check.panels) exitCode = 1;
       const counts = await influxd.query('SELECT count("interval_s") FROM "idlecrypt_activity"; SELECT count("state_code") FROM "idlecrypt_moderation"; SELECT count("bytes_done") FROM "idlecrypt_job"', 'idlecrypt');
@@ -102,7 +135,7 @@ try {
   exitCode = 1;
   process.stderr.write(`demo: ${(e as Error).message}\n`);
 } finally {
-  await vm.stop();
+  await guest?.stop();
   await influxd?.stop();
   if (values.keep) say(`kept ${work} (source, encrypted image, key)`);
   else await rm(work, { recursive: true, force: true });

@@ -146,6 +146,7 @@ export class Agent {
       onClosed: () => this.kick(),
       backend: () => this.config.backend,
       uri: () => this.config.connect,
+      libvirtPause: () => this.config.libvirtPause,
     });
   }
 

@@ -29,6 +29,7 @@ import { RunStore } from '../encrypt/runs.ts';
 import { LibvirtClient } from '../libvirt/client.ts';
 import { domainVm } from '../libvirt/domains.ts';
 import { encryptDomainDisk, libvirtRunStore } from '../libvirt/encrypt.ts';
+import type { LibvirtPauseMode } from '../libvirt/copy-job.ts';
 import { rollBackOrphans } from './orphans.ts';
 import { expand, type BackendChoice, type EncryptEntry } from './config.ts';
 
@@ -101,6 +102,8 @@ export class Sessions {
       readonly onClosed: () => void;
       readonly backend: () => BackendChoice;
       readonly uri: () => string;
+      /** How libvirt copies are paused (config `libvirt-pause`). */
+      readonly libvirtPause: () => LibvirtPauseMode;
     },
   ) {}
 
@@ -164,7 +167,7 @@ export class Sessions {
       const theirs = await domainVm(dom);
       if (theirs.pid !== vm.pid) return this.fail(vm, `libvirt's domain '${vm.name}' is QEMU pid ${theirs.pid}, not this one (pid ${vm.pid})`);
       this.errors.delete(vm.name);
-      return libvirtSession(vm, client, this.o.stores.libvirt);
+      return libvirtSession(vm, client, this.o.stores.libvirt, this.o.libvirtPause);
     } catch (e) {
       if (e instanceof IdlecryptError && e.code === 'UNKNOWN_DOMAIN' && auto) return this.fail(vm, 'no QMP socket on its command line, and no libvirt domain of that name runs it; name a socket with qmp: in the configuration');
       return this.fail(vm, describeError(e));
@@ -232,7 +235,7 @@ function qmpSession(vm: VmInfo & { name: string }, client: QmpClient, socket: st
   };
 }
 
-function libvirtSession(vm: VmInfo & { name: string }, client: LibvirtClient, store: ReturnType<typeof libvirtRunStore>): VmSession {
+function libvirtSession(vm: VmInfo & { name: string }, client: LibvirtClient, store: ReturnType<typeof libvirtRunStore>, pause: () => LibvirtPauseMode): VmSession {
   return {
     vm,
     backend: 'libvirt',
@@ -259,6 +262,7 @@ function libvirtSession(vm: VmInfo & { name: string }, client: LibvirtClient, st
         iterTimeMs: p.iterTimeMs,
         logger: p.logger,
         runStore: store,
+        pause: pause(),
         detach: p.detach,
         moderation: { policy$: p.policy$, shared: { samples$: p.samples$, vm }, ...(p.wrapJob ? { wrapJob: p.wrapJob } : {}) },
         metrics: p.metrics,

@@ -6,6 +6,7 @@
  *   policy: /etc/idlecrypt/policy.yaml        # or the policy's keys inline
  *   backend: auto                              # qmp | libvirt | auto (libvirt for its domains)
  *   connect: qemu:///system                    # the libvirt URI
+ *   libvirt-pause: speed                       # speed (1 byte/s) | qemu (job-pause; taints the domain)
  *   influx: http://127.0.0.1:8086/idlecrypt    # optional; else the local metrics file
  *   host:
  *     max-jobs: 1                              # copies at once on this host
@@ -29,6 +30,7 @@ import { formatIssue, isPlainObject, loadPolicy, locate, lowerFirst, parsePolicy
 import { scalar, type Policy } from '../policy/schema.ts';
 import { parseByteRate, show } from '../policy/units.ts';
 import type { TargetFormat } from '../encrypt/target.ts';
+import type { LibvirtPauseMode } from '../libvirt/copy-job.ts';
 
 export const DEFAULT_AGENT_CONFIG = '/etc/idlecrypt/agent.yaml';
 
@@ -55,6 +57,8 @@ export interface AgentConfig {
   readonly backend: BackendChoice;
   /** The libvirt URI (default qemu:///system). */
   readonly connect: string;
+  /** How libvirt copies are paused: 1 byte/s (default), or QEMU's job-pause (taints the domain). */
+  readonly libvirtPause: LibvirtPauseMode;
   /** The policy file, or undefined for the shipped default or an inline policy. */
   readonly policyFile?: string;
   /** The policy in force: read from policyFile, or the inline keys. */
@@ -107,6 +111,7 @@ const configSchema = z.strictObject(
     policy: z.union([z.string().min(1), z.record(z.string(), z.unknown())], { error: (iss) => `expected a policy file path or the policy's keys, got ${show(iss.input)}` }).optional(),
     backend: z.enum(['auto', 'qmp', 'libvirt'], { error: (iss) => `expected auto, qmp or libvirt, got ${show(iss.input)}` }).default('auto'),
     connect: z.string({ error: (iss) => `expected a libvirt URI such as qemu:///system, got ${show(iss.input)}` }).regex(/^[a-z][a-z0-9+]*:\/\//, 'expected a libvirt URI such as qemu:///system').default('qemu:///system'),
+    'libvirt-pause': z.enum(['speed', 'qemu'], { error: (iss) => `expected speed or qemu, got ${show(iss.input)}` }).default('speed'),
     influx: z
       .string({ error: (iss) => `expected a URL such as http://127.0.0.1:8086/idlecrypt, got ${show(iss.input)}` })
       .superRefine((u, ctx) => {
@@ -133,7 +138,7 @@ const configSchema = z.strictObject(
 );
 
 const KNOWN: Record<string, string[]> = {
-  '': ['policy', 'backend', 'connect', 'influx', 'host', 'encrypt'],
+  '': ['policy', 'backend', 'connect', 'libvirt-pause', 'influx', 'host', 'encrypt'],
   host: ['max-jobs', 'max-speed', 'protect'],
   entry: ['vm', 'disks', 'target', 'key-file', 'format', 'qmp'],
 };
@@ -202,6 +207,7 @@ export function parseAgentConfig(text: string, file: string): AgentConfig {
     file,
     backend: c.backend,
     connect: c.connect,
+    libvirtPause: c['libvirt-pause'],
     ...(policyFile !== undefined ? { policyFile } : {}),
     policy,
     ...(c.influx !== undefined ? { influx: c.influx } : {}),

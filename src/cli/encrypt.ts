@@ -10,6 +10,7 @@ import { parseBytes, parseChoice, parsePositiveInt } from './options.ts';
 import { barView, jsonView, plainView, type View } from './progress-view.ts';
 import type { Progress } from '../encrypt/progress.ts';
 import { encryptDomainDisk, type DomainEncryptResult } from '../libvirt/encrypt.ts';
+import type { LibvirtPauseMode } from '../libvirt/copy-job.ts';
 
 interface EncryptFlags {
   qmp?: string;
@@ -29,6 +30,7 @@ interface EncryptFlags {
   metricsFile?: string;
   iterTime: string;
   json?: boolean;
+  pause?: string;
 }
 
 export function encryptCommand(): Command {
@@ -42,6 +44,9 @@ export function encryptCommand(): Command {
     .requiredOption('--target <path>', 'the encrypted image to create (must not exist, unless an earlier run into it died: then that run is resumed)')
     .option('--key-file <file>', 'file holding the passphrase; all bytes are the key, as cryptsetup --key-file')
     .option('--secret <uuid>', 'with --domain, instead of --key-file: an existing libvirt secret holding the passphrase (libvirt then makes the image)')
+    .addOption(
+      new Option('--pause <how>', "with --domain, how moderation pauses the copy: speed (1 byte/s through libvirt) or qemu (QEMU's job-pause through libvirt's monitor pass-through; libvirt then marks the domain tainted)").choices(['speed', 'qemu']),
+    )
     .addOption(new Option('--format <format>', 'luks (raw LUKS, as cryptsetup) or qcow2 (qcow2 with LUKS encryption)').default('luks'))
     .option('--policy <file>', 'moderation policy (YAML, hot-reloaded on change and SIGHUP); default: the shipped policy/default.yaml')
     .option('--speed <bytes/s>', 'no moderation: a fixed copy speed, bytes/s with optional K/M/G suffix; 0 = unlimited')
@@ -64,6 +69,7 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
   if (!libvirt && flags.device === undefined) throw new IdlecryptError('USAGE', '--qmp needs --device');
   if (!libvirt && flags.disk !== undefined) throw new IdlecryptError('USAGE', 'with --qmp, name the disk with --device');
   if (!libvirt && flags.secret !== undefined) throw new IdlecryptError('USAGE', '--secret names a libvirt secret: it goes with --domain');
+  if (!libvirt && flags.pause !== undefined) throw new IdlecryptError('USAGE', '--pause chooses how a libvirt copy is paused: it goes with --domain (with --qmp the pause is always QEMU\'s)');
   if ((flags.keyFile === undefined) === (flags.secret === undefined)) {
     throw new IdlecryptError('USAGE', libvirt ? 'give the key as --key-file FILE or --secret UUID (one of them)' : 'give the key as --key-file FILE');
   }
@@ -126,6 +132,7 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
         domain: flags.domain!,
         disk: device,
         ...(flags.keyFile !== undefined ? { keyFile: flags.keyFile } : { secret: flags.secret! }),
+        ...(flags.pause !== undefined ? { pause: flags.pause as LibvirtPauseMode } : {}),
         ...(moderated ? { moderation: { source: 'ebpf' as const, ...(flags.policy !== undefined ? { policyFile: flags.policy } : {}) } } : {}),
         onPhase: (phase, disk) => view.phase(phase, disk ? { device, source: disk.source } : undefined),
       });

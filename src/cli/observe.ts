@@ -21,6 +21,8 @@ import { activity$, type ActivityStatus, type SourceChoice } from '../streams/ac
 import { ratesOf } from '../streams/rates.ts';
 import type { ActivitySample } from '../streams/types.ts';
 import { parseChoice, parsePositiveInt } from './options.ts';
+import { LibvirtClient } from '../libvirt/client.ts';
+import { domainVm } from '../libvirt/domains.ts';
 import { activityPoint, hostTag, openMetricsSink, probePoint } from '../metrics/index.ts';
 
 /** The fields of a --json record, in order (issue 3). */
@@ -49,6 +51,8 @@ export function toJsonRecord(s: ActivitySample): ObserveRecord {
 
 interface ObserveOptions {
   pid?: number[];
+  domain?: string[];
+  connect: string;
   duration?: number;
   interval: number;
   json?: boolean;
@@ -70,6 +74,8 @@ export function observeCommand(): Command {
   return new Command('observe')
     .description('Show each VM\'s guest activity (disk requests, input events, interrupts) per interval')
     .option('--pid <pid>', 'only this QEMU process (repeatable; default: every QEMU VM)', (v: string, acc: number[] = []) => [...acc, parsePositiveInt('--pid', v)])
+    .option('--domain <name>', 'only this libvirt domain (repeatable): its QEMU, found through libvirt', (v: string, acc: string[] = []) => [...acc, v])
+    .option('--connect <uri>', 'with --domain, the libvirt URI', 'qemu:///system')
     .option('--duration <s>', 'stop after counting for this many seconds (default: until Ctrl-C)', parseDuration)
     .option('--interval <ms>', `sampling interval in ms (>= ${MIN_INTERVAL_MS})`, (v: string) => parsePositiveInt('--interval', v, MIN_INTERVAL_MS), 1000)
     .option('--json', 'one JSON object per VM per interval on stdout')
@@ -83,6 +89,19 @@ export function observeCommand(): Command {
 async function observe(opts: ObserveOptions): Promise<void> {
   const logger = createLogger();
   const discovery = new ProcfsDiscovery();
+  if (opts.domain?.length) {
+    // The domain's QEMU, from libvirt's pid file checked against its -uuid (domains.ts).
+    const client = await LibvirtClient.connect({ uri: opts.connect, logger });
+    try {
+      for (const name of opts.domain) {
+        const dom = await client.domain(name);
+        if (!dom.active) throw new IdlecryptError('USAGE', `--domain ${name}: the domain is not running`);
+        opts.pid = [...(opts.pid ?? []), (await domainVm(dom)).pid];
+      }
+    } finally {
+      await client.close();
+    }
+  }
   if (opts.pid) {
     const vms = await discovery.list();
     const missing = opts.pid.filter((p) => !vms.some((v) => v.pid === p));

@@ -35,6 +35,8 @@ export class LibvirtCallError extends IdlecryptError {
 
 interface Pending {
   readonly op: string;
+  readonly args: Record<string, unknown>;
+  readonly since: number;
   readonly resolve: (v: unknown) => void;
   readonly reject: (e: Error) => void;
 }
@@ -46,7 +48,15 @@ export interface LibvirtConnectOptions {
   readonly python?: string;
   /** How long to wait for the helper's hello (default 15 s). */
   readonly timeoutMs?: number;
+  /**
+   * How long a call waits for libvirtd to come back when it went away (restarted) before
+   * failing (default 120 s). Only calls that are safe to repeat wait: reads and speeds.
+   */
+  readonly reconnectTimeoutMs?: number;
 }
+
+/** Calls that may be sent again after libvirtd came back (reads, and setting a speed). */
+const REPEATABLE = new Set(['ping', 'domains', 'domain', 'disks', 'block-info', 'block-stats', 'job-info', 'set-speed', 'secret', 'xml']);
 
 export class LibvirtClient {
   private readonly pending = new Map<number, Pending>();
@@ -54,8 +64,12 @@ export class LibvirtClient {
   private readonly eventsSubject = new Subject<LibvirtEvent>();
   private readonly closedSubject = new AsyncSubject<string>();
   private closing = false;
-  /** The helper exited or libvirtd closed the connection: every call fails from now on. */
+  /** The helper exited: every call fails from now on. */
   closedReason: string | undefined;
+  /** libvirtd went away and the helper is reconnecting: repeatable calls wait for it. */
+  reachable = true;
+  private readonly waiting: { id: number; p: Pending }[] = [];
+  private reconnectTimer: NodeJS.Timeout | undefined;
 
   /** libvirt's events (block jobs, domain lifecycle), hot. */
   readonly events$: Observable<LibvirtEvent> = this.eventsSubject.asObservable();
@@ -67,6 +81,7 @@ export class LibvirtClient {
     readonly uri: string,
     readonly version: number,
     private readonly log: Logger,
+    private readonly reconnectTimeoutMs: number,
   ) {}
 
   static async connect(o: LibvirtConnectOptions = {}): Promise<LibvirtClient> {
@@ -105,7 +120,7 @@ export class LibvirtClient {
       child.kill();
       throw new IdlecryptError('LIBVIRT', `cannot connect to libvirt at ${uri}: ${String(first.message)}`);
     }
-    const client = new LibvirtClient(child, String(first.uri ?? uri), Number(first.libvirt ?? 0), log);
+    const client = new LibvirtClient(child, String(first.uri ?? uri), Number(first.libvirt ?? 0), log, o.reconnectTimeoutMs ?? 120_000);
     lines.on('line', (l) => client.onLine(l));
     child.once('exit', (code, signal) => client.onExit(code === 0 && client.closing ? 'closed' : helperDied(uri, stderr, code, signal)));
     child.stdin.on('error', () => undefined); // EPIPE after the helper died: onExit reports it
@@ -118,10 +133,16 @@ export class LibvirtClient {
     if (this.closedReason !== undefined) return Promise.reject(new IdlecryptError('LIBVIRT', `${op}: ${this.closedReason}`));
     const id = this.nextId++;
     return new Promise<T>((resolve, reject) => {
-      this.pending.set(id, { op, resolve: resolve as (v: unknown) => void, reject });
-      this.child.stdin.write(`${JSON.stringify({ ...args, id, op })}\n`);
-      this.log.trace({ op, id }, 'libvirt call');
+      const p: Pending = { op, args, since: Date.now(), resolve: resolve as (v: unknown) => void, reject };
+      if (!this.reachable && REPEATABLE.has(op)) this.waiting.push({ id, p });
+      else this.send(id, p);
     });
+  }
+
+  private send(id: number, p: Pending): void {
+    this.pending.set(id, p);
+    this.child.stdin.write(`${JSON.stringify({ ...p.args, id, op: p.op })}\n`);
+    this.log.trace({ op: p.op, id }, 'libvirt call');
   }
 
   // --- typed calls (helper.py's operations) ---------------------------------------------
@@ -195,20 +216,56 @@ export class LibvirtClient {
       const p = this.pending.get(msg.id);
       if (!p) return;
       this.pending.delete(msg.id);
-      const err = msg.error as { message?: string; code?: number } | undefined;
+      const err = msg.error as { message?: string; code?: number; disconnected?: boolean } | undefined;
+      if (err?.disconnected && REPEATABLE.has(p.op) && Date.now() - p.since < this.reconnectTimeoutMs) {
+        // libvirtd went away under this call: send it again once it is back.
+        this.lost();
+        this.waiting.push({ id: msg.id, p });
+        return;
+      }
       if (err) p.reject(new LibvirtCallError(p.op, err.code ?? -1, err.message ?? 'libvirt error'));
       else p.resolve(msg.ok);
       return;
     }
     if (msg.event === 'closed') {
-      this.log.warn({ reason: msg.reason }, 'libvirtd closed the connection');
-      return; // the helper exits next: onExit fails what is pending
+      this.log.warn({ reason: msg.reason }, 'libvirtd closed the connection: reconnecting (block jobs go on in QEMU meanwhile)');
+      this.lost();
+      return;
+    }
+    if (msg.event === 'reconnected') {
+      this.log.info({ uri: this.uri }, 'libvirtd is back: carrying on');
+      this.reachable = true;
+      clearTimeout(this.reconnectTimer);
+      for (const { id, p } of this.waiting.splice(0)) this.send(id, p);
+      this.eventsSubject.next({ event: 'reconnected' });
+      return;
     }
     if (msg.event === 'block-job' || msg.event === 'lifecycle') this.eventsSubject.next(msg as unknown as LibvirtEvent);
   }
 
+  /** libvirtd went away: hold repeatable calls until it is back, fail them if it stays away. */
+  private lost(): void {
+    if (!this.reachable) return;
+    this.reachable = false;
+    clearTimeout(this.reconnectTimer);
+    const check = () => {
+      const now = Date.now();
+      for (let i = this.waiting.length - 1; i >= 0; i--) {
+        const { p } = this.waiting[i]!;
+        if (now - p.since >= this.reconnectTimeoutMs) {
+          this.waiting.splice(i, 1);
+          p.reject(new IdlecryptError('LIBVIRT', `${p.op}: libvirtd at ${this.uri} has not come back for ${Math.round(this.reconnectTimeoutMs / 1000)} s`));
+        }
+      }
+      if (!this.reachable) this.reconnectTimer = setTimeout(check, 1000).unref();
+    };
+    this.reconnectTimer = setTimeout(check, 1000).unref();
+  }
+
   private onExit(reason: string): void {
     this.closedReason = reason;
+    clearTimeout(this.reconnectTimer);
+    for (const { p } of this.waiting.splice(0)) p.reject(new IdlecryptError('LIBVIRT', `${p.op}: ${reason}`));
     for (const p of this.pending.values()) p.reject(new IdlecryptError('LIBVIRT', `${p.op}: ${reason}`));
     this.pending.clear();
     this.eventsSubject.complete();

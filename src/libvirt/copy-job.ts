@@ -27,16 +27,54 @@ import { BLOCK_JOB_TYPE_COPY } from './types.ts';
  */
 export const LIBVIRT_PAUSED_SPEED = 1;
 
+/**
+ * How a pause is made: `speed` (default) sets LIBVIRT_PAUSED_SPEED through libvirt;
+ * `qemu` sends QEMU's own `job-pause`/`job-resume` through libvirt's monitor pass-through
+ * (virDomainQemuMonitorCommand), which holds at READY too, but makes libvirt mark the
+ * domain tainted (custom-monitor) for the rest of its life: opt-in only.
+ */
+export type LibvirtPauseMode = 'speed' | 'qemu';
+
+interface QemuBlockJob {
+  readonly device: string;
+  readonly type: string;
+  readonly paused: boolean;
+  readonly ready: boolean;
+  readonly status: string;
+}
+
 export class LibvirtCopyJob implements JobControl {
-  readonly canPause = false;
+  readonly canPause: boolean;
   /** libvirt said the copy is READY (its event, or `<mirror ready='yes'>`): a pivot may be asked. */
   ready = false;
+  /** QEMU's id of libvirt's copy job (pause mode `qemu`), found on first use. */
+  private qemuId: string | undefined;
 
   constructor(
     private readonly client: LibvirtClient,
     readonly domain: string,
     readonly disk: string,
-  ) {}
+    readonly pauseMode: LibvirtPauseMode = 'speed',
+  ) {
+    this.canPause = pauseMode === 'qemu';
+  }
+
+  private async monitor<T>(execute: string, args?: Record<string, unknown>): Promise<T> {
+    const r = await this.client.call<{ return?: T; error?: { desc?: string } }>('monitor', { domain: this.domain, command: { execute, ...(args ? { arguments: args } : {}) } });
+    if (r.error) throw new IdlecryptError('JOB_FAILED', `${execute} on ${this.id}: ${r.error.desc ?? 'QEMU refused'}`);
+    return r.return as T;
+  }
+
+  /**
+   * libvirt's copy job as QEMU lists it. libvirt names it `copy-<target>-<node>` (blockdev
+   * era); the one mirror job on the disk otherwise.
+   */
+  private async qemuJob(): Promise<QemuBlockJob | undefined> {
+    const jobs = await this.monitor<QemuBlockJob[]>('query-block-jobs');
+    const mine = jobs.find((j) => j.device === this.qemuId) ?? jobs.find((j) => j.type === 'mirror' && j.device.startsWith(`copy-${this.disk}-`));
+    if (mine) this.qemuId = mine.device;
+    return mine;
+  }
 
   /** The job's name in logs and progress: libvirt's own for a copy is the disk's target. */
   get id(): string {
@@ -57,13 +95,16 @@ export class LibvirtCopyJob implements JobControl {
       const d = (await this.client.disks(this.domain)).find((x) => x.target === this.disk);
       if (d?.mirror?.ready === 'yes') this.ready = true;
     }
+    // With QEMU's own pause, whether the job is paused is QEMU's to say (libvirt does not).
+    const q = this.pauseMode === 'qemu' ? await this.qemuJob() : undefined;
+    const paused = q?.paused ?? false;
     return {
       id: this.id,
-      status: this.ready ? 'ready' : 'running',
+      status: paused ? (this.ready ? 'standby' : 'paused') : this.ready ? 'ready' : 'running',
       offset: info.cur,
       len: info.end,
       speed: info.bandwidth,
-      paused: false,
+      paused,
       ready: this.ready,
     };
   }
@@ -72,17 +113,27 @@ export class LibvirtCopyJob implements JobControl {
     await this.client.call('set-speed', { domain: this.domain, disk: this.disk, bytes: bytesPerSecond });
   }
 
-  /** libvirt cannot pause a block copy: the controller uses LIBVIRT_PAUSED_SPEED instead. */
+  /**
+   * Pause mode `speed`: libvirt cannot pause a block copy, so LIBVIRT_PAUSED_SPEED stands
+   * in. Mode `qemu`: QEMU's job-pause through the monitor pass-through.
+   */
   async pause(): Promise<void> {
-    await this.setSpeed(LIBVIRT_PAUSED_SPEED);
+    if (this.pauseMode === 'speed') return this.setSpeed(LIBVIRT_PAUSED_SPEED);
+    const j = await this.qemuJob();
+    if (!j) throw new IdlecryptError('JOB_FAILED', `QEMU lists no copy job for ${this.id}`);
+    if (!j.paused) await this.monitor('job-pause', { id: j.device });
   }
 
   async resume(): Promise<void> {
-    // Nothing is paused; the controller sets the speed it wants next.
+    // Mode speed: nothing is paused; the controller sets the speed it wants next.
+    if (this.pauseMode === 'speed') return;
+    const j = await this.qemuJob();
+    if (j?.paused) await this.monitor('job-resume', { id: j.device });
   }
 
   /** The pivot (virDomainBlockJobAbort with PIVOT): returns once the guest runs on the copy. */
   async pivot(): Promise<void> {
+    await this.resume(); // libvirt pivots a running READY job only
     await this.client.call('abort', { domain: this.domain, disk: this.disk, pivot: true });
   }
 

@@ -32,12 +32,12 @@ import { writeImageWithQemuImg, type TargetFormat } from '../encrypt/target.ts';
 import { ProgressMeter, type Progress } from '../encrypt/progress.ts';
 import { RunModeration, type ModerationOptions } from '../encrypt/moderation.ts';
 import { RunMetrics } from '../encrypt/metrics.ts';
-import { moderatedBufSize, mustSnapshot, untilAborted, waitUntilReady } from '../encrypt/encrypt.ts';
+import { moderatedBufSize, mustSnapshot, untilAborted, waitForQuiet, waitUntilReady } from '../encrypt/encrypt.ts';
 import { ownerAlive, RunStore, selfOwner, stateDir } from '../encrypt/runs.ts';
 import type { MetricsSink } from '../metrics/sink.ts';
 import { hostTag } from '../metrics/index.ts';
 import { LibvirtClient, LibvirtCallError, VIR_ERR } from './client.ts';
-import { LIBVIRT_PAUSED_SPEED, LibvirtCopyJob } from './copy-job.ts';
+import { LIBVIRT_PAUSED_SPEED, LibvirtCopyJob, type LibvirtPauseMode } from './copy-job.ts';
 import { checkCopyable, directCache, domainVm, findDomainDisk, xmlAttr } from './domains.ts';
 import { BLOCK_JOB, type DomainDisk } from './types.ts';
 
@@ -81,6 +81,8 @@ export interface DomainEncryptOptions {
   readonly runStore?: RunStore<LibvirtRunRecord>;
   /** The qemu-img that writes the header (tests point it elsewhere). */
   readonly qemuImg?: string;
+  /** How a pause is made (copy-job.ts): 1 byte/s through libvirt (default), or QEMU's job-pause (taints the domain). */
+  readonly pause?: LibvirtPauseMode;
 }
 
 export interface DomainEncryptResult {
@@ -113,6 +115,8 @@ export interface LibvirtRunRecord {
   /** We defined that secret (from --key-file), so undoing the run removes it. */
   readonly secretOurs: boolean;
   readonly phase: 'creating-target' | 'copying' | 'completing';
+  /** The run paused with QEMU's job-pause: a run adopting it resumes the job first. */
+  readonly pause?: LibvirtPauseMode;
   readonly createdAt: number;
   readonly copyStartedAt?: number;
 }
@@ -156,11 +160,17 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
   try {
     const dom = await client.domain(o.domain);
     if (!dom.active) throw new IdlecryptError('USAGE', `domain '${o.domain}' is not running; idlecrypt encrypts running domains (qemu-img convert does the others)`);
-    if (o.secret !== undefined && !(await client.secret(o.secret))) {
-      throw new IdlecryptError('KEY_FILE', `libvirt has no secret ${o.secret} (virsh secret-list)`);
+    if (o.secret !== undefined) {
+      const sec = await client.secret(o.secret);
+      if (!sec) throw new IdlecryptError('KEY_FILE', `libvirt has no secret ${o.secret} (virsh secret-list)`);
+      // A volume secret is bound to one volume's path: one made for another image is not this one's key.
+      if (sec.usageType !== 'volume' || path.resolve(sec.usage) !== path.resolve(o.target)) {
+        throw new IdlecryptError('KEY_FILE', `libvirt secret ${o.secret} is for ${sec.usageType === 'volume' ? `volume ${sec.usage}` : `usage ${sec.usageType} ${sec.usage}`}, not for volume ${path.resolve(o.target)} (define one with <usage type='volume'><volume>${path.resolve(o.target)}</volume></usage>)`);
+      }
     }
     let disk = findDomainDisk(o.domain, await client.disks(o.domain), o.disk);
-    const job = new LibvirtCopyJob(client, o.domain, o.disk);
+    const pauseMode = o.pause ?? 'speed';
+    const job = new LibvirtCopyJob(client, o.domain, o.disk, pauseMode);
     const events$ = client.events$.pipe(filter((e) => e.event === 'block-job' && e.domain === o.domain && e.disk === o.disk));
     const sub = events$.subscribe((e) => {
       if (e.event === 'block-job' && e.status === BLOCK_JOB.READY) job.ready = true;
@@ -183,6 +193,8 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       if (info && disk.mirror?.source === prior.target) {
         adopting = prior;
         job.ready = disk.mirror.ready === 'yes';
+        // Paused with QEMU's job-pause by the run before: the controller starts from running.
+        if (prior.pause === 'qemu' && pauseMode === 'speed') await new LibvirtCopyJob(client, o.domain, o.disk, 'qemu').resume();
       } else {
         const removed = await undo(client, prior, log);
         await store.remove(prior.tag);
@@ -208,7 +220,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       ? await RunModeration.start(undefined, {
           ...o.moderation,
           vm: vm!,
-          pausedSpeed: LIBVIRT_PAUSED_SPEED,
+          ...(pauseMode === 'speed' ? { pausedSpeed: LIBVIRT_PAUSED_SPEED } : {}),
           logger: log,
           onSample: (s) => rec?.sample(s),
           onStatus: (t, r) => rec?.probeStatus(t, r),
@@ -222,8 +234,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
     };
 
     const tag = adopting?.tag ?? randomBytes(4).toString('hex');
-    let record: LibvirtRunRecord = {
-      ...(adopting ?? {
+    const { pause: _earlierPause, ...base }: LibvirtRunRecord = adopting ?? {
         version: 1 as const,
         tag,
         uri: client.uri,
@@ -237,9 +248,14 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         secretOurs: o.secret === undefined,
         phase: 'creating-target' as const,
         createdAt: Date.now(),
-      }),
-      owner: selfOwner(),
-    };
+        owner: selfOwner(),
+      };
+    let record: LibvirtRunRecord = { ...base, ...(pauseMode === 'qemu' ? { pause: 'qemu' as const } : {}), owner: selfOwner() };
+    if (pauseMode === 'qemu') {
+      const taint = `pausing with QEMU's job-pause through libvirt's monitor pass-through: libvirt marks domain '${o.domain}' tainted (custom-monitor) until it is shut down`;
+      log.warn({ domain: o.domain }, taint);
+      o.onNote?.(taint, { taint: 'custom-monitor' });
+    }
     // The record goes to disk before anything is made: whatever happens next, the next run knows what is ours.
     await store.save(record);
     let pivoting = false;
@@ -282,11 +298,13 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       // At READY, no quiet-moment wait as the QMP engine makes: QEMU's mirror ignores its
       // speed once READY (copy-job.ts), so a held copy would follow the guest's writes at
       // full speed for as long as we waited. The pivot now costs the guest the least.
-      const outcome = await waitUntilReady(job, merge(events$, gone$), meter, wo, moderation);
+      let outcome = await waitUntilReady(job, merge(events$, gone$), meter, wo, moderation);
+      // With QEMU's own pause the copy holds at READY: wait for a quiet moment as the QMP engine does.
+      if (outcome === 'ready' && moderation && job.canPause) outcome = await waitForQuiet(job, gone$, meter, wo, moderation);
       if (outcome === 'detach') {
         await moderation?.close();
-        // libvirt keeps the job; held at 1 byte/s nobody's guest is disturbed while nobody moderates.
-        await job.setSpeed(LIBVIRT_PAUSED_SPEED).catch((e: unknown) => log.warn({ err: describe(e) }, 'could not hold the copy while detaching'));
+        // libvirt keeps the job; held (1 byte/s, or paused) nobody's guest is disturbed while nobody moderates.
+        await job.pause().catch((e: unknown) => log.warn({ err: describe(e) }, 'could not hold the copy while detaching'));
         log.info({ domain: o.domain, disk: o.disk, target: targetPath }, 'detached: the copy is left to libvirt at 1 byte/s for the next run to adopt');
         throw detached(targetPath, true);
       }
@@ -334,12 +352,22 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       if (pivoting && (now === undefined || now.source === targetPath)) {
         throw new IdlecryptError('JOB_FAILED', `${describe(e)}; ${targetPath} and its secret were kept: check which image domain '${o.domain}' uses (virsh domblklist) before deleting either`, { cause: e });
       }
+      let removed: string[];
       try {
-        await undo(client, record, log, events$);
+        removed = await undo(client, record, log, events$);
         await store.remove(tag);
       } catch (err) {
         // The record stays: the next run into this target finishes or undoes what is left.
         throw new IdlecryptError('JOB_FAILED', `${describe(e)}; and undoing the run failed (${describe(err)}): run the same command again to finish or undo it`, { cause: e });
+      }
+      // The domain shut down or was destroyed under the copy: say what that means for its data.
+      if (!(await client.domain(o.domain).then((d) => d.active, () => false))) {
+        const what = removed.filter((r) => r !== 'the copy');
+        throw new IdlecryptError(
+          'VM_EXITED',
+          `domain '${o.domain}' stopped during the copy; its disk ${record.source} is intact (never written by idlecrypt); ${what.length ? `${what.join(' and ')} removed` : 'nothing of ours was left'}`,
+          { cause: e },
+        );
       }
       throw e;
     } finally {
@@ -405,7 +433,7 @@ async function undo(client: LibvirtClient, rec: LibvirtRunRecord, log: Logger, e
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'ENOENT') log.warn({ target: rec.target, err: describe(e) }, 'could not remove the target');
   }
-  if (rec.secretOurs && (await client.undefineSecret(rec.secret).catch(() => false))) removed.push(`libvirt secret ${rec.secret}`);
+  if (rec.secretOurs && (await client.undefineSecret(rec.secret).catch(() => false))) removed.push(rec.target === removed.at(-1) ? 'its secret' : `libvirt secret ${rec.secret}`);
   return removed;
 }
 

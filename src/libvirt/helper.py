@@ -12,7 +12,9 @@ Protocol (stdin/stdout, one JSON object per line):
   reply     {"id": 1, "ok": <result>}  or  {"id": 1, "error": {"message": ..., "code": ...}}
   event     {"event": "block-job", "domain": NAME, "disk": "vda", "type": N, "status": N}
             {"event": "lifecycle", "domain": NAME, "type": N, "detail": N}
-            {"event": "closed", "reason": N}   (libvirtd went away; the helper then exits)
+            {"event": "closed", "reason": N}   (libvirtd went away: the helper reconnects)
+            {"event": "reconnected"}           (libvirtd is back; events missed meanwhile are lost)
+While libvirtd is away a request fails with {"code": -2, "disconnected": true}.
 The first line is {"event": "hello", "uri": ..., "libvirt": N}. End of stdin ends it.
 Nothing here logs: a secret's value passes through `secret-define` and is dropped.
 """
@@ -21,6 +23,7 @@ import json
 import signal
 import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 
 import libvirt
@@ -90,13 +93,56 @@ def disk_info(el):
     }
 
 
+DISCONNECTED = -2
+
+
+class Disconnected(Exception):
+    pass
+
+
 class Helper:
     def __init__(self, uri):
-        self.conn = libvirt.open(uri)
-        self.conn.setKeepAlive(5, 3)
-        self.conn.registerCloseCallback(lambda _c, reason, _o: emit({"event": "closed", "reason": reason}), None)
-        self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self.on_block_job, None)
-        self.conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self.on_lifecycle, None)
+        self.uri = uri
+        self.conn = None
+        self.lock = threading.Lock()
+        self.connect()
+
+    def connect(self):
+        conn = libvirt.open(self.uri)
+        conn.setKeepAlive(5, 3)
+        conn.registerCloseCallback(self.on_close, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self.on_block_job, None)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self.on_lifecycle, None)
+        self.conn = conn
+
+    def on_close(self, _conn, reason, _opaque):
+        # libvirtd went away (restarted, stopped, crashed). Its block jobs live on in QEMU;
+        # reconnect until it is back, as `virsh` users expect a service to.
+        with self.lock:
+            if self.conn is None:
+                return
+            self.conn = None
+        emit({"event": "closed", "reason": reason})
+        threading.Thread(target=self.reconnect, daemon=True).start()
+
+    def reconnect(self):
+        delay = 0.2
+        while True:
+            time.sleep(delay)
+            try:
+                self.connect()
+            except libvirt.libvirtError:
+                delay = min(delay * 2, 2.0)
+                continue
+            emit({"event": "reconnected"})
+            return
+
+    @property
+    def c(self):
+        conn = self.conn
+        if conn is None:
+            raise Disconnected()
+        return conn
 
     def on_block_job(self, _conn, dom, disk, typ, status, _opaque):
         emit({"event": "block-job", "domain": dom.name(), "disk": disk, "type": typ, "status": status})
@@ -104,8 +150,15 @@ class Helper:
     def on_lifecycle(self, _conn, dom, event, detail, _opaque):
         emit({"event": "lifecycle", "domain": dom.name(), "type": event, "detail": detail})
 
+    def alive(self):
+        conn = self.conn
+        try:
+            return conn is not None and conn.isAlive() == 1
+        except libvirt.libvirtError:
+            return False
+
     def dom(self, a):
-        return self.conn.lookupByName(a["domain"])
+        return self.c.lookupByName(a["domain"])
 
     # --- operations -------------------------------------------------------------------
 
@@ -116,7 +169,7 @@ class Helper:
         flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
         return [
             {"name": d.name(), "uuid": d.UUIDString(), "id": d.ID(), "persistent": bool(d.isPersistent())}
-            for d in self.conn.listAllDomains(flags)
+            for d in self.c.listAllDomains(flags)
         ]
 
     def op_domain(self, a):
@@ -131,6 +184,10 @@ class Helper:
     def op_block_info(self, a):
         capacity, allocation, physical = self.dom(a).blockInfo(a["disk"])
         return {"capacity": capacity, "allocation": allocation, "physical": physical}
+
+    def op_block_stats(self, a):
+        rd_req, rd_bytes, wr_req, wr_bytes, _errs = self.dom(a).blockStats(a["disk"])
+        return {"rd_req": rd_req, "rd_bytes": rd_bytes, "wr_req": wr_req, "wr_bytes": wr_bytes}
 
     def op_job_info(self, a):
         info = self.dom(a).blockJobInfo(a["disk"], libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
@@ -163,7 +220,7 @@ class Helper:
 
     def op_secret_define(self, a):
         xml = a["xml"]
-        s = self.conn.secretDefineXML(xml)
+        s = self.c.secretDefineXML(xml)
         try:
             s.setValue(base64.b64decode(a["value"]))
         except Exception:
@@ -173,7 +230,7 @@ class Helper:
 
     def op_secret_undefine(self, a):
         try:
-            self.conn.secretLookupByUUIDString(a["uuid"]).undefine()
+            self.c.secretLookupByUUIDString(a["uuid"]).undefine()
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
                 return False
@@ -182,16 +239,16 @@ class Helper:
 
     def op_secret(self, a):
         try:
-            s = self.conn.secretLookupByUUIDString(a["uuid"])
+            s = self.c.secretLookupByUUIDString(a["uuid"])
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
                 return None
             raise
         root = ET.fromstring(s.XMLDesc())
-        return {"uuid": s.UUIDString(), "usage": s.usageID(), "private": root.get("private") == "yes", "ephemeral": root.get("ephemeral") == "yes"}
+        return {"uuid": s.UUIDString(), "usageType": {libvirt.VIR_SECRET_USAGE_TYPE_NONE: "none", libvirt.VIR_SECRET_USAGE_TYPE_VOLUME: "volume", libvirt.VIR_SECRET_USAGE_TYPE_CEPH: "ceph", libvirt.VIR_SECRET_USAGE_TYPE_ISCSI: "iscsi", libvirt.VIR_SECRET_USAGE_TYPE_TLS: "tls", libvirt.VIR_SECRET_USAGE_TYPE_VTPM: "vtpm"}.get(s.usageType(), str(s.usageType())), "usage": s.usageID(), "private": root.get("private") == "yes", "ephemeral": root.get("ephemeral") == "yes"}
 
     def op_define(self, a):
-        self.conn.defineXML(a["xml"])
+        self.c.defineXML(a["xml"])
         return True
 
     def op_retarget_inactive(self, a):
@@ -219,7 +276,7 @@ class Helper:
                 driver = ET.Element("driver", {"name": "qemu"})
                 el.insert(0, driver)
             driver.set("type", a["format"])
-            self.conn.defineXML(ET.tostring(root, encoding="unicode"))
+            self.c.defineXML(ET.tostring(root, encoding="unicode"))
             return old
         raise ValueError("the persistent definition has no disk " + a["disk"])
 
@@ -246,7 +303,7 @@ def main():
     except libvirt.libvirtError as e:
         emit({"event": "error", "message": str(e), "code": e.get_error_code()})
         sys.exit(1)
-    emit({"event": "hello", "uri": h.conn.getURI(), "libvirt": h.conn.getLibVersion()})
+    emit({"event": "hello", "uri": h.c.getURI(), "libvirt": h.c.getLibVersion()})
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -257,8 +314,11 @@ def main():
             if fn is None:
                 raise ValueError("unknown operation " + repr(req.get("op")))
             emit({"id": rid, "ok": fn(req)})
+        except Disconnected:
+            emit({"id": rid, "error": {"message": "libvirtd is not reachable (reconnecting)", "code": DISCONNECTED, "disconnected": True}})
         except libvirt.libvirtError as e:
-            emit({"id": rid, "error": {"message": str(e), "code": e.get_error_code()}})
+            lost = h.conn is None or e.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT) and not h.alive()
+            emit({"id": rid, "error": {"message": str(e), "code": e.get_error_code(), "disconnected": bool(lost)}})
         except Exception as e:  # a bad request: say so, keep serving
             emit({"id": rid, "error": {"message": "%s: %s" % (type(e).__name__, e), "code": -1}})
 

@@ -47,6 +47,8 @@ export interface BlockJobInfo {
 
 export interface SecretInfo {
   readonly uuid: string;
+  /** virsh secret-list's usage type: volume, ceph, iscsi, tls, vtpm, none. */
+  readonly usageType: string;
   /** The usage id: for usage 'volume', the volume's path. */
   readonly usage: string;
   readonly private: boolean;
@@ -62,4 +64,6 @@ export const LIFECYCLE_STOPPED = 5;
 
 export type LibvirtEvent =
   | { readonly event: 'block-job'; readonly domain: string; readonly disk: string; readonly type: number; readonly status: number }
-  | { readonly event: 'lifecycle'; readonly domain: string; readonly type: number; readonly detail: number };
+  | { readonly event: 'lifecycle'; readonly domain: string; readonly type: number; readonly detail: number }
+  /** libvirtd is back after it went away (restarted): events of the gap are lost, re-read the state. */
+  | { readonly event: 'reconnected' };

@@ -42,7 +42,8 @@ describe('agent configuration', () => {
     assert.equal(c.backend, 'auto', 'QMP where a VM has a socket, libvirt where libvirt runs it');
     assert.equal(c.connect, 'qemu:///system');
     const lv = parseAgentConfig('backend: libvirt\nconnect: qemu+ssh://host/system\n', F);
-    assert.deepEqual([lv.backend, lv.connect], ['libvirt', 'qemu+ssh://host/system']);
+    assert.deepEqual([lv.backend, lv.connect, lv.libvirtPause], ['libvirt', 'qemu+ssh://host/system', 'speed']);
+    assert.equal(parseAgentConfig('libvirt-pause: qemu\n', F).libvirtPause, 'qemu');
     assert.equal(c.policy.thresholds.stall, 800, 'the shipped policy when none is named');
     assert.deepEqual(c.encrypt, [
       { vm: 'web*', disks: ['vd0'], target: '/var/lib/idlecrypt/{vm}-{disk}.luks', keyFile: '/etc/idlecrypt/keys/{vm}.key', format: 'luks' },
@@ -64,6 +65,7 @@ describe('agent configuration', () => {
     assert.deepEqual(problems('encrypt:\n  - vm: "a*"\n    disks: [d]\n    target: /x/{vm}-{disk}.luks\n    key-file: /k/{host}\n'), ['5:15 encrypt.0.key-file: unknown placeholder {host}; the placeholders are {vm} and {disk}']);
     assert.deepEqual(problems('influx: ftp://x\n').length, 1);
     assert.deepEqual(problems('backend: virsh\nconnect: localhost\n'), ['1:10 backend: expected auto, qmp or libvirt, got "virsh"', '2:10 connect: expected a libvirt URI such as qemu:///system']);
+    assert.deepEqual(problems('libvirt-pause: pause\n'), ['1:16 libvirt-pause: expected speed or qemu, got "pause"']);
     assert.deepEqual(problems('host: [1]\n'), ['1:7 host: expected a mapping (key: value lines), got a list']);
     assert.match(problems('host:\n  max-jobs: 1\n max-speed: 2\n')[0]!, /^3:\d+ .*YAML syntax/);
   });

@@ -148,6 +148,12 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
     const st = await runCli(['status', '--domain', name]);
     equal(st.code, 0, st.stderr);
     match(st.stdout, new RegExp(`vda\\s+yes\\s+${target}\\s+same`));
+    // observe names the domain: its QEMU found through libvirt, counted by the probes.
+    const obs = await runCli(['observe', '--domain', name, '--duration', '2', '--interval', '500', '--json']);
+    equal(obs.code, 0, obs.stderr);
+    const recs = jsonLines(obs.stdout);
+    ok(recs.length > 0 && recs.every((l) => l.vm === name && l.pid === (recs[0]!.pid as number)), obs.stdout.slice(0, 1000));
+    equal(recs[0]!.pid, await d.pid());
 
     // The original disk: never written by us; the guest rewrote its region with the same bytes.
     equal(await sha(disk), before, 'the original disk is unchanged');
@@ -188,10 +194,31 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
       ok(r.code !== 0, r.stderr);
       match(r.stderr, re);
     }
+    const obs = await runCli(['observe', '--domain', `no-such-${process.pid}`, '--duration', '1']);
+    equal(obs.code, 1, obs.stderr);
+    match(obs.stderr, /^idlecrypt: libvirt at qemu:\/\/\/system has no domain 'no-such-\d+'/m);
+    // A secret made for another volume is not this image's key.
+    const other = `${dir}/other-volume.luks`;
+    const sx = join(dir, 'other-secret.xml');
+    await writeFile(sx, `<secret ephemeral='no' private='yes'><usage type='volume'><volume>${other}</volume></usage></secret>`);
+    const uuid = /([0-9a-f-]{36})/.exec(await virsh('secret-define', sx))![1]!;
+    const dx = await runCli(['encrypt', '--domain', name, '--disk', 'vda', '--target', target, '--secret', uuid]);
+    ok(dx.code !== 0, dx.stderr);
+    match(dx.stderr, new RegExp(`libvirt secret ${uuid} is for volume ${other}, not for volume ${target}`));
+    await virsh('secret-undefine', uuid);
+    // The target exists: refused, the file untouched.
+    const existing = join(dir, 'exists.luks');
+    await writeFile(existing, 'not ours');
+    const ex = await runCli(['encrypt', '--domain', name, '--disk', 'vda', '--target', existing, '--key-file', keyFile]);
+    equal(ex.code, 1, ex.stderr);
+    match(ex.stderr, /exists/);
+    equal(await readFile(existing, 'utf8'), 'not ours');
     await stat(target).then(
       () => assertFail(`${target} was made`),
       () => undefined,
     );
+    // Its bursty guest would only load the host for the tests that follow.
+    await domains.find((x) => x.name === name)?.remove();
   });
 
   it('Ctrl-C mid-copy: the guest stays on its disk, and the target, our secret and the run record are gone; a kill -9 mid-copy is adopted by the next run, which finishes', async () => {
@@ -226,6 +253,71 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
     match(await virsh('domblklist', name), new RegExp(`vda\\s+${target}`));
     const plain = await decrypt(target, join(dir, 'b-decrypted.raw'));
     for (const i of [0, 63]) ok(plain.subarray(i * MiB, (i + 1) * MiB).equals(patternMiB(i)), `MiB ${i}`);
+  });
+});
+
+describe('idlecrypt encrypt --domain: faults', () => {
+  it("another tool's block job is refused; libvirtd restarted mid-copy: the run carries on and finishes; --pause qemu pauses with QEMU's job-pause and says the domain is tainted", async (t) => {
+    const name = `ic-lv-d-${process.pid}`;
+    const { d } = await domain(name, { workload: 'bursty', params: { idle: 3, busy: 2, region_mb: 16 }, sizeMiB: 256, persistent: false });
+    // The idle speed capped, so that the copy surely spans busy phases and the restart below.
+    const policy = join(dir, 'd-policy.yaml');
+    await writeFile(policy, 'speed:\n  idle: 32MiB\n');
+    const target = join(dir, 'd.luks');
+    // Another tool's copy on the disk: refused in one line, nothing made.
+    await virsh('blockcopy', name, 'vda', join(dir, 'd-other.raw'), '--transient-job', '--bandwidth', '1');
+    let r = await runCli(['encrypt', '--domain', name, '--disk', 'vda', '--target', target, '--key-file', keyFile]);
+    equal(r.code, 1, r.stderr);
+    match(r.stderr, /^idlecrypt: a block job is already running on domain 'ic-lv-d-\d+' disk vda; wait for it or end it first \(virsh blockjob .* --abort\)$/m);
+    ok(!existsSync(target), 'nothing made');
+    await virsh('blockjob', name, 'vda', '--abort');
+    await rm(join(dir, 'd-other.raw'), { force: true });
+
+    const run = startCli(['encrypt', '--domain', name, '--disk', 'vda', '--target', target, '--key-file', keyFile, '--iter-time', '100', '--pause', 'qemu', '--policy', policy, '--json']);
+    await run.waitForStdout(/"offset":[1-9]/, 60_000);
+    // libvirtd goes away and comes back (a package upgrade, `systemctl restart libvirtd`).
+    await execFileP('pkill', ['-x', 'libvirtd']);
+    for (let i = 0; i < 100 && (await execFileP('pgrep', ['-x', 'libvirtd']).then(() => true, () => false)); i++) await new Promise((res) => setTimeout(res, 100));
+    const downAt = Date.now();
+    await new Promise((res) => setTimeout(res, 1500));
+    await ensureLibvirtd();
+    t.diagnostic(`libvirtd was away for ${Date.now() - downAt} ms`);
+    r = await run.result;
+    equal(r.code, 0, r.stderr.slice(-3000));
+    match(r.stderr, /libvirtd closed the connection: reconnecting/);
+    match(r.stderr, /libvirtd is back: carrying on/);
+    const lines = jsonLines(r.stdout);
+    ok(lines.some((l) => l.event === 'note' && l.taint === 'custom-monitor'), 'the run says the domain is tainted');
+    const progress = lines.filter((l) => l.event === 'progress');
+    const seen = [...new Set(progress.map((p) => `${String(p.state)}/${String(p.mode)}/${String(p.status)}`))].join(', ');
+    ok(progress.some((p) => p.mode === 'paused' && p.paused === true && p.speed_limit_bps !== 1), `paused with QEMU's job-pause, not a speed (seen: ${seen})`);
+    match(await readFile(`/var/log/libvirt/qemu/${name}.log`, 'utf8'), /tainted: custom-monitor/);
+    match(await virsh('domblklist', name), new RegExp(`vda\\s+${target}`));
+    await d.waitForLine(/^IO t=/, 30_000);
+    const plain = await decrypt(target, join(dir, 'd-decrypted.raw'));
+    for (const i of [0, 16, 255]) ok(plain.subarray(i * MiB, (i + 1) * MiB).equals(patternMiB(i)), `MiB ${i}`);
+    await rm(join(dir, 'd-decrypted.raw'));
+    await d.remove();
+  });
+
+  it('the domain destroyed mid-copy: one line saying its disk is intact, and the partial target, our secret and the run record are gone', async () => {
+    const name = `ic-lv-e-${process.pid}`;
+    const { disk } = await domain(name, { persistent: false });
+    const before = await sha(disk);
+    const secretsBefore = await secrets();
+    const target = join(dir, 'e.luks');
+    const run = startCli(['encrypt', '--domain', name, '--disk', 'vda', '--target', target, '--key-file', keyFile, '--iter-time', '100', '--speed', '2M', '--json']);
+    await run.waitForStdout(/"offset":[1-9]/, 60_000);
+    await virsh('destroy', name);
+    const r = await run.result;
+    equal(r.code, 1, r.stderr.slice(-2000));
+    const msg = r.stderr.trim().split('\n').filter((l) => l.startsWith('idlecrypt: '));
+    equal(msg.length, 1, r.stderr);
+    match(msg[0]!, new RegExp(`domain '${name}' stopped during the copy; its disk ${disk} is intact \\(never written by idlecrypt\\); .*e\\.luks and its secret removed`));
+    ok(!existsSync(target), 'the partial target is removed');
+    equal(await secrets(), secretsBefore, 'our secret is removed');
+    equal((await readdir(join(cliStateDir(), 'libvirt-runs')).catch(() => [])).length, 0, 'no run record left');
+    equal(await sha(disk), before, 'the disk is unchanged');
   });
 });
 

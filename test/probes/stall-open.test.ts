@@ -45,57 +45,73 @@ describe('the stall probe', () => {
       const { qmp, vm } = guest;
       const keyFile = join(lab.dir, 'key');
       await writeFile(keyFile, 'stall test key', { mode: 0o600 });
-      const file = join(lab.dir, 'frozen.luks');
+      await qmp.execute('object-add', { 'qom-type': 'secret', id: 'frozen-key', format: 'raw', file: keyFile });
       const concluded = (id: string) =>
         firstValueFrom(qmp.events$.pipe(filter((e) => e.event === 'JOB_STATUS_CHANGE' && e.data?.id === id && e.data?.status === 'concluded')));
-      let done = concluded('mkfile');
-      await qmp.execute('blockdev-create', { 'job-id': 'mkfile', options: { driver: 'file', filename: file, size: 0 } });
-      await done;
-      await qmp.execute('job-dismiss', { id: 'mkfile' });
-      await qmp.execute('blockdev-add', { driver: 'file', 'node-name': 'frozen-file', filename: file });
-      await qmp.execute('object-add', { 'qom-type': 'secret', id: 'frozen-key', format: 'raw', file: keyFile });
-      // Key-slot creation first times the PBKDF by the thread's CPU time, which on these
-      // hosts is sometimes read as 0: the job then fails at once with "Unable to get
-      // accurate CPU usage" (src/encrypt/target.ts, retryLuksTiming). Try again then.
-      let start = 0;
-      let end = 0;
-      for (let attempt = 1; ; attempt++) {
-        const id = `mkluks${attempt}`;
-        done = concluded(id);
-        start = Date.now();
-        await qmp.execute('blockdev-create', {
-          'job-id': id,
-          options: { driver: 'luks', file: 'frozen-file', size: 64 * 1024 * 1024, 'key-secret': 'frozen-key', 'iter-time': 1500 },
-        });
-        await done;
-        end = Date.now();
-        const jobs = (await qmp.execute('query-jobs')) as { id: string; error?: string }[];
-        const error = jobs.find((j) => j.id === id)?.error;
-        await qmp.execute('job-dismiss', { id });
-        if (error === undefined) break;
-        ok(attempt < 12 && /accurate CPU usage/i.test(error), `creating the LUKS image failed: ${error}`);
-      }
       const wait = (r: Report) => r.totals.get(vm.pid)?.vcpuWaitUs ?? 0;
-      // The last report before the freeze, and the reports well inside it (the freeze ends
-      // before QEMU sends the event; 300 ms of margin for that and the report's own lag).
-      const before = reports.filter((r) => r.epochMs <= start).at(-1)!;
-      const inside = reports.filter((r) => r.epochMs > start + 300 && r.epochMs < end - 300);
-      ok(end - start >= 1000, `the key derivation froze the main loop for ${end - start} ms`);
-      ok(inside.length >= 5, `${inside.length} reports came during the freeze (bpftrace does not need QEMU's lock)`);
-      if (process.env.IDLECRYPT_TEST_DEBUG) for (const r of reports.filter((r) => r.epochMs > start - 500 && r.epochMs < end + 500)) console.log(r.epochMs - start, wait(r) - wait(before));
-      // The freeze's start within the command is QEMU's business (the file is opened and
-      // the PBKDF2 rate measured first): look for the longest stretch of reports over which
-      // the total grew by at least 90% of the time between them. Counted only when waits
-      // end, one long wait adds nothing until it ends: no such stretch at all.
-      let longest = 0;
-      for (let i = 0; i < inside.length; i++) {
-        for (let j = inside.length - 1; j > i; j--) {
-          const dt = inside[j]!.epochMs - inside[i]!.epochMs;
-          if (dt <= longest) break;
-          if ((wait(inside[j]!) - wait(inside[i]!)) / 1000 >= 0.9 * dt) longest = dt;
+      /** One freeze: the LUKS image made inside QEMU. Its start and end on the host clock. */
+      const freeze = async (n: number): Promise<{ start: number; end: number }> => {
+        const file = join(lab.dir, `frozen${n}.luks`);
+        let done = concluded(`mkfile${n}`);
+        await qmp.execute('blockdev-create', { 'job-id': `mkfile${n}`, options: { driver: 'file', filename: file, size: 0 } });
+        await done;
+        await qmp.execute('job-dismiss', { id: `mkfile${n}` });
+        await qmp.execute('blockdev-add', { driver: 'file', 'node-name': `frozen-file${n}`, filename: file });
+        // Key-slot creation first times the PBKDF by the thread's CPU time, which on these
+        // hosts is sometimes read as 0: the job then fails at once with "Unable to get
+        // accurate CPU usage" (src/encrypt/target.ts, retryLuksTiming). Try again then.
+        for (let attempt = 1; ; attempt++) {
+          const id = `mkluks${n}-${attempt}`;
+          done = concluded(id);
+          const start = Date.now();
+          await qmp.execute('blockdev-create', {
+            'job-id': id,
+            options: { driver: 'luks', file: `frozen-file${n}`, size: 64 * 1024 * 1024, 'key-secret': 'frozen-key', 'iter-time': 1500 },
+          });
+          await done;
+          const end = Date.now();
+          const jobs = (await qmp.execute('query-jobs')) as { id: string; error?: string }[];
+          const error = jobs.find((j) => j.id === id)?.error;
+          await qmp.execute('job-dismiss', { id });
+          if (error === undefined) return { start, end };
+          ok(attempt < 12 && /accurate CPU usage/i.test(error), `creating the LUKS image failed: ${error}`);
         }
+      };
+      // A vCPU that is halted when the freeze begins (its guest waits for a disk request the
+      // frozen main loop does not complete) does not wait for the lock at all: nothing to
+      // count, now or when the freeze ends. Such a freeze is tried again; the property under
+      // test is that a wait that does happen is counted while it lasts.
+      for (let n = 1; ; n++) {
+        const { start, end } = await freeze(n);
+        await waitUntil('a report after the freeze', () => reports.some((r) => r.epochMs > end + 300));
+        // The last report before the freeze, and the reports well inside it (the freeze ends
+        // before QEMU sends the event; 300 ms of margin for that and the report's own lag).
+        const before = reports.filter((r) => r.epochMs <= start).at(-1)!;
+        const afterIt = reports.find((r) => r.epochMs > end + 300)!;
+        const inside = reports.filter((r) => r.epochMs > start + 300 && r.epochMs < end - 300);
+        ok(end - start >= 1000, `the key derivation froze the main loop for ${end - start} ms`);
+        ok(inside.length >= 5, `${inside.length} reports came during the freeze (bpftrace does not need QEMU's lock)`);
+        if (process.env.IDLECRYPT_TEST_DEBUG) for (const r of reports.filter((r) => r.epochMs > start - 500 && r.epochMs < end + 500)) console.log(r.epochMs - start, wait(r) - wait(before));
+        const waitedMs = (wait(afterIt) - wait(before)) / 1000;
+        if (waitedMs < 800) {
+          ok(n < 3, `in ${n} freezes of the main loop the vCPU never waited for the lock (${waitedMs.toFixed(0)} ms in the last): the guest's vCPU was halted each time`);
+          continue;
+        }
+        // The freeze's start within the command is QEMU's business (the file is opened and
+        // the PBKDF2 rate measured first): look for the longest stretch of reports over which
+        // the total grew by at least 90% of the time between them. Counted only when waits
+        // end, one long wait adds nothing until it ends: no such stretch at all.
+        let longest = 0;
+        for (let i = 0; i < inside.length; i++) {
+          for (let j = inside.length - 1; j > i; j--) {
+            const dt = inside[j]!.epochMs - inside[i]!.epochMs;
+            if (dt <= longest) break;
+            if ((wait(inside[j]!) - wait(inside[i]!)) / 1000 >= 0.9 * dt) longest = dt;
+          }
+        }
+        ok(longest >= 800, `the reports counted the vCPU waiting all the time for ${longest.toFixed(0)} ms of the ${end - start} ms freeze, in which it waited ${waitedMs.toFixed(0)} ms in all (need >= 800 ms)`);
+        break;
       }
-      ok(longest >= 800, `the reports counted the vCPU waiting all the time for ${longest.toFixed(0)} ms of the ${end - start} ms freeze (need >= 800 ms)`);
       for (let i = 1; i < reports.length; i++) ok(wait(reports[i]!) >= wait(reports[i - 1]!), 'the running total never goes back');
     } finally {
       stop$.next();
