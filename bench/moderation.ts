@@ -56,6 +56,7 @@ import { parseArgs } from 'node:util';
 import { ensureImage, makeDiskImage, startTestVm } from '../vm-images/launch.ts';
 import { ensureLibvirtd, TestDomain } from '../vm-images/libvirt.ts';
 import { DomainRecorder } from '../test/helpers/domain-recorder.ts';
+import { startCli } from '../test/helpers/cli.ts';
 import {
   EncryptRun,
   GuestRecorder,
@@ -134,6 +135,8 @@ const SAFETY_LIMIT_MS = 600_000;
 interface Mode {
   readonly id: string;
   readonly label: string;
+  /** no job, but idlecrypt's probes attached (`idlecrypt observe`): what observing costs the guest */
+  readonly observed?: boolean;
   /** encrypt's options; null: no job */
   readonly args: string[] | null;
   /** a fixed cap: cancelled after --max-copy-s, total time extrapolated */
@@ -144,6 +147,7 @@ interface Mode {
 
 const ALL_MODES: Mode[] = [
   { id: 'none', label: '(a) no job', args: null },
+  { id: 'observed', label: "(a') no job, observed (idlecrypt observe, the probes of (d))", args: null, observed: true },
   { id: 'unthrottled', label: '(b) unthrottled mirror (--no-moderation)', args: ['--no-moderation'] },
   { id: 'cap30', label: '(c) fixed cap 30 MiB/s (--speed 30M)', args: ['--speed', '30M'], capped: true },
   { id: 'cap100', label: '(c) fixed cap 100 MiB/s (--speed 100M)', args: ['--speed', '100M'], capped: true },
@@ -151,6 +155,7 @@ const ALL_MODES: Mode[] = [
   // libvirt only: the opt-in pause through QEMU's job-pause (libvirt's monitor pass-through).
   { id: 'idlecrypt-qemu', label: '(d) idlecrypt, default policy, --pause qemu', args: [...(values.policy ? ['--policy', values.policy] : []), '--pause', 'qemu'], moderated: true },
 ];
+const hasObserved = values.modes!.split(',').some((m) => m.trim() === 'observed');
 const modes = values.modes!.split(',').map((id) => {
   const m = ALL_MODES.find((x) => x.id === id.trim());
   if (!m) throw new Error(`unknown mode ${id} (known: ${ALL_MODES.map((x) => x.id).join(', ')})`);
@@ -241,9 +246,16 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
     let completed = false;
     let cancelledAt: number | null = null;
     if (mode.args === null) {
-      from = idle0 + NO_JOB_FROM_MS;
+      // (a') the probes of (d), every 50 ms as the controller samples, attached before measuring.
+      const obs = mode.observed ? startCli(['observe', '--pid', String(guest.pid), '--interval', '50', '--json']) : undefined;
+      if (obs) await obs.waitForStdout(/"interval_s"/, 30_000);
+      from = Math.max(idle0 + NO_JOB_FROM_MS, now());
       to = from + NO_JOB_FOR_MS;
       await sleepUntil(to);
+      if (obs) {
+        obs.child.kill('SIGINT');
+        await obs.result;
+      }
     } else {
       run = new EncryptRun([...guest.args, '--target', target, '--key-file', keyFile, '--iter-time', '50', ...mode.args], path.join(work, `${name}.lp`));
       const limitMs = mode.capped || values.bounded ? maxCopyMs : SAFETY_LIMIT_MS;
@@ -378,6 +390,8 @@ interface Row {
   runs: Run[];
   guestBusy: number | null;
   guestRel: number | null;
+  /** against (a'): the same guest observed, no job; null when (a') was not run */
+  guestRelObserved: number | null;
   jobIdle: number | null;
   jobIdleAfter: number | null;
   jobBusy: number | null;
@@ -394,6 +408,7 @@ const med = (xs: (number | null)[]): number | null => {
 
 function summarise(runs: Run[]): Row[] {
   const base = med(runs.filter((r) => r.mode === 'none').map((r) => r.guestBusyBps));
+  const observed = med(runs.filter((r) => r.mode === 'observed').map((r) => r.guestBusyBps));
   return modes.map((mode) => {
     const rs = runs.filter((r) => r.mode === mode.id);
     const guestBusy = med(rs.map((r) => r.guestBusyBps));
@@ -402,6 +417,7 @@ function summarise(runs: Run[]): Row[] {
       runs: rs,
       guestBusy,
       guestRel: guestBusy !== null && base ? guestBusy / base : null,
+      guestRelObserved: guestBusy !== null && observed ? guestBusy / observed : null,
       jobIdle: med(rs.map((r) => r.jobIdleBps)),
       jobIdleAfter: med(rs.map((r) => r.jobIdleAfterHoldoffBps)),
       jobBusy: med(rs.map((r) => r.jobBusyBps)),
@@ -418,11 +434,12 @@ const mib = (bps: number | null) => (bps === null ? '-' : (bps / MiB).toFixed(0)
 
 function table(rows: Row[]): string[][] {
   return [
-    ['mode', 'guest MiB/s in busy phases', 'vs (a)', 'job MiB/s in idle phases (after hold-off)', 'job MiB/s in busy phases', `time to encrypt ${sizeMiB} MiB (s)`, 'reaction p50 / p95 (ms)', 'from the first request p50 / p95 (ms)', 'runs beside others\' guests'],
+    ['mode', 'guest MiB/s in busy phases', 'vs (a)', ...(hasObserved ? ["vs (a')"] : []), 'job MiB/s in idle phases (after hold-off)', 'job MiB/s in busy phases', `time to encrypt ${sizeMiB} MiB (s)`, 'reaction p50 / p95 (ms)', 'from the first request p50 / p95 (ms)', 'runs beside others\' guests'],
     ...rows.map((r) => [
       r.mode.label,
       mib(r.guestBusy),
       r.guestRel === null ? '-' : `${(100 * r.guestRel).toFixed(0)}%`,
+      ...(hasObserved ? [r.guestRelObserved === null ? '-' : `${(100 * r.guestRelObserved).toFixed(0)}%`] : []),
       r.mode.args === null ? '-' : `${mib(r.jobIdle)} (${mib(r.jobIdleAfter)})`,
       r.mode.args === null ? '-' : mib(r.jobBusy),
       r.mode.args === null ? '-' : `${r.totalApprox ? '≈' : ''}${f0(r.total)}`,
@@ -601,10 +618,10 @@ const perRun = [
     String(r.round + 1),
     r.mode,
     mib(r.guestBusyBps),
-    r.mode === 'none' ? '-' : `${mib(r.jobIdleBps)} (${mib(r.jobIdleAfterHoldoffBps)})`,
-    r.mode === 'none' ? '-' : mib(r.jobBusyBps),
+    r.bytesCopied === null && r.jobIdleBps === null ? '-' : `${mib(r.jobIdleBps)} (${mib(r.jobIdleAfterHoldoffBps)})`,
+    r.bytesCopied === null && r.jobIdleBps === null ? '-' : mib(r.jobBusyBps),
     r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(1)}`,
-    r.mode === 'none' ? '-' : `${r.reactionsMs.map((x) => x.toFixed(0)).join(' ') || '-'} (${r.reactionsSkipped})`,
+    r.jobIdleBps === null ? '-' : `${r.reactionsMs.map((x) => x.toFixed(0)).join(' ') || '-'} (${r.reactionsSkipped})`,
     r.reactionsFromRequestMs.map((x) => x.toFixed(0)).join(' ') || '-',
     r.others.join(' / '),
     r.loadavg.map((x) => x.toFixed(1)).join(' / '),

@@ -118,7 +118,9 @@ export class LibvirtClient {
     });
     if (first.event === 'error') {
       child.kill();
-      throw new IdlecryptError('LIBVIRT', `cannot connect to libvirt at ${uri}: ${String(first.message)}`);
+      // Not root: libvirt's own message speaks of polkit or the system bus; say what it means.
+      const hint = process.getuid?.() !== 0 && /\/system\b/.test(uri) ? ` (not permitted? ${uri} needs root, or a user in group libvirt)` : '';
+      throw new IdlecryptError('LIBVIRT', `cannot connect to libvirt at ${uri}: ${String(first.message).replace(/\s*\n\s*/g, ' ')}${hint}`);
     }
     const client = new LibvirtClient(child, String(first.uri ?? uri), Number(first.libvirt ?? 0), log, o.reconnectTimeoutMs ?? 120_000);
     lines.on('line', (l) => client.onLine(l));

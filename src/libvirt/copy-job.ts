@@ -119,16 +119,35 @@ export class LibvirtCopyJob implements JobControl {
    */
   async pause(): Promise<void> {
     if (this.pauseMode === 'speed') return this.setSpeed(LIBVIRT_PAUSED_SPEED);
-    const j = await this.qemuJob();
-    if (!j) throw new IdlecryptError('JOB_FAILED', `QEMU lists no copy job for ${this.id}`);
-    if (!j.paused) await this.monitor('job-pause', { id: j.device });
+    await this.qemuVerb('job-pause', true);
   }
 
   async resume(): Promise<void> {
     // Mode speed: nothing is paused; the controller sets the speed it wants next.
     if (this.pauseMode === 'speed') return;
-    const j = await this.qemuJob();
-    if (j?.paused) await this.monitor('job-resume', { id: j.device });
+    await this.qemuVerb('job-resume', false);
+  }
+
+  /**
+   * job-pause or job-resume, sent straight away once the job's id is known: one monitor
+   * round trip, which counts while the copy fills QEMU's main loop. QEMU refuses to pause
+   * a paused job (and to resume a running one): then the job's state is read, and if it is
+   * already as wanted that is success.
+   */
+  private async qemuVerb(verb: 'job-pause' | 'job-resume', paused: boolean): Promise<void> {
+    const id = this.qemuId ?? (await this.qemuJob())?.device;
+    if (id === undefined) {
+      if (!paused) return; // no job: nothing to resume
+      throw new IdlecryptError('JOB_FAILED', `QEMU lists no copy job for ${this.id}`);
+    }
+    try {
+      await this.monitor(verb, { id });
+    } catch (e) {
+      const j = await this.qemuJob();
+      if (j && j.paused === paused) return;
+      if (!j && !paused) return;
+      throw e;
+    }
   }
 
   /** The pivot (virDomainBlockJobAbort with PIVOT): returns once the guest runs on the copy. */

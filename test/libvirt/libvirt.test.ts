@@ -9,7 +9,7 @@ import { ok, equal, match } from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
-import { chmod, mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -194,6 +194,21 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
       ok(r.code !== 0, r.stderr);
       match(r.stderr, re);
     }
+    // libvirtd not running (a socket nobody listens on) and not permitted (not root).
+    const down = await runCli(['encrypt', '--domain', name, '--disk', 'vda', '--target', target, '--key-file', keyFile, '--connect', 'qemu+unix:///system?socket=/nonexistent.sock']);
+    equal(down.code, 1, down.stderr);
+    match(down.stderr, /^idlecrypt: cannot connect to libvirt at qemu\+unix:\/\/\/system\?socket=\/nonexistent\.sock: Failed to connect socket to '\/nonexistent\.sock'/m);
+    const userDir = join(dir, 'nobody');
+    await mkdir(userDir);
+    await execFileP('chown', ['nobody', userDir]);
+    const userKey = join(userDir, 'key');
+    await writeFile(userKey, key, { mode: 0o644 });
+    const denied = await execFileP('runuser', ['-u', 'nobody', '--', 'env', `IDLECRYPT_STATE_DIR=${userDir}`, join(process.cwd(), 'bin/idlecrypt'), 'encrypt', '--domain', name, '--disk', 'vda', '--target', join(userDir, 't.luks'), '--key-file', userKey]).then(
+      () => assertFail('a non-root user reached qemu:///system'),
+      (e: { code?: number; stderr?: string }) => e,
+    );
+    equal(denied.code, 1, denied.stderr);
+    match(denied.stderr ?? '', /^idlecrypt: cannot connect to libvirt at qemu:\/\/\/system: .*\(not permitted\? qemu:\/\/\/system needs root, or a user in group libvirt\)$/m);
     const obs = await runCli(['observe', '--domain', `no-such-${process.pid}`, '--duration', '1']);
     equal(obs.code, 1, obs.stderr);
     match(obs.stderr, /^idlecrypt: libvirt at qemu:\/\/\/system has no domain 'no-such-\d+'/m);
@@ -262,7 +277,7 @@ describe('idlecrypt encrypt --domain: faults', () => {
     const { d } = await domain(name, { workload: 'bursty', params: { idle: 3, busy: 2, region_mb: 16 }, sizeMiB: 256, persistent: false });
     // The idle speed capped, so that the copy surely spans busy phases and the restart below.
     const policy = join(dir, 'd-policy.yaml');
-    await writeFile(policy, 'speed:\n  idle: 32MiB\n');
+    await writeFile(policy, 'speed:\n  idle: 48MiB\n');
     const target = join(dir, 'd.luks');
     // Another tool's copy on the disk: refused in one line, nothing made.
     await virsh('blockcopy', name, 'vda', join(dir, 'd-other.raw'), '--transient-job', '--bandwidth', '1');
@@ -274,7 +289,8 @@ describe('idlecrypt encrypt --domain: faults', () => {
     await rm(join(dir, 'd-other.raw'), { force: true });
 
     const run = startCli(['encrypt', '--domain', name, '--disk', 'vda', '--target', target, '--key-file', keyFile, '--iter-time', '100', '--pause', 'qemu', '--policy', policy, '--json']);
-    await run.waitForStdout(/"offset":[1-9]/, 60_000);
+    // Paused by QEMU for a busy phase (not 1 byte/s), then:
+    await run.waitForStdout(/"speed_limit_bps":(?!1,)\d+,"paused":true/, 60_000);
     // libvirtd goes away and comes back (a package upgrade, `systemctl restart libvirtd`).
     await execFileP('pkill', ['-x', 'libvirtd']);
     for (let i = 0; i < 100 && (await execFileP('pgrep', ['-x', 'libvirtd']).then(() => true, () => false)); i++) await new Promise((res) => setTimeout(res, 100));
@@ -289,6 +305,9 @@ describe('idlecrypt encrypt --domain: faults', () => {
     const lines = jsonLines(r.stdout);
     ok(lines.some((l) => l.event === 'note' && l.taint === 'custom-monitor'), 'the run says the domain is tainted');
     const progress = lines.filter((l) => l.event === 'progress');
+    const at = (phase: string) => Date.parse(String(lines.find((l) => l.event === 'phase' && l.phase === phase)?.time));
+    const readyAt = Date.parse(String(progress.find((p) => p.status === 'ready' || p.status === 'standby')?.time));
+    t.diagnostic(`copying ${((readyAt - at('copying')) / 1000).toFixed(1)} s to READY, then ${((at('completing') - readyAt) / 1000).toFixed(1)} s waiting for a quiet guest; ${progress.length} progress records`);
     const seen = [...new Set(progress.map((p) => `${String(p.state)}/${String(p.mode)}/${String(p.status)}`))].join(', ');
     ok(progress.some((p) => p.mode === 'paused' && p.paused === true && p.speed_limit_bps !== 1), `paused with QEMU's job-pause, not a speed (seen: ${seen})`);
     match(await readFile(`/var/log/libvirt/qemu/${name}.log`, 'utf8'), /tainted: custom-monitor/);
