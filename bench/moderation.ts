@@ -54,7 +54,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { ensureImage, makeDiskImage, startTestVm } from '../vm-images/launch.ts';
-import { ensureLibvirtd, TestDomain } from '../vm-images/libvirt.ts';
+import { ensureLibvirtd, TestDomain, virsh } from '../vm-images/libvirt.ts';
 import { DomainRecorder } from '../test/helpers/domain-recorder.ts';
 import { startCli } from '../test/helpers/cli.ts';
 import {
@@ -364,7 +364,14 @@ async function bootGuest(mode: Mode, name: string, src: string, vmDir: string, p
     const d = await TestDomain.start({ name: `${name}-${process.pid}`, dir: vmDir, disk: src, format: DISKS[diskKind].format, cache, workload, params, persistent: false, memoryMiB: 256 });
     const rec = new DomainRecorder(d);
     await rec.poll({ intervalMs: POLL_MS, qemuJobs: mode.id === 'idlecrypt-qemu' });
-    return { rec, pid: await d.pid(), args: ['--domain', d.name, '--disk', 'vda'], stop: () => d.remove() };
+    const stop = async () => {
+      await d.remove();
+      // The secret a completed run defined for its image (usage volume under this run's folder): the domain is gone.
+      for (const m of (await virsh('secret-list').catch(() => '')).matchAll(/^\s*([0-9a-f-]{36})\s+volume (\S+)/gm)) {
+        if (m[2]!.startsWith(`${path.dirname(vmDir)}/`)) await virsh('secret-undefine', m[1]!).catch(() => undefined);
+      }
+    };
+    return { rec, pid: await d.pid(), args: ['--domain', d.name, '--disk', 'vda'], stop };
   }
   const vm = await startTestVm({ name, disk: src, dir: vmDir, cache, workload, params });
   const rec = new GuestRecorder(vm);
