@@ -55,8 +55,12 @@ export interface LibvirtConnectOptions {
   readonly reconnectTimeoutMs?: number;
 }
 
-/** Calls that may be sent again after libvirtd came back (reads, and setting a speed). */
-const REPEATABLE = new Set(['ping', 'domains', 'domain', 'disks', 'block-info', 'block-stats', 'job-info', 'set-speed', 'secret', 'xml']);
+/**
+ * Calls that may be sent again after libvirtd came back: reads, setting a speed, and the
+ * monitor pass-through, which idlecrypt uses only for query-block-jobs, job-pause and
+ * job-resume (copy-job.ts treats a pause of a paused job as done).
+ */
+const REPEATABLE = new Set(['ping', 'domains', 'domain', 'disks', 'block-info', 'block-stats', 'job-info', 'set-speed', 'secret', 'xml', 'monitor']);
 
 export class LibvirtClient {
   private readonly pending = new Map<number, Pending>();

@@ -193,8 +193,6 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       if (info && disk.mirror?.source === prior.target) {
         adopting = prior;
         job.ready = disk.mirror.ready === 'yes';
-        // Paused with QEMU's job-pause by the run before: the controller starts from running.
-        if (prior.pause === 'qemu' && pauseMode === 'speed') await new LibvirtCopyJob(client, o.domain, o.disk, 'qemu').resume();
       } else {
         const removed = await undo(client, prior, log);
         await store.remove(prior.tag);
@@ -263,7 +261,10 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
     try {
       if (adopting) {
         if (mod) await untilAborted(mod.attached, o.signal, o.detach);
-        if (o.detach?.aborted) throw detached(targetPath, true);
+        if (o.detach?.aborted) throw detached(targetPath, true, adopting.pause);
+        // Paused with QEMU's job-pause by the run before (a detach): resumed, so that the
+        // controller starts from a running job (a paused one it would take for someone else's).
+        if (adopting.pause === 'qemu') await new LibvirtCopyJob(client, o.domain, o.disk, 'qemu').resume();
         const at = await mustSnapshot(job);
         o.onNote?.(`resuming the copy into ${targetPath} that an earlier run (pid ${adopting.owner.pid}) left at ${at.len > 0 ? ((100 * at.offset) / at.len).toFixed(1) : '0.0'}%`, { resumed: 'adopted', tag, offset: at.offset, len: at.len });
         await job.setSpeed(o.speed);
@@ -295,18 +296,18 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       const moderation = mod?.moderation;
       const wo = { ...(o.signal ? { signal: o.signal } : {}), ...(o.detach ? { detach: o.detach } : {}), pollMs: o.pollMs ?? 250, logger: log, onProgress: (p: Progress) => report(p) };
       const gone$ = merge(client.closed$, client.events$.pipe(filter((e) => e.event === 'lifecycle' && e.domain === o.domain)));
-      // At READY, no quiet-moment wait as the QMP engine makes: QEMU's mirror ignores its
-      // speed once READY (copy-job.ts), so a held copy would follow the guest's writes at
-      // full speed for as long as we waited. The pivot now costs the guest the least.
+      // At READY, with the speed pause, no quiet-moment wait as the QMP engine makes: QEMU's
+      // mirror ignores its speed once READY (copy-job.ts), so a held copy would follow the
+      // guest's writes at full speed for as long as we waited; the pivot now costs the guest
+      // the least. With QEMU's own pause the copy holds at READY: wait as the QMP engine does.
       let outcome = await waitUntilReady(job, merge(events$, gone$), meter, wo, moderation);
-      // With QEMU's own pause the copy holds at READY: wait for a quiet moment as the QMP engine does.
       if (outcome === 'ready' && moderation && job.canPause) outcome = await waitForQuiet(job, gone$, meter, wo, moderation);
       if (outcome === 'detach') {
         await moderation?.close();
         // libvirt keeps the job; held (1 byte/s, or paused) nobody's guest is disturbed while nobody moderates.
         await job.pause().catch((e: unknown) => log.warn({ err: describe(e) }, 'could not hold the copy while detaching'));
-        log.info({ domain: o.domain, disk: o.disk, target: targetPath }, 'detached: the copy is left to libvirt at 1 byte/s for the next run to adopt');
-        throw detached(targetPath, true);
+        log.info({ domain: o.domain, disk: o.disk, target: targetPath }, `detached: the copy is left to libvirt ${held(pauseMode)} for the next run to adopt`);
+        throw detached(targetPath, true, pauseMode);
       }
       if (outcome !== 'ready') {
         o.onPhase?.('cancelling', { device: o.disk, source: disk.source! });
@@ -378,10 +379,12 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
   }
 }
 
-function detached(target: string, copying: boolean): IdlecryptError {
+const held = (mode: LibvirtPauseMode) => (mode === 'qemu' ? "paused (QEMU's job-pause)" : 'at 1 byte/s');
+
+function detached(target: string, copying: boolean, mode: LibvirtPauseMode = 'speed'): IdlecryptError {
   return new IdlecryptError(
     'DETACHED',
-    copying ? `detached: the copy into ${target} is left to libvirt at 1 byte/s for the next run to resume` : `detached before the copy started; ${target} is left for the next run to roll back`,
+    copying ? `detached: the copy into ${target} is left to libvirt ${held(mode)} for the next run to resume` : `detached before the copy started; ${target} is left for the next run to roll back`,
     { context: { target } },
   );
 }

@@ -19,7 +19,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { LibvirtClient } from '../../src/libvirt/client.ts';
 import type { BlockJobInfo } from '../../src/libvirt/types.ts';
 import type { TestDomain } from '../../vm-images/libvirt.ts';
-import { now, phasesFrom, sleepUntil, type JobEvent, type Phase, type Sample } from './moderation-lab.ts';
+import { nextPhaseLine, now, phasesFrom, sleepUntil, type JobEvent, type Phase, type Sample } from './moderation-lab.ts';
 
 export class DomainRecorder {
   readonly lines: { t: number; line: string }[] = [];
@@ -98,14 +98,8 @@ export class DomainRecorder {
     return phasesFrom(this.lines);
   }
 
-  async nextPhase(kind: 'idle' | 'busy', after: number, timeoutMs = 40_000): Promise<number> {
-    const deadline = now() + timeoutMs;
-    for (;;) {
-      const hit = this.lines.find((l) => l.t > after && l.line.startsWith(`PHASE ${kind} `));
-      if (hit) return hit.t;
-      if (now() > deadline) throw new Error(`${this.domain.name}: no PHASE ${kind} line within ${timeoutMs} ms`);
-      await sleep(20);
-    }
+  nextPhase(kind: 'idle' | 'busy', after: number, timeoutMs = 40_000): Promise<number> {
+    return nextPhaseLine(this.lines, kind, after, timeoutMs, this.domain.name, () => sleep(20));
   }
 }
 

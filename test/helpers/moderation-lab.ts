@@ -173,16 +173,12 @@ export class GuestRecorder {
 
   /** Arrival time of the first PHASE `kind` line that arrives after `after`. */
   async nextPhase(kind: 'idle' | 'busy', after: number, timeoutMs = 40_000): Promise<number> {
-    const deadline = now() + timeoutMs;
-    for (;;) {
-      const hit = this.lines.find((l) => l.t > after && l.line.startsWith(`PHASE ${kind} `));
-      if (hit) return hit.t;
-      if (now() > deadline) throw new Error(`${this.vm.name}: no PHASE ${kind} line within ${timeoutMs} ms`);
-      await new Promise<void>((resolve) => {
+    return nextPhaseLine(this.lines, kind, after, timeoutMs, this.vm.name, () =>
+      new Promise<void>((resolve) => {
         this.waiters.push(resolve);
         setTimeout(resolve, 200);
-      });
-    }
+      }),
+    );
   }
 
   /** Waits until a poll shows a job, and returns that sample. */
@@ -194,6 +190,17 @@ export class GuestRecorder {
       if (now() > deadline) throw new Error(`${this.vm.name}: no copy job within ${timeoutMs} ms`);
       await sleep(10);
     }
+  }
+}
+
+/** Arrival time of the first PHASE `kind` line after `after`, waiting (`more`) for lines to come. */
+export async function nextPhaseLine(lines: readonly { t: number; line: string }[], kind: 'idle' | 'busy', after: number, timeoutMs: number, name: string, more: () => Promise<void>): Promise<number> {
+  const deadline = now() + timeoutMs;
+  for (;;) {
+    const hit = lines.find((l) => l.t > after && l.line.startsWith(`PHASE ${kind} `));
+    if (hit) return hit.t;
+    if (now() > deadline) throw new Error(`${name}: no PHASE ${kind} line within ${timeoutMs} ms`);
+    await more();
   }
 }
 
