@@ -23,7 +23,7 @@
 import { mkdir, open, readFile, rm } from 'node:fs/promises';
 import { watch as watchFs, type FSWatcher } from 'node:fs';
 import path from 'node:path';
-import { BehaviorSubject, Subject, of, share, shareReplay, switchMap, takeUntil, type Observable, type Subscription } from 'rxjs';
+import { BehaviorSubject, Subject, of, share, shareReplay, switchMap, takeUntil, tap, timer, type Observable, type Subscription } from 'rxjs';
 import { describeError, IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import { ProcfsDiscovery } from '../discovery/procfs.ts';
@@ -92,6 +92,10 @@ export function runDir(): string {
 /** Errors that end a disk's attempt: retrying cannot help until the configuration changes. */
 const TERMINAL = new Set(['KEY_FILE', 'TARGET_EXISTS', 'NO_SPACE', 'UNKNOWN_DEVICE', 'JOB_EXISTS', 'USAGE', 'JOB_FAILED', 'POLICY']);
 const BACKOFF_MS = [2_000, 5_000, 15_000, 60_000];
+/** How long the observation outlives the last copy (the next disk often follows at once). */
+const OBSERVE_LINGER_MS = 30_000;
+/** How long a settled VM's disk listing is trusted without a change event. */
+const SETTLED_RESYNC_MS = 60_000;
 
 interface Worker {
   readonly key: string;
@@ -113,6 +117,8 @@ export class Agent {
   private readonly workers = new Map<string, Worker>();
   private readonly status = new Map<string, DiskStatus>();
   private readonly retryAt = new Map<string, number>();
+  /** Each session's last listing of disks, reused while nothing changed (see reconcile). */
+  private readonly listed = new WeakMap<VmSession, { generation: number; until: number; disks: AgentDisk[] }>();
   private readonly subs: Subscription[] = [];
   private vms: VmInfo[] = [];
   /** No pass before the first VM list: every configured VM would look stopped. */
@@ -144,6 +150,7 @@ export class Agent {
       log: this.log,
       stores: { qmp: this.store, libvirt: this.libvirtStore },
       onClosed: () => this.kick(),
+      onChanged: () => this.kick(),
       backend: () => this.config.backend,
       uri: () => this.config.connect,
       libvirtPause: () => this.config.libvirtPause,
@@ -162,18 +169,30 @@ export class Agent {
       shareReplay({ bufferSize: 1, refCount: false }),
     );
     this.subs.push(this.policy$.subscribe({ error: (e: unknown) => this.log.error({ err: describeError(e) }, 'policy') }));
-    // One observation for the host: every QEMU, followed as VMs come and go.
+    // One observation for the host: every QEMU, followed as VMs come and go. One VM list
+    // for the observation and the loop. It runs while there is a copy to moderate: the runs
+    // subscribe, bpftrace starts with the first and stops OBSERVE_LINGER_MS after the last,
+    // so a host with nothing to copy pays no probes (bench/agent-scale.ts). Copies a dead
+    // agent left are to be moderated again at once: with run records at the start, the
+    // observation starts with the agent.
+    const discovery = this.o.discovery ?? new ProcfsDiscovery();
     this.samples$ = activity$({
       intervalMs: c.policy.sampling.interval,
       source: this.o.source ?? 'auto',
       logger: this.log,
       stop$: this.stop$,
       ...(this.o.bpftrace !== undefined ? { bpftrace: this.o.bpftrace } : {}),
-      ...(this.o.discovery ? { discovery: this.o.discovery } : {}),
+      discovery,
       onStatus: (s) => this.log.info({ status: s.type, ...('reason' in s ? { reason: s.reason } : {}) }, `observation: ${s.type}`),
-    }).pipe(share());
-    this.subs.push(this.samples$.subscribe({ error: (e: unknown) => this.log.error({ err: describeError(e) }, 'observation failed; copies run at their idle speed') }));
-    const discovery = this.o.discovery ?? new ProcfsDiscovery();
+    }).pipe(
+      tap({ error: (e: unknown) => this.log.error({ err: describeError(e) }, 'observation failed; copies run at their idle speed') }),
+      share({ resetOnRefCountZero: () => timer(OBSERVE_LINGER_MS) }),
+    );
+    if ((await recordTargets({ qmp: this.store, libvirt: this.libvirtStore })).size > 0) {
+      const early = this.samples$.subscribe({ error: () => undefined });
+      this.subs.push(early);
+      setTimeout(() => early.unsubscribe(), OBSERVE_LINGER_MS).unref();
+    }
     this.subs.push(
       discovery.watch().pipe(takeUntil(this.stop$)).subscribe({
         next: (vms) => {
@@ -327,20 +346,33 @@ export class Agent {
         continue;
       }
       this.backendOf.set(name, session.backend);
+      const running = [...this.workers.keys()].some((k) => k.startsWith(`${name}/`));
+      // A VM with no run of ours and no change its session has seen since the last listing
+      // is not asked again before SETTLED_RESYNC_MS: 100 watched VMs cost the agent 130 QMP
+      // commands a second otherwise (bench/agent-scale.ts).
+      const last = this.listed.get(session);
+      const generation = session.generation;
       let disks: AgentDisk[];
-      try {
-        disks = await session.disks();
-      } catch (e) {
-        this.log.warn({ vm: name, err: describeError(e) }, 'cannot list the VM\'s disks');
-        continue;
-      }
-      // Copies of ours no readable record describes: rolled back, the disk queued again.
-      // Not while a run of ours works on this VM (its record may be newer than our reading).
-      if (![...this.workers.keys()].some((k) => k.startsWith(`${name}/`))) {
-        const fresh = async () => new Set((await this.store.scan()).records.map((r) => r.tag));
-        await session.rollBackOrphans(known, fresh, this.log).catch((e: unknown) =>
-          this.log.error({ vm: name, err: describeError(e) }, 'rolling back a copy with no run record failed'),
-        );
+      if (!running && last && generation !== undefined && last.generation === generation && Date.now() < last.until) {
+        disks = last.disks;
+      } else {
+        try {
+          disks = await session.disks();
+        } catch (e) {
+          this.log.warn({ vm: name, err: describeError(e) }, 'cannot list the VM\'s disks');
+          continue;
+        }
+        // Copies of ours no readable record describes: rolled back, the disk queued again.
+        // Not while a run of ours works on this VM (its record may be newer than our reading).
+        if (!running) {
+          const fresh = async () => new Set((await this.store.scan()).records.map((r) => r.tag));
+          await session.rollBackOrphans(known, fresh, this.log).catch((e: unknown) =>
+            this.log.error({ vm: name, err: describeError(e) }, 'rolling back a copy with no run record failed'),
+          );
+        }
+        if (running || generation === undefined) this.listed.delete(session);
+        // Spread over ±25%, so that 100 VMs listed at the start are not all asked again at once.
+        else this.listed.set(session, { generation, until: Date.now() + SETTLED_RESYNC_MS * (0.75 + Math.random() / 2), disks });
       }
       const chosen: (AgentDisk | { missing: string })[] =
         entry.disks === 'all' ? disks : entry.disks.map((id) => disks.find((d) => d.ids.includes(id)) ?? { missing: id });

@@ -70,6 +70,12 @@ export interface VmSession {
   readonly backend: 'qmp' | 'libvirt';
   /** The session still works (its QMP connection or libvirt's is up). */
   readonly live: boolean;
+  /**
+   * Bumped whenever the VM's disks or block jobs change (QMP events: a device added or
+   * removed, a job ended); the loop may then reuse what it last listed. Undefined: no such
+   * events, list again on every pass.
+   */
+  readonly generation?: number;
   disks(): Promise<AgentDisk[]>;
   /** Copies of ours that no readable record describes, rolled back (QMP only: orphans.ts). */
   rollBackOrphans(known: ReadonlySet<string>, fresh: () => Promise<Set<string>>, log: Logger): Promise<void>;
@@ -88,7 +94,7 @@ export async function recordTargets(stores: { qmp: RunStore; libvirt: ReturnType
  * libvirt connection for the host; forgets a session when its connection drops.
  */
 export class Sessions {
-  private readonly qmp = new Map<string, { session: VmSession; client: QmpClient }>();
+  private readonly qmp = new Map<string, { session: VmSession & { changed(): void }; client: QmpClient }>();
   private readonly connecting = new Set<string>();
   private libvirt: LibvirtClient | undefined;
   private libvirtConnecting: Promise<LibvirtClient> | undefined;
@@ -100,6 +106,8 @@ export class Sessions {
       readonly log: Logger;
       readonly stores: { qmp: RunStore; libvirt: ReturnType<typeof libvirtRunStore> };
       readonly onClosed: () => void;
+      /** A VM's disks or jobs changed (its session's generation moved on). */
+      readonly onChanged: () => void;
       readonly backend: () => BackendChoice;
       readonly uri: () => string;
       /** How libvirt copies are paused (config `libvirt-pause`). */
@@ -141,6 +149,11 @@ export class Sessions {
       const client = await QmpClient.connect(socket, { logger: this.o.log });
       const session = qmpSession(vm, client, socket, this.o.stores.qmp);
       this.qmp.set(id, { session, client });
+      client.events$.subscribe((e) => {
+        if (!CHANGE_EVENTS.has(e.event) || (e.event === 'JOB_STATUS_CHANGE' && e.data?.status !== 'null')) return;
+        session.changed();
+        this.o.onChanged();
+      });
       client.closed$.subscribe(() => {
         this.qmp.delete(id);
         this.o.onClosed();
@@ -197,12 +210,22 @@ export class Sessions {
   }
 }
 
-function qmpSession(vm: VmInfo & { name: string }, client: QmpClient, socket: string, store: RunStore): VmSession {
+/** QMP events after which a VM's disks or jobs differ: devices come or go, a job ends. */
+const CHANGE_EVENTS = new Set(['DEVICE_ADDED', 'DEVICE_DELETED', 'BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED', 'JOB_STATUS_CHANGE']);
+
+function qmpSession(vm: VmInfo & { name: string }, client: QmpClient, socket: string, store: RunStore): VmSession & { changed(): void } {
+  let generation = 0;
   return {
     vm,
     backend: 'qmp',
     get live() {
       return client.state === 'running';
+    },
+    get generation() {
+      return generation;
+    },
+    changed() {
+      generation++;
     },
     async disks() {
       return (await listDisks(client)).map((d) => ({ label: diskLabel(d), ids: [d.qdevId, d.device, d.nodeName].filter((x) => x !== ''), file: d.file, encrypted: d.encrypted }));

@@ -389,7 +389,7 @@ function qmpWake$(client: QmpClient, job: JobControl): Observable<unknown> {
  * At READY the target is in sync and the mirror keeps copying what the guest writes. The
  * pivot itself copies the last dirty blocks at full speed, so do it while the guest is
  * quiet: wait until the controller calls the guest idle and nothing is left to copy,
- * for at most convergeWaitMs (a guest that is never quiet still gets its pivot), and
+ * for at most the policy's pivot.quiet-wait (a guest that is never quiet still gets its pivot), and
  * never past half the time left to the policy's deadline. The deadline is for the
  * encryption, pivot included, and the guarantee cannot see this wait: a busy guest keeps
  * the job paused at READY, and a paused mirror's `len` no longer grows with the guest's
@@ -397,7 +397,7 @@ function qmpWake$(client: QmpClient, job: JobControl): Observable<unknown> {
  */
 export async function waitForQuiet(job: WaitableJob, closed$: Observable<unknown>, meter: ProgressMeter, o: WaitOptions, mod: RunModeration): Promise<'ready' | 'cancel' | 'detach'> {
   const pollMs = o.pollMs ?? 250;
-  const until = performance.now() + (o.convergeWaitMs ?? 30_000);
+  const until = performance.now() + (o.convergeWaitMs ?? mod.policy?.pivot['quiet-wait'] ?? 30_000);
   const readyAt = Date.now();
   for (;;) {
     if (o.signal?.aborted) return 'cancel';

@@ -11,6 +11,7 @@ export function resolvePolicy(policy: Policy, vm: string): EffectivePolicy {
     speed: m.speed,
     holdoff: m.holdoff,
     guarantee: m.guarantee,
+    pivot: m.pivot,
     sampling: policy.sampling,
     source: policy.source,
     ...(own ? { override: vm } : {}),
@@ -38,6 +39,7 @@ function describeModeration(m: Moderation): string[] {
     `speed: idle ${formatSpeed(m.speed.idle)}, busy ${formatSpeed(m.speed.busy)}; idle speed again after ${formatDuration(m.holdoff)} quiet`,
     m.speed.headroom === null ? 'headroom: off (the idle speed may take all of QEMU\'s main loop)' : `headroom: the copy leaves ${Math.round(m.speed.headroom * 100)}% of QEMU's main loop free`,
     `guarantee: ${deadline}${g.deadline === null ? '' : ` (margin ${g.margin})`}, floor ${g.floor === 0 ? 'none' : formatSpeed(g.floor)}`,
+    `pivot: once caught up, waits up to ${formatDuration(m.pivot['quiet-wait'])} for a quiet guest`,
   ];
 }
 

@@ -61,6 +61,11 @@ export const moderationShape = {
       return { ok: true, value: v };
     }),
   }),
+  /** The pivot onto the encrypted image once the copy has caught up (READY). */
+  pivot: section({
+    /** ms to wait at READY for a quiet guest (idle, nothing left to copy) before pivoting anyway. */
+    'quiet-wait': scalar(parseDuration),
+  }),
 };
 
 export const moderationSchema = section(moderationShape);

@@ -91,6 +91,7 @@ describe('the shipped default policy', () => {
       'speed: idle unlimited, busy paused; idle speed again after 1s quiet',
       "headroom: the copy leaves 10% of QEMU's main loop free",
       "guarantee: finish within 4h of the job's start (margin 1.25), floor none",
+      'pivot: once caught up, waits up to 30s for a quiet guest',
     ]);
   });
 });
@@ -185,7 +186,7 @@ describe('per-VM overrides', () => {
   test('a bad override is reported at its place under vms', () => {
     assert.deepEqual(problems('vms:\n  web:\n    speed:\n      busy: -20MiB\n    sampling:\n      interval: 10ms\n'), [
       'p.yaml:4:13: vms.web.speed.busy: a speed cannot be negative, got "-20MiB"',
-      'p.yaml:5:5: vms.web.sampling: unknown key; expected one of thresholds, speed, holdoff, guarantee',
+      'p.yaml:5:5: vms.web.sampling: unknown key; expected one of thresholds, speed, holdoff, guarantee, pivot',
     ]);
   });
 });
@@ -207,7 +208,7 @@ describe('bad policy files are rejected with the file, line, column and key', ()
       'p.yaml:2:3: thresholds.dsik: unknown key (did you mean disk?); expected one of disk, keyboard, pointer, interrupts, stall',
     ]);
     assert.deepEqual(problems('hold_off: 1s\n'), [
-      'p.yaml:1:1: hold_off: unknown key (did you mean holdoff?); expected one of sampling, thresholds, speed, holdoff, guarantee, vms',
+      'p.yaml:1:1: hold_off: unknown key (did you mean holdoff?); expected one of sampling, thresholds, speed, holdoff, guarantee, pivot, vms',
     ]);
   });
 
