@@ -49,6 +49,12 @@ export interface TestVmOptions {
    * With 'blockdev' it is set on the file node only, which is where it takes effect.
    */
   cache?: 'writeback' | 'none' | 'unsafe';
+  /**
+   * More disks, untouched by the guest's workload (which uses vda): each as `-blockdev`
+   * nodes `diskN-file` / `diskN-fmt` and `-device virtio-blk-pci,id=diskN` (N = 1, 2, ...),
+   * raw or qcow2 by `qemu-img info`, with the same cache mode as the first.
+   */
+  extraDisks?: readonly string[];
   /** Default 'idle'. */
   workload?: Workload;
   /** Appended to the kernel command line as idlecrypt.<k>=<v>. */
@@ -185,14 +191,14 @@ async function detectFormat(disk: string): Promise<'raw' | 'qcow2'> {
   return format;
 }
 
-function diskArgs(disk: string, format: 'raw' | 'qcow2', style: 'blockdev' | 'drive', cache: 'writeback' | 'none' | 'unsafe'): string[] {
+function diskArgs(disk: string, format: 'raw' | 'qcow2', style: 'blockdev' | 'drive', cache: 'writeback' | 'none' | 'unsafe', n = 0): string[] {
   if (style === 'blockdev') {
     const cacheOpts = { direct: cache === 'none', 'no-flush': cache === 'unsafe' };
     // JSON syntax: no comma escaping needed for the file name.
     return [
-      '-blockdev', JSON.stringify({ driver: 'file', filename: disk, 'node-name': 'disk0-file', cache: cacheOpts }),
-      '-blockdev', JSON.stringify({ driver: format, file: 'disk0-file', 'node-name': 'disk0-fmt' }),
-      '-device', 'virtio-blk-pci,drive=disk0-fmt,id=disk0',
+      '-blockdev', JSON.stringify({ driver: 'file', filename: disk, 'node-name': `disk${n}-file`, cache: cacheOpts }),
+      '-blockdev', JSON.stringify({ driver: format, file: `disk${n}-file`, 'node-name': `disk${n}-fmt` }),
+      '-device', `virtio-blk-pci,drive=disk${n}-fmt,id=disk${n}`,
     ];
   }
   return [
@@ -226,6 +232,7 @@ export async function startTestVm(options: TestVmOptions): Promise<TestVm> {
   const workload = options.workload ?? 'idle';
   const cmdline = kernelCommandLine(workload, options.params ?? {});
   const format = options.format ?? (await detectFormat(options.disk));
+  const extra = await Promise.all((options.extraDisks ?? []).map(async (p) => ({ path: p, format: await detectFormat(p) })));
   const memoryMiB = options.memoryMiB ?? 256;
   const ownDir = options.dir === undefined;
   const dir = ownDir ? await mkdtemp(join(tmpdir(), 'idlecrypt-vm-')) : resolve(options.dir!);
@@ -262,6 +269,7 @@ export async function startTestVm(options: TestVmOptions): Promise<TestVm> {
     '-initrd', INITRD_PATH,
     '-append', cmdline,
     ...diskArgs(options.disk, format, options.diskStyle ?? 'blockdev', options.cache ?? 'writeback'),
+    ...extra.flatMap((d, i) => diskArgs(d.path, d.format, 'blockdev', options.cache ?? 'writeback', i + 1)),
     ...(options.input ?? true
       ? ['-device', 'virtio-keyboard-pci,id=keyboard0', '-device', 'virtio-tablet-pci,id=tablet0']
       : []),

@@ -119,6 +119,14 @@ export interface EncryptResult {
  * >= 80% of an unthrottled mirror while the guest is idle. A copy at a fixed speed or none
  * (--speed, --no-moderation) keeps QEMU's default, as libvirt's blockcopy does.
  */
+/**
+ * The speed a moderated copy starts at, or is adopted at (bytes/s): held. The controller's
+ * first decision sets the real speed milliseconds later; a run that dies before it leaves
+ * a copy that crawls instead of one that runs flat out with nobody watching the guest (a
+ * 128 MiB copy started unlimited finished in 2 s after its agent was killed at 10%).
+ */
+export const HELD_SPEED = 1;
+
 export function moderatedBufSize(cache: DiskCache): number {
   return (cache.direct ? 8 : 4) * 1024 * 1024;
 }
@@ -218,7 +226,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         );
         // Its pause was the dead run's (moderation's, or its hold at exit), not an
         // operator's: this run steers from here, and pauses again at once if the guest is busy.
-        await job.setSpeed(o.speed);
+        await job.setSpeed(mod ? HELD_SPEED : o.speed);
         if (at.paused) await job.resume();
         if (record.copyStartedAt === undefined) record = { ...record, copyStartedAt: Date.now() };
         record = { ...record, phase: 'copying' };
@@ -339,7 +347,7 @@ async function startMirror(client: QmpClient, disk: DiskInfo, target: EncryptedT
       jobId: `idlecrypt-${tag}`,
       source: disk.nodeName,
       target: target.node,
-      speed: o.speed,
+      speed: o.moderation ? HELD_SPEED : o.speed,
       ...(bufSize !== undefined ? { bufSize } : {}),
     });
   } catch (e) {

@@ -32,7 +32,7 @@ import { writeImageWithQemuImg, type TargetFormat } from '../encrypt/target.ts';
 import { ProgressMeter, type Progress } from '../encrypt/progress.ts';
 import { RunModeration, type ModerationOptions } from '../encrypt/moderation.ts';
 import { RunMetrics } from '../encrypt/metrics.ts';
-import { moderatedBufSize, mustSnapshot, untilAborted, waitForQuiet, waitUntilReady } from '../encrypt/encrypt.ts';
+import { HELD_SPEED, moderatedBufSize, mustSnapshot, untilAborted, waitForQuiet, waitUntilReady } from '../encrypt/encrypt.ts';
 import { ownerAlive, RunStore, selfOwner, stateDir } from '../encrypt/runs.ts';
 import type { MetricsSink } from '../metrics/sink.ts';
 import { hostTag } from '../metrics/index.ts';
@@ -267,7 +267,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         if (adopting.pause === 'qemu') await new LibvirtCopyJob(client, o.domain, o.disk, 'qemu').resume();
         const at = await mustSnapshot(job);
         o.onNote?.(`resuming the copy into ${targetPath} that an earlier run (pid ${adopting.owner.pid}) left at ${at.len > 0 ? ((100 * at.offset) / at.len).toFixed(1) : '0.0'}%`, { resumed: 'adopted', tag, offset: at.offset, len: at.len });
-        await job.setSpeed(o.speed);
+        await job.setSpeed(mod ? HELD_SPEED : o.speed);
       } else {
         o.onPhase?.('creating-target', { device: o.disk, source: disk.source! });
         const reuse = keyFile !== undefined;
@@ -283,7 +283,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         if (o.signal?.aborted) throw new IdlecryptError('CANCELLED', `cancelled before the copy started; ${targetPath} and its secret were removed, nothing else was changed`);
         if (o.detach?.aborted) throw detached(targetPath, false);
         const bufSize = o.bufSize ?? (mod ? moderatedBufSize({ direct: directCache(disk.cache), noFlush: false }) : undefined);
-        await startCopy(client, o, dom.persistent, destinationXml(targetPath, o.format, record.secret), reuse, bufSize);
+        await startCopy(client, { ...o, speed: mod ? HELD_SPEED : o.speed }, dom.persistent, destinationXml(targetPath, o.format, record.secret), reuse, bufSize);
         record = { ...record, phase: 'copying', copyStartedAt: Date.now() };
         await store.save(record);
       }
