@@ -23,7 +23,7 @@ import type { MetricsSink } from '../metrics/sink.ts';
 import type { Progress } from '../encrypt/progress.ts';
 import type { TargetFormat } from '../encrypt/target.ts';
 import { QmpClient } from '../qmp/client.ts';
-import { diskLabel, listDisks } from '../encrypt/disks.ts';
+import { diskLabel, listDisks, type DiskInfo } from '../encrypt/disks.ts';
 import { encryptDisk } from '../encrypt/encrypt.ts';
 import { RunStore } from '../encrypt/runs.ts';
 import { LibvirtClient } from '../libvirt/client.ts';
@@ -215,6 +215,8 @@ const CHANGE_EVENTS = new Set(['DEVICE_ADDED', 'DEVICE_DELETED', 'BLOCK_JOB_COMP
 
 function qmpSession(vm: VmInfo & { name: string }, client: QmpClient, socket: string, store: RunStore): VmSession & { changed(): void } {
   let generation = 0;
+  /** The last listing, for the orphan check that follows it in the same pass. */
+  let listed: DiskInfo[] | undefined;
   return {
     vm,
     backend: 'qmp',
@@ -228,10 +230,13 @@ function qmpSession(vm: VmInfo & { name: string }, client: QmpClient, socket: st
       generation++;
     },
     async disks() {
-      return (await listDisks(client)).map((d) => ({ label: diskLabel(d), ids: [d.qdevId, d.device, d.nodeName].filter((x) => x !== ''), file: d.file, encrypted: d.encrypted }));
+      listed = await listDisks(client);
+      return listed.map((d) => ({ label: diskLabel(d), ids: [d.qdevId, d.device, d.nodeName].filter((x) => x !== ''), file: d.file, encrypted: d.encrypted }));
     },
     async rollBackOrphans(known, fresh, log) {
-      await rollBackOrphans(client, vm.name, await listDisks(client), new Set(known), fresh, log);
+      const disks = listed ?? (await listDisks(client));
+      listed = undefined;
+      await rollBackOrphans(client, vm.name, disks, new Set(known), fresh, log);
     },
     async encrypt(p) {
       await encryptDisk({
