@@ -22,8 +22,9 @@ export class ProcfsDiscovery implements VmDiscovery {
   private readonly scheduler: SchedulerLike;
   /**
    * What was learnt of each QEMU process, by pid: its command line, working directory and
-   * start time cannot change while it lives, so a later pass reads only its exe link. Without this an agent watching 100 VMs spent a fifth of a core
-   * reading /proc (bench/agent-scale.ts).
+   * start time cannot change while it lives, so a later pass reads only its exe link.
+   * Without this an agent watching 100 VMs spent a fifth of a core reading /proc
+   * (bench/agent-scale.ts).
    */
   private readonly known = new Map<number, { vm: VmInfo; settled: boolean }>();
   private watch$?: Observable<VmInfo[]>;

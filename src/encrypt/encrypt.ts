@@ -90,6 +90,14 @@ export interface EncryptResult {
 }
 
 /**
+ * The speed a moderated copy starts at, or is adopted at (bytes/s): held. The controller's
+ * first decision sets the real speed milliseconds later; a run that dies before it leaves
+ * a copy that crawls instead of one that runs flat out with nobody watching the guest (a
+ * 128 MiB copy started unlimited finished in 2 s after its agent was killed at 10%).
+ */
+export const HELD_SPEED = 1;
+
+/**
  * The mirror's buffer (QMP blockdev-mirror `buf-size`) when the copy is moderated: 4 MiB
  * (four 1 MiB copy operations in flight) on the host's page cache, 8 MiB with O_DIRECT
  * (`cache=none`), instead of QEMU's default 16 MiB (sixteen).
@@ -119,14 +127,6 @@ export interface EncryptResult {
  * >= 80% of an unthrottled mirror while the guest is idle. A copy at a fixed speed or none
  * (--speed, --no-moderation) keeps QEMU's default, as libvirt's blockcopy does.
  */
-/**
- * The speed a moderated copy starts at, or is adopted at (bytes/s): held. The controller's
- * first decision sets the real speed milliseconds later; a run that dies before it leaves
- * a copy that crawls instead of one that runs flat out with nobody watching the guest (a
- * 128 MiB copy started unlimited finished in 2 s after its agent was killed at 10%).
- */
-export const HELD_SPEED = 1;
-
 export function moderatedBufSize(cache: DiskCache): number {
   return (cache.direct ? 8 : 4) * 1024 * 1024;
 }

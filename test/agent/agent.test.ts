@@ -11,14 +11,14 @@ import assert from 'node:assert/strict';
 import { execFile, execFileSync } from 'node:child_process';
 import { promisify } from 'node:util';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { ensureImage, makeDiskImage, startTestVm, writerBlock, type TestVm } from '../../vm-images/launch.ts';
+import { ensureImage, makeDiskImage, startTestVm, type TestVm } from '../../vm-images/launch.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
 import { cliStateDir, humanLines, runCli, startCli, type RunningCli } from '../helpers/cli.ts';
-import { compareWithEncrypted, decryptToRaw, writeKey } from '../helpers/images.ts';
+import { checkWriterBlocks, compareWithEncrypted, writeKey } from '../helpers/images.ts';
 import type { AgentStatus } from '../../src/agent/agent.ts';
 import { tagsInQemu } from '../../src/agent/orphans.ts';
 import { askAgent } from '../../src/agent/status-server.ts';
@@ -146,31 +146,6 @@ async function diskOf(vm: TestVm, id = 'disk0') {
   }
 }
 
-/** Every block the writer guest reported is in the decrypted image with its latest content. */
-async function checkWrites(vm: TestVm, target: string, key: string): Promise<void> {
-  const latest = new Map<number, number>();
-  for (const l of vm.lines) {
-    const m = /^WROTE seq=(\d+) off=(\d+)/.exec(l);
-    if (m) latest.set(Number(m[2]), Number(m[1]));
-  }
-  assert.ok(latest.size > 10, 'the guest wrote during the test');
-  const lastSeq = Math.max(...latest.values());
-  const plain = `${target}.dec`;
-  await decryptToRaw(target, 'luks', key, plain);
-  const fd = await open(plain, 'r');
-  try {
-    const wrong: number[] = [];
-    for (const [off, seq] of latest) {
-      const { buffer } = await fd.read(Buffer.alloc(4096), 0, 4096, off);
-      if (!buffer.equals(writerBlock(seq, off)) && !buffer.equals(writerBlock(lastSeq + 1, off))) wrong.push(off);
-    }
-    assert.deepEqual(wrong, [], `${wrong.length} of ${latest.size} written blocks lack the guest's last write`);
-  } finally {
-    await fd.close();
-    await rm(plain, { force: true });
-  }
-}
-
 describe('idlecrypt agent', () => {
   test('encrypts every configured disk of every matching VM, never more than max-jobs at once; a VM whose key is missing fails alone; status asks the agent', async () => {
     await killLeftAgents();
@@ -257,7 +232,7 @@ describe('idlecrypt agent', () => {
       assert.ok(cmp.same, `web-b/${id}: ${cmp.output}`);
     }
     await a.vm.stop();
-    await checkWrites(a.vm, path.join(dir, 'web-a-disk0.luks'), path.join(dir, 'web-a.key'));
+    await checkWriterBlocks(a.vm.lines, path.join(dir, 'web-a-disk0.luks'), path.join(dir, 'web-a.key'));
     await c.vm.stop();
   });
 
@@ -397,7 +372,7 @@ describe('idlecrypt agent', () => {
       assert.equal(d.encrypted, true);
     }
     await k.vm.stop();
-    await checkWrites(k.vm, path.join(dir, 'k-a-disk0.luks'), path.join(dir, 'k-a.key'));
+    await checkWriterBlocks(k.vm.lines, path.join(dir, 'k-a-disk0.luks'), path.join(dir, 'k-a.key'));
     const cmp = await compareWithEncrypted(k.extra[0]!, path.join(dir, 'k-a-disk1.luks'), 'luks', path.join(dir, 'k-a.key'));
     assert.ok(cmp.same, cmp.output);
     const adopted = kills.filter((x) => x.adoptedMs !== undefined).map((x) => x.adoptedMs!);

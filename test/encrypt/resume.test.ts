@@ -15,7 +15,7 @@ import { makeDiskImage, startTestVm, ensureImage, writerBlock, writerOffset, typ
 import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
 import { cliStateDir, humanLines, runCli, startCli, type RunningCli } from '../helpers/cli.ts';
-import { compareWithEncrypted, decryptToRaw, sha256, writeKey } from '../helpers/images.ts';
+import { checkWriterBlocks, compareWithEncrypted, decryptToRaw, sha256, writeKey } from '../helpers/images.ts';
 
 const KEY = 'resume-test-key 7';
 const MiB = 1024 * 1024;
@@ -239,5 +239,65 @@ describe('a run killed with kill -9', () => {
     assert.equal(await sha256(src), srcSha, 'the source was never written');
     const cmp = await compareWithEncrypted(src, target, 'luks', key);
     assert.ok(cmp.same, cmp.output);
+  });
+  test('killed while creating the target, at READY and at the pivot: each time the same command run again finishes or undoes what the dead run left, and the last run pivots with every guest write kept', async (t) => {
+    const src = path.join(dir, 'k.raw');
+    const target = path.join(dir, 'k.luks');
+    await makeDiskImage(src, { sizeMiB: 48, format: 'raw', fill: 'pattern' });
+    const vm = await boot({ name: 'resume-kill', disk: src, workload: 'writer', params: { wps: 30 } });
+    // The guest is busy (30 writes/s > 5): the copy runs at 8 MiB/s, and at READY the run
+    // waits 4 s for a quiet moment that never comes before it pivots anyway.
+    const policy = path.join(dir, 'kill.yaml');
+    await writeFile(policy, 'speed:\n  idle: 8M\n  busy: 8M\npivot:\n  quiet-wait: 4s\n');
+    const args = encryptArgs(vm, target, ['--policy', policy]);
+    const found: string[] = [];
+    const killAndLook = async (run: RunningCli, moment: string) => {
+      run.child.kill('SIGKILL');
+      await run.result;
+      const q = await inQemu(vm);
+      const j = q.jobs[0];
+      found.push(`${moment}: ${j ? `job ${j.status}${j.ready ? ' (ready)' : ''} at ${((100 * j.offset) / Math.max(1, j.len)).toFixed(0)}%` : `no job, ${q.nodes.length} nodes, ${q.objects.length} secrets, target ${existsSync(target) ? 'present' : 'absent'}`}`);
+      return q;
+    };
+
+    // 1. While the target is made (the LUKS header, the key slot, then its nodes in QEMU).
+    const first = startCli(args);
+    await first.waitForStdout(/"phase":"creating-target"/, 60_000);
+    await new Promise((r) => setTimeout(r, 150));
+    await killAndLook(first, 'creating the target');
+    // 2. At READY.
+    const second = startCli(args);
+    const readyAt = Date.now() + 90_000;
+    while (!(await inQemu(vm)).jobs[0]?.ready) {
+      assert.ok(Date.now() < readyAt && second.child.exitCode === null, `no READY: ${second.stderr().slice(-1000)}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const atReady = await killAndLook(second, 'READY');
+    assert.equal(atReady.jobs.length, 1, 'the job stays at READY in QEMU');
+    assert.equal(atReady.disk.file, src, 'the guest is still on its source');
+    // 3. At the pivot: the run has asked QEMU to complete the job.
+    const third = startCli(args);
+    await third.waitForStdout(/"phase":"completing"/, 60_000);
+    await killAndLook(third, 'the pivot');
+    // 4. The same command again finishes: adopts a job at READY, or finds the pivot done.
+    const last = await runCli(args);
+    assert.equal(last.code, 0, last.stderr);
+    const ev = events(last.stdout);
+    assert.equal(ev.at(-1)?.event, 'completed', last.stdout.slice(-500));
+    for (const f of found) t.diagnostic(`kill -9 ${f}`);
+    const notes = [third, { stdout: () => last.stdout }].flatMap((r) => events(r.stdout()).filter((e) => e.event === 'note').map((e) => String(e.resumed)));
+    t.diagnostic(`the runs after the kills: ${notes.join(', ')}`);
+
+    const done = await inQemu(vm);
+    assert.equal(done.disk.file, target, 'the guest runs on the encrypted image');
+    assert.deepEqual(done.jobs, [], 'no job left');
+    // Our names in QEMU: only those of the target the guest now runs on.
+    const tag = /^idlecrypt-([0-9a-f]{8})$/.exec(done.disk.nodeName)?.[1];
+    assert.ok(tag, `the disk runs on a node of ours: ${done.disk.nodeName}`);
+    assert.deepEqual([...done.nodes].sort(), [`idlecrypt-${tag}`, `idlecrypt-file-${tag}`].sort(), 'no node of a dead run left');
+    assert.deepEqual(done.objects, [`idlecrypt-key-${tag}`], 'no secret of a dead run left');
+    assert.deepEqual(await records(), [], 'no run record left');
+    await vm.stop();
+    await checkWriterBlocks(vm.lines, target, key);
   });
 });

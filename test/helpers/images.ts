@@ -3,6 +3,8 @@ import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, promises as fs } from 'node:fs';
 import { promisify } from 'node:util';
+import assert from 'node:assert/strict';
+import { writerBlock } from '../../vm-images/launch.ts';
 
 const pexec = promisify(execFile);
 
@@ -55,4 +57,33 @@ export async function fileContains(path: string, needle: string): Promise<boolea
 
 export async function writeKey(path: string, key: string): Promise<void> {
   await fs.writeFile(path, key, { mode: 0o600 });
+}
+
+/**
+ * Every block the writer guest reported (its `WROTE seq=N off=O` lines) is in the decrypted
+ * image with its latest content; the block after the last one reported may hold that next,
+ * unreported write (the VM stopped between the write and its report).
+ */
+export async function checkWriterBlocks(lines: readonly string[], image: string, keyFile: string, format: 'luks' | 'qcow2' = 'luks'): Promise<void> {
+  const latest = new Map<number, number>();
+  for (const l of lines) {
+    const m = /^WROTE seq=(\d+) off=(\d+)/.exec(l);
+    if (m) latest.set(Number(m[2]), Number(m[1]));
+  }
+  assert.ok(latest.size > 10, 'the guest wrote during the test');
+  const lastSeq = Math.max(...latest.values());
+  const plain = `${image}.dec`;
+  await decryptToRaw(image, format, keyFile, plain);
+  const fd = await fs.open(plain, 'r');
+  try {
+    const wrong: number[] = [];
+    for (const [off, seq] of latest) {
+      const { buffer } = await fd.read(Buffer.alloc(4096), 0, 4096, off);
+      if (!buffer.equals(writerBlock(seq, off)) && !buffer.equals(writerBlock(lastSeq + 1, off))) wrong.push(off);
+    }
+    assert.deepEqual(wrong, [], `${wrong.length} of ${latest.size} written blocks lack the guest's last write`);
+  } finally {
+    await fd.close();
+    await fs.rm(plain, { force: true });
+  }
 }
