@@ -267,11 +267,15 @@ describe('a run killed with kill -9', () => {
     await killAndLook(first, 'creating the target');
     // 2. At READY.
     const second = startCli(args);
-    const readyAt = Date.now() + 90_000;
-    while (!(await inQemu(vm)).jobs[0]?.ready) {
-      assert.ok(Date.now() < readyAt && second.child.exitCode === null, `no READY: ${second.stderr().slice(-1000)}`);
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    // One connection for the polling: QEMU greets a new client on a socket only once the
+    // last one has gone, and polls 50 ms apart outran that.
+    await withQmp(vm, async (c) => {
+      const readyAt = Date.now() + 90_000;
+      while (!(await c.execute('query-block-jobs')).find((j) => j.device.startsWith('idlecrypt'))?.ready) {
+        assert.ok(Date.now() < readyAt && second.child.exitCode === null, `no READY: ${second.stderr().slice(-1000)}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    });
     const atReady = await killAndLook(second, 'READY');
     assert.equal(atReady.jobs.length, 1, 'the job stays at READY in QEMU');
     assert.equal(atReady.disk.file, src, 'the guest is still on its source');
