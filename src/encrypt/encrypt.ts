@@ -65,8 +65,6 @@ export interface EncryptOptions {
   readonly onJob?: (job: JobControl, client: QmpClient) => void;
   /** Moderate the copy by guest activity (the default in the CLI); absent = fixed `speed`. */
   readonly moderation?: Omit<ModerationOptions, 'logger'>;
-  /** How long to wait at READY for a quiet guest before pivoting anyway (default 30 s). */
-  readonly convergeWaitMs?: number;
   /** Where the run's metrics go (opened by the caller, who also closes it). */
   readonly metrics?: (vmName: string) => Promise<MetricsSink>;
   /** Called with the VM's name once it is known (QMP query-name or the process's -name). */
@@ -362,7 +360,7 @@ async function startMirror(client: QmpClient, disk: DiskInfo, target: EncryptedT
 }
 
 /** What the waits below need of a run: its signals, its poll period, and where progress goes. */
-export type WaitOptions = Pick<EncryptOptions, 'signal' | 'detach' | 'pollMs' | 'logger' | 'convergeWaitMs' | 'onProgress'>;
+export type WaitOptions = Pick<EncryptOptions, 'signal' | 'detach' | 'pollMs' | 'logger' | 'onProgress'>;
 
 /** A copy the waits can read: a `JobControl`, and QMP's dismiss (which reads a concluded job's error) where there is one. */
 export type WaitableJob = JobControl & { dismiss?(): Promise<string | undefined> };
@@ -405,7 +403,7 @@ function qmpWake$(client: QmpClient, job: JobControl): Observable<unknown> {
  */
 export async function waitForQuiet(job: WaitableJob, closed$: Observable<unknown>, meter: ProgressMeter, o: WaitOptions, mod: RunModeration): Promise<'ready' | 'cancel' | 'detach'> {
   const pollMs = o.pollMs ?? 250;
-  const until = performance.now() + (o.convergeWaitMs ?? mod.policy?.pivot['quiet-wait'] ?? 30_000);
+  const until = performance.now() + (mod.policy?.pivot['quiet-wait'] ?? 30_000);
   const readyAt = Date.now();
   for (;;) {
     if (o.signal?.aborted) return 'cancel';

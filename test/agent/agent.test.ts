@@ -22,6 +22,7 @@ import { checkWriterBlocks, compareWithEncrypted, writeKey } from '../helpers/im
 import type { AgentStatus } from '../../src/agent/agent.ts';
 import { tagsInQemu } from '../../src/agent/orphans.ts';
 import { askAgent } from '../../src/agent/status-server.ts';
+import { median } from '../helpers/moderation-lab.ts';
 
 const execFileP = promisify(execFile);
 let dir: string;
@@ -98,11 +99,6 @@ function startAgent(cfg: string): RunningCli {
   return a;
 }
 
-function median(xs: number[]): number {
-  const v = [...xs].sort((a, b) => a - b);
-  return v.length % 2 ? v[(v.length - 1) / 2]! : (v[v.length / 2 - 1]! + v[v.length / 2]!) / 2;
-}
-
 async function status(): Promise<AgentStatus> {
   const r = await runCli(['status', '--json'], { IDLECRYPT_RUN_DIR: runDir });
   assert.equal(r.code, 0, r.stderr);
@@ -128,7 +124,7 @@ function logsOf(stderr: string): Record<string, unknown>[] {
   return stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
 }
 
-async function jobsOf(vm: TestVm): Promise<{ device: string; status: string; paused: boolean; offset: number; len: number }[]> {
+async function jobsOf(vm: TestVm): Promise<{ device: string; status: string; paused: boolean; offset: number; len: number; ready: boolean }[]> {
   const c = await QmpClient.connect(vm.qmpSocket);
   try {
     return (await c.execute('query-block-jobs')).filter((j) => j.device.startsWith('idlecrypt'));
@@ -250,15 +246,10 @@ describe('idlecrypt agent', () => {
       'policy:', '  thresholds:', '    disk: 5', '    interrupts: 100000', '  speed:', '    idle: 8M', '    busy: 8M', '  pivot:', '    quiet-wait: 4s',
       'encrypt:', '  - vm: k-a', '    disks: [disk0, disk1]', `    target: ${dir}/{vm}-{disk}.luks`, `    key-file: ${dir}/{vm}.key`, `    qmp: ${dir}/vm-{vm}/tool-qmp.sock`, '',
     ].join('\n'));
-    const job = async (): Promise<{ device: string; status: string; paused: boolean; offset: number; len: number; ready: boolean } | undefined> => {
-      const c = await QmpClient.connect(k.vm.qmpSocket);
-      try {
-        const all = (await c.execute('query-block-jobs')).filter((j) => j.device.startsWith('idlecrypt'));
-        assert.ok(all.length <= 1, `${all.length} copies at once (max-jobs 1)`);
-        return all[0];
-      } finally {
-        await c.close();
-      }
+    const job = async () => {
+      const all = await jobsOf(k.vm);
+      assert.ok(all.length <= 1, `${all.length} copies at once (max-jobs 1)`);
+      return all[0];
     };
     /** The run tags our job, node and secret names carry in this QEMU. */
     const ours = async () => {
