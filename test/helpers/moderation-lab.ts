@@ -601,7 +601,7 @@ export async function startSideBySide(
     cmp.rec.poll({ intervalMs: o.pollMs, stats: false, jobs: true }),
   ]);
   const cmpRun = new EncryptRun(['--qmp', cmp.vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(base, 'cmp.luks'), '--key-file', o.keyFile, '--iter-time', '50', '--no-moderation'], path.join(base, 'cmp.lp'));
-  const cmpJob = (await cmp.rec.jobAppears()).job.id;
+  const cmpJob = (await withRunOutput(cmpRun, cmp.rec.jobAppears())).job.id;
   await cmp.rec.client.execute('job-pause', { id: cmpJob });
   // The moderated run, 2 s into mod's first idle phase: the job starts 3-6 s later
   // (bpftrace compiles and attaches meanwhile), before or at the first busy phase.
@@ -610,8 +610,18 @@ export async function startSideBySide(
   const target = path.join(base, 'mod.luks');
   const run = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50'], path.join(base, 'mod.lp'));
   const done = run.result(o.runTimeoutMs);
-  const jobStart = (await mod.rec.jobAppears()).sent;
+  const jobStart = (await withRunOutput(run, mod.rec.jobAppears())).sent;
   return { mod, ref, cmp, others, cmpRun, cmpJob, idle0, run, target, done, jobStart };
+}
+
+/** `wait`, or its error with what the run printed (why it made no job, say). */
+async function withRunOutput<T>(run: EncryptRun, wait: Promise<T>): Promise<T> {
+  try {
+    return await wait;
+  } catch (e) {
+    const tail = run.cli.stderr().trim().split('\n').slice(-8).join('\n');
+    throw new Error(`${(e as Error).message}; the run printed:\n${tail || '(nothing)'}`);
+  }
 }
 
 export interface Booted {
