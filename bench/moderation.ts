@@ -180,6 +180,8 @@ interface Run {
   extrapolated: boolean;
   bytesCopied: number | null;
   guestBusyBps: number | null;
+  /** the guest's own throughput in idle phases (the trickle's rate, for that workload) */
+  guestIdleBps: number | null;
   jobIdleBps: number | null;
   jobIdleAfterHoldoffBps: number | null;
   jobBusyBps: number | null;
@@ -331,6 +333,7 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
       extrapolated,
       bytesCopied,
       guestBusyBps: rateIn(rec.samples, clip(phases, 'busy', from, to), guestBytes),
+      guestIdleBps: rateIn(rec.samples, clip(phases, 'idle', from, to), guestBytes),
       jobIdleBps: run ? rateIn(rec.samples, clip(phases, 'idle', active.from, active.to), jobOffset) : null,
       jobIdleAfterHoldoffBps: run ? rateIn(rec.samples, clip(phases, 'idle', active.from, active.to, AFTER_HOLDOFF_MS), jobOffset) : null,
       jobBusyBps: run ? rateIn(rec.samples, clip(phases, 'busy', active.from, active.to), jobOffset) : null,

@@ -51,7 +51,15 @@ export interface DiskStatus {
   readonly state: DiskState;
   /** Why it is failed, or waiting; the moderation's reason while copying. */
   readonly reason?: string;
-  readonly progress?: { readonly offset: number; readonly len: number; readonly rateBps: number | null; readonly etaS: number | null; readonly moderation?: string };
+  readonly progress?: {
+    readonly offset: number;
+    readonly len: number;
+    readonly rateBps: number | null;
+    readonly etaS: number | null;
+    readonly moderation?: string;
+    /** What was learnt of the guest, with `thresholds: auto`. */
+    readonly learnt?: string;
+  };
   readonly attempts: number;
   /** Epoch ms of the last state change. */
   readonly since: number;
@@ -587,6 +595,7 @@ function progressView(p: Progress): DiskStatus['progress'] {
     rateBps: p.rate,
     etaS: p.etaS,
     ...(p.moderation ? { moderation: `${p.moderation.state}, ${p.moderation.reason}` } : {}),
+    ...(p.moderation?.learnt ? { learnt: p.moderation.learnt } : {}),
   };
 }
 

@@ -42,6 +42,7 @@ function progressFields(p: Progress) {
           ...(p.moderation.headroom
             ? { speed_cap_bps: p.moderation.headroom.capBps, main_loop_load: p.moderation.headroom.load === null ? null : Math.round(p.moderation.headroom.load * 100) / 100 }
             : {}),
+          ...(p.moderation.learnt ? { learnt: p.moderation.learnt } : {}),
         }
       : {}),
   };
@@ -69,12 +70,15 @@ const PHASE_TEXT: Record<string, string | undefined> = {
 
 export function plainView(out: NodeJS.WritableStream = process.stderr, everyMs = 2000): View {
   let last = 0;
+  let learnt: string | undefined;
   return {
     phase: (phase, detail) => {
       const text = PHASE_TEXT[phase];
       if (text) out.write(`idlecrypt: ${text}${phase === 'copying' && detail ? ` ${String(detail.source)}` : ''}\n`);
     },
     progress: (p) => {
+      // what was learnt of the guest, said when it changes (every few seconds at most)
+      if (p.moderation?.learnt && p.moderation.learnt !== learnt) out.write(`idlecrypt: thresholds learnt: ${(learnt = p.moderation.learnt)}\n`);
       const now = Date.now();
       if (now - last < everyMs) return;
       last = now;

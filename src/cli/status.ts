@@ -130,7 +130,11 @@ function agentTable(st: AgentStatus): string {
   if (st.disks.length === 0) return `${text}no configured disk on a running VM\n`;
   const rows = [['VM', 'DISK', 'STATE', 'PROGRESS', 'SPEED', 'ETA', 'WHY', 'TARGET']];
   for (const d of st.disks) rows.push([d.vm, d.disk, d.state, progressText(d), speedText(d), etaText(d), d.reason ?? '', d.target]);
-  return text + table(rows);
+  text += table(rows);
+  // learnt thresholds (thresholds: auto), one line per VM that has them
+  const learnt = new Map(st.disks.filter((d) => d.progress?.learnt).map((d) => [d.vm, d.progress!.learnt!]));
+  for (const [vm, l] of learnt) text += `${vm}: thresholds learnt: ${l}\n`;
+  return text;
 }
 
 function progressText(d: DiskStatus): string {

@@ -12,7 +12,7 @@ import type { JobControl } from '../jobs/types.ts';
 import type { Logger } from '../log.ts';
 import { resolvePolicy } from '../policy/resolve.ts';
 import type { Policy } from '../policy/schema.ts';
-import { decide, same } from './decide.ts';
+import { decide, same, type Learning } from './decide.ts';
 import { Reconciler, type ModerationEnd } from './reconcile.ts';
 import type { ActivityRates, Decision, JobProgress } from './types.ts';
 
@@ -41,6 +41,8 @@ export interface ModerateOptions {
   readonly staleMs?: number;
   /** The VM's main-loop load, for the headroom (headroom.ts); none: the idle speed is not capped. */
   readonly load$?: Observable<{ time: number; load: number }>;
+  /** Per-guest calibration (`thresholds: auto`): what was learnt before, and where to save it. */
+  readonly learning?: Learning;
 }
 
 export interface ModerationRun {
@@ -89,6 +91,7 @@ export function moderate(o: ModerateOptions): ModerationRun {
     startedAt: o.startedAt ?? scheduler.now(),
     ...(o.staleMs !== undefined ? { staleMs: o.staleMs } : {}),
     ...(o.load$ ? { load$: o.load$ } : {}),
+    ...(o.learning ? { learning: o.learning } : {}),
   }).pipe(tap({ next: (d) => decisions.next(d) }));
 
   const done = reconciler.ended.then((end) => {

@@ -20,6 +20,7 @@ import {
   map,
   of,
   scan,
+  share,
   shareReplay,
   startWith,
   switchMap,
@@ -33,7 +34,8 @@ import { SIGNALS, type EffectivePolicy, type Moderation } from '../policy/schema
 import { formatDuration, formatSpeed, PAUSED, UNLIMITED } from '../policy/units.ts';
 import { classify, describeReasons, rateOf } from './classify.ts';
 import { applyHeadroom } from './headroom.ts';
-import type { ActivityRates, Classified, Decision, Guarantee, JobProgress, Signal, StateChange } from './types.ts';
+import { calibrate, describeCalibration, EMPTY_CALIBRATION, LEARNABLE, thresholdsInForce, type Calibration, type LearnableSignal } from './calibrate.ts';
+import type { ActivityRates, Classified, Decision, Guarantee, JobProgress, LearntThresholds, Signal, StateChange } from './types.ts';
 
 /** Structural equality, typed, for distinctUntilChanged. */
 export const same = <T>(a: T, b: T): boolean => isDeepStrictEqual(a, b);
@@ -107,19 +109,57 @@ export function pushSample(
  * Activity samples → busy/idle per sample, with the policy's window and thresholds in
  * force when the sample arrives (a reload applies from the next sample, 50 ms later).
  */
-export function classifyActivity(policy$: Observable<EffectivePolicy>): OperatorFunction<ActivityRates, Classified> {
+export function classifyActivity(policy$: Observable<EffectivePolicy>, learning: Learning = {}): OperatorFunction<ActivityRates, Classified> {
+  interface Acc {
+    readonly window: RateWindow;
+    readonly calibration: Calibration;
+    /** the learnt thresholds last computed, kept by reference until they change */
+    readonly learnt: LearntThresholds | undefined;
+    /** the signals learnt when `learnt` was made */
+    readonly auto: string;
+    readonly out: Classified | null;
+  }
   return (source) =>
-    source.pipe(
-      withLatestFrom(policy$),
-      scan(
-        (acc: { window: RateWindow; out: Classified | null }, [sample, p]) => {
-          const { window, rates } = pushSample(acc.window, sample, p.sampling.window, p.sampling.interval);
-          return { window, out: { time: sample.time, ...classify(rates, p.thresholds) } };
-        },
-        { window: EMPTY_WINDOW, out: null },
+    defer(() =>
+      source.pipe(
+        withLatestFrom(policy$),
+        scan(
+          (acc: Acc, [sample, p]): Acc => {
+            const { window, rates } = pushSample(acc.window, sample, p.sampling.window, p.sampling.interval);
+            // Learnt whatever the policy says, so that switching to auto by a reload starts
+            // from what was seen; what was learnt outlives reloads (it is not the policy's).
+            const calibration = calibrate(acc.calibration, sample.time, { disk: rates.diskPerS, interrupts: rates.interruptsPerS });
+            const auto = LEARNABLE.filter((sig) => p.thresholds[sig] === 'auto');
+            let learnt = acc.learnt;
+            if (auto.length === 0) learnt = undefined;
+            else if (!learnt || calibration.learntAt !== acc.calibration.learntAt || auto.join() !== acc.auto) {
+              const { thresholds, learnt: got } = thresholdsInForce(p.thresholds, calibration);
+              const next: LearntThresholds = {
+                thresholds,
+                levels: Object.fromEntries(got.map((sig) => [sig, calibration.learnt[sig as LearnableSignal]!])),
+                summary: describeCalibration(calibration, auto),
+              };
+              learnt = learnt && same(learnt, next) ? learnt : next;
+              if (calibration.learntAt !== acc.calibration.learntAt) learning.onLearnt?.(calibration);
+            }
+            const thresholds = learnt?.thresholds ?? (p.thresholds as Record<Signal, number | null>);
+            const learntSignals = learnt ? (Object.keys(learnt.levels) as Signal[]) : [];
+            const c = classify(rates, thresholds, learntSignals);
+            return { window, calibration, learnt, auto: auto.join(), out: { time: sample.time, ...c, ...(learnt ? { learnt } : {}) } };
+          },
+          { window: EMPTY_WINDOW, calibration: learning.initial ?? EMPTY_CALIBRATION, learnt: undefined, auto: '', out: null },
+        ),
+        map((acc) => acc.out!),
       ),
-      map((acc) => acc.out!),
     );
+}
+
+/** What the controller learnt of a guest (calibrate.ts), carried over restarts by the caller. */
+export interface Learning {
+  /** What an earlier run learnt of this guest. */
+  readonly initial?: Calibration;
+  /** Called each time the thresholds are recomputed (every few seconds), to save them. */
+  readonly onLearnt?: (c: Calibration) => void;
 }
 
 /**
@@ -321,18 +361,28 @@ export interface DecideInput {
    * policy's `speed.headroom` of the loop free (headroom.ts); without it, no cap.
    */
   readonly load$?: Observable<{ time: number; load: number }>;
+  /** Per-guest calibration (`thresholds: auto`): what was learnt before, and where to save it. */
+  readonly learning?: Learning;
 }
 
 /** The whole decision pipeline. Emits only when the desired state changes. */
 export function decide(i: DecideInput): Observable<Decision> {
   return defer(() => {
     const policy$ = i.policy$.pipe(shareReplay({ bufferSize: 1, refCount: true }));
-    const state$ = i.activity$.pipe(classifyActivity(policy$), staleAfter(i.staleMs ?? 2000, i.scheduler), holdOff(policy$, i.scheduler));
+    const classified$ = i.activity$.pipe(classifyActivity(policy$, i.learning), share());
+    const state$ = classified$.pipe(staleAfter(i.staleMs ?? 2000, i.scheduler), holdOff(policy$, i.scheduler));
+    // The learnt thresholds change every few seconds at most (calibrate.ts): each change is
+    // a decision of its own, so that status and metrics show the thresholds in force.
+    const learnt$ = classified$.pipe(
+      map((c) => c.learnt),
+      distinctUntilChanged(),
+      startWith(undefined),
+    );
     const guarantee$ = i.progress$
       ? i.progress$.pipe(guarantee(policy$, i.scheduler, i.startedAt ?? i.scheduler.now()), startWith(NO_GUARANTEE))
       : of(NO_GUARANTEE);
-    const base$ = combineLatest([state$, policy$, guarantee$]).pipe(
-      map(([s, p, g]) => desiredDecision(s, p, g)),
+    const base$ = combineLatest([state$, policy$, guarantee$, learnt$]).pipe(
+      map(([s, p, g, l]) => (l ? { ...desiredDecision(s, p, g), learnt: l } : desiredDecision(s, p, g))),
       distinctUntilChanged(same),
     );
     if (!i.load$ || !i.progress$) return base$;

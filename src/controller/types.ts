@@ -36,6 +36,15 @@ export interface ActivityRates {
   readonly source: 'ebpf' | 'qmp';
 }
 
+/** The thresholds in force where the policy says `auto`, and the background levels they come from. */
+export interface LearntThresholds {
+  readonly thresholds: Readonly<Record<Signal, number | null>>;
+  /** Per learnt signal: its background level and threshold; a signal still learning is absent. */
+  readonly levels: Readonly<Partial<Record<Signal, { readonly level: number; readonly threshold: number }>>>;
+  /** "disk level 18/s, busy above 27/s, interrupts learning (12 of 60 s)" */
+  readonly summary: string;
+}
+
 /** The copy's progress, for the deadline: QAPI BlockJobInfo offset/len (len grows as the guest dirties copied blocks). */
 export interface JobProgress {
   readonly offset: number;
@@ -54,6 +63,8 @@ export interface Reason {
   /** The windowed rate, per second. */
   readonly value: number;
   readonly threshold: number;
+  /** The threshold was learnt for this guest (`auto`), not the policy's number. */
+  readonly learnt?: true;
 }
 
 export interface Classification {
@@ -65,6 +76,8 @@ export interface Classification {
 /** A classification of the windowed rates at `time`. */
 export interface Classified extends Classification {
   readonly time: number;
+  /** The thresholds it was made with, when some are learnt (`auto`): what calibrate.ts learnt. */
+  readonly learnt?: LearntThresholds;
   /** Why the guest counts as idle when that is not simply "every rate under its threshold". */
   readonly note?: string;
 }
@@ -107,4 +120,6 @@ export interface Decision {
    * QEMU's main loop free, and the loop's busy share last measured at the idle speed.
    */
   readonly headroom?: { readonly capBps: number; readonly load: number | null };
+  /** The learnt thresholds (`thresholds: auto`) in force when the state was judged. */
+  readonly learnt?: LearntThresholds;
 }

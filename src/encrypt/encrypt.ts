@@ -174,6 +174,8 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       ? await RunModeration.start(client, {
           ...o.moderation,
           logger: log,
+          // beside the run records: the agent's state directory, or the CLI's
+          learntDir: path.join(path.dirname(store.dir), 'learnt'),
           onSample: (s) => rec?.sample(s),
           onStatus: (t, r) => rec?.probeStatus(t, r),
         })
@@ -214,7 +216,13 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     try {
       if (adopt) {
         job = QmpMirrorJob.adopt(client, adopt.leftovers.jobId);
-        if (mod) await untilAborted(mod.attached, o.signal, o.detach);
+        // Held at once: the dead run may have left it at full speed beside a busy guest, and
+        // the probes take a second or more to attach.
+        if (mod) {
+          await job.setSpeed(HELD_SPEED);
+          log.info({ job: job.id }, 'mirror held until the probes attach');
+          await untilAborted(mod.attached, o.signal, o.detach);
+        }
         if (o.signal?.aborted) throw cancelledAdopted(targetPath, disk);
         if (o.detach?.aborted) throw detached(targetPath, job.id);
         const at = adopt.leftovers.job!;
@@ -224,7 +232,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         );
         // Its pause was the dead run's (moderation's, or its hold at exit), not an
         // operator's: this run steers from here, and pauses again at once if the guest is busy.
-        await job.setSpeed(mod ? HELD_SPEED : o.speed);
+        if (!mod) await job.setSpeed(o.speed);
         if (at.paused) await job.resume();
         if (record.copyStartedAt === undefined) record = { ...record, copyStartedAt: Date.now() };
         record = { ...record, phase: 'copying' };
@@ -436,7 +444,7 @@ export async function waitForQuiet(job: WaitableJob, closed$: Observable<unknown
 export function withModeration(p: Progress, mod: RunModeration | undefined): Progress {
   const d = mod?.decision;
   if (!d) return p;
-  return { ...p, moderation: { state: d.state, mode: d.mode, reason: d.reason, source: mod.source ?? null, ...(d.headroom ? { headroom: d.headroom } : {}) } };
+  return { ...p, moderation: { state: d.state, mode: d.mode, reason: d.reason, source: mod.source ?? null, ...(d.headroom ? { headroom: d.headroom } : {}), ...(d.learnt ? { learnt: d.learnt.summary } : {}) } };
 }
 
 /** Waits for `p`, or returns early when the run is cancelled (the caller checks). */

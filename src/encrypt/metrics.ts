@@ -7,6 +7,7 @@ import type { MetricsSink } from '../metrics/sink.ts';
 import { activityPoint, jobPoint, moderationPoint, probePoint } from '../metrics/names.ts';
 import type { ActivitySample } from '../streams/types.ts';
 import type { Decision } from '../controller/types.ts';
+import { fixedThresholds } from '../controller/calibrate.ts';
 import type { EffectivePolicy } from '../policy/schema.ts';
 import type { Progress } from './progress.ts';
 
@@ -70,7 +71,8 @@ export class RunMetrics {
             state: decision.state,
             reason: decision.reason,
             mode: decision.mode,
-            ...(policy ? { thresholds: policy.thresholds, holdoffMs: policy.holdoff } : {}),
+            ...(policy ? { thresholds: decision.learnt?.thresholds ?? fixedThresholds(policy.thresholds), holdoffMs: policy.holdoff } : {}),
+            ...(decision.learnt ? { levels: decision.learnt.levels } : {}),
           },
         ),
       );

@@ -26,6 +26,7 @@ import type { EffectivePolicy, Policy } from '../policy/schema.ts';
 import { resolvePolicy } from '../policy/resolve.ts';
 import { moderate, toActivityRates, type ModerationRun } from '../controller/index.ts';
 import type { Decision } from '../controller/types.ts';
+import { LearntStore } from './learnt.ts';
 
 export interface ModerationOptions {
   /** The policy file; the shipped default when absent. */
@@ -52,6 +53,8 @@ export interface ModerationOptions {
   readonly onSample?: (s: ActivitySample) => void;
   /** Probe lifecycle: probes-spawned, probes-attached, probes-restarting, fallback, ... */
   readonly onStatus?: (type: string, reason?: string) => void;
+  /** Where what was learnt of each guest is kept (learnt.ts); default <state dir>/learnt. */
+  readonly learntDir?: string;
 }
 
 /** How often the main loop's load is read for the headroom (as often as the reconciler reads the job). */
@@ -66,6 +69,7 @@ export class RunModeration {
   private steeredAt?: number;
   private readonly subs: Subscription[] = [];
   private closed = false;
+  private learnt?: LearntStore;
   /** The completion guarantee has raised the job's speed at some point in this run. */
   guaranteeEngaged = false;
 
@@ -77,6 +81,7 @@ export class RunModeration {
     private readonly log: Logger,
     private readonly wrapJob: ((job: JobControl) => JobControl) | undefined,
     private readonly pausedSpeed: number | undefined,
+    private readonly learntDir: string | undefined,
   ) {}
 
   /**
@@ -108,7 +113,7 @@ export class RunModeration {
       takeUntil(stop$),
       share(),
     );
-    const m = new RunModeration(vm, policy$, samples$, stop$, log, o.wrapJob, o.pausedSpeed);
+    const m = new RunModeration(vm, policy$, samples$, stop$, log, o.wrapJob, o.pausedSpeed, o.learntDir);
     m.subs.push(policy$.subscribe({ next: (p) => (m.effective = resolvePolicy(p, vm.name)), error: () => undefined }));
     m.subs.push(
       samples$.subscribe({
@@ -136,7 +141,11 @@ export class RunModeration {
    */
   steer(job: JobControl, startedAt = Date.now()): void {
     this.steeredAt = startedAt;
+    // What was learnt of this guest (thresholds: auto) by earlier runs, and saved as it learns.
+    const learnt = (this.learnt = new LearntStore(this.vm.name, this.log, this.learntDir));
+    const initial = learnt.load();
     this.run = moderate({
+      learning: { ...(initial ? { initial } : {}), onLearnt: (c) => learnt.offer(c) },
       activity$: this.samples$.pipe(toActivityRates(this.vm.name)),
       policy$: this.policy$,
       job: this.wrapJob ? this.wrapJob(job) : job,
@@ -187,6 +196,7 @@ export class RunModeration {
     await this.run?.stop({ release: false }).catch(() => undefined);
     this.stop$.next();
     for (const s of this.subs) s.unsubscribe();
+    this.learnt?.flush();
   }
 }
 

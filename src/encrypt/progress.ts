@@ -27,6 +27,8 @@ export interface Progress {
     readonly source: 'ebpf' | 'qmp' | null;
     /** The headroom's cap on the idle speed, bytes/s, and the main loop's busy share (controller/headroom.ts). */
     readonly headroom?: { readonly capBps: number; readonly load: number | null };
+    /** What was learnt of the guest, with `thresholds: auto` (controller/calibrate.ts). */
+    readonly learnt?: string;
   };
 }
 

@@ -109,12 +109,14 @@ export const MEASUREMENTS = {
       busy: { type: 'integer', unit: '0/1', description: '1 while the job runs at the busy speed (state busy or holdoff)' },
       reason: { type: 'string', unit: 'text', description: 'why, for people: `disk 37.5/s > 5/s`, `hold-off 1s after ...`' },
       mode: { type: 'string', unit: 'text', description: 'what the job was told: `full`, `throttled` or `paused`' },
-      threshold_disk_requests_per_s: { type: 'float', unit: 'requests/s', description: 'policy thresholds.disk in force; absent when `off`' },
+      threshold_disk_requests_per_s: { type: 'float', unit: 'requests/s', description: 'policy thresholds.disk in force (with `auto`, the learnt one); absent when `off`' },
       threshold_key_events_per_s: { type: 'float', unit: 'events/s', description: 'policy thresholds.keyboard in force; absent when `off`' },
       threshold_pointer_events_per_s: { type: 'float', unit: 'events/s', description: 'policy thresholds.pointer in force; absent when `off`' },
-      threshold_interrupts_per_s: { type: 'float', unit: 'interrupts/s', description: 'policy thresholds.interrupts in force; absent when `off`' },
+      threshold_interrupts_per_s: { type: 'float', unit: 'interrupts/s', description: 'policy thresholds.interrupts in force (with `auto`, the learnt one); absent when `off`' },
       threshold_vcpu_wait_ms_per_s: { type: 'float', unit: 'ms/s', description: 'policy thresholds.stall in force; absent when `off`' },
       holdoff_s: { type: 'float', unit: 's', description: 'policy holdoff in force' },
+      learnt_disk_level_per_s: { type: 'float', unit: 'requests/s', description: "the guest's background disk rate learnt with `thresholds.disk: auto`; absent while learning or when not auto" },
+      learnt_interrupts_level_per_s: { type: 'float', unit: 'interrupts/s', description: "the guest's background interrupt rate learnt with `thresholds.interrupts: auto`; absent while learning or when not auto" },
     },
   },
   job: {
@@ -307,6 +309,8 @@ export function moderationPoint(
     /** The policy's thresholds, events/s; null = off. */
     readonly thresholds?: Readonly<Record<Signal, number | null>>;
     readonly holdoffMs?: number;
+    /** Background levels learnt (`auto`), per signal. */
+    readonly levels?: Readonly<Partial<Record<Signal, { readonly level: number }>>>;
   },
 ): MetricPoint | null {
   const t = m.thresholds;
@@ -322,6 +326,8 @@ export function moderationPoint(
     threshold_interrupts_per_s: t?.interrupts ?? null,
     threshold_vcpu_wait_ms_per_s: t?.stall ?? null,
     holdoff_s: m.holdoffMs === undefined ? null : m.holdoffMs / 1000,
+    learnt_disk_level_per_s: m.levels?.disk?.level ?? null,
+    learnt_interrupts_level_per_s: m.levels?.interrupts?.level ?? null,
   });
 }
 

@@ -13,7 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { isMap, isNode, isScalar, isSeq, LineCounter, parseDocument, type Document } from 'yaml';
 import type { z } from 'zod';
 import { IdlecryptError } from '../errors.ts';
-import { knownKeys, moderationSchema, moderationShape, policySchema, type Moderation, type Policy } from './schema.ts';
+import { knownKeys, LEARNABLE, moderationSchema, moderationShape, policySchema, type Moderation, type Policy } from './schema.ts';
 
 /** The shipped default policy, next to src/ in the package. */
 export const DEFAULT_POLICY_FILE = fileURLToPath(new URL('../../policy/default.yaml', import.meta.url));
@@ -128,7 +128,8 @@ function parse(text: string, file: string, base: Parsed | undefined): Parsed {
     }
   };
 
-  const { vms: rawVms, ...top } = js;
+  const { vms: rawVms, ...topWritten } = js;
+  const top = expandAuto(topWritten);
   const merged = base ? deepMerge(base.raw, top) : top;
   const result = policySchema.safeParse({ ...merged, vms: base ? (rawVms ?? {}) : rawVms }, { reportInput: true });
   if (!result.success) report(result.error.issues, []);
@@ -140,7 +141,7 @@ function parse(text: string, file: string, base: Parsed | undefined): Parsed {
     const moderationKeys = Object.keys(moderationShape);
     const vmBase = Object.fromEntries(moderationKeys.map((k) => [k, merged[k]]));
     for (const [name, over] of Object.entries(rawVms)) {
-      const r = moderationSchema.safeParse(deepMerge(vmBase, over ?? {}), { reportInput: true });
+      const r = moderationSchema.safeParse(deepMerge(vmBase, isPlainObject(over) ? expandAuto(over) : (over ?? {})), { reportInput: true });
       if (r.success) vms[name] = r.data;
       // problems in the shared part are reported once, above; here only what the override wrote
       else report(r.error.issues, ['vms', name], true);
@@ -153,6 +154,14 @@ function parse(text: string, file: string, base: Parsed | undefined): Parsed {
   }
   const { vms: _ignored, ...settings } = result.data;
   return { policy: { ...settings, source: file, vms }, raw: merged };
+}
+
+/**
+ * `thresholds: auto` is short for learning every signal that can be learnt (disk and
+ * interrupts, src/controller/calibrate.ts); the others keep the values they are merged over.
+ */
+function expandAuto(raw: Raw): Raw {
+  return raw.thresholds === 'auto' ? { ...raw, thresholds: Object.fromEntries(LEARNABLE.map((s) => [s, 'auto'])) } : raw;
 }
 
 export function unknownKeyMessage(key: string, known: readonly string[]): string {

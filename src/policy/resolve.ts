@@ -1,6 +1,7 @@
 /** From a loaded policy to what one VM runs on, and how a policy reads to a person. */
 import { SIGNALS, type EffectivePolicy, type Moderation, type Policy } from './schema.ts';
 import { formatDuration, formatRate, formatSpeed } from './units.ts';
+import { fixedThresholds } from '../controller/calibrate.ts';
 
 /** The settings for the VM named `vm`: its override when the policy has one, else the top level. */
 export function resolvePolicy(policy: Policy, vm: string): EffectivePolicy {
@@ -31,7 +32,11 @@ export function describePolicy(policy: Policy): string[] {
 }
 
 function describeModeration(m: Moderation): string[] {
-  const busy = SIGNALS.filter((s) => m.thresholds[s] !== null).map((s) => `${s} > ${formatRate(m.thresholds[s]!)}${s === 'stall' ? 'ms/s' : '/s'}`);
+  const busy = SIGNALS.filter((s) => m.thresholds[s] !== null).map((s) => {
+    const t = m.thresholds[s]!;
+    const unit = s === 'stall' ? 'ms/s' : '/s';
+    return t === 'auto' ? `${s} above the level learnt for each guest (never under ${formatRate(fixedThresholds(m.thresholds)[s]!)}${unit})` : `${s} > ${formatRate(t)}${unit}`;
+  });
   const g = m.guarantee;
   const deadline = g.deadline === null ? 'no deadline' : 'after' in g.deadline ? `finish within ${formatDuration(g.deadline.after)} of the job's start` : `finish by ${new Date(g.deadline.at).toISOString()}`;
   return [
@@ -52,7 +57,7 @@ function strayNotes(policy: Policy): string[] {
   const notes: string[] = [];
   for (const [who, m] of [['', policy] as const, ...Object.entries(policy.vms).map(([n, v]) => [`vms.${n}.`, v] as const)]) {
     for (const s of SIGNALS) {
-      const t = m.thresholds[s];
+      const t = fixedThresholds(m.thresholds)[s];
       if (t !== null && perWindow > t) {
         notes.push(`note: ${who}thresholds.${s}: one event in the ${formatDuration(policy.sampling.window)} window is ${formatRate(perWindow)}/s, over ${formatRate(t)}/s: a single stray event counts as busy`);
       }

@@ -10,7 +10,7 @@
  */
 import { MIN_INTERVAL_MS } from '../probes/runner.ts';
 import { z } from 'zod';
-import { parseDeadline, parseDuration, parseFloor, parseHeadroom, parseSpeed, parseThreshold, show, type Parsed } from './units.ts';
+import { parseDeadline, parseDuration, parseFloor, parseHeadroom, parseLearnableThreshold, parseSpeed, parseThreshold, show, type Parsed } from './units.ts';
 
 /** Turns one of units.ts's parsers into a schema whose problem is the parser's sentence. */
 export function scalar<T>(parse: (v: unknown) => Parsed<T>) {
@@ -30,15 +30,20 @@ function section<S extends z.core.$ZodLooseShape>(shape: S) {
 }
 
 const threshold = scalar(parseThreshold);
+/** A rate, off, or auto: learnt per guest, never below the source design's value (controller/calibrate.ts). */
+const learnable = scalar(parseLearnableThreshold);
 
 /** Everything that may differ between VMs. */
 export const moderationShape = {
-  /** The guest is busy while any of these rates (per second, over sampling.window) is above its threshold. */
+  /**
+   * The guest is busy while any of these rates (per second, over sampling.window) is above its
+   * threshold. `thresholds: auto` in a file is short for disk: auto and interrupts: auto (load.ts).
+   */
   thresholds: section({
-    disk: threshold,
+    disk: learnable,
     keyboard: threshold,
     pointer: threshold,
-    interrupts: threshold,
+    interrupts: learnable,
     /** ms per second the guest's vCPUs waited for QEMU's big lock (probes/qemu-stall.bt). */
     stall: threshold,
   }),
@@ -102,6 +107,8 @@ export type Moderation = z.output<typeof moderationSchema>;
 export type Sampling = z.output<typeof samplingSchema>;
 export type Signal = keyof Moderation['thresholds'];
 export const SIGNALS = Object.keys(moderationShape.thresholds.shape) as Signal[];
+/** The signals `auto` may learn per guest (src/controller/calibrate.ts). */
+export const LEARNABLE = ['disk', 'interrupts'] as const satisfies readonly Signal[];
 
 /** A loaded policy: the top-level settings, and each VM's settings fully resolved. */
 export interface Policy extends Moderation {

@@ -94,9 +94,17 @@ export function parseDuration(v: unknown): Parsed<number> {
 /** A rate threshold in events per second (a number >= 0), or `off` to ignore that signal. */
 export function parseThreshold(v: unknown): Parsed<number | null> {
   if (v === 'off') return ok(null);
+  if (v === 'auto') return bad('auto is for disk and interrupts only: input is never learnt (a person at the console comes first), nor the stall the copy itself causes');
   if (typeof v !== 'number' || !Number.isFinite(v)) return bad(`expected a rate per second (a number) or off, got ${show(v)}`);
   if (v < 0) return bad(`a threshold cannot be negative, got ${v}`);
   return ok(v);
+}
+
+/** A threshold that may be learnt per guest: a rate, off, or auto (src/controller/calibrate.ts). */
+export function parseLearnableThreshold(v: unknown): Parsed<number | null | 'auto'> {
+  if (v === 'auto') return ok('auto');
+  const r = parseThreshold(v);
+  return r.ok ? r : bad(`expected a rate per second (a number), off or auto, got ${show(v)}`);
 }
 
 /**

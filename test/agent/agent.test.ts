@@ -271,7 +271,7 @@ describe('idlecrypt agent', () => {
     };
     let agent = startAgent(cfg);
     let startedAt = Date.now();
-    const kills: { moment: string; found: string; adoptedMs?: number }[] = [];
+    const kills: { moment: string; found: string; heldMs?: number; adoptedMs?: number }[] = [];
     // The agent's socket directly: `idlecrypt status` starts a process per question.
     const state = async (disk: string) => ((await askAgent(path.join(runDir, 'agent.sock'))) as AgentStatus).disks.find((d) => d.vm === 'k-a' && d.disk === disk)?.state;
     /** kill -9, then a new agent; returns what QEMU held at the kill. */
@@ -283,13 +283,16 @@ describe('idlecrypt agent', () => {
       const found = j ? `job ${j.status}${j.ready ? ' (ready)' : ''} at ${((100 * j.offset) / Math.max(1, j.len)).toFixed(0)}%` : `no job; ${left.size} run tags of ours in QEMU`;
       agent = startAgent(cfg);
       startedAt = Date.now();
-      const entry: { moment: string; found: string; adoptedMs?: number } = { moment, found };
+      const entry: { moment: string; found: string; heldMs?: number; adoptedMs?: number } = { moment, found };
       kills.push(entry);
       if (j) {
-        // A copy of ours in QEMU: the new agent adopts it (and moderates it) at once.
+        // A copy of ours in QEMU: the new agent holds it at once (1 byte/s: whatever the dead
+        // agent left it at, the guest is not disturbed from here), then steers it once the
+        // probes are attached.
         await agent.waitForStderr(/"msg":"mirror adopted"/, 30_000);
-        const adopted = logsOf(agent.stderr()).find((l) => l.msg === 'mirror adopted')!.time as number;
-        entry.adoptedMs = adopted - startedAt;
+        const logs = logsOf(agent.stderr());
+        entry.heldMs = (logs.find((l) => l.msg === 'mirror held until the probes attach')!.time as number) - startedAt;
+        entry.adoptedMs = (logs.find((l) => l.msg === 'mirror adopted')!.time as number) - startedAt;
       }
     };
     const progress = async (disk: string, share: number) =>
@@ -342,7 +345,10 @@ describe('idlecrypt agent', () => {
       await killAndRestart(`${disk}: the pivot`);
       await poll(`${disk} encrypted`, async () => ((await state(disk).catch(() => undefined)) === 'encrypted' ? true : undefined), 60_000);
     }
-    for (const x of kills) t.diagnostic(`kill -9 at ${x.moment}: ${x.found}${x.adoptedMs !== undefined ? `; the next agent adopted the copy ${(x.adoptedMs / 1000).toFixed(2)} s after its start` : ''}`);
+    for (const x of kills) {
+      const adopted = x.adoptedMs !== undefined ? `; the next agent held the copy ${(x.heldMs! / 1000).toFixed(2)} s and moderated it ${(x.adoptedMs / 1000).toFixed(2)} s after its start` : '';
+      t.diagnostic(`kill -9 at ${x.moment}: ${x.found}${adopted}`);
+    }
     assert.equal(kills.length, 10);
 
     // Nothing of ours left in QEMU or in the state directory; both disks on their targets.
@@ -366,9 +372,15 @@ describe('idlecrypt agent', () => {
     await checkWriterBlocks(k.vm.lines, path.join(dir, 'k-a-disk0.luks'), path.join(dir, 'k-a.key'));
     const cmp = await compareWithEncrypted(k.extra[0]!, path.join(dir, 'k-a-disk1.luks'), 'luks', path.join(dir, 'k-a.key'));
     assert.ok(cmp.same, cmp.output);
-    const adopted = kills.filter((x) => x.adoptedMs !== undefined).map((x) => x.adoptedMs!);
-    t.diagnostic(`re-adoption after kill -9: median ${(median(adopted) / 1000).toFixed(2)} s, max ${(Math.max(...adopted) / 1000).toFixed(2)} s over ${adopted.length} restarts that found a copy`);
-    assert.ok(Math.max(...adopted) < 5000, 'adopted promptly');
+    const found = kills.filter((x) => x.adoptedMs !== undefined);
+    const held = found.map((x) => x.heldMs!);
+    const adopted = found.map((x) => x.adoptedMs!);
+    const s2 = (xs: number[]) => `median ${(median(xs) / 1000).toFixed(2)} s, max ${(Math.max(...xs) / 1000).toFixed(2)} s`;
+    t.diagnostic(`after kill -9, from the new agent's start (its process start included) over ${found.length} restarts that found a copy: held ${s2(held)}; moderated (probes attached) ${s2(adopted)}`);
+    // The issue's bound: found and moderated again within 2 s. The hold is the moderation
+    // that needs no probe; the controller's own decisions follow once bpftrace is attached.
+    assert.ok(Math.max(...held) < 2000, `held within 2 s of the restart (max ${Math.max(...held)} ms)`);
+    assert.ok(Math.max(...adopted) < 5000, 'moderated by the controller within 5 s');
   });
 
   test('faults: a full target filesystem fails that disk alone; a VM killed mid-copy loses only its partial target; a corrupt run record is said and its copy rolled back from QEMU alone, then done again', async (t) => {

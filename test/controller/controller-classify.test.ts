@@ -6,8 +6,9 @@ import { ratesFromSample } from '../../src/controller/adapt.ts';
 import { EMPTY_WINDOW, pushSample, type RateWindow } from '../../src/controller/decide.ts';
 import type { ActivityRates } from '../../src/controller/types.ts';
 import { defaultPolicy } from '../../src/policy/index.ts';
+import { fixedThresholds } from '../../src/controller/calibrate.ts';
 
-const thresholds = defaultPolicy().thresholds; // disk 5, keyboard 5, pointer 100, interrupts 1000
+const thresholds = fixedThresholds(defaultPolicy().thresholds); // disk 5, keyboard 5, pointer 100, interrupts 1000
 
 function rates(r: Partial<ActivityRates> = {}): ActivityRates {
   return { time: 0, vm: 'vm1', diskPerS: 0, keyPerS: 0, pointerPerS: 0, interruptsPerS: 0, source: 'ebpf', ...r };

@@ -289,7 +289,10 @@ async function sideBySide(t: TestContext, base: string, attempt: number): Promis
   const shortfalls: string[] = [];
   if (!(kept >= 0.93)) shortfalls.push(`the moderated guest kept ${pct(kept)} of the reference's busy-phase throughput (need >= 93%)`);
   if (!(idleMedian >= 0.8 * cmpRate)) shortfalls.push(`idle-phase job speed ${mibps(idleMedian)} MiB/s is ${pct(idleMedian / cmpRate)} of the unthrottled ${mibps(cmpRate)} MiB/s (need >= 80%)`);
-  assert.ok(keyReaction.ms !== undefined && keyReaction.ms <= 500, `paused ${keyReaction.ms} ms after the first key`);
+  // A latency like the busy-phase reactions below: host noise can delay one run (1073 ms
+  // once in CI on 2026-12-01, with every other figure in bounds), so a miss is a shortfall
+  // that another attempt may meet, not an error; a job that never paused fails every attempt.
+  if (!(keyReaction.ms !== undefined && keyReaction.ms <= 500)) shortfalls.push(`the job paused ${keyReaction.ms?.toFixed(0) ?? 'never'} ms after the first key (need <= 500 ms)`);
   assert.ok(keyRate < 0.1 * cmpRate, `while keys were typed the job ran at ${pct(keyRate / cmpRate)} of unthrottled (need < 10%)`);
   const running = reactions.filter((x) => measurable(x.r));
   assert.ok(running.length >= 2, `the job was running at ${running.length} busy-phase starts; at least 2 needed`);

@@ -59,7 +59,7 @@ describe('the shipped default policy', () => {
   test('a single stray event in the window stays under every threshold', () => {
     const p = defaultPolicy();
     const oneEventPerS = 1000 / p.sampling.window; // 4/s
-    for (const t of Object.values(p.thresholds)) assert.ok(t !== null && oneEventPerS <= t);
+    for (const t of Object.values(p.thresholds)) assert.ok(t !== null && t !== 'auto' && oneEventPerS <= t);
     assert.ok(!describePolicy(p).some((l) => l.startsWith('note:')));
   });
 
@@ -141,6 +141,20 @@ describe('values as people write them', () => {
     assert.deepEqual(parsePolicy('guarantee:\n  deadline: 90m\n', 'p.yaml').guarantee.deadline, { after: 5_400_000 });
   });
 
+  test('thresholds: auto learns disk and interrupts per guest; a signal can be auto alone; input never', () => {
+    const p = parsePolicy('thresholds: auto\n', 'p.yaml');
+    assert.deepEqual(p.thresholds, { disk: 'auto', keyboard: 5, pointer: 100, interrupts: 'auto', stall: 800 });
+    assert.ok(describePolicy(p).includes('busy while: disk above the level learnt for each guest (never under 5/s), keyboard > 5/s, pointer > 100/s, interrupts above the level learnt for each guest (never under 1000/s), stall > 800ms/s'));
+    assert.deepEqual(parsePolicy('thresholds:\n  disk: auto\n', 'p.yaml').thresholds, { disk: 'auto', keyboard: 5, pointer: 100, interrupts: 1000, stall: 800 });
+    // an override over a file that says auto, and auto in an override only
+    const v = parsePolicy('thresholds: auto\nvms:\n  db:\n    thresholds: {disk: 50}\n  web:\n    thresholds: auto\n', 'p.yaml');
+    assert.deepEqual(resolvePolicy(v, 'db').thresholds, { disk: 50, keyboard: 5, pointer: 100, interrupts: 'auto', stall: 800 });
+    assert.deepEqual(parsePolicy('vms:\n  web:\n    thresholds: auto\n', 'p.yaml').vms.web!.thresholds, { disk: 'auto', keyboard: 5, pointer: 100, interrupts: 'auto', stall: 800 });
+    assert.deepEqual(problems('thresholds:\n  keyboard: auto\n'), [
+      'p.yaml:2:13: thresholds.keyboard: auto is for disk and interrupts only: input is never learnt (a person at the console comes first), nor the stall the copy itself causes',
+    ]);
+  });
+
   test('and read back as written', () => {
     assert.equal(formatSpeed(UNLIMITED), 'unlimited');
     assert.equal(formatSpeed(PAUSED), 'paused');
@@ -213,7 +227,7 @@ describe('bad policy files are rejected with the file, line, column and key', ()
   });
 
   test('a wrong type', () => {
-    assert.deepEqual(problems('thresholds:\n  disk: five\n'), ['p.yaml:2:9: thresholds.disk: expected a rate per second (a number) or off, got "five"']);
+    assert.deepEqual(problems('thresholds:\n  disk: five\n'), ['p.yaml:2:9: thresholds.disk: expected a rate per second (a number), off or auto, got "five"']);
     assert.deepEqual(problems('speed: fast\n'), ['p.yaml:1:8: speed: expected a mapping (key: value lines), got "fast"']);
     assert.deepEqual(problems('holdoff: 2\n'), ['p.yaml:1:10: holdoff: a duration needs a unit (such as 250ms, 1s, 2h), got 2']);
     assert.deepEqual(problems('speed:\n  idle:\n'), ['p.yaml:2:3: speed.idle: expected unlimited, paused, or bytes/s such as 50MiB, 100M or 104857600, got nothing']);
@@ -240,7 +254,7 @@ describe('bad policy files are rejected with the file, line, column and key', ()
         e instanceof IdlecryptError &&
         e.code === 'POLICY' &&
         e.exitCode === 1 &&
-        e.message === 'bad.yaml:2:9: thresholds.disk: expected a rate per second (a number) or off, got "five" (and 2 more)' &&
+        e.message === 'bad.yaml:2:9: thresholds.disk: expected a rate per second (a number), off or auto, got "five" (and 2 more)' &&
         (e.context.issues as PolicyIssue[]).length === 3,
     );
   });

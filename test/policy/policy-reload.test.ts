@@ -144,7 +144,7 @@ describe('watchPolicy', () => {
     sub = watchPolicy(file, { logger }).subscribe({ error: (e: unknown) => (error = e) });
     assert.ok(error instanceof IdlecryptError);
     assert.equal(error.code, 'POLICY');
-    assert.equal(error.message, `${file}:2:9: thresholds.disk: expected a rate per second (a number) or off, got "lots"`);
+    assert.equal(error.message, `${file}:2:9: thresholds.disk: expected a rate per second (a number), off or auto, got "lots"`);
   });
 
   test('without a file: the shipped default, and no signal handler', () => {

@@ -1,0 +1,218 @@
+/**
+ * Issue 9's matrix: disk {64 GiB sparse raw, fully allocated raw, 64 GiB sparse qcow2} x host
+ * cache {writeback, none} x guest workload {one-at-a-time 64 KiB direct I/O, the bursty 1 MiB
+ * workload, a trickle of small synchronous writes with bursts}: 18 cells. Each cell is one run
+ * of bench/moderation.ts with the modes (a) no job, (b) an unthrottled mirror and (d) idlecrypt's
+ * default policy, every copy stopped after --max-copy-s (the sparse disks are too big to copy
+ * whole in each run), and is judged against the issue's bounds:
+ *   kept      (d)'s guest throughput in busy phases against (a)'s: >= 93%
+ *   trickle   (d)'s guest throughput in idle phases against (a)'s, the trickle's own rate
+ *             (trickle cells only): >= 90%
+ *   reaction  busy-phase start to the job slowed, largest over the cell's phases: <= 500 ms
+ *   idle      (d)'s job speed in idle phases after the hold-off against (b)'s: >= 80%. Where
+ *             (b) froze the guest (no phase line came while it ran) its idle-phase speed cannot
+ *             be measured; its average over the whole copy stands in (marked ~).
+ *
+ *   node --import tsx bench/matrix.ts [--rounds 1] [--max-copy-s 48] [--raw-mib 6144]
+ *        [--disks sparse-raw,raw,sparse-qcow2] [--caches writeback,none]
+ *        [--workloads oneatatime,bursty,trickle] [--out bench/results/matrix]
+ *
+ * Writes <out>/matrix-report.md (the table, each cell's figures, links to each cell's report
+ * and plots over time in <out>/<cell>/) and <out>/matrix-<time>.json. About 3.5 minutes a cell
+ * and round on a 2-core machine: an hour for the whole matrix. Run nothing else meanwhile.
+ */
+import { spawn } from 'node:child_process';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+
+const { values } = parseArgs({
+  options: {
+    rounds: { type: 'string', default: '1' },
+    'max-copy-s': { type: 'string', default: '48' },
+    'sparse-mib': { type: 'string', default: '65536' },
+    'raw-mib': { type: 'string', default: '6144' },
+    disks: { type: 'string', default: 'sparse-raw,raw,sparse-qcow2' },
+    caches: { type: 'string', default: 'writeback,none' },
+    workloads: { type: 'string', default: 'oneatatime,bursty,trickle' },
+    out: { type: 'string', default: 'bench/results/matrix' },
+  },
+});
+
+const KEPT_MIN = 0.93;
+const TRICKLE_MIN = 0.9;
+const REACTION_MAX_MS = 500;
+const IDLE_MIN = 0.8;
+const MiB = 1024 * 1024;
+
+interface Run {
+  mode: string;
+  guestBusyBps: number | null;
+  guestIdleBps?: number | null;
+  jobIdleAfterHoldoffBps: number | null;
+  bytesCopied: number | null;
+  from: number;
+  to: number;
+  reactionsMs: number[];
+  reactionsSkipped: number;
+  totalS: number | null;
+}
+
+interface Cell {
+  disk: string;
+  cache: string;
+  workload: string;
+  dir: string;
+  error?: string;
+  kept?: number | null;
+  trickle?: number | null;
+  reactionMaxMs?: number | null;
+  reactionP50Ms?: number | null;
+  reactions?: number;
+  idle?: number | null;
+  idleFromWholeCopy?: boolean;
+  unthrottledBps?: number | null;
+  idlecryptIdleBps?: number | null;
+  referenceBusyBps?: number | null;
+  met?: boolean;
+}
+
+const disks = values.disks!.split(',');
+const caches = values.caches!.split(',');
+const workloads = values.workloads!.split(',');
+const outDir = values.out!;
+const startedAt = new Date();
+
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+const med = (xs: (number | null | undefined)[]): number | null => {
+  const v = xs.filter((x): x is number => typeof x === 'number' && Number.isFinite(x));
+  return v.length ? median(v) : null;
+};
+const ratio = (a: number | null, b: number | null): number | null => (a !== null && b ? a / b : null);
+
+function runCell(disk: string, cache: string, workload: string, dir: string): Promise<void> {
+  const size = disk === 'raw' ? values['raw-mib']! : values['sparse-mib']!;
+  const args = ['--import', 'tsx', 'bench/moderation.ts', '--rounds', values.rounds!, '--size-mib', size, '--max-copy-s', values['max-copy-s']!, '--bounded', '--modes', 'none,unthrottled,idlecrypt', '--disk', disk, '--cache', cache, '--workload', workload, '--out', dir];
+  process.stderr.write(`\n== ${disk} cache=${cache} ${workload}: node ${args.join(' ')}\n`);
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'inherit', 'inherit'] });
+    child.on('error', reject);
+    child.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`bench/moderation.ts exited ${code}`))));
+  });
+}
+
+function judge(cell: Cell, runs: Run[]): void {
+  const of = (mode: string) => runs.filter((r) => r.mode === mode);
+  const none = of('none');
+  const unthrottled = of('unthrottled');
+  const ic = of('idlecrypt');
+  cell.referenceBusyBps = med(none.map((r) => r.guestBusyBps));
+  cell.kept = ratio(med(ic.map((r) => r.guestBusyBps)), cell.referenceBusyBps);
+  if (cell.workload === 'trickle') cell.trickle = ratio(med(ic.map((r) => r.guestIdleBps)), med(none.map((r) => r.guestIdleBps)));
+  const reactions = ic.flatMap((r) => r.reactionsMs);
+  cell.reactions = reactions.length;
+  cell.reactionMaxMs = reactions.length ? Math.max(...reactions) : null;
+  cell.reactionP50Ms = reactions.length ? median(reactions) : null;
+  let unthrottledBps = med(unthrottled.map((r) => r.jobIdleAfterHoldoffBps));
+  if (unthrottledBps === null) {
+    unthrottledBps = med(unthrottled.map((r) => (r.bytesCopied !== null && r.to > r.from ? r.bytesCopied / ((r.to - r.from) / 1000) : null)));
+    cell.idleFromWholeCopy = unthrottledBps !== null;
+  }
+  cell.unthrottledBps = unthrottledBps;
+  cell.idlecryptIdleBps = med(ic.map((r) => r.jobIdleAfterHoldoffBps));
+  cell.idle = ratio(cell.idlecryptIdleBps, unthrottledBps);
+  cell.met =
+    cell.kept !== null &&
+    cell.kept >= KEPT_MIN &&
+    (cell.workload !== 'trickle' || (cell.trickle != null && cell.trickle >= TRICKLE_MIN)) &&
+    cell.reactionMaxMs !== null &&
+    cell.reactionMaxMs <= REACTION_MAX_MS &&
+    cell.idle !== null &&
+    cell.idle >= IDLE_MIN;
+}
+
+const cells: Cell[] = [];
+await mkdir(outDir, { recursive: true });
+for (const disk of disks) {
+  for (const cache of caches) {
+    for (const workload of workloads) {
+      const dir = path.join(outDir, `${disk}-${cache}-${workload}`);
+      const cell: Cell = { disk, cache, workload, dir };
+      cells.push(cell);
+      try {
+        await mkdir(dir, { recursive: true });
+        await runCell(disk, cache, workload, dir);
+        const json = (await readdir(dir)).filter((f) => /^moderation-.*\.json$/.test(f)).sort().at(-1);
+        if (!json) throw new Error('no results file');
+        const data = JSON.parse(await readFile(path.join(dir, json), 'utf8')) as { runs: Run[] };
+        judge(cell, data.runs);
+      } catch (e) {
+        cell.error = (e as Error).message;
+      }
+      process.stderr.write(`== ${line(cell)}\n`);
+      await writeReport();
+    }
+  }
+}
+process.stderr.write(`report: ${path.join(outDir, 'matrix-report.md')}\n`);
+
+function pct(x: number | null | undefined): string {
+  return x === null || x === undefined ? '-' : `${(100 * x).toFixed(0)}%`;
+}
+
+function line(c: Cell): string {
+  if (c.error) return `${c.disk} ${c.cache} ${c.workload}: failed: ${c.error}`;
+  return `${c.disk} ${c.cache} ${c.workload}: kept ${pct(c.kept)}${c.workload === 'trickle' ? `, trickle ${pct(c.trickle)}` : ''}, reaction max ${c.reactionMaxMs?.toFixed(0) ?? '-'} ms, idle ${pct(c.idle)}${c.met ? ', met' : ''}`;
+}
+
+async function writeReport(): Promise<void> {
+  const mark = (ok: boolean | null) => (ok === null ? '' : ok ? '' : ' ✗');
+  const rows = cells.map((c) =>
+    c.error
+      ? [c.disk, c.cache, c.workload, `failed: ${c.error}`, '', '', '', '', '']
+      : [
+          c.disk,
+          c.cache,
+          c.workload,
+          `${pct(c.kept)}${mark(c.kept == null ? null : c.kept >= KEPT_MIN)}`,
+          c.workload === 'trickle' ? `${pct(c.trickle)}${mark(c.trickle == null ? null : c.trickle >= TRICKLE_MIN)}` : '',
+          c.reactionMaxMs == null ? `- (n=0)` : `${c.reactionP50Ms!.toFixed(0)} / ${c.reactionMaxMs.toFixed(0)} (n=${c.reactions})${mark(c.reactionMaxMs <= REACTION_MAX_MS)}`,
+          `${pct(c.idle)}${c.idleFromWholeCopy ? ' ~' : ''}${mark(c.idle == null ? null : c.idle >= IDLE_MIN)}`,
+          `${c.idlecryptIdleBps == null ? '-' : (c.idlecryptIdleBps / MiB).toFixed(0)} / ${c.unthrottledBps == null ? '-' : (c.unthrottledBps / MiB).toFixed(0)}`,
+          `[report](${path.relative(outDir, c.dir)}/moderation-report.md)`,
+        ],
+  );
+  const head = ['disk', 'cache', 'workload', `busy kept (>= ${KEPT_MIN * 100}%)`, `trickle kept (>= ${TRICKLE_MIN * 100}%)`, `reaction p50 / max ms (<= ${REACTION_MAX_MS})`, `idle copy vs unthrottled (>= ${IDLE_MIN * 100}%)`, 'idle copy / unthrottled MiB/s', 'cell'];
+  const table = [head, head.map(() => '---'), ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n');
+  const met = cells.filter((c) => c.met).length;
+  const report = `# Issue 9's matrix
+
+${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB.
+Command: \`node --import tsx bench/matrix.ts --rounds ${values.rounds} --max-copy-s ${values['max-copy-s']} --sparse-mib ${values['sparse-mib']} --raw-mib ${values['raw-mib']} --disks ${values.disks} --caches ${values.caches} --workloads ${values.workloads}\`
+
+Each cell: bench/moderation.ts with (a) no job, (b) an unthrottled mirror and (d) idlecrypt's default
+policy, one guest at a time, ${values.rounds} round(s), every copy stopped after ${values['max-copy-s']} s. Sparse disks are
+${Number(values['sparse-mib']) / 1024} GiB, the allocated raw disk ${Number(values['raw-mib']) / 1024} GiB. Workloads (8 s idle / 8 s busy): oneatatime, 64 KiB
+O_DIRECT requests one at a time; bursty, 1 MiB O_DIRECT requests; trickle, oneatatime's phases over 15
+4 KiB O_DIRECT writes a second, each flushed. ✗: outside issue 9's bound. ~: (b) froze the guest, so
+its idle-phase speed could not be measured, and its average over the whole copy stands in.
+
+${met} of ${cells.length} cells meet every bound.
+
+${table}
+
+- **busy kept**: (d)'s guest throughput over busy phases while the copy ran, against (a)'s over the same
+  stretch of the schedule. **trickle kept**: the same over idle phases, where the trickle runs alone.
+- **reaction**: from a busy phase's start (its PHASE line on the host) to the job paused or slowed, for
+  phases that began while the job ran at full speed.
+- **idle copy**: (d)'s job speed in idle phases without each phase's first 1.5 s (window and hold-off),
+  against (b)'s measured the same way.
+`;
+  await writeFile(path.join(outDir, 'matrix-report.md'), report);
+  await writeFile(path.join(outDir, `matrix-${startedAt.toISOString().replace(/[:.]/g, '-')}.json`), JSON.stringify({ startedAt, values, cells }, null, 1));
+}
