@@ -97,6 +97,8 @@ const { values } = parseArgs({
     backend: { type: 'string', default: 'qmp' },
   },
 });
+// The command runs in a directory of its own (test/helpers/cli.ts): a relative path would not be found.
+if (values.policy) values.policy = path.resolve(values.policy);
 const backend = values.backend as 'qmp' | 'libvirt';
 if (backend !== 'qmp' && backend !== 'libvirt') throw new Error('--backend qmp|libvirt');
 const cache = values.cache as 'writeback' | 'none';
@@ -262,7 +264,7 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
       run = new EncryptRun([...guest.args, '--target', target, '--key-file', keyFile, '--iter-time', '50', ...mode.args], path.join(work, `${name}.lp`));
       const limitMs = mode.capped || values.bounded ? maxCopyMs : SAFETY_LIMIT_MS;
       const result = run.result(limitMs + 120_000);
-      const copying = await waitFor(() => run!.phaseAt('copying'), 60_000, `${name}: the copy did not start:\n${run.cli.stderr().slice(-2000)}`);
+      const copying = await waitFor(() => run!.phaseAt('copying'), 60_000, `${name}: the copy did not start:\n${run.cli.stderr().slice(-2000)}${run.cli.stdout().slice(-1000)}`);
       // The limit's timer is cleared when the copy ends first: a pending 10-minute timer
       // would keep the benchmark from exiting for that long after its report.
       let limitTimer: NodeJS.Timeout | undefined;

@@ -7,9 +7,10 @@
  *
  * What is learnt, per signal: every second, the highest windowed rate the classifier saw in
  * that second (what it compares with the threshold); kept for the last LEARN_SPAN_MS. Over
- * them, the background is the seconds at most BACKGROUND_SPREAD x their 25th percentile: a
- * steady trickle (10-30 requests/s) is there in most seconds, and busy bursts (hundreds or
- * thousands a second) stand far above it. The level is the background's 95th percentile, and
+ * them, the background is the seconds at most BACKGROUND_SPREAD x their 10th percentile, and
+ * not beside a second above that (a burst's edges): a steady trickle (10-30 requests/s) is
+ * there whenever the guest is not busy, and busy bursts (hundreds or thousands a second)
+ * stand far above it. The level is the background's 95th percentile, and
  * the threshold LEVEL_MARGIN x that level, never under the source design's value (a guest as
  * quiet as the test guest, whose background is 0, is moderated exactly as with the fixed
  * thresholds) and never over LEARN_CAP (a guest that keeps its disk working most of the time
@@ -33,6 +34,8 @@ export const LEARN_CAP: Readonly<Record<LearnableSignal, number>> = { disk: 100,
 export const LEARN_SPAN_MS = 10 * 60_000;
 export const LEARN_MIN_SECONDS = 60;
 export const BACKGROUND_SPREAD = 4;
+/** The background's base: a guest must be at its background at least this share of the time to have one learnt. */
+export const BASE_PERCENTILE = 10;
 export const LEVEL_MARGIN = 1.5;
 /** How often the thresholds are recomputed from the seconds kept. */
 export const RELEARN_MS = 5000;
@@ -71,8 +74,11 @@ function round2(x: number): number {
 export function learnLevel(peaks: readonly number[], signal: LearnableSignal): Learnt | undefined {
   if (peaks.length < LEARN_MIN_SECONDS) return undefined;
   const sorted = [...peaks].sort((a, b) => a - b);
-  const q25 = percentile(sorted, 25);
-  const background = sorted.filter((x) => x <= BACKGROUND_SPREAD * q25);
+  const limit = BACKGROUND_SPREAD * percentile(sorted, BASE_PERCENTILE);
+  // A second beside one above the limit holds the edge of a burst (its first or last
+  // requests): not background, though it may be under the limit.
+  const quiet = (i: number) => peaks[i]! <= limit;
+  const background = peaks.filter((_, i) => quiet(i) && (i === 0 || quiet(i - 1)) && (i === peaks.length - 1 || quiet(i + 1))).sort((a, b) => a - b);
   const level = percentile(background, 95);
   const threshold = round2(Math.max(LEARN_FLOOR[signal], Math.min(LEARN_CAP[signal], level * LEVEL_MARGIN)));
   return { level: round2(level), threshold };

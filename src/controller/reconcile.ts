@@ -148,6 +148,9 @@ export class Reconciler {
   setDesired(d: Decision): void {
     const prev = this.desired;
     this.desired = d;
+    if (d.learnt && d.learnt.summary !== prev?.learnt?.summary) {
+      this.log.info({ learnt: d.learnt.levels, thresholds: d.learnt.thresholds }, `moderation: thresholds learnt: ${d.learnt.summary}`);
+    }
     if (prev && prev.state === d.state && prev.mode === d.mode && prev.speed === d.speed && prev.reason === d.reason) return;
     // The headroom retunes the cap every few hundred ms: that is not a change of state.
     if (prev && prev.state === d.state && prev.mode === d.mode && prev.reason === d.reason && d.headroom) {
