@@ -34,7 +34,7 @@ import { SIGNALS, type EffectivePolicy, type Moderation } from '../policy/schema
 import { formatDuration, formatSpeed, PAUSED, UNLIMITED } from '../policy/units.ts';
 import { classify, describeReasons, rateOf } from './classify.ts';
 import { applyHeadroom } from './headroom.ts';
-import { calibrate, describeCalibration, EMPTY_CALIBRATION, LEARNABLE, thresholdsInForce, type Calibration, type LearnableSignal } from './calibrate.ts';
+import { calibrate, describeCalibration, EMPTY_CALIBRATION, fixedThresholds, LEARNABLE, thresholdsInForce, type Calibration, type LearnableSignal } from './calibrate.ts';
 import type { ActivityRates, Classified, Decision, Guarantee, JobProgress, LearntThresholds, Signal, StateChange } from './types.ts';
 
 /** Structural equality, typed, for distinctUntilChanged. */
@@ -142,7 +142,7 @@ export function classifyActivity(policy$: Observable<EffectivePolicy>, learning:
               learnt = learnt && same(learnt, next) ? learnt : next;
               if (calibration.learntAt !== acc.calibration.learntAt) learning.onLearnt?.(calibration);
             }
-            const thresholds = learnt?.thresholds ?? (p.thresholds as Record<Signal, number | null>);
+            const thresholds = learnt?.thresholds ?? fixedThresholds(p.thresholds);
             const learntSignals = learnt ? (Object.keys(learnt.levels) as Signal[]) : [];
             const c = classify(rates, thresholds, learntSignals);
             return { window, calibration, learnt, auto: auto.join(), out: { time: sample.time, ...c, ...(learnt ? { learnt } : {}) } };

@@ -41,7 +41,7 @@ export interface LearntThresholds {
   readonly thresholds: Readonly<Record<Signal, number | null>>;
   /** Per learnt signal: its background level and threshold; a signal still learning is absent. */
   readonly levels: Readonly<Partial<Record<Signal, { readonly level: number; readonly threshold: number }>>>;
-  /** "disk level 18/s, busy above 27/s, interrupts learning (12 of 60 s)" */
+  /** "disk level 18/s, busy above 27/s, interrupts learning (busy above 1000/s until 60 s are seen)" */
   readonly summary: string;
 }
 
