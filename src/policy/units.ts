@@ -103,8 +103,8 @@ export function parseThreshold(v: unknown): Parsed<number | null> {
 /** A threshold that may be learnt per guest: a rate, off, or auto (src/controller/calibrate.ts). */
 export function parseLearnableThreshold(v: unknown): Parsed<number | null | 'auto'> {
   if (v === 'auto') return ok('auto');
-  const r = parseThreshold(v);
-  return r.ok ? r : bad(`expected a rate per second (a number), off or auto, got ${show(v)}`);
+  if (v !== 'off' && (typeof v !== 'number' || !Number.isFinite(v))) return bad(`expected a rate per second (a number), off or auto, got ${show(v)}`);
+  return parseThreshold(v); // its own words for a negative rate
 }
 
 /**

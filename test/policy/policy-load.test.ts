@@ -237,6 +237,7 @@ describe('bad policy files are rejected with the file, line, column and key', ()
     assert.deepEqual(problems('speed:\n  busy: -5MiB\n'), ['p.yaml:2:9: speed.busy: a speed cannot be negative, got "-5MiB"']);
     assert.deepEqual(problems('speed:\n  idle: -1\n'), ['p.yaml:2:9: speed.idle: a speed cannot be negative, got -1']);
     assert.deepEqual(problems('thresholds:\n  pointer: -1\n'), ['p.yaml:2:12: thresholds.pointer: a threshold cannot be negative, got -1']);
+    assert.deepEqual(problems('thresholds:\n  disk: -1\n'), ['p.yaml:2:9: thresholds.disk: a threshold cannot be negative, got -1']);
     assert.deepEqual(problems('holdoff: -1s\n'), ['p.yaml:1:10: holdoff: a duration cannot be negative, got "-1s"']);
   });
 
