@@ -20,15 +20,9 @@
  * Keyboard and pointer input are never learnt: a person at the console comes first. Nor is
  * the vCPUs' stall, which the copy itself causes.
  */
-import { LEARNABLE, type Signal } from '../policy/schema.ts';
+import { fixedThresholds, LEARN_FLOOR, LEARNABLE, type LearnableSignal, type Moderation, type Signal } from '../policy/schema.ts';
 import { formatRate } from '../policy/units.ts';
 
-export { LEARNABLE };
-export type LearnableSignal = (typeof LEARNABLE)[number];
-export const isLearnable = (s: Signal): s is LearnableSignal => (LEARNABLE as readonly string[]).includes(s);
-
-/** The source design's values: a learnt threshold never goes below them. */
-export const LEARN_FLOOR: Readonly<Record<LearnableSignal, number>> = { disk: 5, interrupts: 1000 };
 /** Above these a level is the guest's work, not its background. */
 export const LEARN_CAP: Readonly<Record<LearnableSignal, number>> = { disk: 100, interrupts: 10_000 };
 export const LEARN_SPAN_MS = 10 * 60_000;
@@ -112,34 +106,20 @@ export function calibrate(c: Calibration, time: number, rates: Readonly<Partial<
   return { seconds, learnt, learntAt: time };
 }
 
-/** A threshold as the policy gives it: a rate, off (null), or learnt. */
-export type PolicyThreshold = number | null | 'auto';
-
 /**
  * The thresholds in force: the policy's fixed ones, and for `auto` the learnt threshold, or
- * the source design's value while nothing is learnt yet.
+ * the source design's value while nothing is learnt yet (fixedThresholds).
  */
-export function thresholdsInForce(
-  policy: Readonly<Record<Signal, PolicyThreshold>>,
-  c: Calibration,
-): { thresholds: Record<Signal, number | null>; learnt: Signal[] } {
-  const thresholds = {} as Record<Signal, number | null>;
+export function thresholdsInForce(policy: Moderation['thresholds'], c: Calibration): { thresholds: Record<Signal, number | null>; learnt: Signal[] } {
+  const thresholds = fixedThresholds(policy);
   const learnt: Signal[] = [];
-  for (const [sig, t] of Object.entries(policy) as [Signal, PolicyThreshold][]) {
-    if (t !== 'auto') {
-      thresholds[sig] = t;
-      continue;
-    }
-    const l = isLearnable(sig) ? c.learnt[sig] : undefined;
-    thresholds[sig] = l?.threshold ?? (isLearnable(sig) ? LEARN_FLOOR[sig] : null);
-    if (l) learnt.push(sig);
+  for (const sig of LEARNABLE) {
+    const l = c.learnt[sig];
+    if (policy[sig] !== 'auto' || !l) continue;
+    thresholds[sig] = l.threshold;
+    learnt.push(sig);
   }
   return { thresholds, learnt };
-}
-
-/** The thresholds before anything is learnt: `auto` at the source design's value. */
-export function fixedThresholds(policy: Readonly<Record<Signal, PolicyThreshold>>): Record<Signal, number | null> {
-  return thresholdsInForce(policy, EMPTY_CALIBRATION).thresholds;
 }
 
 /** "disk level 18/s, busy above 27/s, interrupts learning" for status and logs. */

@@ -30,11 +30,11 @@ import {
   type OperatorFunction,
   type SchedulerLike,
 } from 'rxjs';
-import { SIGNALS, type EffectivePolicy, type Moderation } from '../policy/schema.ts';
+import { fixedThresholds, LEARNABLE, SIGNALS, type EffectivePolicy, type LearnableSignal, type Moderation } from '../policy/schema.ts';
 import { formatDuration, formatSpeed, PAUSED, UNLIMITED } from '../policy/units.ts';
 import { classify, describeReasons, rateOf } from './classify.ts';
 import { applyHeadroom } from './headroom.ts';
-import { calibrate, describeCalibration, EMPTY_CALIBRATION, fixedThresholds, LEARNABLE, thresholdsInForce, type Calibration, type LearnableSignal } from './calibrate.ts';
+import { calibrate, describeCalibration, EMPTY_CALIBRATION, thresholdsInForce, type Calibration } from './calibrate.ts';
 import type { ActivityRates, Classified, Decision, Guarantee, JobProgress, LearntThresholds, Signal, StateChange } from './types.ts';
 
 /** Structural equality, typed, for distinctUntilChanged. */
@@ -120,37 +120,35 @@ export function classifyActivity(policy$: Observable<EffectivePolicy>, learning:
     readonly out: Classified | null;
   }
   return (source) =>
-    defer(() =>
-      source.pipe(
-        withLatestFrom(policy$),
-        scan(
-          (acc: Acc, [sample, p]): Acc => {
-            const { window, rates } = pushSample(acc.window, sample, p.sampling.window, p.sampling.interval);
-            // Learnt whatever the policy says, so that switching to auto by a reload starts
-            // from what was seen; what was learnt outlives reloads (it is not the policy's).
-            const calibration = calibrate(acc.calibration, sample.time, { disk: rates.diskPerS, interrupts: rates.interruptsPerS });
-            const auto = LEARNABLE.filter((sig) => p.thresholds[sig] === 'auto');
-            let learnt = acc.learnt;
-            if (auto.length === 0) learnt = undefined;
-            else if (!learnt || calibration.learntAt !== acc.calibration.learntAt || auto.join() !== acc.auto) {
-              const { thresholds, learnt: got } = thresholdsInForce(p.thresholds, calibration);
-              const next: LearntThresholds = {
-                thresholds,
-                levels: Object.fromEntries(got.map((sig) => [sig, calibration.learnt[sig as LearnableSignal]!])),
-                summary: describeCalibration(calibration, auto),
-              };
-              learnt = learnt && same(learnt, next) ? learnt : next;
-              if (calibration.learntAt !== acc.calibration.learntAt) learning.onLearnt?.(calibration);
-            }
-            const thresholds = learnt?.thresholds ?? fixedThresholds(p.thresholds);
-            const learntSignals = learnt ? (Object.keys(learnt.levels) as Signal[]) : [];
-            const c = classify(rates, thresholds, learntSignals);
-            return { window, calibration, learnt, auto: auto.join(), out: { time: sample.time, ...c, ...(learnt ? { learnt } : {}) } };
-          },
-          { window: EMPTY_WINDOW, calibration: learning.initial ?? EMPTY_CALIBRATION, learnt: undefined, auto: '', out: null },
-        ),
-        map((acc) => acc.out!),
+    source.pipe(
+      withLatestFrom(policy$),
+      scan(
+        (acc: Acc, [sample, p]): Acc => {
+          const { window, rates } = pushSample(acc.window, sample, p.sampling.window, p.sampling.interval);
+          // Learnt whatever the policy says, so that switching to auto by a reload starts
+          // from what was seen; what was learnt outlives reloads (it is not the policy's).
+          const calibration = calibrate(acc.calibration, sample.time, { disk: rates.diskPerS, interrupts: rates.interruptsPerS });
+          const auto = LEARNABLE.filter((sig) => p.thresholds[sig] === 'auto');
+          let learnt = acc.learnt;
+          if (auto.length === 0) learnt = undefined;
+          else if (!learnt || calibration.learntAt !== acc.calibration.learntAt || auto.join() !== acc.auto) {
+            const { thresholds, learnt: got } = thresholdsInForce(p.thresholds, calibration);
+            const next: LearntThresholds = {
+              thresholds,
+              levels: Object.fromEntries(got.map((sig) => [sig, calibration.learnt[sig as LearnableSignal]!])),
+              summary: describeCalibration(calibration, auto),
+            };
+            learnt = learnt && same(learnt, next) ? learnt : next;
+            if (calibration.learntAt !== acc.calibration.learntAt) learning.onLearnt?.(calibration);
+          }
+          const thresholds = learnt?.thresholds ?? fixedThresholds(p.thresholds);
+          const learntSignals = learnt ? (Object.keys(learnt.levels) as Signal[]) : [];
+          const c = classify(rates, thresholds, learntSignals);
+          return { window, calibration, learnt, auto: auto.join(), out: { time: sample.time, ...c, ...(learnt ? { learnt } : {}) } };
+        },
+        { window: EMPTY_WINDOW, calibration: learning.initial ?? EMPTY_CALIBRATION, learnt: undefined, auto: '', out: null },
       ),
+      map((acc) => acc.out!),
     );
 }
 

@@ -174,8 +174,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       ? await RunModeration.start(client, {
           ...o.moderation,
           logger: log,
-          // beside the run records: the agent's state directory, or the CLI's
-          learntDir: path.join(path.dirname(store.dir), 'learnt'),
+          stateDir: store.base,
           onSample: (s) => rec?.sample(s),
           onStatus: (t, r) => rec?.probeStatus(t, r),
         })
@@ -216,10 +215,10 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     try {
       if (adopt) {
         job = QmpMirrorJob.adopt(client, adopt.leftovers.jobId);
-        // Held at once: the dead run may have left it at full speed beside a busy guest, and
-        // the probes take a second or more to attach.
+        // A moderated copy is held at once: the dead run may have left it at full speed beside
+        // a busy guest, and the probes take a second or more to attach.
+        await job.setSpeed(mod ? HELD_SPEED : o.speed);
         if (mod) {
-          await job.setSpeed(HELD_SPEED);
           log.info({ job: job.id }, 'mirror held until the probes attach');
           await untilAborted(mod.attached, o.signal, o.detach);
         }
@@ -232,7 +231,6 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         );
         // Its pause was the dead run's (moderation's, or its hold at exit), not an
         // operator's: this run steers from here, and pauses again at once if the guest is busy.
-        if (!mod) await job.setSpeed(o.speed);
         if (at.paused) await job.resume();
         if (record.copyStartedAt === undefined) record = { ...record, copyStartedAt: Date.now() };
         record = { ...record, phase: 'copying' };

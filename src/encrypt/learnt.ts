@@ -25,11 +25,16 @@ export class LearntStore {
   private lastSave = 0;
   private pending: Calibration | undefined;
 
+  readonly dir: string;
+
+  /** `base`: the state directory, beside the run records. */
   constructor(
     readonly vm: string,
     private readonly log: Logger,
-    readonly dir = path.join(stateDir(), 'learnt'),
-  ) {}
+    base = stateDir(),
+  ) {
+    this.dir = path.join(base, 'learnt');
+  }
 
   get file(): string {
     // a VM name is the user's: keep it to one path component

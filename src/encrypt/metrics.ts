@@ -7,8 +7,7 @@ import type { MetricsSink } from '../metrics/sink.ts';
 import { activityPoint, jobPoint, moderationPoint, probePoint } from '../metrics/names.ts';
 import type { ActivitySample } from '../streams/types.ts';
 import type { Decision } from '../controller/types.ts';
-import { fixedThresholds } from '../controller/calibrate.ts';
-import type { EffectivePolicy } from '../policy/schema.ts';
+import { fixedThresholds, type EffectivePolicy } from '../policy/schema.ts';
 import type { Progress } from './progress.ts';
 
 export interface RunIdentity {

@@ -53,8 +53,8 @@ export interface ModerationOptions {
   readonly onSample?: (s: ActivitySample) => void;
   /** Probe lifecycle: probes-spawned, probes-attached, probes-restarting, fallback, ... */
   readonly onStatus?: (type: string, reason?: string) => void;
-  /** Where what was learnt of each guest is kept (learnt.ts); default <state dir>/learnt. */
-  readonly learntDir?: string;
+  /** The state directory, where what was learnt of each guest is kept (learnt.ts); default $IDLECRYPT_STATE_DIR or /var/lib/idlecrypt. */
+  readonly stateDir?: string;
 }
 
 /** How often the main loop's load is read for the headroom (as often as the reconciler reads the job). */
@@ -81,7 +81,7 @@ export class RunModeration {
     private readonly log: Logger,
     private readonly wrapJob: ((job: JobControl) => JobControl) | undefined,
     private readonly pausedSpeed: number | undefined,
-    private readonly learntDir: string | undefined,
+    private readonly stateDir: string | undefined,
   ) {}
 
   /**
@@ -113,7 +113,7 @@ export class RunModeration {
       takeUntil(stop$),
       share(),
     );
-    const m = new RunModeration(vm, policy$, samples$, stop$, log, o.wrapJob, o.pausedSpeed, o.learntDir);
+    const m = new RunModeration(vm, policy$, samples$, stop$, log, o.wrapJob, o.pausedSpeed, o.stateDir);
     m.subs.push(policy$.subscribe({ next: (p) => (m.effective = resolvePolicy(p, vm.name)), error: () => undefined }));
     m.subs.push(
       samples$.subscribe({
@@ -142,7 +142,7 @@ export class RunModeration {
   steer(job: JobControl, startedAt = Date.now()): void {
     this.steeredAt = startedAt;
     // What was learnt of this guest (thresholds: auto) by earlier runs, and saved as it learns.
-    const learnt = (this.learnt = new LearntStore(this.vm.name, this.log, this.learntDir));
+    const learnt = (this.learnt = new LearntStore(this.vm.name, this.log, this.stateDir));
     const initial = learnt.load();
     this.run = moderate({
       learning: { ...(initial ? { initial } : {}), onLearnt: (c) => learnt.offer(c) },

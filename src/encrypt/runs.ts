@@ -62,8 +62,11 @@ export interface BaseRunRecord {
 export class RunStore<R extends BaseRunRecord = RunRecord> {
   readonly dir: string;
 
-  /** `kind`: the folder under the state directory ('runs' for QMP runs, 'libvirt-runs'). */
-  constructor(base = stateDir(), kind = 'runs') {
+  /** `base`: the state directory; `kind`: the folder in it ('runs' for QMP runs, 'libvirt-runs'). */
+  constructor(
+    readonly base = stateDir(),
+    kind = 'runs',
+  ) {
     this.dir = path.join(base, kind);
   }
 

@@ -220,8 +220,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
           vm: vm!,
           ...(pauseMode === 'speed' ? { pausedSpeed: LIBVIRT_PAUSED_SPEED } : {}),
           logger: log,
-          // beside the run records: the agent's state directory, or the CLI's
-          learntDir: path.join(path.dirname(store.dir), 'learnt'),
+          stateDir: store.base,
           onSample: (s) => rec?.sample(s),
           onStatus: (t, r) => rec?.probeStatus(t, r),
         })
@@ -262,9 +261,9 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
     let undone = false;
     try {
       if (adopting) {
-        // Held at once (see src/encrypt/encrypt.ts): the probes take a second or more to attach.
+        // A moderated copy is held at once (see src/encrypt/encrypt.ts): the probes take a second or more to attach.
+        await job.setSpeed(mod ? HELD_SPEED : o.speed);
         if (mod) {
-          await job.setSpeed(HELD_SPEED);
           log.info({ domain: o.domain, disk: o.disk }, 'copy held until the probes attach');
           await untilAborted(mod.attached, o.signal, o.detach);
         }
@@ -274,7 +273,6 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         if (adopting.pause === 'qemu') await new LibvirtCopyJob(client, o.domain, o.disk, 'qemu').resume();
         const at = await mustSnapshot(job);
         o.onNote?.(`resuming the copy into ${targetPath} that an earlier run (pid ${adopting.owner.pid}) left at ${at.len > 0 ? ((100 * at.offset) / at.len).toFixed(1) : '0.0'}%`, { resumed: 'adopted', tag, offset: at.offset, len: at.len });
-        if (!mod) await job.setSpeed(o.speed);
       } else {
         o.onPhase?.('creating-target', { device: o.disk, source: disk.source! });
         const reuse = keyFile !== undefined;

@@ -1,7 +1,6 @@
 /** From a loaded policy to what one VM runs on, and how a policy reads to a person. */
-import { SIGNALS, type EffectivePolicy, type Moderation, type Policy } from './schema.ts';
+import { fixedThresholds, SIGNALS, type EffectivePolicy, type Moderation, type Policy } from './schema.ts';
 import { formatDuration, formatRate, formatSpeed } from './units.ts';
-import { fixedThresholds } from '../controller/calibrate.ts';
 
 /** The settings for the VM named `vm`: its override when the policy has one, else the top level. */
 export function resolvePolicy(policy: Policy, vm: string): EffectivePolicy {
@@ -32,10 +31,10 @@ export function describePolicy(policy: Policy): string[] {
 }
 
 function describeModeration(m: Moderation): string[] {
+  const fixed = fixedThresholds(m.thresholds);
   const busy = SIGNALS.filter((s) => m.thresholds[s] !== null).map((s) => {
-    const t = m.thresholds[s]!;
     const unit = s === 'stall' ? 'ms/s' : '/s';
-    return t === 'auto' ? `${s} above the level learnt for each guest (never under ${formatRate(fixedThresholds(m.thresholds)[s]!)}${unit})` : `${s} > ${formatRate(t)}${unit}`;
+    return m.thresholds[s] === 'auto' ? `${s} above the level learnt for each guest (never under ${formatRate(fixed[s]!)}${unit})` : `${s} > ${formatRate(fixed[s]!)}${unit}`;
   });
   const g = m.guarantee;
   const deadline = g.deadline === null ? 'no deadline' : 'after' in g.deadline ? `finish within ${formatDuration(g.deadline.after)} of the job's start` : `finish by ${new Date(g.deadline.at).toISOString()}`;
@@ -56,8 +55,9 @@ function strayNotes(policy: Policy): string[] {
   const perWindow = 1000 / policy.sampling.window;
   const notes: string[] = [];
   for (const [who, m] of [['', policy] as const, ...Object.entries(policy.vms).map(([n, v]) => [`vms.${n}.`, v] as const)]) {
+    const fixed = fixedThresholds(m.thresholds);
     for (const s of SIGNALS) {
-      const t = fixedThresholds(m.thresholds)[s];
+      const t = fixed[s];
       if (t !== null && perWindow > t) {
         notes.push(`note: ${who}thresholds.${s}: one event in the ${formatDuration(policy.sampling.window)} window is ${formatRate(perWindow)}/s, over ${formatRate(t)}/s: a single stray event counts as busy`);
       }

@@ -109,6 +109,15 @@ export type Signal = keyof Moderation['thresholds'];
 export const SIGNALS = Object.keys(moderationShape.thresholds.shape) as Signal[];
 /** The signals `auto` may learn per guest (src/controller/calibrate.ts). */
 export const LEARNABLE = ['disk', 'interrupts'] as const satisfies readonly Signal[];
+export type LearnableSignal = (typeof LEARNABLE)[number];
+/** The source design's values: a learnt threshold never goes below them, and they apply until one is learnt. */
+export const LEARN_FLOOR: Readonly<Record<LearnableSignal, number>> = { disk: 5, interrupts: 1000 };
+export const isLearnable = (s: Signal): s is LearnableSignal => (LEARNABLE as readonly string[]).includes(s);
+
+/** The thresholds before anything is learnt: each `auto` at the source design's value. */
+export function fixedThresholds(t: Moderation['thresholds']): Record<Signal, number | null> {
+  return Object.fromEntries(SIGNALS.map((s) => [s, t[s] === 'auto' ? (isLearnable(s) ? LEARN_FLOOR[s] : null) : t[s]])) as Record<Signal, number | null>;
+}
 
 /** A loaded policy: the top-level settings, and each VM's settings fully resolved. */
 export interface Policy extends Moderation {

@@ -13,7 +13,6 @@ import {
   calibrate,
   describeCalibration,
   EMPTY_CALIBRATION,
-  fixedThresholds,
   LEARN_CAP,
   LEARN_MIN_SECONDS,
   LEARN_SPAN_MS,
@@ -25,7 +24,7 @@ import { classifyActivity } from '../../src/controller/decide.ts';
 import type { ActivityRates, Classified } from '../../src/controller/types.ts';
 import { defaultPolicy, parsePolicy } from '../../src/policy/index.ts';
 import { resolvePolicy } from '../../src/policy/resolve.ts';
-import type { EffectivePolicy } from '../../src/policy/schema.ts';
+import { fixedThresholds, type EffectivePolicy } from '../../src/policy/schema.ts';
 import { LearntStore } from '../../src/encrypt/learnt.ts';
 import { silentLogger } from '../../src/log.ts';
 

@@ -6,7 +6,7 @@ import { ratesFromSample } from '../../src/controller/adapt.ts';
 import { EMPTY_WINDOW, pushSample, type RateWindow } from '../../src/controller/decide.ts';
 import type { ActivityRates } from '../../src/controller/types.ts';
 import { defaultPolicy } from '../../src/policy/index.ts';
-import { fixedThresholds } from '../../src/controller/calibrate.ts';
+import { fixedThresholds } from '../../src/policy/schema.ts';
 
 const thresholds = fixedThresholds(defaultPolicy().thresholds); // disk 5, keyboard 5, pointer 100, interrupts 1000
 
