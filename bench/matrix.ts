@@ -26,6 +26,7 @@ import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { median } from '../test/helpers/moderation-lab.ts';
 
 const { values } = parseArgs({
   options: {
@@ -84,11 +85,6 @@ const workloads = values.workloads!.split(',');
 const outDir = values.out!;
 const startedAt = new Date();
 
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 const med = (xs: (number | null | undefined)[]): number | null => {
   const v = xs.filter((x): x is number => typeof x === 'number' && Number.isFinite(x));
   return v.length ? median(v) : null;
