@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Brings a fresh Debian 12 machine (as root) to the state `npm test` and `npm run demo`
-# need: apt packages, npm packages (npm ci, from the lockfile), and the cached guest image.
+# need: apt packages, npm packages (npm ci, from the lockfile), and the cached guest images.
 # Idempotent and quiet when everything is already in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,8 @@ declare -A NEED=(
   [systemd-analyze]=systemd
   [libvirtd]=libvirt-daemon-system
   [virsh]=libvirt-clients
+  [mmdebstrap]=mmdebstrap
+  [mkfs.ext4]=e2fsprogs
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
@@ -54,5 +56,11 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "$want" >"$stamp"
 fi
 
+# The command's compiled JavaScript (dist/), rebuilt when a source changed.
+bash scripts/build.sh
+
 # The test guest (kernel + initramfs), built once and cached by recipe hash.
 bash vm-images/build.sh >&2
+# The Debian 12 test guest (PostgreSQL, fio): built once per machine (about 3 min, Debian's
+# mirror), cached by recipe hash in /var/cache/idlecrypt, outside the clone.
+bash vm-images/debian/build.sh >&2

@@ -35,8 +35,13 @@ export interface TestVmOptions {
   name: string;
   /** Disk image path. The launcher never copies or deletes it. */
   disk: string;
-  /** Default: the format `qemu-img info` reports. */
-  format?: 'raw' | 'qcow2';
+  /** Default: the format `qemu-img info` reports. 'luks' needs `keyFile`. */
+  format?: DiskFormat;
+  /**
+   * The passphrase file of a LUKS image (an image idlecrypt encrypted), given to QEMU as
+   * `-object secret,file=` (never on its command line). Only with the first disk.
+   */
+  keyFile?: string;
   /**
    * 'blockdev' (default): `-blockdev` file node `disk0-file` + format node `disk0-fmt` +
    * `-device virtio-blk-pci,drive=disk0-fmt,id=disk0`.
@@ -75,6 +80,28 @@ export interface TestVmOptions {
    * mouse) stays present either way, even with -nodefaults.
    */
   input?: boolean;
+  /**
+   * Another guest than the busybox test guest (vm-images/debian.ts): its kernel, initramfs,
+   * command line, the serial line that means it is ready (and one that means it failed), and
+   * more QEMU arguments. `workload` and `params` are the busybox guest's and are refused
+   * with it.
+   */
+  boot?: GuestBoot;
+}
+
+export type DiskFormat = 'raw' | 'qcow2' | 'luks';
+
+export interface GuestBoot {
+  readonly kernel: string;
+  readonly initrd: string;
+  readonly append: string;
+  /** A serial line matching this resolves `ready`. */
+  readonly ready: RegExp;
+  /** A serial line matching this rejects `ready`. */
+  readonly error?: RegExp;
+  /** Default 60 s. */
+  readonly readyTimeoutMs?: number;
+  readonly extraArgs?: readonly string[];
 }
 
 export interface TestVm {
@@ -97,7 +124,7 @@ export interface TestVm {
   readonly stderr: string;
   /** Resolves with the first matching line, including lines already received. */
   waitForLine(pattern: RegExp, timeoutMs?: number): Promise<RegExpMatchArray>;
-  /** Resolves at 'IDLECRYPT-GUEST READY'; rejects if QEMU exits or the guest reports an error first, or after 60 s. */
+  /** Resolves at the ready line ('IDLECRYPT-GUEST READY', or boot.ready); rejects if QEMU exits or the guest reports an error first, or after 60 s (boot.readyTimeoutMs). */
   readonly ready: Promise<void>;
   /** QEMU's exit code (null if a signal killed it), once it has exited and the log is flushed. */
   readonly exited: Promise<number | null>;
@@ -181,23 +208,29 @@ export function kernelCommandLine(workload: Workload, params: Record<string, str
   return words.join(' ');
 }
 
-async function detectFormat(disk: string): Promise<'raw' | 'qcow2'> {
+async function detectFormat(disk: string): Promise<DiskFormat> {
   // -U: read the header even if another QEMU holds the image's lock.
   const { stdout } = await execFileP('qemu-img', ['info', '-U', '--output=json', disk]);
   const format = (JSON.parse(stdout) as { format?: unknown }).format;
-  if (format !== 'raw' && format !== 'qcow2') {
-    throw new Error(`${disk}: unsupported image format ${String(format)} (want raw or qcow2)`);
+  if (format !== 'raw' && format !== 'qcow2' && format !== 'luks') {
+    throw new Error(`${disk}: unsupported image format ${String(format)} (want raw, qcow2 or luks)`);
   }
   return format;
 }
 
-function diskArgs(disk: string, format: 'raw' | 'qcow2', style: 'blockdev' | 'drive', cache: 'writeback' | 'none' | 'unsafe', n = 0): string[] {
+function diskArgs(disk: string, format: DiskFormat, style: 'blockdev' | 'drive', cache: 'writeback' | 'none' | 'unsafe', n = 0, keyFile?: string): string[] {
+  if (format === 'luks' && (style !== 'blockdev' || keyFile === undefined)) {
+    throw new Error(`${disk}: a LUKS disk needs diskStyle 'blockdev' and a keyFile`);
+  }
   if (style === 'blockdev') {
     const cacheOpts = { direct: cache === 'none', 'no-flush': cache === 'unsafe' };
+    const secret = format === 'luks' ? ['-object', `secret,id=disk${n}-key,format=raw,file=${optValue(keyFile!)}`] : [];
+    const key = format === 'luks' ? { 'key-secret': `disk${n}-key` } : {};
     // JSON syntax: no comma escaping needed for the file name.
     return [
+      ...secret,
       '-blockdev', JSON.stringify({ driver: 'file', filename: disk, 'node-name': `disk${n}-file`, cache: cacheOpts }),
-      '-blockdev', JSON.stringify({ driver: format, file: `disk${n}-file`, 'node-name': `disk${n}-fmt` }),
+      '-blockdev', JSON.stringify({ driver: format, file: `disk${n}-file`, 'node-name': `disk${n}-fmt`, ...key }),
       '-device', `virtio-blk-pci,drive=disk${n}-fmt,id=disk${n}`,
     ];
   }
@@ -228,9 +261,15 @@ async function waitForSocket(path: string, deadline: number, alive: () => boolea
 
 /** Boots a test VM; resolves once both QMP sockets accept connections (the guest is still booting: await `ready`). */
 export async function startTestVm(options: TestVmOptions): Promise<TestVm> {
-  ensureImage();
-  const workload = options.workload ?? 'idle';
-  const cmdline = kernelCommandLine(workload, options.params ?? {});
+  const boot = options.boot;
+  if (boot && (options.workload !== undefined || options.params !== undefined)) {
+    throw new Error('workload and params are the busybox test guest\'s: not with boot');
+  }
+  if (!boot) ensureImage();
+  const cmdline = boot ? boot.append : kernelCommandLine(options.workload ?? 'idle', options.params ?? {});
+  const readyLine = boot ? boot.ready : /^IDLECRYPT-GUEST READY/;
+  const errorLine = boot ? boot.error : /^IDLECRYPT-GUEST ERROR/;
+  const readyTimeoutMs = boot?.readyTimeoutMs ?? READY_TIMEOUT_MS;
   const format = options.format ?? (await detectFormat(options.disk));
   const extra = await Promise.all((options.extraDisks ?? []).map(async (p) => ({ path: p, format: await detectFormat(p) })));
   const memoryMiB = options.memoryMiB ?? 256;
@@ -265,14 +304,15 @@ export async function startTestVm(options: TestVmOptions): Promise<TestVm> {
     '-serial', 'chardev:serial0',
     '-qmp', `unix:${optValue(qmpSocket)},server=on,wait=off`,
     '-qmp', `unix:${optValue(toolQmpSocket)},server=on,wait=off`,
-    '-kernel', KERNEL_PATH,
-    '-initrd', INITRD_PATH,
+    '-kernel', boot?.kernel ?? KERNEL_PATH,
+    '-initrd', boot?.initrd ?? INITRD_PATH,
     '-append', cmdline,
-    ...diskArgs(options.disk, format, options.diskStyle ?? 'blockdev', options.cache ?? 'writeback'),
+    ...diskArgs(options.disk, format, options.diskStyle ?? 'blockdev', options.cache ?? 'writeback', 0, options.keyFile),
     ...extra.flatMap((d, i) => diskArgs(d.path, d.format, 'blockdev', options.cache ?? 'writeback', i + 1)),
     ...(options.input ?? true
       ? ['-device', 'virtio-keyboard-pci,id=keyboard0', '-device', 'virtio-tablet-pci,id=tablet0']
       : []),
+    ...(boot?.extraArgs ?? []),
   ];
 
   // setpriv --pdeathsig: QEMU gets SIGTERM if this process dies without stopping it
@@ -308,8 +348,8 @@ export async function startTestVm(options: TestVmOptions): Promise<TestVm> {
   });
   ready.catch(() => {}); // nobody has to await it
   const readyTimer = setTimeout(
-    () => rejectReady(new TestVmError(`guest ${options.name} not ready after ${READY_TIMEOUT_MS / 1000} s`, stderr, lastLines(), argv)),
-    READY_TIMEOUT_MS,
+    () => rejectReady(new TestVmError(`guest ${options.name} not ready after ${readyTimeoutMs / 1000} s`, stderr, lastLines(), argv)),
+    readyTimeoutMs,
   );
   readyTimer.unref();
   void ready.then(
@@ -320,8 +360,8 @@ export async function startTestVm(options: TestVmOptions): Promise<TestVm> {
   const onLine = (line: string) => {
     lines.push(line);
     log.write(line + '\n');
-    if (line.startsWith('IDLECRYPT-GUEST READY')) resolveReady();
-    else if (line.startsWith('IDLECRYPT-GUEST ERROR')) {
+    if (readyLine.test(line)) resolveReady();
+    else if (errorLine?.test(line)) {
       rejectReady(new TestVmError(`guest ${options.name} failed to start: ${line}`, stderr, lastLines(), argv));
     }
     subject.next(line);

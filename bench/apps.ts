@@ -1,0 +1,424 @@
+/**
+ * Issue 13's application benchmark: real applications in the Debian 12 test guest
+ * (vm-images/debian/) while its disk is encrypted, as the source design measured itself on
+ * application benchmarks. For each workload, in one run of this command, each of
+ *   (a) no copy: the reference,
+ *   (b) an unthrottled mirror: `idlecrypt encrypt --no-moderation`,
+ *   (c) a fixed cap of 30 and 100 MiB/s, as `virsh blockcopy --bandwidth` gives: `--speed`,
+ *   (d) idlecrypt's shipped default policy,
+ * in rounds that alternate the order of the modes (drift on these shared machines hits every
+ * mode alike); medians over rounds.
+ *
+ * Workloads (inside the guest, on its ext4 root, the disk being copied):
+ *   pgbench      PostgreSQL 15, TPC-B-like, scale 10 (~150 MiB), 4 clients, 2 threads
+ *   randrw-qd1   fio 4 KiB random reads and writes (50/50), O_DIRECT, queue depth 1
+ *   randrw-qd32  the same at queue depth 32 (libaio)
+ *   seq-1m       fio 1 MiB sequential reads and writes (50/50), O_DIRECT, queue depth 4
+ *
+ * One run: a private copy of a prepared image (the database initialised and fio's file laid
+ * out once, by this command), the guest booted alone (1 vCPU, 1 GiB, cache=none), the copy
+ * started, and from the moment it copies the workload runs for --seconds; then the copy is
+ * left to finish (the guest idle). A fixed-cap copy is cancelled --max-copy-s after its
+ * start and its time extrapolated from its average progress (marked ≈).
+ *
+ * Measured: the workload's own figures (pgbench: transactions per second and each
+ * transaction's latency from its per-transaction log; fio: IOPS or MiB/s and completion
+ * latency percentiles from its JSON), per second for the plots (pgbench -P 1, fio's IOPS
+ * log), and the time to encrypt (the command's "copying" record to its "completed" one).
+ *
+ *   node --import tsx bench/apps.ts [--rounds 2] [--workloads pgbench,randrw-qd1,randrw-qd32,seq-1m]
+ *        [--modes none,unthrottled,cap30,cap100,idlecrypt] [--seconds 60] [--max-copy-s 150] [--out bench/results]
+ *
+ * Output: a table on stdout; bench/results/apps-report.md (tables, every run, an SVG of
+ * each workload over time) and bench/results/apps-<time>.json.
+ */
+import { execFileSync } from 'node:child_process';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os, { tmpdir } from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { parseArgs } from 'node:util';
+import { copyDebianDisk, debianManifest, startDebianVm, type DebianVm } from '../vm-images/debian.ts';
+import { EncryptRun, median, now, percentile } from '../test/helpers/moderation-lab.ts';
+
+const { values } = parseArgs({
+  options: {
+    rounds: { type: 'string', default: '2' },
+    workloads: { type: 'string', default: 'pgbench,randrw-qd1,randrw-qd32,seq-1m' },
+    modes: { type: 'string', default: 'none,unthrottled,cap30,cap100,idlecrypt' },
+    seconds: { type: 'string', default: '60' },
+    'max-copy-s': { type: 'string', default: '150' },
+    out: { type: 'string', default: 'bench/results' },
+  },
+});
+const rounds = Number(values.rounds);
+const seconds = Number(values.seconds);
+const maxCopyMs = Number(values['max-copy-s']) * 1000;
+if (!(rounds >= 1) || !(seconds >= 10) || !(maxCopyMs >= 20_000)) throw new Error('--rounds >= 1, --seconds >= 10, --max-copy-s >= 20');
+
+interface Mode {
+  readonly id: string;
+  readonly label: string;
+  readonly args: string[] | null;
+  readonly capped?: boolean;
+}
+const ALL_MODES: Mode[] = [
+  { id: 'none', label: '(a) no copy', args: null },
+  { id: 'unthrottled', label: '(b) unthrottled mirror', args: ['--no-moderation'] },
+  { id: 'cap30', label: '(c) fixed cap 30 MiB/s', args: ['--speed', '30M'], capped: true },
+  { id: 'cap100', label: '(c) fixed cap 100 MiB/s', args: ['--speed', '100M'], capped: true },
+  { id: 'idlecrypt', label: '(d) idlecrypt, default policy', args: [] },
+];
+const modes = values.modes!.split(',').map((id) => {
+  const m = ALL_MODES.find((x) => x.id === id.trim());
+  if (!m) throw new Error(`unknown mode ${id} (known: ${ALL_MODES.map((x) => x.id).join(', ')})`);
+  return m;
+});
+
+/** What one workload run reports. Throughput: tps, IOPS (read + write) or MiB/s. */
+interface Figures {
+  readonly throughput: number;
+  readonly unit: string;
+  readonly p50Ms: number;
+  readonly p99Ms: number;
+  /** per second, for the plots */
+  readonly series: number[];
+}
+
+interface Workload {
+  readonly id: string;
+  readonly label: string;
+  /** the guest commands that prepare the image once (the database, fio's file) */
+  readonly prepare: string[];
+  readonly run: (s: number) => string;
+  readonly parse: (lines: readonly string[]) => Figures;
+}
+
+const PG = 'runuser -u postgres --';
+const FIO_FILE = '/var/tmp/fio.dat';
+const FIO_SIZE = '512M';
+
+function fio(id: string, label: string, args: string, unit: 'IOPS' | 'MiB/s'): Workload {
+  return {
+    id,
+    label,
+    prepare: [`fio --name=layout --filename=${FIO_FILE} --size=${FIO_SIZE} --rw=write --bs=1M --direct=1 --output-format=terse >/dev/null`],
+    run: (s) =>
+      `cd /var/tmp && rm -f fio_iops*.log && fio --name=${id} --filename=${FIO_FILE} --size=${FIO_SIZE} ${args} --direct=1 --runtime=${s} --time_based ` +
+      `--output-format=json --output=/var/tmp/fio.json --write_iops_log=fio --log_avg_msec=1000 >/dev/null && cat /var/tmp/fio.json && echo IOPS-LOG && cat fio_iops*.log`,
+    parse: (lines) => {
+      const at = lines.indexOf('IOPS-LOG');
+      const json = JSON.parse(lines.slice(0, at).join('\n')) as { jobs: { read: FioDir; write: FioDir }[] };
+      const j = json.jobs[0]!;
+      const dirs = [j.read, j.write].filter((d) => d.total_ios > 0);
+      const throughput = unit === 'IOPS' ? dirs.reduce((a, d) => a + d.iops, 0) : dirs.reduce((a, d) => a + d.bw_bytes, 0) / 2 ** 20;
+      // Latency percentiles over both directions: weighted by their counts, the larger of the two is a fair summary.
+      const pct = (p: string) => Math.max(...dirs.map((d) => (d.clat_ns.percentile?.[p] ?? 0) / 1e6));
+      const perSec = new Map<number, number>();
+      for (const l of lines.slice(at + 1)) {
+        const [msec, value, , bs] = l.split(',').map((x) => Number(x.trim()));
+        if (!Number.isFinite(msec) || !Number.isFinite(value)) continue;
+        const sec = Math.round(msec! / 1000);
+        perSec.set(sec, (perSec.get(sec) ?? 0) + (unit === 'IOPS' ? value! : (value! * (bs || 1 << 20)) / 2 ** 20));
+      }
+      const series = [...perSec.entries()].sort((a, b) => a[0] - b[0]).map(([, v]) => v);
+      return { throughput, unit, p50Ms: pct('50.000000'), p99Ms: pct('99.000000'), series };
+    },
+  };
+}
+interface FioDir {
+  total_ios: number;
+  iops: number;
+  bw_bytes: number;
+  clat_ns: { percentile?: Record<string, number> };
+}
+
+const ALL_WORKLOADS: Workload[] = [
+  {
+    id: 'pgbench',
+    label: 'pgbench TPC-B-like, scale 10, 4 clients',
+    prepare: [`${PG} pgbench -i -q -s 10 postgres`, `${PG} psql -X -q -c 'VACUUM ANALYZE' -c 'CHECKPOINT' postgres`],
+    run: (s) => `cd /var/tmp && rm -f pgb.* && ${PG} pgbench -c 4 -j 2 -T ${s} -P 1 -l --log-prefix=/var/tmp/pgb postgres 2>&1 && echo TX-LOG && cat /var/tmp/pgb.*`,
+    parse: (lines) => {
+      const at = lines.indexOf('TX-LOG');
+      const text = lines.slice(0, at).join('\n');
+      const tps = Number(/^tps = ([\d.]+)/m.exec(text)?.[1]);
+      const series = [...text.matchAll(/^progress: [\d.]+ s, ([\d.]+) tps/gm)].map((m) => Number(m[1]));
+      // Per-transaction log: client_id transaction_no time(us) script_no time_epoch time_us ...
+      const lat = lines.slice(at + 1).map((l) => Number(l.split(' ')[2]) / 1000).filter(Number.isFinite);
+      if (!Number.isFinite(tps) || lat.length === 0) throw new Error(`pgbench: no result in\n${text.slice(-2000)}`);
+      return { throughput: tps, unit: 'TPS', p50Ms: percentile(lat, 50), p99Ms: percentile(lat, 99), series };
+    },
+  },
+  fio('randrw-qd1', 'fio 4 KiB random read/write, QD1', '--rw=randrw --bs=4k --ioengine=psync --iodepth=1', 'IOPS'),
+  fio('randrw-qd32', 'fio 4 KiB random read/write, QD32', '--rw=randrw --bs=4k --ioengine=libaio --iodepth=32', 'IOPS'),
+  fio('seq-1m', 'fio 1 MiB sequential read/write, QD4', '--rw=rw --bs=1M --ioengine=libaio --iodepth=4', 'MiB/s'),
+];
+const workloads = values.workloads!.split(',').map((id) => {
+  const w = ALL_WORKLOADS.find((x) => x.id === id.trim());
+  if (!w) throw new Error(`unknown workload ${id} (known: ${ALL_WORKLOADS.map((x) => x.id).join(', ')})`);
+  return w;
+});
+
+interface Run {
+  workload: string;
+  mode: string;
+  round: number;
+  figures: Figures;
+  /** the copy's start to the guest on the LUKS image (s); null without a copy */
+  totalS: number | null;
+  extrapolated: boolean;
+  /** share of the workload's time during which the copy had work left */
+  overlap: number | null;
+  /** copy progress (%), per second from the workload's start */
+  progress: number[];
+  loadavg: number;
+}
+
+async function powerOff(g: DebianVm): Promise<void> {
+  await g.agent.run('systemctl --no-block poweroff');
+  await Promise.race([g.vm.exited, sleep(120_000, undefined, { ref: false })]);
+  await g.stop();
+}
+
+/** The pristine image with every workload's preparation done, once. */
+async function prepareImage(work: string): Promise<string> {
+  const disk = await copyDebianDisk(work, 'prepared.raw');
+  const g = await startDebianVm({ name: 'bench-prepare', disk });
+  try {
+    await g.vm.ready;
+    await g.agent.ready;
+    for (const w of workloads) for (const c of w.prepare) await g.agent.run(c);
+    await g.agent.run('sync');
+    await powerOff(g);
+  } finally {
+    await g.stop();
+  }
+  return disk;
+}
+
+async function runOne(w: Workload, mode: Mode, round: number, prepared: string, work: string, keyFile: string): Promise<Run> {
+  const name = `${w.id}-${mode.id}-${round}`;
+  const disk = path.join(work, `${name}.raw`);
+  execFileSync('cp', ['--sparse=always', prepared, disk]);
+  const target = path.join(work, `${name}.luks`);
+  const g = await startDebianVm({ name, disk });
+  let enc: EncryptRun | undefined;
+  try {
+    await g.vm.ready;
+    await g.agent.ready;
+    await sleep(3000); // boot's tail (PostgreSQL's startup writes) settles
+    let copying: number | null = null;
+    if (mode.args) {
+      enc = new EncryptRun(['--qmp', g.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', ...mode.args], path.join(work, `${name}.lp`));
+      const end = now() + 60_000;
+      while ((copying = enc.phaseAt('copying') ?? null) === null) {
+        if (now() > end || enc.cli.child.exitCode !== null) throw new Error(`${name}: the copy did not start:\n${enc.cli.stderr().slice(-2000)}`);
+        await sleep(50);
+      }
+    }
+    const start = now();
+    const out = await g.agent.run(w.run(seconds), { timeoutMs: seconds * 1000 + 300_000 });
+    const workEnd = now();
+    const figures = w.parse(out.lines);
+
+    let totalS: number | null = null;
+    let extrapolated = false;
+    let overlap: number | null = null;
+    let progress: number[] = [];
+    if (enc && copying !== null) {
+      const limitAt = copying + (mode.capped ? maxCopyMs : 900_000);
+      while (enc.cli.child.exitCode === null && now() < limitAt) await sleep(200);
+      let cancelled = false;
+      if (enc.cli.child.exitCode === null) {
+        cancelled = true;
+        enc.cli.child.kill('SIGINT');
+      }
+      const r = await enc.result(120_000);
+      const recs = enc.records().filter((x) => x.event === 'progress') as unknown as { time: string; offset: number; len: number; status: string }[];
+      const done = enc.completed();
+      if (done && r.code === 0) {
+        totalS = (Date.parse(String(done.time)) - copying) / 1000;
+      } else if (cancelled) {
+        const last = recs.at(-1);
+        if (last && last.offset > 0) {
+          const el = (Date.parse(last.time) - copying) / 1000;
+          totalS = el + (last.len - last.offset) / (last.offset / el);
+          extrapolated = true;
+        }
+      } else {
+        throw new Error(`${name}: idlecrypt encrypt failed (${r.code}):\n${r.stderr.slice(-3000)}`);
+      }
+      const caughtUp = recs.find((x) => x.len > 0 && x.offset >= x.len)?.time;
+      const copyEnd = caughtUp ? Date.parse(caughtUp) : done ? Date.parse(String(done.time)) : workEnd;
+      overlap = Math.max(0, Math.min(1, (Math.min(copyEnd, workEnd) - start) / (workEnd - start)));
+      for (let s = 0; s <= seconds; s++) {
+        const t = start + s * 1000;
+        const rec = [...recs].reverse().find((x) => Date.parse(x.time) <= t);
+        progress.push(rec && rec.len > 0 ? (100 * rec.offset) / rec.len : 0);
+      }
+    }
+    return { workload: w.id, mode: mode.id, round, figures, totalS, extrapolated, overlap, progress, loadavg: os.loadavg()[0]! };
+  } finally {
+    if (enc && enc.cli.child.exitCode === null) {
+      enc.cli.child.kill('SIGINT');
+      await enc.cli.result;
+    }
+    await g.stop();
+    await rm(disk, { force: true });
+    await rm(target, { force: true });
+  }
+}
+
+// ---------------------------------------------------------------- report
+
+const med = (xs: (number | null)[]): number | null => {
+  const v = xs.filter((x): x is number => x !== null && Number.isFinite(x));
+  return v.length ? median(v) : null;
+};
+const f = (x: number | null, d = 0) => (x === null ? '-' : x.toFixed(d));
+const pct = (x: number | null) => (x === null ? '-' : `${(100 * x).toFixed(0)}%`);
+
+function rowsFor(w: Workload, runs: Run[]): string[][] {
+  const rs = (m: string) => runs.filter((r) => r.workload === w.id && r.mode === m);
+  const base = { t: med(rs('none').map((r) => r.figures.throughput)), p99: med(rs('none').map((r) => r.figures.p99Ms)) };
+  const unit = runs.find((r) => r.workload === w.id)?.figures.unit ?? '';
+  return [
+    ['mode', unit, 'vs (a)', 'p50 ms', 'p99 ms', 'p99 vs (a)', 'time to encrypt (s)', 'copy during the workload'],
+    ...modes.map((m) => {
+      const x = rs(m.id);
+      const t = med(x.map((r) => r.figures.throughput));
+      const p99 = med(x.map((r) => r.figures.p99Ms));
+      const total = med(x.map((r) => r.totalS));
+      return [
+        m.label,
+        f(t, unit === 'TPS' ? 1 : 0),
+        base.t && t !== null ? pct(t / base.t) : '-',
+        f(med(x.map((r) => r.figures.p50Ms)), 2),
+        f(p99, 2),
+        base.p99 && p99 !== null ? `${(p99 / base.p99).toFixed(2)}x` : '-',
+        m.args ? `${x.some((r) => r.extrapolated) ? '≈' : ''}${f(total)}` : '-',
+        m.args ? pct(med(x.map((r) => r.overlap))) : '-',
+      ];
+    }),
+  ];
+}
+
+function mdTable(t: string[][]): string {
+  return [t[0]!, t[0]!.map(() => '---'), ...t.slice(1)].map((r) => `| ${r.join(' | ')} |`).join('\n');
+}
+function textTable(t: string[][]): string {
+  const wd = t[0]!.map((_, i) => Math.max(...t.map((r) => r[i]!.length)));
+  return t.map((r) => r.map((c, i) => c.padEnd(wd[i]!)).join('  ')).join('\n');
+}
+
+const COLORS: Record<string, string> = { none: '#444', unthrottled: '#d62728', cap30: '#9467bd', cap100: '#ff7f0e', idlecrypt: '#2ca02c' };
+const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+
+/** The workload's throughput per second in each mode (last round), and each copy's progress. */
+function svg(w: Workload, runs: Run[]): string {
+  const last = modes.map((m) => runs.filter((r) => r.workload === w.id && r.mode === m.id).at(-1)).filter((r): r is Run => r !== undefined);
+  const W = 900;
+  const H = 200;
+  const L = 60;
+  const panel = (y0: number, title: string, series: { mode: string; ys: number[] }[], yMax: number, unit: string) => {
+    const x = (i: number) => L + ((W - L - 130) * i) / seconds;
+    const y = (v: number) => y0 + H - (H * Math.min(v, yMax)) / (yMax || 1);
+    const lines = series
+      .map((s) => `<polyline fill="none" stroke="${COLORS[s.mode]}" stroke-width="1.5" points="${s.ys.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(' ')}"/>`)
+      .join('');
+    const legend = series.map((s, i) => `<text x="${W - 120}" y="${y0 + 14 + 16 * i}" fill="${COLORS[s.mode]}" font-size="12">${esc(s.mode)}</text>`).join('');
+    return (
+      `<text x="${L}" y="${y0 - 6}" font-size="13">${esc(title)}</text>` +
+      `<rect x="${L}" y="${y0}" width="${W - L - 130}" height="${H}" fill="none" stroke="#ccc"/>` +
+      `<text x="4" y="${y0 + 10}" font-size="11">${f(yMax)} ${esc(unit)}</text><text x="4" y="${y0 + H}" font-size="11">0</text>` +
+      `<text x="${W - 150}" y="${y0 + H + 14}" font-size="11">${seconds} s</text>` +
+      lines +
+      legend
+    );
+  };
+  const tMax = Math.max(1, ...last.flatMap((r) => r.figures.series));
+  const unit = last[0]?.figures.unit ?? '';
+  return (
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${2 * H + 90}" font-family="sans-serif">` +
+    panel(24, `${w.label}: ${unit} per second, from the copy's start`, last.map((r) => ({ mode: r.mode, ys: r.figures.series })), tMax * 1.05, unit) +
+    panel(H + 64, 'copy progress (%)', last.filter((r) => r.progress.length).map((r) => ({ mode: r.mode, ys: r.progress })), 100, '%') +
+    '</svg>'
+  );
+}
+
+// ---------------------------------------------------------------- main
+
+const work = await mkdtemp(path.join(tmpdir(), 'ic-bench-apps-'));
+const keyFile = path.join(work, 'key');
+await writeFile(keyFile, 'benchmark-key', { mode: 0o600 });
+const startedAt = new Date();
+const runs: Run[] = [];
+let prepareS = 0;
+try {
+  const t0 = now();
+  const prepared = await prepareImage(work);
+  prepareS = (now() - t0) / 1000;
+  process.stderr.write(`prepared image in ${prepareS.toFixed(0)} s; ${rounds} rounds of ${workloads.map((w) => w.id).join(', ')} x ${modes.map((m) => m.id).join(', ')}\n`);
+  for (let round = 0; round < rounds; round++) {
+    for (const w of workloads) {
+      const order = round % 2 === 0 ? modes : [...modes].reverse();
+      for (const m of order) {
+        const r = await runOne(w, m, round, prepared, work, keyFile);
+        runs.push(r);
+        process.stderr.write(
+          `round ${round + 1}/${rounds} ${w.id.padEnd(11)} ${m.id.padEnd(11)} ${r.figures.throughput.toFixed(1)} ${r.figures.unit}, p50 ${r.figures.p50Ms.toFixed(2)} ms, p99 ${r.figures.p99Ms.toFixed(2)} ms, ` +
+            `encrypt ${r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)} s`}, overlap ${pct(r.overlap)}, load ${r.loadavg.toFixed(1)}\n`,
+        );
+      }
+    }
+  }
+} finally {
+  await rm(work, { recursive: true, force: true });
+}
+
+const qemuVersion = execFileSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' }).split('\n')[0]!;
+const manifest = debianManifest();
+const pkg = (name: string) => new RegExp(`^  ${name} (\\S+)$`, 'm').exec(manifest)?.[1] ?? '?';
+const diskSize = /^image_size=(\S+)/m.exec(manifest)?.[1] ?? '?';
+const header = `Application benchmark: the Debian 12 test guest (1 vCPU under TCG, 1 GiB, PostgreSQL ${pkg('postgresql-15')}, fio ${pkg('fio')}), its ${diskSize} root disk (raw, cache=none) copied into LUKS; each workload runs ${seconds} s from the copy's start; ${rounds} rounds, medians`;
+let text = header + '\n';
+let md = '';
+for (const w of workloads) {
+  const t = rowsFor(w, runs);
+  text += `\n${w.label}\n${textTable(t)}\n`;
+  md += `\n### ${w.label}\n\n${mdTable(t)}\n\n![${w.id}](apps-${w.id}.svg)\n`;
+}
+console.log(text);
+
+await mkdir(values.out!, { recursive: true });
+const stamp = startedAt.toISOString().replace(/[:.]/g, '-');
+for (const w of workloads) await writeFile(path.join(values.out!, `apps-${w.id}.svg`), svg(w, runs));
+await writeFile(path.join(values.out!, `apps-${stamp}.json`), JSON.stringify({ startedAt, seconds, rounds, maxCopyMs, runs }, null, 1));
+const perRun = [
+  ['round', 'workload', 'mode', 'throughput', 'p50 ms', 'p99 ms', 'time to encrypt s', 'overlap', 'load'],
+  ...runs.map((r) => [String(r.round + 1), r.workload, r.mode, `${r.figures.throughput.toFixed(1)} ${r.figures.unit}`, r.figures.p50Ms.toFixed(2), r.figures.p99Ms.toFixed(2), r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)}`, pct(r.overlap), r.loadavg.toFixed(1)]),
+];
+await writeFile(
+  path.join(values.out!, 'apps-report.md'),
+  `# Application benchmark (issue 13)
+
+${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${qemuVersion}.
+Command: \`node --import tsx bench/apps.ts --rounds ${rounds} --workloads ${workloads.map((w) => w.id).join(',')} --modes ${modes.map((m) => m.id).join(',')} --seconds ${seconds} --max-copy-s ${maxCopyMs / 1000}\`
+
+${header}. Preparing the image (database and fio file) took ${prepareS.toFixed(0)} s.
+
+- **vs (a)**: the median throughput against the median of (a), no copy.
+- **p50/p99**: pgbench: each transaction's latency (its per-transaction log); fio: completion latency, the
+  larger of reads' and writes'.
+- **time to encrypt**: the copy's start to the guest running on the LUKS image; ≈: a fixed-cap copy cancelled
+  ${maxCopyMs / 1000} s after its start, its total extrapolated from its average progress.
+- **copy during the workload**: the share of the workload's ${seconds} s in which the copy still had work left; where it
+  is below 100%, the rest of the workload ran with no copy, and its figures flatter that mode.
+${md}
+## Every run
+
+${mdTable(perRun)}
+`,
+);
+process.stderr.write(`report: ${path.join(values.out!, 'apps-report.md')}\n`);
