@@ -16,7 +16,8 @@
  *   seq-1m       fio 1 MiB sequential reads and writes (50/50), O_DIRECT, queue depth 4
  *
  * One run: a private copy of a prepared image (the database initialised and fio's file laid
- * out once, by this command), the guest booted alone (1 vCPU, 1 GiB, cache=none), the copy
+ * out once, by this command), grown to --disk-gib (the filesystem stays 2 GiB; the copy
+ * copies the whole disk), the guest booted alone (1 vCPU, 1 GiB, cache=none), the copy
  * started, and from the moment it copies the workload runs for --seconds; then the copy is
  * left to finish (the guest idle). A fixed-cap copy is cancelled --max-copy-s after its
  * start and its time extrapolated from its average progress (marked ≈).
@@ -27,7 +28,7 @@
  * log), and the time to encrypt (the command's "copying" record to its "completed" one).
  *
  *   node --import tsx bench/apps.ts [--rounds 2] [--workloads pgbench,randrw-qd1,randrw-qd32,seq-1m]
- *        [--modes none,unthrottled,cap30,cap100,idlecrypt] [--seconds 60] [--max-copy-s 150] [--out bench/results]
+ *        [--modes none,unthrottled,cap30,cap100,idlecrypt] [--seconds 60] [--max-copy-s 150] [--disk-gib 8] [--out bench/results]
  *
  * Output: a table on stdout; bench/results/apps-report.md (tables, every run, an SVG of
  * each workload over time) and bench/results/apps-<time>.json.
@@ -48,12 +49,20 @@ const { values } = parseArgs({
     modes: { type: 'string', default: 'none,unthrottled,cap30,cap100,idlecrypt' },
     seconds: { type: 'string', default: '60' },
     'max-copy-s': { type: 'string', default: '150' },
+    'disk-gib': { type: 'string', default: '8' },
     out: { type: 'string', default: 'bench/results' },
   },
 });
 const rounds = Number(values.rounds);
 const seconds = Number(values.seconds);
 const maxCopyMs = Number(values['max-copy-s']) * 1000;
+/**
+ * The guest's disk grown to this size (sparse, beyond its 2 GiB filesystem), so that the
+ * copy lasts as long as real disks' do: an unthrottled mirror of the bare 2 GiB image is done
+ * in 9 s, and the workload would run beside it for a sixth of its time.
+ */
+const diskGiB = Number(values['disk-gib']);
+if (!(diskGiB >= 2)) throw new Error('--disk-gib >= 2');
 if (!(rounds >= 1) || !(seconds >= 10) || !(maxCopyMs >= 20_000)) throw new Error('--rounds >= 1, --seconds >= 10, --max-copy-s >= 20');
 
 interface Mode {
@@ -81,8 +90,10 @@ interface Figures {
   readonly unit: string;
   readonly p50Ms: number;
   readonly p99Ms: number;
-  /** per second, for the plots */
+  /** per second, for the plots and the figures while the copy ran */
   readonly series: number[];
+  /** pgbench: each transaction's start (s from the first) and latency (ms), for the latency while the copy ran */
+  readonly txns?: readonly (readonly [number, number])[];
 }
 
 interface Workload {
@@ -145,9 +156,16 @@ const ALL_WORKLOADS: Workload[] = [
       const tps = Number(/^tps = ([\d.]+)/m.exec(text)?.[1]);
       const series = [...text.matchAll(/^progress: [\d.]+ s, ([\d.]+) tps/gm)].map((m) => Number(m[1]));
       // Per-transaction log: client_id transaction_no time(us) script_no time_epoch time_us ...
-      const lat = lines.slice(at + 1).map((l) => Number(l.split(' ')[2]) / 1000).filter(Number.isFinite);
-      if (!Number.isFinite(tps) || lat.length === 0) throw new Error(`pgbench: no result in\n${text.slice(-2000)}`);
-      return { throughput: tps, unit: 'TPS', p50Ms: percentile(lat, 50), p99Ms: percentile(lat, 99), series };
+      const rows = lines
+        .slice(at + 1)
+        .map((l) => l.split(' ').map(Number))
+        .filter((f) => f.length >= 6 && f.slice(0, 6).every(Number.isFinite))
+        .map((f) => [f[4]! + f[5]! / 1e6 - f[2]! / 1e6, f[2]! / 1000] as const);
+      if (!Number.isFinite(tps) || rows.length === 0) throw new Error(`pgbench: no result in\n${text.slice(-2000)}`);
+      const first = Math.min(...rows.map((r) => r[0]));
+      const txns = rows.map(([t, ms]) => [Math.round((t - first) * 1000) / 1000, ms] as const);
+      const lat = rows.map((r) => r[1]);
+      return { throughput: tps, unit: 'TPS', p50Ms: percentile(lat, 50), p99Ms: percentile(lat, 99), series, txns };
     },
   },
   fio('randrw-qd1', 'fio 4 KiB random read/write, QD1', '--rw=randrw --bs=4k --ioengine=psync --iodepth=1', 'IOPS'),
@@ -170,13 +188,19 @@ interface Run {
   extrapolated: boolean;
   /** share of the workload's time during which the copy had work left */
   overlap: number | null;
+  /** the workload's throughput over its seconds while the copy had work left (all of them for (a)) */
+  duringCopy: number | null;
+  /** pgbench: the p99 latency of the transactions that began while the copy had work left */
+  p99DuringCopyMs: number | null;
   /** copy progress (%), per second from the workload's start */
   progress: number[];
   loadavg: number;
 }
 
 async function powerOff(g: DebianVm): Promise<void> {
-  await g.agent.run('systemctl --no-block poweroff');
+  await g.agent.run('systemctl --no-block poweroff').catch((e: Error) => {
+    if (!/connection closed/.test(e.message)) throw e;
+  });
   await Promise.race([g.vm.exited, sleep(120_000, undefined, { ref: false })]);
   await g.stop();
 }
@@ -201,6 +225,7 @@ async function runOne(w: Workload, mode: Mode, round: number, prepared: string, 
   const name = `${w.id}-${mode.id}-${round}`;
   const disk = path.join(work, `${name}.raw`);
   execFileSync('cp', ['--sparse=always', prepared, disk]);
+  execFileSync('truncate', ['-s', `${diskGiB}G`, disk]);
   const target = path.join(work, `${name}.luks`);
   const g = await startDebianVm({ name, disk });
   let enc: EncryptRun | undefined;
@@ -258,7 +283,13 @@ async function runOne(w: Workload, mode: Mode, round: number, prepared: string, 
         progress.push(rec && rec.len > 0 ? (100 * rec.offset) / rec.len : 0);
       }
     }
-    return { workload: w.id, mode: mode.id, round, figures, totalS, extrapolated, overlap, progress, loadavg: os.loadavg()[0]! };
+    // While the copy had work left: the first `copyS` seconds of the workload (all of it for (a)).
+    const copyS = overlap === null ? seconds : overlap * seconds;
+    const during = figures.series.slice(0, Math.floor(copyS));
+    const duringCopy = during.length >= 3 ? during.reduce((a, b) => a + b, 0) / during.length : null;
+    const lat = figures.txns?.filter(([t]) => t < copyS).map(([, ms]) => ms) ?? [];
+    const p99DuringCopyMs = lat.length >= 100 ? percentile(lat, 99) : null;
+    return { workload: w.id, mode: mode.id, round, figures, totalS, extrapolated, overlap, duringCopy, p99DuringCopyMs, progress, loadavg: os.loadavg()[0]! };
   } finally {
     if (enc && enc.cli.child.exitCode === null) {
       enc.cli.child.kill('SIGINT');
@@ -281,22 +312,29 @@ const pct = (x: number | null) => (x === null ? '-' : `${(100 * x).toFixed(0)}%`
 
 function rowsFor(w: Workload, runs: Run[]): string[][] {
   const rs = (m: string) => runs.filter((r) => r.workload === w.id && r.mode === m);
-  const base = { t: med(rs('none').map((r) => r.figures.throughput)), p99: med(rs('none').map((r) => r.figures.p99Ms)) };
+  const base = { t: med(rs('none').map((r) => r.figures.throughput)), during: med(rs('none').map((r) => r.duringCopy)), p99: med(rs('none').map((r) => r.figures.p99Ms)) };
   const unit = runs.find((r) => r.workload === w.id)?.figures.unit ?? '';
+  const pg = w.id === 'pgbench';
   return [
-    ['mode', unit, 'vs (a)', 'p50 ms', 'p99 ms', 'p99 vs (a)', 'time to encrypt (s)', 'copy during the workload'],
+    ['mode', unit, 'vs (a)', `${unit} while copying`, 'vs (a)', 'p50 ms', 'p99 ms', 'p99 vs (a)', ...(pg ? ['p99 ms while copying', 'vs (a)'] : []), 'time to encrypt (s)', 'copy during the workload'],
     ...modes.map((m) => {
       const x = rs(m.id);
       const t = med(x.map((r) => r.figures.throughput));
+      const during = med(x.map((r) => r.duringCopy));
       const p99 = med(x.map((r) => r.figures.p99Ms));
+      const p99c = med(x.map((r) => r.p99DuringCopyMs));
       const total = med(x.map((r) => r.totalS));
+      const d = unit === 'TPS' ? 1 : 0;
       return [
         m.label,
-        f(t, unit === 'TPS' ? 1 : 0),
+        f(t, d),
         base.t && t !== null ? pct(t / base.t) : '-',
+        f(during, d),
+        base.during && during !== null ? pct(during / base.during) : '-',
         f(med(x.map((r) => r.figures.p50Ms)), 2),
         f(p99, 2),
         base.p99 && p99 !== null ? `${(p99 / base.p99).toFixed(2)}x` : '-',
+        ...(pg ? [f(p99c, 1), base.p99 && p99c !== null ? `${(p99c / base.p99).toFixed(2)}x` : '-'] : []),
         m.args ? `${x.some((r) => r.extrapolated) ? '≈' : ''}${f(total)}` : '-',
         m.args ? pct(med(x.map((r) => r.overlap))) : '-',
       ];
@@ -368,7 +406,7 @@ try {
         runs.push(r);
         process.stderr.write(
           `round ${round + 1}/${rounds} ${w.id.padEnd(11)} ${m.id.padEnd(11)} ${r.figures.throughput.toFixed(1)} ${r.figures.unit}, p50 ${r.figures.p50Ms.toFixed(2)} ms, p99 ${r.figures.p99Ms.toFixed(2)} ms, ` +
-            `encrypt ${r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)} s`}, overlap ${pct(r.overlap)}, load ${r.loadavg.toFixed(1)}\n`,
+            `while copying ${f(r.duringCopy, 1)}${r.p99DuringCopyMs === null ? '' : ` (p99 ${r.p99DuringCopyMs.toFixed(1)} ms)`}, encrypt ${r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)} s`}, overlap ${pct(r.overlap)}, load ${r.loadavg.toFixed(1)}\n`,
         );
       }
     }
@@ -381,7 +419,7 @@ const qemuVersion = execFileSync('qemu-system-x86_64', ['--version'], { encoding
 const manifest = debianManifest();
 const pkg = (name: string) => new RegExp(`^  ${name} (\\S+)$`, 'm').exec(manifest)?.[1] ?? '?';
 const diskSize = /^image_size=(\S+)/m.exec(manifest)?.[1] ?? '?';
-const header = `Application benchmark: the Debian 12 test guest (1 vCPU under TCG, 1 GiB, PostgreSQL ${pkg('postgresql-15')}, fio ${pkg('fio')}), its ${diskSize} root disk (raw, cache=none) copied into LUKS; each workload runs ${seconds} s from the copy's start; ${rounds} rounds, medians`;
+const header = `Application benchmark: the Debian 12 test guest (1 vCPU under TCG, 1 GiB, PostgreSQL ${pkg('postgresql-15')}, fio ${pkg('fio')}), its root disk (${diskSize} filesystem on a ${diskGiB} GiB raw disk, cache=none) copied into LUKS; each workload runs ${seconds} s from the copy's start; ${rounds} rounds, medians`;
 let text = header + '\n';
 let md = '';
 for (const w of workloads) {
@@ -396,15 +434,15 @@ const stamp = startedAt.toISOString().replace(/[:.]/g, '-');
 for (const w of workloads) await writeFile(path.join(values.out!, `apps-${w.id}.svg`), svg(w, runs));
 await writeFile(path.join(values.out!, `apps-${stamp}.json`), JSON.stringify({ startedAt, seconds, rounds, maxCopyMs, runs }, null, 1));
 const perRun = [
-  ['round', 'workload', 'mode', 'throughput', 'p50 ms', 'p99 ms', 'time to encrypt s', 'overlap', 'load'],
-  ...runs.map((r) => [String(r.round + 1), r.workload, r.mode, `${r.figures.throughput.toFixed(1)} ${r.figures.unit}`, r.figures.p50Ms.toFixed(2), r.figures.p99Ms.toFixed(2), r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)}`, pct(r.overlap), r.loadavg.toFixed(1)]),
+  ['round', 'workload', 'mode', 'throughput', 'while copying', 'p50 ms', 'p99 ms', 'p99 ms while copying', 'time to encrypt s', 'overlap', 'load'],
+  ...runs.map((r) => [String(r.round + 1), r.workload, r.mode, `${r.figures.throughput.toFixed(1)} ${r.figures.unit}`, f(r.duringCopy, 1), r.figures.p50Ms.toFixed(2), r.figures.p99Ms.toFixed(2), f(r.p99DuringCopyMs, 1), r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)}`, pct(r.overlap), r.loadavg.toFixed(1)]),
 ];
 await writeFile(
   path.join(values.out!, 'apps-report.md'),
   `# Application benchmark (issue 13)
 
 ${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${qemuVersion}.
-Command: \`node --import tsx bench/apps.ts --rounds ${rounds} --workloads ${workloads.map((w) => w.id).join(',')} --modes ${modes.map((m) => m.id).join(',')} --seconds ${seconds} --max-copy-s ${maxCopyMs / 1000}\`
+Command: \`node --import tsx bench/apps.ts --rounds ${rounds} --workloads ${workloads.map((w) => w.id).join(',')} --modes ${modes.map((m) => m.id).join(',')} --seconds ${seconds} --max-copy-s ${maxCopyMs / 1000} --disk-gib ${diskGiB}\`
 
 ${header}. Preparing the image (database and fio file) took ${prepareS.toFixed(0)} s.
 
@@ -413,8 +451,10 @@ ${header}. Preparing the image (database and fio file) took ${prepareS.toFixed(0
   larger of reads' and writes'.
 - **time to encrypt**: the copy's start to the guest running on the LUKS image; ≈: a fixed-cap copy cancelled
   ${maxCopyMs / 1000} s after its start, its total extrapolated from its average progress.
-- **copy during the workload**: the share of the workload's ${seconds} s in which the copy still had work left; where it
-  is below 100%, the rest of the workload ran with no copy, and its figures flatter that mode.
+- **while copying**: the workload's throughput over its seconds in which the copy still had work left (per second:
+  pgbench -P 1, fio's IOPS log), against (a) over its whole run; for pgbench also the p99 latency of the
+  transactions that began then. Where **copy during the workload** is below 100%, the rest of the workload ran
+  with no copy: its whole-run figures flatter that mode, the figures while copying do not.
 ${md}
 ## Every run
 

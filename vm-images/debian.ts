@@ -196,7 +196,10 @@ export class GuestAgent {
       for (const p of parts) this.#onLine(p.replace(/\r$/, ''));
     });
     s.on('error', () => {});
-    s.on('close', () => this.#fail(new Error(`guest ${this.name}: the agent's connection closed`)));
+    s.on('close', () => {
+      this.#closed = true;
+      this.#fail(new Error(`guest ${this.name}: the agent's connection closed`));
+    });
   }
 
   /** Resolves when the agent has said READY on its port. */
@@ -206,7 +209,7 @@ export class GuestAgent {
 
   /** Runs `command` (bash) in the guest; rejects with GuestCommandError on a non-zero exit unless `allowFail`. */
   async run(command: string, opts: { allowFail?: boolean; onLine?: (line: string) => void; timeoutMs?: number } = {}): Promise<RunResult> {
-    if (this.#closed || !this.#socket) throw new Error(`guest ${this.name}: agent not connected`);
+    if (this.#closed || !this.#socket) throw new Error(`guest ${this.name}: the agent's connection closed`);
     const id = String(this.#nextId++);
     const result = await new Promise<RunResult>((resolve, reject) => {
       const timer = opts.timeoutMs

@@ -219,9 +219,6 @@ async function detectFormat(disk: string): Promise<DiskFormat> {
 }
 
 function diskArgs(disk: string, format: DiskFormat, style: 'blockdev' | 'drive', cache: 'writeback' | 'none' | 'unsafe', n = 0, keyFile?: string): string[] {
-  if (format === 'luks' && (style !== 'blockdev' || keyFile === undefined)) {
-    throw new Error(`${disk}: a LUKS disk needs diskStyle 'blockdev' and a keyFile`);
-  }
   if (style === 'blockdev') {
     const cacheOpts = { direct: cache === 'none', 'no-flush': cache === 'unsafe' };
     const secret = format === 'luks' ? ['-object', `secret,id=disk${n}-key,format=raw,file=${optValue(keyFile!)}`] : [];
@@ -271,7 +268,16 @@ export async function startTestVm(options: TestVmOptions): Promise<TestVm> {
   const errorLine = boot ? boot.error : /^IDLECRYPT-GUEST ERROR/;
   const readyTimeoutMs = boot?.readyTimeoutMs ?? READY_TIMEOUT_MS;
   const format = options.format ?? (await detectFormat(options.disk));
-  const extra = await Promise.all((options.extraDisks ?? []).map(async (p) => ({ path: p, format: await detectFormat(p) })));
+  if (format === 'luks' && (options.keyFile === undefined || (options.diskStyle ?? 'blockdev') !== 'blockdev')) {
+    throw new Error(`${options.disk}: a LUKS disk needs a keyFile and diskStyle 'blockdev'`);
+  }
+  const extra = await Promise.all(
+    (options.extraDisks ?? []).map(async (p) => {
+      const f = await detectFormat(p);
+      if (f === 'luks') throw new Error(`${p}: an extra disk must be raw or qcow2`);
+      return { path: p, format: f };
+    }),
+  );
   const memoryMiB = options.memoryMiB ?? 256;
   const ownDir = options.dir === undefined;
   const dir = ownDir ? await mkdtemp(join(tmpdir(), 'idlecrypt-vm-')) : resolve(options.dir!);
