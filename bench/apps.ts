@@ -41,6 +41,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { copyDebianDisk, debianManifest, startDebianVm, type DebianVm } from '../vm-images/debian.ts';
 import { EncryptRun, median, now, percentile } from '../test/helpers/moderation-lab.ts';
+import { startCli } from '../test/helpers/cli.ts';
 
 const { values } = parseArgs({
   options: {
@@ -70,9 +71,12 @@ interface Mode {
   readonly label: string;
   readonly args: string[] | null;
   readonly capped?: boolean;
+  /** no copy, but idlecrypt's probes attached (`idlecrypt observe`, as (d) attaches them): what observing costs */
+  readonly observed?: boolean;
 }
 const ALL_MODES: Mode[] = [
   { id: 'none', label: '(a) no copy', args: null },
+  { id: 'observed', label: "(a') no copy, observed by idlecrypt's probes", args: null, observed: true },
   { id: 'unthrottled', label: '(b) unthrottled mirror', args: ['--no-moderation'] },
   { id: 'cap30', label: '(c) fixed cap 30 MiB/s', args: ['--speed', '30M'], capped: true },
   { id: 'cap100', label: '(c) fixed cap 100 MiB/s', args: ['--speed', '100M'], capped: true },
@@ -242,9 +246,16 @@ async function runOne(w: Workload, mode: Mode, round: number, prepared: string, 
         await sleep(50);
       }
     }
+    // (a'): the probes of (d), every 50 ms as the controller samples, attached before the workload.
+    const obs = mode.observed ? startCli(['observe', '--pid', String(g.vm.pid), '--interval', '50', '--json']) : undefined;
+    if (obs) await obs.waitForStdout(/"interval_s"/, 60_000);
     const start = now();
     const out = await g.agent.run(w.run(seconds), { timeoutMs: seconds * 1000 + 300_000 });
     const workEnd = now();
+    if (obs) {
+      obs.child.kill('SIGINT');
+      await obs.result;
+    }
     const figures = w.parse(out.lines);
 
     let totalS: number | null = null;
@@ -350,7 +361,7 @@ function textTable(t: string[][]): string {
   return t.map((r) => r.map((c, i) => c.padEnd(wd[i]!)).join('  ')).join('\n');
 }
 
-const COLORS: Record<string, string> = { none: '#444', unthrottled: '#d62728', cap30: '#9467bd', cap100: '#ff7f0e', idlecrypt: '#2ca02c' };
+const COLORS: Record<string, string> = { none: '#444', observed: '#1f77b4', unthrottled: '#d62728', cap30: '#9467bd', cap100: '#ff7f0e', idlecrypt: '#2ca02c' };
 const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 
 /** The workload's throughput per second in each mode (last round), and each copy's progress. */
