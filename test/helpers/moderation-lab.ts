@@ -326,7 +326,9 @@ export function reactionAt(samples: readonly Sample[], events: readonly JobEvent
   if (before === 'slowed') {
     const lastRunning = samples.filter((s) => s.t <= t0 && s.job && !slowed(s.job)).at(-1);
     if (lastRunning && t0 - lastRunning.t <= EARLY_MS) {
-      const ev = events.find((e) => e.t > lastRunning.t && e.t <= t0 && STOPPED.has(e.status));
+      // A poll reports the job as it was between its sending and its reply: the pause event
+      // may lie in between (seen in CI, 2026-12-01: an 'early' phase with no moment found).
+      const ev = events.find((e) => e.t > lastRunning.sent && e.t <= t0 && STOPPED.has(e.status));
       const poll = samples.find((s) => s.t > lastRunning.t && s.t <= t0 && s.job && slowed(s.job));
       const eventMs = ev ? ev.t - t0 : undefined;
       const pollMs = poll ? poll.t - t0 : undefined;
