@@ -40,7 +40,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { copyDebianDisk, debianManifest, startDebianVm, type DebianVm } from '../vm-images/debian.ts';
-import { EncryptRun, median, now, percentile } from '../test/helpers/moderation-lab.ts';
+import { EncryptRun, mdTable, medianOf as med, now, percentile, textTable } from '../test/helpers/moderation-lab.ts';
 import { startCli } from '../test/helpers/cli.ts';
 
 const { values } = parseArgs({
@@ -314,10 +314,6 @@ async function runOne(w: Workload, mode: Mode, round: number, prepared: string, 
 
 // ---------------------------------------------------------------- report
 
-const med = (xs: (number | null)[]): number | null => {
-  const v = xs.filter((x): x is number => x !== null && Number.isFinite(x));
-  return v.length ? median(v) : null;
-};
 const f = (x: number | null, d = 0) => (x === null ? '-' : x.toFixed(d));
 const pct = (x: number | null) => (x === null ? '-' : `${(100 * x).toFixed(0)}%`);
 
@@ -353,13 +349,6 @@ function rowsFor(w: Workload, runs: Run[]): string[][] {
   ];
 }
 
-function mdTable(t: string[][]): string {
-  return [t[0]!, t[0]!.map(() => '---'), ...t.slice(1)].map((r) => `| ${r.join(' | ')} |`).join('\n');
-}
-function textTable(t: string[][]): string {
-  const wd = t[0]!.map((_, i) => Math.max(...t.map((r) => r[i]!.length)));
-  return t.map((r) => r.map((c, i) => c.padEnd(wd[i]!)).join('  ')).join('\n');
-}
 
 const COLORS: Record<string, string> = { none: '#444', observed: '#1f77b4', unthrottled: '#d62728', cap30: '#9467bd', cap100: '#ff7f0e', idlecrypt: '#2ca02c' };
 const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');

@@ -26,7 +26,7 @@ import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { median } from '../test/helpers/moderation-lab.ts';
+import { median, medianOf as med } from '../test/helpers/moderation-lab.ts';
 
 const { values } = parseArgs({
   options: {
@@ -85,10 +85,6 @@ const workloads = values.workloads!.split(',');
 const outDir = values.out!;
 const startedAt = new Date();
 
-const med = (xs: (number | null | undefined)[]): number | null => {
-  const v = xs.filter((x): x is number => typeof x === 'number' && Number.isFinite(x));
-  return v.length ? median(v) : null;
-};
 const ratio = (a: number | null, b: number | null): number | null => (a !== null && b ? a / b : null);
 
 function runCell(disk: string, cache: string, workload: string, dir: string): Promise<void> {

@@ -66,7 +66,9 @@ import {
   firstRequestAt,
   guestBytes,
   jobOffset,
-  median,
+  mdTable,
+  medianOf as med,
+  textTable,
   now,
   otherQemus,
   parseActivity,
@@ -413,10 +415,6 @@ interface Row {
   reactionsFromRequest: number[];
 }
 
-const med = (xs: (number | null)[]): number | null => {
-  const v = xs.filter((x): x is number => x !== null && Number.isFinite(x));
-  return v.length ? median(v) : null;
-};
 
 function summarise(runs: Run[]): Row[] {
   const base = med(runs.filter((r) => r.mode === 'none').map((r) => r.guestBusyBps));
@@ -462,14 +460,7 @@ function table(rows: Row[]): string[][] {
   ];
 }
 
-function textTable(t: string[][]): string {
-  const w = t[0]!.map((_, i) => Math.max(...t.map((r) => r[i]!.length)));
-  return t.map((r) => r.map((c, i) => c.padEnd(w[i]!)).join('  ')).join('\n');
-}
 
-function mdTable(t: string[][]): string {
-  return [t[0]!, t[0]!.map(() => '---'), ...t.slice(1)].map((r) => `| ${r.join(' | ')} |`).join('\n');
-}
 
 // ---------------------------------------------------------------- SVG, by hand
 

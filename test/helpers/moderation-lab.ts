@@ -400,6 +400,23 @@ export function median(xs: readonly number[]): number {
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
+/** The median of the finite numbers among `xs` (runs without a figure leave null), or null if none. */
+export function medianOf(xs: readonly (number | null | undefined)[]): number | null {
+  const v = xs.filter((x): x is number => typeof x === 'number' && Number.isFinite(x));
+  return v.length ? median(v) : null;
+}
+
+/** A benchmark's table (header row first) as aligned plain text, for stdout. */
+export function textTable(t: string[][]): string {
+  const w = t[0]!.map((_, i) => Math.max(...t.map((r) => r[i]!.length)));
+  return t.map((r) => r.map((c, i) => c.padEnd(w[i]!)).join('  ')).join('\n');
+}
+
+/** The same table in Markdown, for a report. */
+export function mdTable(t: string[][]): string {
+  return [t[0]!, t[0]!.map(() => '---'), ...t.slice(1)].map((r) => `| ${r.join(' | ')} |`).join('\n');
+}
+
 /** Nearest-rank percentile, p in [0, 100]. */
 export function percentile(xs: readonly number[], p: number): number {
   if (xs.length === 0) return NaN;
