@@ -15,30 +15,48 @@
  *   randrw-qd32  the same at queue depth 32 (libaio)
  *   seq-1m       fio 1 MiB sequential reads and writes (50/50), O_DIRECT, queue depth 4
  *
- * One run: a private copy of a prepared image (the database initialised and fio's file laid
- * out once, by this command), grown to --disk-gib (the filesystem stays 2 GiB; the copy
- * copies the whole disk), the guest booted alone (1 vCPU, 1 GiB, cache=none), the copy
- * started, and from the moment it copies the workload runs for --seconds; then the copy is
- * left to finish (the guest idle). A fixed-cap copy is cancelled --max-copy-s after its
- * start and its time extrapolated from its average progress (marked ≈).
+ * Two designs (--design):
+ *
+ * one-boot (default): the harm. One guest per workload, booted once from a private copy of a
+ *   prepared image (the database initialised and fio's file laid out once, by this command),
+ *   warmed up by one unmeasured run of the workload (--warmup s), then every mode in turn in
+ *   that same boot, the order alternating between rounds (ABC CBA ABC): the copy starts, the
+ *   workload runs --seconds beside it, and the copy is then cancelled (idlecrypt's cancel: the
+ *   guest stays on its source, the target is removed). So the modes differ only in the copy,
+ *   not in the guest's boot, caches or database, which moved a mode's figures by up to 25%
+ *   between fresh boots. The disk (--disk-gib, default 24) is big enough that no copy
+ *   catches up within the workload, so the copy runs for all of it; time to encrypt is not
+ *   measured here, the copy's speed during the workload is.
+ * fresh-boot: the time to encrypt. Each run boots its own copy of the prepared image (disk
+ *   --disk-gib, default 8), starts the copy, runs the workload --seconds from the moment it
+ *   copies, then leaves the copy to finish (the guest idle) and pivot. A fixed-cap copy is
+ *   cancelled --max-copy-s after its start and its time extrapolated from its average
+ *   progress (marked ≈). Its workload figures carry the boot-to-boot noise above.
+ *
+ * In both, the disk beyond the 2 GiB filesystem is written (zeros, allocated), as a used disk
+ * is: holes would copy at ≈1 GiB/s, allocated blocks copy at the host disk's speed.
  *
  * Measured: the workload's own figures (pgbench: transactions per second and each
  * transaction's latency from its per-transaction log; fio: IOPS or MiB/s and completion
  * latency percentiles from its JSON), per second for the plots (pgbench -P 1, fio's IOPS
- * log), and the time to encrypt (the command's "copying" record to its "completed" one).
+ * log); the copy's progress; fresh-boot: the time to encrypt (the command's "copying"
+ * record to its "completed" one).
  *
- *   node --import tsx bench/apps.ts [--rounds 2] [--workloads pgbench,randrw-qd1,randrw-qd32,seq-1m]
- *        [--modes none,unthrottled,cap30,cap100,idlecrypt] [--seconds 60] [--max-copy-s 150] [--disk-gib 8] [--out bench/results]
+ *   node --import tsx bench/apps.ts [--design one-boot|fresh-boot] [--rounds 2]
+ *        [--workloads pgbench,randrw-qd1,randrw-qd32,seq-1m] [--modes none,held,unthrottled,cap30,cap100,idlecrypt]
+ *        [--seconds 60] [--warmup 60] [--max-copy-s 150] [--disk-gib N] [--out bench/results]
  *
  * Output: a table on stdout; bench/results/apps-report.md (tables, every run, an SVG of
  * each workload over time) and bench/results/apps-<time>.json.
  */
 import { execFileSync } from 'node:child_process';
+import { statSync } from 'node:fs';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os, { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
+import { fileURLToPath } from 'node:url';
 import { copyDebianDisk, debianManifest, startDebianVm, type DebianVm } from '../vm-images/debian.ts';
 import { EncryptRun, mdTable, medianOf as med, now, percentile, textTable } from '../test/helpers/moderation-lab.ts';
 import { startCli } from '../test/helpers/cli.ts';
@@ -50,7 +68,9 @@ const { values } = parseArgs({
     modes: { type: 'string', default: 'none,unthrottled,cap30,cap100,idlecrypt' },
     seconds: { type: 'string', default: '60' },
     'max-copy-s': { type: 'string', default: '150' },
-    'disk-gib': { type: 'string', default: '8' },
+    'disk-gib': { type: 'string' },
+    design: { type: 'string', default: 'one-boot' },
+    warmup: { type: 'string', default: '60' },
     out: { type: 'string', default: 'bench/results' },
   },
 });
@@ -62,8 +82,17 @@ const maxCopyMs = Number(values['max-copy-s']) * 1000;
  * copy lasts as long as real disks' do: an unthrottled mirror of the bare 2 GiB image is done
  * in 9 s, and the workload would run beside it for a sixth of its time.
  */
-const diskGiB = Number(values['disk-gib']);
+const design = values.design as 'one-boot' | 'fresh-boot';
+if (design !== 'one-boot' && design !== 'fresh-boot') throw new Error('--design one-boot|fresh-boot');
+const oneBoot = design === 'one-boot';
+/**
+ * one-boot: big enough that no copy finishes within the workload, and written (zeros, but
+ * allocated) beyond the filesystem: holes copy at ≈1 GiB/s and allocated blocks
+ * (unthrottled, read with O_DIRECT at ≈400 MiB/s here), so 24 GiB last ≈60 s.
+ */
+const diskGiB = Number(values['disk-gib'] ?? (oneBoot ? 24 : 8));
 if (!(diskGiB >= 2)) throw new Error('--disk-gib >= 2');
+const warmupS = Number(values.warmup);
 if (!(rounds >= 1) || !(seconds >= 10) || !(maxCopyMs >= 20_000)) throw new Error('--rounds >= 1, --seconds >= 10, --max-copy-s >= 20');
 
 interface Mode {
@@ -77,10 +106,15 @@ interface Mode {
 const ALL_MODES: Mode[] = [
   { id: 'none', label: '(a) no copy', args: null },
   { id: 'observed', label: "(a') no copy, observed by idlecrypt's probes", args: null, observed: true },
+  /** a diagnostic: the mirror job in place (its filter node, its dirty bitmap) but copying next to nothing */
+  { id: 'held', label: '(h) a mirror held at 1 byte/s (diagnostic)', args: ['--speed', '1'] },
   { id: 'unthrottled', label: '(b) unthrottled mirror', args: ['--no-moderation'] },
   { id: 'cap30', label: '(c) fixed cap 30 MiB/s', args: ['--speed', '30M'], capped: true },
   { id: 'cap100', label: '(c) fixed cap 100 MiB/s', args: ['--speed', '100M'], capped: true },
   { id: 'idlecrypt', label: '(d) idlecrypt, default policy', args: [] },
+  /** diagnostics of (d): the pace its completion guarantee sets for a never-idle guest, and (d) without it */
+  { id: 'cap3', label: "(c') fixed cap 3 MiB/s (diagnostic)", args: ['--speed', '3M'], capped: true },
+  { id: 'nodeadline', label: "(d') idlecrypt without the guarantee's deadline (diagnostic)", args: ['--policy', fileURLToPath(new URL('policies/no-deadline.yaml', import.meta.url))] },
 ];
 const modes = values.modes!.split(',').map((id) => {
   const m = ALL_MODES.find((x) => x.id === id.trim());
@@ -198,6 +232,8 @@ interface Run {
   p99DuringCopyMs: number | null;
   /** copy progress (%), per second from the workload's start */
   progress: number[];
+  /** one-boot: the copy's MiB/s over the workload (it is cancelled when the workload ends) */
+  copyMiBs?: number | null;
   loadavg: number;
 }
 
@@ -207,6 +243,13 @@ async function powerOff(g: DebianVm): Promise<void> {
   });
   await Promise.race([g.vm.exited, sleep(120_000, undefined, { ref: false })]);
   await g.stop();
+}
+
+/** A run's own copy of the prepared image, grown to --disk-gib and written beyond its filesystem (allocated, as a used disk is). */
+function privateDisk(prepared: string, disk: string): void {
+  execFileSync('cp', ['--sparse=always', prepared, disk]);
+  const imageMiB = Math.ceil(statSync(disk).size / 2 ** 20);
+  execFileSync('dd', ['if=/dev/zero', `of=${disk}`, 'bs=1M', `seek=${imageMiB}`, `count=${diskGiB * 1024 - imageMiB}`, 'conv=notrunc', 'status=none']);
 }
 
 /** The pristine image with every workload's preparation done, once. */
@@ -225,11 +268,109 @@ async function prepareImage(work: string): Promise<string> {
   return disk;
 }
 
+/** Starts `idlecrypt encrypt` in `mode` on the guest's disk; resolves once it copies. */
+async function startCopy(g: DebianVm, mode: Mode, name: string, target: string, work: string, keyFile: string): Promise<{ enc: EncryptRun; copying: number }> {
+  const enc = new EncryptRun(['--qmp', g.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', ...mode.args!], path.join(work, `${name}.lp`));
+  const end = now() + 60_000;
+  let copying: number | undefined;
+  while ((copying = enc.phaseAt('copying')) === undefined) {
+    if (now() > end || enc.cli.child.exitCode !== null) {
+      if (enc.cli.child.exitCode === null) enc.cli.child.kill('SIGINT');
+      throw new Error(`${name}: the copy did not start:\n${enc.cli.stderr().slice(-2000)}`);
+    }
+    await sleep(50);
+  }
+  return { enc, copying };
+}
+
+type ProgressRec = { time: string; offset: number; len: number; status: string };
+
+/** The copy's progress (%) at each second of the workload. */
+function progressPerSecond(recs: ProgressRec[], start: number): number[] {
+  const out: number[] = [];
+  for (let s = 0; s <= seconds; s++) {
+    const t = start + s * 1000;
+    const rec = [...recs].reverse().find((x) => Date.parse(x.time) <= t);
+    out.push(rec && rec.len > 0 ? (100 * rec.offset) / rec.len : 0);
+  }
+  return out;
+}
+
+/** Each copy's records (stdout) and log (stderr: the moderation's decisions and reasons), for diagnosis. */
+async function keepLog(name: string, enc: EncryptRun): Promise<void> {
+  const dir = path.join(values.out!, 'logs');
+  await mkdir(dir, { recursive: true });
+  await writeFile(path.join(dir, `${name}.out.jsonl`), enc.cli.stdout());
+  await writeFile(path.join(dir, `${name}.log.jsonl`), enc.cli.stderr());
+}
+
+/** The workload for --seconds; in mode (a') with the probes of (d) attached before it, every 50 ms as the controller samples. */
+async function runWorkload(g: DebianVm, w: Workload, mode: Mode): Promise<{ figures: Figures; start: number; workEnd: number }> {
+  const obs = mode.observed ? startCli(['observe', '--pid', String(g.vm.pid), '--interval', '50', '--json']) : undefined;
+  if (obs) await obs.waitForStdout(/"interval_s"/, 60_000);
+  const start = now();
+  const out = await g.agent.run(w.run(seconds), { timeoutMs: seconds * 1000 + 300_000 });
+  const workEnd = now();
+  if (obs) {
+    obs.child.kill('SIGINT');
+    await obs.result;
+  }
+  return { figures: w.parse(out.lines), start, workEnd };
+}
+
+/** Runs the workload alone once, unmeasured: the database's and the page cache's warm-up. */
+async function warmUp(g: DebianVm, w: Workload): Promise<void> {
+  if (warmupS > 0) w.parse((await g.agent.run(w.run(warmupS), { timeoutMs: warmupS * 1000 + 300_000 })).lines);
+}
+
+/**
+ * The one-boot design: every mode in the same booted, warmed-up guest, so that they differ only
+ * in the copy. The copy starts, the workload runs --seconds beside it, and the copy is then
+ * cancelled (the guest stays on its source: idlecrypt's cancel path), so the disk must be big
+ * enough that no copy catches up within the workload. Time to encrypt is the fresh-boot design's.
+ */
+async function runInBoot(g: DebianVm, w: Workload, mode: Mode, round: number, work: string, keyFile: string): Promise<Run> {
+  const name = `${w.id}-${mode.id}-${round}`;
+  const target = path.join(work, `${name}.luks`);
+  let enc: EncryptRun | undefined;
+  try {
+    let copying: number | null = null;
+    if (mode.args) ({ enc, copying } = await startCopy(g, mode, name, target, work, keyFile));
+    const { figures, start, workEnd } = await runWorkload(g, w, mode);
+    let progress: number[] = [];
+    let copyMiBs: number | null = null;
+    if (enc && copying !== null) {
+      const recs = enc.records().filter((x) => x.event === 'progress') as unknown as ProgressRec[];
+      const caught = recs.find((x) => x.len > 0 && x.offset >= x.len);
+      if (caught || enc.completed()) {
+        throw new Error(`${name}: the copy caught up within the workload (${JSON.stringify(caught ?? enc.completed())}, copying since ${new Date(copying).toISOString()}); give a bigger --disk-gib`);
+      }
+      enc.cli.child.kill('SIGINT');
+      const r = await enc.result(120_000);
+      if (r.code === 0 || enc.completed()) throw new Error(`${name}: the copy completed instead of being cancelled`);
+      progress = progressPerSecond(recs, start);
+      const at = (t: number) => [...recs].reverse().find((x) => Date.parse(x.time) <= t);
+      const a = at(start);
+      const b = at(workEnd);
+      copyMiBs = b ? ((b.offset - (a?.offset ?? 0)) / 2 ** 20 / ((workEnd - start) / 1000)) : null;
+    }
+    const duringCopy = figures.series.length >= 3 ? figures.series.reduce((x, y) => x + y, 0) / figures.series.length : null;
+    const lat = figures.txns?.map(([, ms]) => ms) ?? [];
+    return { workload: w.id, mode: mode.id, round, figures, totalS: null, extrapolated: false, overlap: mode.args ? 1 : null, duringCopy, p99DuringCopyMs: lat.length >= 100 ? percentile(lat, 99) : null, progress, copyMiBs, loadavg: os.loadavg()[0]! };
+  } finally {
+    if (enc && enc.cli.child.exitCode === null) {
+      enc.cli.child.kill('SIGINT');
+      await enc.cli.result;
+    }
+    if (enc) await keepLog(name, enc);
+    await rm(target, { force: true });
+  }
+}
+
 async function runOne(w: Workload, mode: Mode, round: number, prepared: string, work: string, keyFile: string): Promise<Run> {
   const name = `${w.id}-${mode.id}-${round}`;
   const disk = path.join(work, `${name}.raw`);
-  execFileSync('cp', ['--sparse=always', prepared, disk]);
-  execFileSync('truncate', ['-s', `${diskGiB}G`, disk]);
+  privateDisk(prepared, disk);
   const target = path.join(work, `${name}.luks`);
   const g = await startDebianVm({ name, disk });
   let enc: EncryptRun | undefined;
@@ -238,25 +379,8 @@ async function runOne(w: Workload, mode: Mode, round: number, prepared: string, 
     await g.agent.ready;
     await sleep(3000); // boot's tail (PostgreSQL's startup writes) settles
     let copying: number | null = null;
-    if (mode.args) {
-      enc = new EncryptRun(['--qmp', g.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', ...mode.args], path.join(work, `${name}.lp`));
-      const end = now() + 60_000;
-      while ((copying = enc.phaseAt('copying') ?? null) === null) {
-        if (now() > end || enc.cli.child.exitCode !== null) throw new Error(`${name}: the copy did not start:\n${enc.cli.stderr().slice(-2000)}`);
-        await sleep(50);
-      }
-    }
-    // (a'): the probes of (d), every 50 ms as the controller samples, attached before the workload.
-    const obs = mode.observed ? startCli(['observe', '--pid', String(g.vm.pid), '--interval', '50', '--json']) : undefined;
-    if (obs) await obs.waitForStdout(/"interval_s"/, 60_000);
-    const start = now();
-    const out = await g.agent.run(w.run(seconds), { timeoutMs: seconds * 1000 + 300_000 });
-    const workEnd = now();
-    if (obs) {
-      obs.child.kill('SIGINT');
-      await obs.result;
-    }
-    const figures = w.parse(out.lines);
+    if (mode.args) ({ enc, copying } = await startCopy(g, mode, name, target, work, keyFile));
+    const { figures, start, workEnd } = await runWorkload(g, w, mode);
 
     let totalS: number | null = null;
     let extrapolated = false;
@@ -271,7 +395,7 @@ async function runOne(w: Workload, mode: Mode, round: number, prepared: string, 
         enc.cli.child.kill('SIGINT');
       }
       const r = await enc.result(120_000);
-      const recs = enc.records().filter((x) => x.event === 'progress') as unknown as { time: string; offset: number; len: number; status: string }[];
+      const recs = enc.records().filter((x) => x.event === 'progress') as unknown as ProgressRec[];
       const done = enc.completed();
       if (done && r.code === 0) {
         totalS = (Date.parse(String(done.time)) - copying) / 1000;
@@ -288,11 +412,7 @@ async function runOne(w: Workload, mode: Mode, round: number, prepared: string, 
       const caughtUp = recs.find((x) => x.len > 0 && x.offset >= x.len)?.time;
       const copyEnd = caughtUp ? Date.parse(caughtUp) : done ? Date.parse(String(done.time)) : workEnd;
       overlap = Math.max(0, Math.min(1, (Math.min(copyEnd, workEnd) - start) / (workEnd - start)));
-      for (let s = 0; s <= seconds; s++) {
-        const t = start + s * 1000;
-        const rec = [...recs].reverse().find((x) => Date.parse(x.time) <= t);
-        progress.push(rec && rec.len > 0 ? (100 * rec.offset) / rec.len : 0);
-      }
+      progress = progressPerSecond(recs, start);
     }
     // While the copy had work left: the first `copyS` seconds of the workload (all of it for (a)).
     const copyS = overlap === null ? seconds : overlap * seconds;
@@ -306,6 +426,7 @@ async function runOne(w: Workload, mode: Mode, round: number, prepared: string, 
       enc.cli.child.kill('SIGINT');
       await enc.cli.result;
     }
+    if (enc) await keepLog(name, enc);
     await g.stop();
     await rm(disk, { force: true });
     await rm(target, { force: true });
@@ -323,7 +444,9 @@ function rowsFor(w: Workload, runs: Run[]): string[][] {
   const unit = runs.find((r) => r.workload === w.id)?.figures.unit ?? '';
   const pg = w.id === 'pgbench';
   return [
-    ['mode', unit, 'vs (a)', `${unit} while copying`, 'vs (a)', 'p50 ms', 'p99 ms', 'p99 vs (a)', ...(pg ? ['p99 ms while copying', 'vs (a)'] : []), 'time to encrypt (s)', 'copy during the workload'],
+    oneBoot
+      ? ['mode', unit, 'vs (a)', 'p50 ms', 'p99 ms', 'p99 vs (a)', 'copy MiB/s during the workload']
+      : ['mode', unit, 'vs (a)', `${unit} while copying`, 'vs (a)', 'p50 ms', 'p99 ms', 'p99 vs (a)', ...(pg ? ['p99 ms while copying', 'vs (a)'] : []), 'time to encrypt (s)', 'copy during the workload'],
     ...modes.map((m) => {
       const x = rs(m.id);
       const t = med(x.map((r) => r.figures.throughput));
@@ -332,6 +455,17 @@ function rowsFor(w: Workload, runs: Run[]): string[][] {
       const p99c = med(x.map((r) => r.p99DuringCopyMs));
       const total = med(x.map((r) => r.totalS));
       const d = unit === 'TPS' ? 1 : 0;
+      if (oneBoot) {
+        return [
+          m.label,
+          f(t, d),
+          base.t && t !== null ? pct(t / base.t) : '-',
+          f(med(x.map((r) => r.figures.p50Ms)), 2),
+          f(p99, 2),
+          base.p99 && p99 !== null ? `${(p99 / base.p99).toFixed(2)}x` : '-',
+          m.args ? f(med(x.map((r) => r.copyMiBs ?? null)), 1) : '-',
+        ];
+      }
       return [
         m.label,
         f(t, d),
@@ -350,7 +484,7 @@ function rowsFor(w: Workload, runs: Run[]): string[][] {
 }
 
 
-const COLORS: Record<string, string> = { none: '#444', observed: '#1f77b4', unthrottled: '#d62728', cap30: '#9467bd', cap100: '#ff7f0e', idlecrypt: '#2ca02c' };
+const COLORS: Record<string, string> = { none: '#444', observed: '#1f77b4', unthrottled: '#d62728', cap30: '#9467bd', cap100: '#ff7f0e', idlecrypt: '#2ca02c', held: '#8c564b', cap3: '#e377c2', nodeadline: '#17becf' };
 const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 
 /** The workload's throughput per second in each mode (last round), and each copy's progress. */
@@ -398,16 +532,46 @@ try {
   const prepared = await prepareImage(work);
   prepareS = (now() - t0) / 1000;
   process.stderr.write(`prepared image in ${prepareS.toFixed(0)} s; ${rounds} rounds of ${workloads.map((w) => w.id).join(', ')} x ${modes.map((m) => m.id).join(', ')}\n`);
-  for (let round = 0; round < rounds; round++) {
+  const say = (r: Run) =>
+    process.stderr.write(
+      `round ${r.round + 1}/${rounds} ${r.workload.padEnd(11)} ${r.mode.padEnd(11)} ${r.figures.throughput.toFixed(1)} ${r.figures.unit}, p50 ${r.figures.p50Ms.toFixed(2)} ms, p99 ${r.figures.p99Ms.toFixed(2)} ms, ` +
+        (oneBoot
+          ? `copy ${f(r.copyMiBs ?? null, 1)} MiB/s`
+          : `while copying ${f(r.duringCopy, 1)}${r.p99DuringCopyMs === null ? '' : ` (p99 ${r.p99DuringCopyMs.toFixed(1)} ms)`}, encrypt ${r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)} s`}, overlap ${pct(r.overlap)}`) +
+        `, load ${r.loadavg.toFixed(1)}\n`,
+    );
+  if (oneBoot) {
+    // One boot per workload; the modes' order alternates between rounds (ABC CBA ...), so a drift
+    // within the boot (the database growing, caches) falls on every mode alike.
     for (const w of workloads) {
-      const order = round % 2 === 0 ? modes : [...modes].reverse();
-      for (const m of order) {
-        const r = await runOne(w, m, round, prepared, work, keyFile);
-        runs.push(r);
-        process.stderr.write(
-          `round ${round + 1}/${rounds} ${w.id.padEnd(11)} ${m.id.padEnd(11)} ${r.figures.throughput.toFixed(1)} ${r.figures.unit}, p50 ${r.figures.p50Ms.toFixed(2)} ms, p99 ${r.figures.p99Ms.toFixed(2)} ms, ` +
-            `while copying ${f(r.duringCopy, 1)}${r.p99DuringCopyMs === null ? '' : ` (p99 ${r.p99DuringCopyMs.toFixed(1)} ms)`}, encrypt ${r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)} s`}, overlap ${pct(r.overlap)}, load ${r.loadavg.toFixed(1)}\n`,
-        );
+      const disk = path.join(work, `${w.id}.raw`);
+      privateDisk(prepared, disk);
+      const g = await startDebianVm({ name: `bench-${w.id}`, disk });
+      try {
+        await g.vm.ready;
+        await g.agent.ready;
+        await warmUp(g, w);
+        for (let round = 0; round < rounds; round++) {
+          for (const m of round % 2 === 0 ? modes : [...modes].reverse()) {
+            const r = await runInBoot(g, w, m, round, work, keyFile);
+            runs.push(r);
+            say(r);
+          }
+        }
+        await powerOff(g);
+      } finally {
+        await g.stop();
+        await rm(disk, { force: true });
+      }
+    }
+  } else {
+    for (let round = 0; round < rounds; round++) {
+      for (const w of workloads) {
+        for (const m of round % 2 === 0 ? modes : [...modes].reverse()) {
+          const r = await runOne(w, m, round, prepared, work, keyFile);
+          runs.push(r);
+          say(r);
+        }
       }
     }
   }
@@ -419,7 +583,11 @@ const qemuVersion = execFileSync('qemu-system-x86_64', ['--version'], { encoding
 const manifest = debianManifest();
 const pkg = (name: string) => new RegExp(`^  ${name} (\\S+)$`, 'm').exec(manifest)?.[1] ?? '?';
 const diskSize = /^image_size=(\S+)/m.exec(manifest)?.[1] ?? '?';
-const header = `Application benchmark: the Debian 12 test guest (1 vCPU under TCG, 1 GiB, PostgreSQL ${pkg('postgresql-15')}, fio ${pkg('fio')}), its root disk (${diskSize} filesystem on a ${diskGiB} GiB raw disk, cache=none) copied into LUKS; each workload runs ${seconds} s from the copy's start; ${rounds} rounds, medians`;
+const header = `Application benchmark: the Debian 12 test guest (1 vCPU under TCG, 1 GiB, PostgreSQL ${pkg('postgresql-15')}, fio ${pkg('fio')}), its root disk (${diskSize} filesystem on a ${diskGiB} GiB raw disk, cache=none) copied into LUKS; ${
+  oneBoot
+    ? `one boot per workload, warmed up by a ${warmupS} s run, then every mode in that boot (order alternating between rounds); the workload runs ${seconds} s beside the copy, which is then cancelled`
+    : `a fresh boot per run; each workload runs ${seconds} s from the copy's start`
+}; ${rounds} rounds, medians`;
 let text = header + '\n';
 let md = '';
 for (const w of workloads) {
@@ -434,27 +602,33 @@ const stamp = startedAt.toISOString().replace(/[:.]/g, '-');
 for (const w of workloads) await writeFile(path.join(values.out!, `apps-${w.id}.svg`), svg(w, runs));
 await writeFile(path.join(values.out!, `apps-${stamp}.json`), JSON.stringify({ startedAt, seconds, rounds, maxCopyMs, runs }, null, 1));
 const perRun = [
-  ['round', 'workload', 'mode', 'throughput', 'while copying', 'p50 ms', 'p99 ms', 'p99 ms while copying', 'time to encrypt s', 'overlap', 'load'],
-  ...runs.map((r) => [String(r.round + 1), r.workload, r.mode, `${r.figures.throughput.toFixed(1)} ${r.figures.unit}`, f(r.duringCopy, 1), r.figures.p50Ms.toFixed(2), r.figures.p99Ms.toFixed(2), f(r.p99DuringCopyMs, 1), r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)}`, pct(r.overlap), r.loadavg.toFixed(1)]),
+  ['round', 'workload', 'mode', 'throughput', 'while copying', 'p50 ms', 'p99 ms', 'p99 ms while copying', 'time to encrypt s', 'overlap', 'copy MiB/s', 'load'],
+  ...runs.map((r) => [String(r.round + 1), r.workload, r.mode, `${r.figures.throughput.toFixed(1)} ${r.figures.unit}`, f(r.duringCopy, 1), r.figures.p50Ms.toFixed(2), r.figures.p99Ms.toFixed(2), f(r.p99DuringCopyMs, 1), r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)}`, pct(r.overlap), f(r.copyMiBs ?? null, 1), r.loadavg.toFixed(1)]),
 ];
 await writeFile(
   path.join(values.out!, 'apps-report.md'),
   `# Application benchmark (issue 13)
 
 ${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, ${qemuVersion}.
-Command: \`node --import tsx bench/apps.ts --rounds ${rounds} --workloads ${workloads.map((w) => w.id).join(',')} --modes ${modes.map((m) => m.id).join(',')} --seconds ${seconds} --max-copy-s ${maxCopyMs / 1000} --disk-gib ${diskGiB}\`
+Command: \`node --import tsx bench/apps.ts --rounds ${rounds} --workloads ${workloads.map((w) => w.id).join(',')} --modes ${modes.map((m) => m.id).join(',')} --seconds ${seconds} --design ${design}${oneBoot ? ` --warmup ${warmupS}` : ` --max-copy-s ${maxCopyMs / 1000}`} --disk-gib ${diskGiB}\`
 
 ${header}. Preparing the image (database and fio file) took ${prepareS.toFixed(0)} s.
 
 - **vs (a)**: the median throughput against the median of (a), no copy.
 - **p50/p99**: pgbench: each transaction's latency (its per-transaction log); fio: completion latency, the
   larger of reads' and writes'.
-- **time to encrypt**: the copy's start to the guest running on the LUKS image; ≈: a fixed-cap copy cancelled
+${
+  oneBoot
+    ? `- **copy MiB/s during the workload**: the copy's progress over the workload's ${seconds} s; the copy ran for all of
+  them (none caught up) and was cancelled after. (h) is a diagnostic: the mirror job in place (its filter node and
+  dirty bitmap on the guest's writes) but held at 1 byte/s.`
+    : `- **time to encrypt**: the copy's start to the guest running on the LUKS image; ≈: a fixed-cap copy cancelled
   ${maxCopyMs / 1000} s after its start, its total extrapolated from its average progress.
 - **while copying**: the workload's throughput over its seconds in which the copy still had work left (per second:
   pgbench -P 1, fio's IOPS log), against (a) over its whole run; for pgbench also the p99 latency of the
   transactions that began then. Where **copy during the workload** is below 100%, the rest of the workload ran
-  with no copy: its whole-run figures flatter that mode, the figures while copying do not.
+  with no copy: its whole-run figures flatter that mode, the figures while copying do not.`
+}
 ${md}
 ## Every run
 
