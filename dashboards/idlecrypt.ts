@@ -38,8 +38,8 @@ import { PanelBuilder as StatPanel } from '@grafana/grafana-foundation-sdk/stat'
 import { PanelBuilder as StateTimelinePanel } from '@grafana/grafana-foundation-sdk/statetimeline';
 import { PanelBuilder as TablePanel } from '@grafana/grafana-foundation-sdk/table';
 import { PanelBuilder as TimeseriesPanel } from '@grafana/grafana-foundation-sdk/timeseries';
-import { measurement, SIGNAL_RATE_FIELD, STATE_CODE, TAG, thresholdField, type FieldName, type MeasurementKey } from '../src/metrics/names.ts';
-import { SIGNALS, type Signal } from '../src/policy/schema.ts';
+import { learntField, measurement, SIGNAL_RATE_FIELD, STATE_CODE, TAG, thresholdField, type FieldName, type MeasurementKey } from '../src/metrics/names.ts';
+import { isLearnable, SIGNALS, type Signal } from '../src/policy/schema.ts';
 import { DATASOURCE, InfluxQLQueryBuilder } from './influxql.ts';
 
 export const DASHBOARD_UID = 'idlecrypt';
@@ -89,14 +89,20 @@ const timeseries = (id: number) =>
 const stateTimeline = (id: number) =>
   new StateTimelinePanel().id(id).datasource(DATASOURCE).showValue(VisibilityMode.Auto).mergeValues(true).fillOpacity(80).legend(legend());
 
-/** The policy threshold as a dashed red line, on the query that reads it. */
-const thresholdLine: DynamicConfigValue[] = [
-  { id: 'color', value: { mode: 'fixed', fixedColor: 'red' } },
-  { id: 'custom.lineStyle', value: { fill: 'dash', dash: [10, 10] } },
+/** A reference line drawn over a panel's rates: fixed colour, no fill, stepped. */
+const referenceLine = (color: string, lineStyle: { fill: 'dash' | 'dot'; dash: number[] }): DynamicConfigValue[] => [
+  { id: 'color', value: { mode: 'fixed', fixedColor: color } },
+  { id: 'custom.lineStyle', value: lineStyle },
   { id: 'custom.lineWidth', value: 2 },
   { id: 'custom.fillOpacity', value: 0 },
   { id: 'custom.lineInterpolation', value: LineInterpolation.StepAfter },
 ];
+
+/** The policy threshold as a dashed red line, on the query that reads it. */
+const thresholdLine = referenceLine('red', { fill: 'dash', dash: [10, 10] });
+
+/** A learnt background level (`thresholds: auto`) as a dotted orange line under its threshold. */
+const learntLine = referenceLine('orange', { fill: 'dot', dash: [0, 10] });
 
 const SIGNAL_PANEL: Record<Signal, { title: string; unit: string; what: string }> = {
   disk: { title: 'Disk requests/s', unit: 'reqps', what: "the guest's own disk requests (reads, writes, flushes, discards); the copy's I/O is not counted" },
@@ -109,15 +115,25 @@ const SIGNAL_PANEL: Record<Signal, { title: string; unit: string; what: string }
 function signalPanel(signal: Signal, id: number) {
   const p = SIGNAL_PANEL[signal];
   const rate = SIGNAL_RATE_FIELD[signal];
-  return timeseries(id)
+  const learnt = isLearnable(signal) ? signal : null;
+  const panel = timeseries(id)
     .title(p.title)
     .description(
       `Per VM: ${p.what}. Averaged over the interval and drawn against the policy's \`${signal}\` threshold (dashed red): ` +
-        'the guest counts as busy while any rate is above its threshold (the controller averages over sampling.window first).',
+        'the guest counts as busy while any rate is above its threshold (the controller averages over sampling.window first).' +
+        (learnt
+          ? ` With \`thresholds: ${signal}: auto\`, the threshold is the one learnt from the guest, and the dotted line is the background level it was learnt from (absent while learning, or with a fixed threshold).`
+          : ''),
     )
     .withTarget(target('A', influxql('activity', (f) => `mean(${f(rate)})`), '$tag_vm'))
     .withTarget(target('B', influxql('moderation', (f) => `last(${f(thresholdField(signal))})`, { fill: 'previous' }), '$tag_vm threshold'))
-    .overrideByQuery('B', thresholdLine)
+    .overrideByQuery('B', thresholdLine);
+  if (learnt) {
+    panel
+      .withTarget(target('C', influxql('moderation', (f) => `last(${f(learntField(learnt))})`, { fill: 'previous' }), '$tag_vm learnt background'))
+      .overrideByQuery('C', learntLine);
+  }
+  return panel
     .unit(p.unit)
     .min(0)
     .lineWidth(1)

@@ -9,6 +9,8 @@
  * characters escaped, several values as `(a|b)`, "All" as every value (here: `.*`).
  */
 import type { InfluxDB } from 'influx';
+import { learntField } from '../src/metrics/names.ts';
+import { LEARNABLE } from '../src/policy/schema.ts';
 
 export interface GrafanaVars {
   /** Values of the dashboard's variables by name; absent or [] = "All". */
@@ -101,13 +103,15 @@ export interface QueryCheck extends PanelQuery {
   /** Non-null values in them (time column excluded). */
   readonly values: number;
   readonly error?: string;
+  /** It reads only what a run writes under some policies (POLICY_DEPENDENT_FIELDS): empty is no fault. */
+  readonly optional: boolean;
 }
 
 export interface PanelCheck {
   readonly queries: QueryCheck[];
   /** Panels with queries. */
   readonly panels: number;
-  /** Panels every query of which returned at least one non-null value. */
+  /** Panels every query of which (but the optional ones) returned at least one non-null value. */
   readonly panelsWithData: number;
   /** The queries that returned nothing (or failed). */
   readonly empty: QueryCheck[];
@@ -116,6 +120,9 @@ export interface PanelCheck {
 interface RawResult {
   results?: { error?: string; series?: { values?: unknown[][] }[] }[];
 }
+
+/** Fields written only under some policies: the learnt background levels (`thresholds: auto`). */
+export const POLICY_DEPENDENT_FIELDS: readonly string[] = LEARNABLE.map(learntField);
 
 /** The measurement only `idlecrypt agent` writes: a run of `idlecrypt encrypt` leaves the host row empty. */
 export const AGENT_MEASUREMENT = 'idlecrypt_agent';
@@ -129,18 +136,21 @@ export async function checkPanels(influx: InfluxDB, dashboard: unknown, vars: Gr
   const queries: QueryCheck[] = [];
   for (const q of panelQueries(dashboard, vars, o)) {
     if (o.runOnly && q.raw.includes(`"${AGENT_MEASUREMENT}"`)) continue;
+    const fields = [...(/^SELECT (.*) FROM /.exec(q.raw)?.[1] ?? '').matchAll(/"([^"]+)"/g)].map((m) => m[1]!);
+    const optional = fields.length > 0 && fields.every((f) => POLICY_DEPENDENT_FIELDS.includes(f));
     try {
       const res = (await influx.queryRaw(q.query, o.database ? { database: o.database } : {})) as RawResult;
       const r = res.results?.[0];
       const series = r?.series ?? [];
       const values = series.reduce((n, s) => n + (s.values ?? []).reduce((m, row) => m + row.slice(1).filter((v) => v !== null).length, 0), 0);
-      queries.push({ ...q, series: series.length, values, ...(r?.error ? { error: r.error } : {}) });
+      queries.push({ ...q, series: series.length, values, optional, ...(r?.error ? { error: r.error } : {}) });
     } catch (e) {
-      queries.push({ ...q, series: 0, values: 0, error: e instanceof Error ? e.message : String(e) });
+      queries.push({ ...q, series: 0, values: 0, optional, error: e instanceof Error ? e.message : String(e) });
     }
   }
   const byPanel = new Map<number, QueryCheck[]>();
   for (const q of queries) byPanel.set(q.panelId, [...(byPanel.get(q.panelId) ?? []), q]);
-  const panelsWithData = [...byPanel.values()].filter((qs) => qs.every((q) => q.values > 0 && !q.error)).length;
+  const ok = (q: QueryCheck) => q.values > 0 && !q.error;
+  const panelsWithData = [...byPanel.values()].filter((qs) => qs.some(ok) && qs.every((q) => ok(q) || (q.optional && !q.error))).length;
   return { queries, panels: byPanel.size, panelsWithData, empty: queries.filter((q) => q.values === 0 || q.error !== undefined) };
 }

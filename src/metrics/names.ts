@@ -14,7 +14,7 @@
  * A value that is unknown (null: input and interrupts without eBPF) or not finite is left
  * out of the point, never written as 0: InfluxDB has no null, and 0 would read as "idle".
  */
-import type { Signal } from '../policy/schema.ts';
+import type { LearnableSignal, Signal } from '../policy/schema.ts';
 import type { Counts } from '../probes/counters.ts';
 
 export type FieldType = 'integer' | 'float' | 'string';
@@ -61,6 +61,11 @@ export type ThresholdField = `threshold_${RateField}`;
 
 export function thresholdField(signal: Signal): ThresholdField {
   return `threshold_${SIGNAL_RATE_FIELD[signal]}`;
+}
+
+/** The moderation field that carries a learnable signal's learnt background level (`thresholds: auto`). */
+export function learntField(signal: LearnableSignal): `learnt_${LearnableSignal}_level_per_s` {
+  return `learnt_${signal}_level_per_s`;
 }
 
 /** The moderation states, and the code each is graphed as (higher = busier). */

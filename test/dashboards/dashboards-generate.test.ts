@@ -11,8 +11,8 @@ import { parse as parseYaml } from 'yaml';
 import { renderDashboards } from '../../dashboards/generate.ts';
 import { DATASOURCE } from '../../dashboards/influxql.ts';
 import { fillQuery, panelQueries, variableQueries } from '../../dashboards/queries.ts';
-import { MEASUREMENTS, SIGNAL_RATE_FIELD, thresholdField, type MeasurementSpec } from '../../src/metrics/names.ts';
-import { SIGNALS } from '../../src/policy/schema.ts';
+import { learntField, MEASUREMENTS, SIGNAL_RATE_FIELD, thresholdField, type MeasurementSpec } from '../../src/metrics/names.ts';
+import { isLearnable, SIGNALS } from '../../src/policy/schema.ts';
 import { loadDashboard } from './assert-panels.ts';
 
 const pexec = promisify(execFile);
@@ -78,6 +78,7 @@ describe('dashboards', () => {
       const p = panels.find((t) => fieldsOf(t).includes(`"${SIGNAL_RATE_FIELD[s]}"`));
       assert.ok(p, `a panel for ${s}`);
       assert.ok(fieldsOf(p).includes(`"${thresholdField(s)}"`), `${p} draws the ${s} threshold`);
+      if (isLearnable(s)) assert.ok(fieldsOf(p).includes(`"${learntField(s)}"`), `${p} draws the ${s} level learnt with thresholds: auto`);
     }
     const needs: [string, string][] = [
       ['state-timeline', '"state_code"'],

@@ -19,7 +19,8 @@ describe('dashboard queries against influxd', () => {
     const sink = new InfluxSink(db.influxUrl('idlecrypt'), { flushIntervalMs: 100 });
     const end = Date.now() - 1000;
     sink.write(scenario({ vm: 'web1', device: 'disk0', endMs: end }));
-    sink.write(scenario({ vm: 'db1', device: 'disk1', endMs: end - 20_000 }));
+    // db1 with `thresholds: auto`: its learnt levels and the thresholds made of them
+    sink.write(scenario({ vm: 'db1', device: 'disk1', endMs: end - 20_000, learnt: { disk: 22, interrupts: 1800 } }));
     await sink.close();
     assert.equal(sink.stats().dropped + sink.stats().rejected, 0);
     influx = new InfluxDB(db.influxUrl('idlecrypt'));
@@ -30,8 +31,18 @@ describe('dashboard queries against influxd', () => {
   });
 
   test('every panel query returns data for all VMs (multi-value variables), and for one VM and disk', async (t) => {
-    const all = await assertEveryPanelReturnsData(influx, dashboard, { vm: ['web1', 'db1'] });
+    // db1 learns its thresholds: with it, the learnt levels' queries must return data too
+    const all = await assertEveryPanelReturnsData(influx, dashboard, { vm: ['web1', 'db1'] }, { optionalToo: true });
     const one = await assertEveryPanelReturnsData(influx, dashboard, { host: 'hv1', vm: 'web1', device: 'disk0' });
+    assert.deepEqual(
+      one.empty.map((q) => q.raw.match(/"(learnt_\w+)"/)?.[1]).sort(),
+      ['learnt_disk_level_per_s', 'learnt_interrupts_level_per_s'],
+      'web1 has fixed thresholds: its learnt levels are the only empty queries',
+    );
+    await assert.rejects(
+      assertEveryPanelReturnsData(influx, dashboard, { host: 'hv1', vm: 'web1', device: 'disk0' }, { optionalToo: true }),
+      /learnt_disk_level_per_s/,
+    );
     t.diagnostic(`${all.panelsWithData} of ${all.panels} panels (${all.queries.length} queries) returned data; one VM: ${one.panelsWithData} of ${one.panels}`);
     assert.equal(all.panelsWithData, all.panels);
     // Grouped by VM: both VMs' series come back where a query groups by vm.
@@ -54,6 +65,12 @@ describe('dashboard queries against influxd', () => {
     assert.deepEqual([...(await byField('threshold_interrupts_per_s'))], [1000]);
     assert.deepEqual([...(await byField('source'))].sort(), ['ebpf', 'qmp']);
     assert.deepEqual([...(await byField('paused'))].sort(), [0, 1]);
+    // a fixed threshold draws no learnt level; a learnt one draws both, and the threshold moves once learnt
+    assert.deepEqual([...(await byField('learnt_disk_level_per_s').catch(() => new Set()))], []);
+    assert.deepEqual([...(await byField('learnt_disk_level_per_s', { vm: 'db1' }))], [22]);
+    assert.deepEqual([...(await byField('learnt_interrupts_level_per_s', { vm: 'db1' }))], [1800]);
+    assert.deepEqual([...(await byField('threshold_disk_requests_per_s', { vm: 'db1' }))].sort((a, b) => Number(a) - Number(b)), [5, 33]);
+    assert.deepEqual([...(await byField('threshold_interrupts_per_s', { vm: 'db1' }))].sort((a, b) => Number(a) - Number(b)), [1000, 2700]);
   });
 
   test("the variables' queries list the hosts, VMs and disks", async () => {
