@@ -107,7 +107,7 @@ const ALL_MODES: Mode[] = [
   { id: 'none', label: '(a) no copy', args: null },
   { id: 'observed', label: "(a') no copy, observed by idlecrypt's probes", args: null, observed: true },
   /** a diagnostic: the mirror job in place (its filter node, its dirty bitmap) but copying next to nothing */
-  { id: 'held', label: '(h) a mirror held at 1 byte/s (diagnostic)', args: ['--speed', '1'] },
+  { id: 'held', label: '(h) a mirror held at 1 byte/s (diagnostic)', args: ['--speed', '1'], capped: true },
   { id: 'unthrottled', label: '(b) unthrottled mirror', args: ['--no-moderation'] },
   { id: 'cap30', label: '(c) fixed cap 30 MiB/s', args: ['--speed', '30M'], capped: true },
   { id: 'cap100', label: '(c) fixed cap 100 MiB/s', args: ['--speed', '100M'], capped: true },
