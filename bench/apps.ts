@@ -77,18 +77,14 @@ const { values } = parseArgs({
 const rounds = Number(values.rounds);
 const seconds = Number(values.seconds);
 const maxCopyMs = Number(values['max-copy-s']) * 1000;
-/**
- * The guest's disk grown to this size (sparse, beyond its 2 GiB filesystem), so that the
- * copy lasts as long as real disks' do: an unthrottled mirror of the bare 2 GiB image is done
- * in 9 s, and the workload would run beside it for a sixth of its time.
- */
 const design = values.design as 'one-boot' | 'fresh-boot';
 if (design !== 'one-boot' && design !== 'fresh-boot') throw new Error('--design one-boot|fresh-boot');
 const oneBoot = design === 'one-boot';
 /**
- * one-boot: big enough that no copy finishes within the workload, and written (zeros, but
- * allocated) beyond the filesystem: holes copy at ≈1 GiB/s and allocated blocks
- * (unthrottled, read with O_DIRECT at ≈400 MiB/s here), so 24 GiB last ≈60 s.
+ * The guest's disk grown to this size and written (zeros, but allocated) beyond its 2 GiB
+ * filesystem, so that copies last as long as real disks' do: holes copy at ≈1 GiB/s,
+ * allocated blocks unthrottled at ≈400 MiB/s here (read with O_DIRECT). one-boot: 24 GiB,
+ * ≈60 s, so that no copy finishes within the workload; fresh-boot: 8 GiB.
  */
 const diskGiB = Number(values['disk-gib'] ?? (oneBoot ? 24 : 8));
 if (!(diskGiB >= 2)) throw new Error('--disk-gib >= 2');
@@ -232,8 +228,8 @@ interface Run {
   p99DuringCopyMs: number | null;
   /** copy progress (%), per second from the workload's start */
   progress: number[];
-  /** one-boot: the copy's MiB/s over the workload (it is cancelled when the workload ends) */
-  copyMiBs?: number | null;
+  /** one-boot: the copy's MiB/s over the workload (it is cancelled when the workload ends); null in fresh-boot */
+  copyMiBs: number | null;
   loadavg: number;
 }
 
@@ -285,12 +281,16 @@ async function startCopy(g: DebianVm, mode: Mode, name: string, target: string, 
 
 type ProgressRec = { time: string; offset: number; len: number; status: string };
 
+/** The last progress record at or before `t` (epoch ms). */
+function recordAt(recs: readonly ProgressRec[], t: number): ProgressRec | undefined {
+  return recs.findLast((x) => Date.parse(x.time) <= t);
+}
+
 /** The copy's progress (%) at each second of the workload. */
 function progressPerSecond(recs: ProgressRec[], start: number): number[] {
   const out: number[] = [];
   for (let s = 0; s <= seconds; s++) {
-    const t = start + s * 1000;
-    const rec = [...recs].reverse().find((x) => Date.parse(x.time) <= t);
+    const rec = recordAt(recs, start + s * 1000);
     out.push(rec && rec.len > 0 ? (100 * rec.offset) / rec.len : 0);
   }
   return out;
@@ -349,9 +349,8 @@ async function runInBoot(g: DebianVm, w: Workload, mode: Mode, round: number, wo
       const r = await enc.result(120_000);
       if (r.code === 0 || enc.completed()) throw new Error(`${name}: the copy completed instead of being cancelled`);
       progress = progressPerSecond(recs, start);
-      const at = (t: number) => [...recs].reverse().find((x) => Date.parse(x.time) <= t);
-      const a = at(start);
-      const b = at(workEnd);
+      const a = recordAt(recs, start);
+      const b = recordAt(recs, workEnd);
       copyMiBs = b ? ((b.offset - (a?.offset ?? 0)) / 2 ** 20 / ((workEnd - start) / 1000)) : null;
     }
     const duringCopy = figures.series.length >= 3 ? figures.series.reduce((x, y) => x + y, 0) / figures.series.length : null;
@@ -420,7 +419,7 @@ async function runOne(w: Workload, mode: Mode, round: number, prepared: string, 
     const duringCopy = during.length >= 3 ? during.reduce((a, b) => a + b, 0) / during.length : null;
     const lat = figures.txns?.filter(([t]) => t < copyS).map(([, ms]) => ms) ?? [];
     const p99DuringCopyMs = lat.length >= 100 ? percentile(lat, 99) : null;
-    return { workload: w.id, mode: mode.id, round, figures, totalS, extrapolated, overlap, duringCopy, p99DuringCopyMs, progress, loadavg: os.loadavg()[0]! };
+    return { workload: w.id, mode: mode.id, round, figures, totalS, extrapolated, overlap, duringCopy, p99DuringCopyMs, progress, copyMiBs: null, loadavg: os.loadavg()[0]! };
   } finally {
     if (enc && enc.cli.child.exitCode === null) {
       enc.cli.child.kill('SIGINT');
@@ -463,7 +462,7 @@ function rowsFor(w: Workload, runs: Run[]): string[][] {
           f(med(x.map((r) => r.figures.p50Ms)), 2),
           f(p99, 2),
           base.p99 && p99 !== null ? `${(p99 / base.p99).toFixed(2)}x` : '-',
-          m.args ? f(med(x.map((r) => r.copyMiBs ?? null)), 1) : '-',
+          m.args ? f(med(x.map((r) => r.copyMiBs)), 1) : '-',
         ];
       }
       return [
@@ -482,7 +481,6 @@ function rowsFor(w: Workload, runs: Run[]): string[][] {
     }),
   ];
 }
-
 
 const COLORS: Record<string, string> = { none: '#444', observed: '#1f77b4', unthrottled: '#d62728', cap30: '#9467bd', cap100: '#ff7f0e', idlecrypt: '#2ca02c', held: '#8c564b', cap3: '#e377c2', nodeadline: '#17becf' };
 const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
@@ -536,7 +534,7 @@ try {
     process.stderr.write(
       `round ${r.round + 1}/${rounds} ${r.workload.padEnd(11)} ${r.mode.padEnd(11)} ${r.figures.throughput.toFixed(1)} ${r.figures.unit}, p50 ${r.figures.p50Ms.toFixed(2)} ms, p99 ${r.figures.p99Ms.toFixed(2)} ms, ` +
         (oneBoot
-          ? `copy ${f(r.copyMiBs ?? null, 1)} MiB/s`
+          ? `copy ${f(r.copyMiBs, 1)} MiB/s`
           : `while copying ${f(r.duringCopy, 1)}${r.p99DuringCopyMs === null ? '' : ` (p99 ${r.p99DuringCopyMs.toFixed(1)} ms)`}, encrypt ${r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)} s`}, overlap ${pct(r.overlap)}`) +
         `, load ${r.loadavg.toFixed(1)}\n`,
     );
@@ -603,7 +601,7 @@ for (const w of workloads) await writeFile(path.join(values.out!, `apps-${w.id}.
 await writeFile(path.join(values.out!, `apps-${stamp}.json`), JSON.stringify({ startedAt, seconds, rounds, maxCopyMs, runs }, null, 1));
 const perRun = [
   ['round', 'workload', 'mode', 'throughput', 'while copying', 'p50 ms', 'p99 ms', 'p99 ms while copying', 'time to encrypt s', 'overlap', 'copy MiB/s', 'load'],
-  ...runs.map((r) => [String(r.round + 1), r.workload, r.mode, `${r.figures.throughput.toFixed(1)} ${r.figures.unit}`, f(r.duringCopy, 1), r.figures.p50Ms.toFixed(2), r.figures.p99Ms.toFixed(2), f(r.p99DuringCopyMs, 1), r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)}`, pct(r.overlap), f(r.copyMiBs ?? null, 1), r.loadavg.toFixed(1)]),
+  ...runs.map((r) => [String(r.round + 1), r.workload, r.mode, `${r.figures.throughput.toFixed(1)} ${r.figures.unit}`, f(r.duringCopy, 1), r.figures.p50Ms.toFixed(2), r.figures.p99Ms.toFixed(2), f(r.p99DuringCopyMs, 1), r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)}`, pct(r.overlap), f(r.copyMiBs, 1), r.loadavg.toFixed(1)]),
 ];
 await writeFile(
   path.join(values.out!, 'apps-report.md'),

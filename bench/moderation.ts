@@ -415,7 +415,6 @@ interface Row {
   reactionsFromRequest: number[];
 }
 
-
 function summarise(runs: Run[]): Row[] {
   const base = med(runs.filter((r) => r.mode === 'none').map((r) => r.guestBusyBps));
   const observed = med(runs.filter((r) => r.mode === 'observed').map((r) => r.guestBusyBps));
@@ -459,8 +458,6 @@ function table(rows: Row[]): string[][] {
     ]),
   ];
 }
-
-
 
 // ---------------------------------------------------------------- SVG, by hand
 

@@ -64,6 +64,11 @@ function round2(x: number): number {
   return Math.round(x / p) * p;
 }
 
+/** The threshold a learnt background level makes: LEVEL_MARGIN over it, within the signal's floor and cap. */
+export function thresholdFor(signal: LearnableSignal, level: number): number {
+  return round2(Math.max(LEARN_FLOOR[signal], Math.min(LEARN_CAP[signal], level * LEVEL_MARGIN)));
+}
+
 /** The level and threshold of one signal from its per-second peaks; undefined before enough seconds. */
 export function learnLevel(peaks: readonly number[], signal: LearnableSignal): Learnt | undefined {
   if (peaks.length < LEARN_MIN_SECONDS) return undefined;
@@ -74,8 +79,7 @@ export function learnLevel(peaks: readonly number[], signal: LearnableSignal): L
   const quiet = (i: number) => peaks[i]! <= limit;
   const background = peaks.filter((_, i) => quiet(i) && (i === 0 || quiet(i - 1)) && (i === peaks.length - 1 || quiet(i + 1))).sort((a, b) => a - b);
   const level = percentile(background, 95);
-  const threshold = round2(Math.max(LEARN_FLOOR[signal], Math.min(LEARN_CAP[signal], level * LEVEL_MARGIN)));
-  return { level: round2(level), threshold };
+  return { level: round2(level), threshold: thresholdFor(signal, level) };
 }
 
 /**

@@ -13,7 +13,7 @@
  * Moderation points are written at every state change and every second; job readings
  * every 250 ms; probe health at changes and every 5 s; the host agent's point every 10 s.
  */
-import { LEARN_CAP, LEVEL_MARGIN } from '../../src/controller/calibrate.ts';
+import { thresholdFor } from '../../src/controller/calibrate.ts';
 import { activityPoint, agentPoint, jobPoint, moderationPoint, probePoint, type MetricPoint, type ModerationState } from '../../src/metrics/names.ts';
 
 export interface ScenarioOptions {
@@ -30,9 +30,6 @@ export interface ScenarioOptions {
    */
   learnt?: { disk: number; interrupts: number };
 }
-
-/** The threshold calibrate.ts makes of a learnt level. */
-const fromLevel = (level: number, floor: number, cap: number) => Math.max(floor, Math.min(cap, level * LEVEL_MARGIN));
 
 export const THRESHOLDS = { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600 };
 const MiB = 1024 * 1024;
@@ -84,19 +81,18 @@ export function scenario(o: ScenarioOptions = {}): MetricPoint[] {
     if (state !== lastState || time - lastModerationAt >= 1000) {
       const reason = diskBusy ? `disk ${400 + jitter * 10}/s > 5/s` : typing ? 'keyboard 25/s > 5/s' : holdoff ? 'hold-off 1s after disk 400/s > 5/s' : 'every rate under its threshold';
       points.push(
-        moderationPoint(
-          { ...id, device },
-          o.learnt && s > at(10 / 60)
+        moderationPoint({ ...id, device }, {
+          state,
+          reason,
+          mode: state === 'idle' ? 'full' : 'paused',
+          holdoffMs: 1000,
+          ...(o.learnt && s > at(10 / 60)
             ? {
-                state,
-                reason,
-                mode: state === 'idle' ? 'full' : 'paused',
-                thresholds: { ...THRESHOLDS, disk: fromLevel(o.learnt.disk, THRESHOLDS.disk, LEARN_CAP.disk), interrupts: fromLevel(o.learnt.interrupts, THRESHOLDS.interrupts, LEARN_CAP.interrupts) },
-                holdoffMs: 1000,
+                thresholds: { ...THRESHOLDS, disk: thresholdFor('disk', o.learnt.disk), interrupts: thresholdFor('interrupts', o.learnt.interrupts) },
                 levels: { disk: { level: o.learnt.disk }, interrupts: { level: o.learnt.interrupts } },
               }
-            : { state, reason, mode: state === 'idle' ? 'full' : 'paused', thresholds: THRESHOLDS, holdoffMs: 1000 },
-        ),
+            : { thresholds: THRESHOLDS }),
+        }),
       );
       lastState = state;
       lastModerationAt = time;
