@@ -142,6 +142,27 @@ function signalPanel(signal: Signal, id: number) {
     .span(12);
 }
 
+function latencyPanel(id: number) {
+  return timeseries(id)
+    .title('Guest disk latency (latency.margin)')
+    .description(
+      "Per VM, with `latency.margin` on: the guest's mean disk request latency in QEMU at each of the controller's judgements (twice a second while it does I/O), " +
+        'against its baseline without the copy (dotted orange, for the same mix of reads, writes and flushes) and the baseline raised by the margin (dashed red). ' +
+        'While the guest is busy with its disk the copy runs at the highest speed that keeps the latency under the red line. Empty when latency.margin is off.',
+    )
+    .withTarget(target('A', influxql('moderation', (f) => `last(${f('latency_ms')})`), '$tag_vm latency'))
+    .withTarget(target('B', influxql('moderation', (f) => `last(${f('latency_limit_ms')})`, { fill: 'previous' }), '$tag_vm limit'))
+    .withTarget(target('C', influxql('moderation', (f) => `last(${f('latency_baseline_ms')})`, { fill: 'previous' }), '$tag_vm baseline'))
+    .overrideByQuery('B', thresholdLine)
+    .overrideByQuery('C', learntLine)
+    .unit('ms')
+    .min(0)
+    .lineWidth(1)
+    .fillOpacity(10)
+    .height(8)
+    .span(12);
+}
+
 function moderationStatePanel(id: number) {
   return stateTimeline(id)
     .title('Moderation state')
@@ -393,6 +414,7 @@ export function buildDashboard(): Dashboard {
     .withPanel(agentMemoryPanel(next()))
     .withRow(row('Guest activity against the policy'));
   for (const s of SIGNALS) b.withPanel(signalPanel(s, next()));
+  b.withPanel(latencyPanel(next()));
   b.withRow(row('Moderation')).withPanel(moderationStatePanel(next())).withPanel(decisionsPanel(next()));
   b.withRow(row('Copy job'))
     .withPanel(speedPanel(next()))

@@ -9,7 +9,7 @@
  * characters escaped, several values as `(a|b)`, "All" as every value (here: `.*`).
  */
 import type { InfluxDB } from 'influx';
-import { learntField } from '../src/metrics/names.ts';
+import { LATENCY_FIELDS, learntField } from '../src/metrics/names.ts';
 import { LEARNABLE } from '../src/policy/schema.ts';
 
 export interface GrafanaVars {
@@ -121,8 +121,8 @@ interface RawResult {
   results?: { error?: string; series?: { values?: unknown[][] }[] }[];
 }
 
-/** Fields written only under some policies: the learnt background levels (`thresholds: auto`). */
-export const POLICY_DEPENDENT_FIELDS: readonly string[] = LEARNABLE.map(learntField);
+/** Fields written only under some policies: the learnt background levels (`thresholds: auto`), the latency control (`latency.margin`). */
+export const POLICY_DEPENDENT_FIELDS: readonly string[] = [...LEARNABLE.map(learntField), ...LATENCY_FIELDS];
 
 /** The measurement only `idlecrypt agent` writes: a run of `idlecrypt encrypt` leaves the host row empty. */
 export const AGENT_MEASUREMENT = 'idlecrypt_agent';

@@ -585,6 +585,7 @@ function capped(job: JobControl, cap: number): JobControl {
     setSpeed: (bps) => job.setSpeed(bps === 0 ? cap : Math.min(bps, cap)),
     pause: () => job.pause(),
     resume: () => job.resume(),
+    ...(job.latency ? { latency: job.latency.bind(job) } : {}),
   };
 }
 

@@ -43,6 +43,15 @@ function progressFields(p: Progress) {
             ? { speed_cap_bps: p.moderation.headroom.capBps, main_loop_load: p.moderation.headroom.load === null ? null : Math.round(p.moderation.headroom.load * 100) / 100 }
             : {}),
           ...(p.moderation.learnt ? { learnt: p.moderation.learnt } : {}),
+          ...(p.moderation.latency
+            ? {
+                latency_phase: p.moderation.latency.phase,
+                latency_ms: p.moderation.latency.latencyMs,
+                latency_baseline_ms: p.moderation.latency.baselineMs,
+                latency_margin: p.moderation.latency.margin,
+                latency_speed_bps: p.moderation.latency.speedBps,
+              }
+            : {}),
         }
       : {}),
   };

@@ -3,17 +3,20 @@
  * that holds the job to the latest decision.
  *
  *   activity$ ─┐
- *   policy$ ───┼─ decide (decide.ts) ─ decisions$ ─ Reconciler (reconcile.ts) ─ JobControl
- *   progress$ ─┘                          ▲                 │ snapshots (progress, when
- *                                         └─────────────────┘  no progress$ is given)
+ *   policy$ ───┤
+ *   progress$ ─┼─ decide (decide.ts) ─ decisions$ ─ Reconciler (reconcile.ts) ─ JobControl
+ *   latency$ ──┘                          ▲                 │ snapshots (progress, when
+ *   (job.latency, latency.margin on)      └─────────────────┘  no progress$ is given)
  */
-import { asyncScheduler, distinctUntilChanged, interval, map, ReplaySubject, shareReplay, tap, type Observable, type SchedulerLike } from 'rxjs';
+import { asyncScheduler, catchError, distinctUntilChanged, EMPTY, exhaustMap, filter, from, interval, map, ReplaySubject, shareReplay, switchMap, tap, type Observable, type SchedulerLike } from 'rxjs';
+import { describeError } from '../errors.ts';
 import type { JobControl } from '../jobs/types.ts';
 import type { Logger } from '../log.ts';
 import { resolvePolicy } from '../policy/resolve.ts';
 import type { Policy } from '../policy/schema.ts';
 import { decide, same, type Learning } from './decide.ts';
 import { Reconciler, type ModerationEnd } from './reconcile.ts';
+import type { LatencySample, LatencyTotals } from './latency.ts';
 import type { ActivityRates, Decision, JobProgress } from './types.ts';
 
 export interface ModerateOptions {
@@ -43,7 +46,12 @@ export interface ModerateOptions {
   readonly load$?: Observable<{ time: number; load: number }>;
   /** Per-guest calibration (`thresholds: auto`): what was learnt before, and where to save it. */
   readonly learning?: Learning;
+  /** ms between readings of the guest's disk latency (job.latency), while `latency.margin` is on; default 250. */
+  readonly latencyPollMs?: number;
 }
+
+/** Four readings a second: a judgement (latency.ts) spans at least two. */
+const LATENCY_POLL_MS = 250;
 
 export interface ModerationRun {
   /** The current desired state: replays the latest to new subscribers; completes when moderation ends. */
@@ -82,6 +90,31 @@ export function moderate(o: ModerateOptions): ModerationRun {
     }),
   );
 
+  // The guest's disk latency, read on the job's own connection while `latency.margin` is on.
+  const read = o.job.latency?.bind(o.job);
+  const latency$: Observable<LatencySample> | undefined = read
+    ? policy$.pipe(
+        map((p) => p.latency.margin !== null),
+        distinctUntilChanged(),
+        switchMap((on) =>
+          on
+            ? interval(o.latencyPollMs ?? LATENCY_POLL_MS, scheduler).pipe(
+                exhaustMap(() =>
+                  from(read()).pipe(
+                    catchError((err: unknown) => {
+                      log.debug({ err: describeError(err) }, 'moderation: latency reading failed');
+                      return EMPTY;
+                    }),
+                  ),
+                ),
+                filter((t): t is LatencyTotals => t !== undefined),
+                map((t) => ({ ...t, time: scheduler.now() })),
+              )
+            : EMPTY,
+        ),
+      )
+    : undefined;
+
   const decisions = new ReplaySubject<Decision>(1);
   const decisions$ = decide({
     activity$,
@@ -92,6 +125,7 @@ export function moderate(o: ModerateOptions): ModerationRun {
     ...(o.staleMs !== undefined ? { staleMs: o.staleMs } : {}),
     ...(o.load$ ? { load$: o.load$ } : {}),
     ...(o.learning ? { learning: o.learning } : {}),
+    ...(latency$ ? { latency$ } : {}),
   }).pipe(tap({ next: (d) => decisions.next(d) }));
 
   const done = reconciler.ended.then((end) => {

@@ -17,6 +17,7 @@ import {
   concat,
   defer,
   distinctUntilChanged,
+  filter,
   map,
   of,
   scan,
@@ -35,6 +36,7 @@ import { formatDuration, formatSpeed, PAUSED, UNLIMITED } from '../policy/units.
 import { classify, describeReasons, rateOf } from './classify.ts';
 import { applyHeadroom } from './headroom.ts';
 import { calibrate, describeCalibration, EMPTY_CALIBRATION, thresholdsInForce, type Calibration } from './calibrate.ts';
+import { INITIAL_LATENCY, latencyStep, type LatencyMemory, type LatencySample, type LatencyView } from './latency.ts';
 import type { ActivityRates, Classified, Decision, Guarantee, JobProgress, LearntThresholds, Signal, StateChange } from './types.ts';
 
 /** Structural equality, typed, for distinctUntilChanged. */
@@ -179,24 +181,50 @@ export function staleAfter(ms: number, scheduler: SchedulerLike): OperatorFuncti
     );
 }
 
+const isUrgent = (c: Classified): boolean => c.reasons.some((r) => URGENT.has(r.signal));
+
+/** Signals that pause the copy whatever its latency: a person at the console, a guest frozen by QEMU's loop. */
+const URGENT: ReadonlySet<Signal> = new Set(['keyboard', 'pointer', 'stall']);
+
 /**
  * Busy/idle samples → state changes with the hold-off: busy at once on the first busy
  * sample; when it turns quiet, 'holdoff' (the job keeps the busy speed) and, after
  * `holdoff` ms without a busy sample, 'idle'. A busy sample during the hold-off cancels it.
- * The very first state may be idle at once: there is nothing to hold off from.
+ * The very first state may be idle at once: there is nothing to hold off from. A busy state
+ * is `urgent` while input or a stall is among its reasons and for `holdoff` after they
+ * leave it (the latency control grades only a busy state that is not urgent).
  */
 export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: SchedulerLike): OperatorFunction<Classified, StateChange> {
   return (source) =>
     defer(() => {
       // what made the guest busy last; null until it first was (per subscription)
       let busyReason: string | null = null;
+      let urgent = false;
       return source.pipe(
-        distinctUntilChanged((a, b) => a.state === b.state),
+        // Within a busy phase, input joining or leaving is a change too (urgent or not).
+        distinctUntilChanged((a, b) => a.state === b.state && (a.state !== 'busy' || isUrgent(a) === isUrgent(b))),
         withLatestFrom(policy$),
         switchMap(([c, p]): Observable<StateChange> => {
           if (c.state === 'busy') {
-            busyReason = describeReasons(c.reasons);
-            return of({ state: 'busy', reason: busyReason });
+            const reason = describeReasons(c.reasons);
+            if (urgent && !isUrgent(c) && busyReason !== null && p.holdoff > 0) {
+              // Input stopped while the disk stays busy: the hold-off applies to the input
+              // (it stays urgent), then the disk alone decides (the latency may grade it).
+              const holding: StateChange = { state: 'busy', reason: `${reason}; hold-off ${formatDuration(p.holdoff)} after ${busyReason}`, urgent: true };
+              return concat(
+                of(holding),
+                timer(p.holdoff, scheduler).pipe(
+                  map((): StateChange => {
+                    urgent = false;
+                    busyReason = reason;
+                    return { state: 'busy', reason };
+                  }),
+                ),
+              );
+            }
+            busyReason = reason;
+            urgent = isUrgent(c);
+            return of({ state: 'busy', reason, ...(urgent ? { urgent: true as const } : {}) });
           }
           if (busyReason === null) return of({ state: 'idle', reason: c.note ?? 'quiet' });
           const quiet: StateChange = { state: 'idle', reason: `quiet for ${formatDuration(p.holdoff)}` };
@@ -204,6 +232,7 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
           const holding: StateChange = {
             state: 'holdoff',
             reason: `${c.note ?? 'quiet'}; hold-off ${formatDuration(p.holdoff)} after ${busyReason}`,
+            ...(urgent ? { urgent: true as const } : {}),
           };
           return concat(of(holding), timer(p.holdoff, scheduler).pipe(map(() => quiet)));
         }),
@@ -320,9 +349,13 @@ export function guarantee(
  * when idle; busy speed when busy and during the hold-off), raised to the floor and to
  * what the deadline asks for, whichever is fastest.
  */
-export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee): Decision {
+export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee, lat?: LatencyView): Decision {
   let speed = s.state === 'idle' ? p.speed.idle : p.speed.busy;
   const why = [s.reason];
+  // A guest busy with its disk (not a person, not a stall) gets the speed its latency allows.
+  const graded = lat !== undefined && p.latency.margin !== null && s.state !== 'idle' && !s.urgent;
+  if (graded && lat.phase !== 'learning') speed = lat.speedBps > 0 ? lat.speedBps : PAUSED;
+  if (graded) why.push(lat.note);
   if (p.guarantee.floor > speed) {
     speed = p.guarantee.floor;
     why.push(`floor ${formatSpeed(speed)}`);
@@ -340,9 +373,10 @@ export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee
   }
   const reason = why.join('; ');
   const raised = g.requiredBps > 0 && g.requiredBps >= speed ? { guaranteed: true as const } : {};
-  if (speed === UNLIMITED) return { mode: 'full', speed: 0, state: s.state, reason, ...raised };
-  if (speed === PAUSED) return { mode: 'paused', speed: 0, state: s.state, reason };
-  return { mode: 'throttled', speed: Math.round(speed), state: s.state, reason, ...raised };
+  const shown = lat !== undefined && p.latency.margin !== null ? { latency: lat } : {};
+  if (speed === UNLIMITED) return { mode: 'full', speed: 0, state: s.state, reason, ...raised, ...shown };
+  if (speed === PAUSED) return { mode: 'paused', speed: 0, state: s.state, reason, ...shown };
+  return { mode: 'throttled', speed: Math.round(speed), state: s.state, reason, ...raised, ...shown };
 }
 
 export interface DecideInput {
@@ -361,6 +395,34 @@ export interface DecideInput {
   readonly load$?: Observable<{ time: number; load: number }>;
   /** Per-guest calibration (`thresholds: auto`): what was learnt before, and where to save it. */
   readonly learning?: Learning;
+  /**
+   * The guest's disk request totals with their latency (query-blockstats), read every 250 ms
+   * while `latency.margin` is on (latency.ts); without them the busy speed applies.
+   */
+  readonly latency$?: Observable<LatencySample>;
+}
+
+/**
+ * Latency readings → what the latency control says (latency.ts), given whether the guest is
+ * busy with its disk and how far the copy has got (its offset: a copy that does not move is
+ * what the baseline is measured beside).
+ */
+export function latencyControl(
+  state$: Observable<StateChange>,
+  policy$: Observable<EffectivePolicy>,
+  offset$: Observable<number>,
+): OperatorFunction<LatencySample, LatencyView> {
+  return (source) =>
+    source.pipe(
+      withLatestFrom(state$, policy$, offset$),
+      scan((mem: LatencyMemory, [sample, st, p, offset]) => {
+        if (p.latency.margin === null) return INITIAL_LATENCY;
+        return latencyStep(mem, sample, { offset, active: st.state !== 'idle' && !st.urgent, margin: p.latency.margin, refreshMs: p.latency.refresh });
+      }, INITIAL_LATENCY),
+      map((m) => m.view),
+      filter((v): v is LatencyView => v !== null),
+      distinctUntilChanged(same),
+    );
 }
 
 /** The whole decision pipeline. Emits only when the desired state changes. */
@@ -368,7 +430,7 @@ export function decide(i: DecideInput): Observable<Decision> {
   return defer(() => {
     const policy$ = i.policy$.pipe(shareReplay({ bufferSize: 1, refCount: true }));
     const classified$ = i.activity$.pipe(classifyActivity(policy$, i.learning), share());
-    const state$ = classified$.pipe(staleAfter(i.staleMs ?? 2000, i.scheduler), holdOff(policy$, i.scheduler));
+    const state$ = classified$.pipe(staleAfter(i.staleMs ?? 2000, i.scheduler), holdOff(policy$, i.scheduler), shareReplay({ bufferSize: 1, refCount: true }));
     // The learnt thresholds change every few seconds at most (calibrate.ts): each change is
     // a decision of its own, so that status and metrics show the thresholds in force.
     const learnt$ = classified$.pipe(
@@ -379,8 +441,12 @@ export function decide(i: DecideInput): Observable<Decision> {
     const guarantee$ = i.progress$
       ? i.progress$.pipe(guarantee(policy$, i.scheduler, i.startedAt ?? i.scheduler.now()), startWith(NO_GUARANTEE))
       : of(NO_GUARANTEE);
-    const base$ = combineLatest([state$, policy$, guarantee$, learnt$]).pipe(
-      map(([s, p, g, l]) => (l ? { ...desiredDecision(s, p, g), learnt: l } : desiredDecision(s, p, g))),
+    const latency$: Observable<LatencyView | undefined> =
+      i.latency$ && i.progress$
+        ? i.latency$.pipe(latencyControl(state$, policy$, i.progress$.pipe(map((p) => p.offset))), startWith(undefined))
+        : of(undefined);
+    const base$ = combineLatest([state$, policy$, guarantee$, learnt$, latency$]).pipe(
+      map(([s, p, g, l, lat]) => (l ? { ...desiredDecision(s, p, g, lat), learnt: l } : desiredDecision(s, p, g, lat))),
       distinctUntilChanged(same),
     );
     if (!i.load$ || !i.progress$) return base$;

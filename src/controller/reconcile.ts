@@ -157,7 +157,12 @@ export class Reconciler {
       this.log.debug({ capBps: d.headroom.capBps, load: d.headroom.load }, 'moderation: headroom cap');
       return;
     }
-    this.log.info({ state: d.state, reason: d.reason, speed: this.speedText(d) }, `moderation: ${d.state}, ${this.speedText(d)}`);
+    // The latency control judges twice a second: a new reading at the same speed is not news.
+    if (prev && prev.state === d.state && prev.mode === d.mode && prev.speed === d.speed && d.latency) {
+      this.log.debug({ latency: d.latency }, `moderation: ${d.latency.note}`);
+      return;
+    }
+    this.log.info({ state: d.state, reason: d.reason, speed: this.speedText(d), ...(d.latency ? { latency: d.latency } : {}) }, `moderation: ${d.state}, ${this.speedText(d)}`);
   }
 
   /** "paused", "unlimited", "15 MiB/s", or "paused (as 1 MiB/s)" where pause is emulated. */

@@ -4,6 +4,7 @@
  * `ActivityRates`; whatever runs the copy implements `JobControl`.
  */
 import type { Signal } from '../policy/schema.ts';
+import type { LatencyView } from './latency.ts';
 
 export type { Signal };
 
@@ -92,6 +93,11 @@ export interface StateChange {
   readonly state: ActivityState;
   /** For people and logs: "disk 37.5/s > 5/s", "hold-off 1s after disk 37.5/s > 5/s". */
   readonly reason: string;
+  /**
+   * Busy (or holding off) because of a person at the console or a stalled vCPU, not only
+   * the guest's disk and interrupts: never graded by latency (latency.ts).
+   */
+  readonly urgent?: true;
 }
 
 /** What the deadline asks for: the busy speed it needs, if it needs one. */
@@ -122,4 +128,6 @@ export interface Decision {
   readonly headroom?: { readonly capBps: number; readonly load: number | null };
   /** The learnt thresholds (`thresholds: auto`) in force when the state was judged. */
   readonly learnt?: LearntThresholds;
+  /** The latency control (`latency.margin`), when on: the guest's latency, its baseline, the graded speed. */
+  readonly latency?: LatencyView;
 }

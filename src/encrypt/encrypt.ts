@@ -442,7 +442,7 @@ export async function waitForQuiet(job: WaitableJob, closed$: Observable<unknown
 export function withModeration(p: Progress, mod: RunModeration | undefined): Progress {
   const d = mod?.decision;
   if (!d) return p;
-  return { ...p, moderation: { state: d.state, mode: d.mode, reason: d.reason, source: mod.source ?? null, ...(d.headroom ? { headroom: d.headroom } : {}), ...(d.learnt ? { learnt: d.learnt.summary } : {}) } };
+  return { ...p, moderation: { state: d.state, mode: d.mode, reason: d.reason, source: mod.source ?? null, ...(d.headroom ? { headroom: d.headroom } : {}), ...(d.learnt ? { learnt: d.learnt.summary } : {}), ...(d.latency ? { latency: d.latency } : {}) } };
 }
 
 /** Waits for `p`, or returns early when the run is cancelled (the caller checks). */

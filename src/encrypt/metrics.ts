@@ -72,6 +72,7 @@ export class RunMetrics {
             mode: decision.mode,
             ...(policy ? { thresholds: decision.learnt?.thresholds ?? fixedThresholds(policy.thresholds), holdoffMs: policy.holdoff } : {}),
             ...(decision.learnt ? { levels: decision.learnt.levels } : {}),
+            ...(decision.latency ? { latency: decision.latency } : {}),
           },
         ),
       );

@@ -5,6 +5,7 @@
  * the guest dirties blocks already copied.
  */
 import type { JobSnapshot, JobStatus } from '../jobs/types.ts';
+import type { LatencyView } from '../controller/latency.ts';
 
 export interface Progress {
   readonly status: JobStatus;
@@ -29,6 +30,8 @@ export interface Progress {
     readonly headroom?: { readonly capBps: number; readonly load: number | null };
     /** What was learnt of the guest, with `thresholds: auto` (controller/calibrate.ts). */
     readonly learnt?: string;
+    /** The latency control, with `latency.margin` (controller/latency.ts). */
+    readonly latency?: LatencyView;
   };
 }
 

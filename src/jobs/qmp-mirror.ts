@@ -7,6 +7,8 @@
  */
 import type { QmpClient } from '../qmp/client.ts';
 import type { JobControl, JobSnapshot, JobStatus } from './types.ts';
+import type { LatencyTotals } from '../controller/latency.ts';
+import { blockstatsLatency } from '../probes/qmp-blockstats.ts';
 
 export interface MirrorOptions {
   readonly jobId: string;
@@ -83,6 +85,14 @@ export class QmpMirrorJob implements JobControl {
 
   async resume(): Promise<void> {
     await this.client.execute('job-resume', { id: this.id });
+  }
+
+  /**
+   * The guest's disk requests and their time in QEMU (query-blockstats: only the guest's
+   * devices are listed; the mirror's own I/O is not accounted).
+   */
+  async latency(): Promise<LatencyTotals> {
+    return blockstatsLatency(await this.client.execute('query-blockstats'));
   }
 
   /** Pivot the guest onto the target. Only valid in READY; a paused mirror cannot complete. */

@@ -4,6 +4,8 @@
  * so that a libvirt backend (`virsh blockjob --bandwidth`, which has no pause) can
  * implement it too; `canPause` says whether pause is real or emulated.
  */
+import type { LatencyTotals } from '../controller/latency.ts';
+
 export type JobStatus =
   | 'undefined'
   | 'created'
@@ -39,4 +41,9 @@ export interface JobControl {
   setSpeed(bytesPerSecond: number): Promise<void>;
   pause(): Promise<void>;
   resume(): Promise<void>;
+  /**
+   * The guest's own disk requests and the time they took, cumulative (the controller's
+   * latency input, controller/latency.ts); absent where the backend cannot read them.
+   */
+  latency?(): Promise<LatencyTotals | undefined>;
 }

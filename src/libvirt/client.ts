@@ -60,7 +60,7 @@ export interface LibvirtConnectOptions {
  * monitor pass-through, which idlecrypt uses only for query-block-jobs, job-pause and
  * job-resume (copy-job.ts treats a pause of a paused job as done).
  */
-const REPEATABLE = new Set(['ping', 'domains', 'domain', 'disks', 'block-info', 'block-stats', 'job-info', 'set-speed', 'secret', 'xml', 'monitor']);
+const REPEATABLE = new Set(['ping', 'domains', 'domain', 'disks', 'block-info', 'block-stats', 'block-latency', 'job-info', 'set-speed', 'secret', 'xml', 'monitor']);
 
 export class LibvirtClient {
   private readonly pending = new Map<number, Pending>();

@@ -8,6 +8,7 @@
  */
 import { IdlecryptError } from '../errors.ts';
 import type { JobControl, JobSnapshot } from '../jobs/types.ts';
+import type { LatencyTotals } from '../controller/latency.ts';
 import type { LibvirtClient } from './client.ts';
 import { BLOCK_JOB_TYPE_COPY } from './types.ts';
 
@@ -106,6 +107,15 @@ export class LibvirtCopyJob implements JobControl {
       speed: info.bandwidth,
       paused,
       ready: this.ready,
+    };
+  }
+
+  /** The guest's requests on this disk and their time in QEMU (virDomainBlockStatsFlags). */
+  async latency(): Promise<LatencyTotals> {
+    const st = await this.client.call<Record<string, number>>('block-latency', { domain: this.domain, disk: this.disk });
+    return {
+      ops: { read: st.rd_operations ?? 0, write: st.wr_operations ?? 0, flush: st.flush_operations ?? 0 },
+      ns: { read: st.rd_total_times ?? 0, write: st.wr_total_times ?? 0, flush: st.flush_total_times ?? 0 },
     };
   }
 

@@ -189,6 +189,12 @@ class Helper:
         rd_req, rd_bytes, wr_req, wr_bytes, _errs = self.dom(a).blockStats(a["disk"])
         return {"rd_req": rd_req, "rd_bytes": rd_bytes, "wr_req": wr_req, "wr_bytes": wr_bytes}
 
+    def op_block_latency(self, a):
+        # virDomainBlockStatsFlags: the guest's requests and their total time in QEMU (ns),
+        # from query-blockstats' rd/wr/flush _operations and _total_time_ns.
+        st = self.dom(a).blockStatsFlags(a["disk"], 0)
+        return {k: st.get(k, 0) for k in ("rd_operations", "wr_operations", "flush_operations", "rd_total_times", "wr_total_times", "flush_total_times")}
+
     def op_job_info(self, a):
         info = self.dom(a).blockJobInfo(a["disk"], libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
         if not info:

@@ -63,6 +63,9 @@ export function thresholdField(signal: Signal): ThresholdField {
   return `threshold_${SIGNAL_RATE_FIELD[signal]}`;
 }
 
+/** The moderation fields of the latency control (`latency.margin`), written only when it is on. */
+export const LATENCY_FIELDS = ['latency_ms', 'latency_baseline_ms', 'latency_limit_ms', 'latency_speed_bps'] as const;
+
 /** The moderation field that carries a learnable signal's learnt background level (`thresholds: auto`). */
 export function learntField(signal: LearnableSignal): `learnt_${LearnableSignal}_level_per_s` {
   return `learnt_${signal}_level_per_s`;
@@ -122,6 +125,10 @@ export const MEASUREMENTS = {
       holdoff_s: { type: 'float', unit: 's', description: 'policy holdoff in force' },
       learnt_disk_level_per_s: { type: 'float', unit: 'requests/s', description: "the guest's background disk rate learnt with `thresholds.disk: auto`; absent while learning or when not auto" },
       learnt_interrupts_level_per_s: { type: 'float', unit: 'interrupts/s', description: "the guest's background interrupt rate learnt with `thresholds.interrupts: auto`; absent while learning or when not auto" },
+      latency_ms: { type: 'float', unit: 'ms', description: "with `latency.margin`: the guest's mean disk request latency in QEMU at the controller's last judgement (query-blockstats); absent when off" },
+      latency_baseline_ms: { type: 'float', unit: 'ms', description: "with `latency.margin`: the guest's latency without the copy, for the same mix of reads, writes and flushes; absent while learning or when off" },
+      latency_limit_ms: { type: 'float', unit: 'ms', description: 'with `latency.margin`: the baseline raised by the margin, which the graded copy keeps the guest under; absent while learning or when off' },
+      latency_speed_bps: { type: 'integer', unit: 'bytes/s', description: 'with `latency.margin`: the speed the latency allows a guest busy with its disk (0 = paused); absent when off' },
     },
   },
   job: {
@@ -316,6 +323,8 @@ export function moderationPoint(
     readonly holdoffMs?: number;
     /** Background levels learnt (`auto`), per signal. */
     readonly levels?: Readonly<Partial<Record<Signal, { readonly level: number }>>>;
+    /** The latency control (`latency.margin`), when on. */
+    readonly latency?: { readonly latencyMs: number | null; readonly baselineMs: number | null; readonly margin: number; readonly speedBps: number };
   },
 ): MetricPoint | null {
   const t = m.thresholds;
@@ -333,6 +342,10 @@ export function moderationPoint(
     holdoff_s: m.holdoffMs === undefined ? null : m.holdoffMs / 1000,
     learnt_disk_level_per_s: m.levels?.disk?.level ?? null,
     learnt_interrupts_level_per_s: m.levels?.interrupts?.level ?? null,
+    latency_ms: m.latency?.latencyMs ?? null,
+    latency_baseline_ms: m.latency?.baselineMs ?? null,
+    latency_limit_ms: m.latency && m.latency.baselineMs !== null ? m.latency.baselineMs * (1 + m.latency.margin) : null,
+    latency_speed_bps: m.latency ? Math.round(m.latency.speedBps) : null,
   });
 }
 

@@ -11,6 +11,7 @@ export function resolvePolicy(policy: Policy, vm: string): EffectivePolicy {
     speed: m.speed,
     holdoff: m.holdoff,
     guarantee: m.guarantee,
+    latency: m.latency,
     pivot: m.pivot,
     sampling: policy.sampling,
     source: policy.source,
@@ -42,6 +43,9 @@ function describeModeration(m: Moderation): string[] {
     `busy while: ${busy.length > 0 ? busy.join(', ') : 'never (every signal is off)'}`,
     `speed: idle ${formatSpeed(m.speed.idle)}, busy ${formatSpeed(m.speed.busy)}; idle speed again after ${formatDuration(m.holdoff)} quiet`,
     m.speed.headroom === null ? 'headroom: off (the idle speed may take all of QEMU\'s main loop)' : `headroom: the copy leaves ${Math.round(m.speed.headroom * 100)}% of QEMU's main loop free`,
+    m.latency.margin === null
+      ? 'latency: off (a guest busy with its disk gets the busy speed)'
+      : `latency: a guest busy with its disk gets the highest speed that keeps its disk latency within ${Math.round(m.latency.margin * 100)}% of its latency without the copy (baseline re-measured every ${formatDuration(m.latency.refresh)})`,
     `guarantee: ${deadline}${g.deadline === null ? '' : ` (margin ${g.margin})`}, floor ${g.floor === 0 ? 'none' : formatSpeed(g.floor)}`,
     `pivot: once caught up, waits up to ${formatDuration(m.pivot['quiet-wait'])} for a quiet guest`,
   ];

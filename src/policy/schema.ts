@@ -10,7 +10,7 @@
  */
 import { MIN_INTERVAL_MS } from '../probes/runner.ts';
 import { z } from 'zod';
-import { parseDeadline, parseDuration, parseFloor, parseHeadroom, parseLearnableThreshold, parseSpeed, parseThreshold, show, type Parsed } from './units.ts';
+import { parseDeadline, parseDuration, parseFloor, parseHeadroom, parseLatencyMargin, parseLearnableThreshold, parseSpeed, parseThreshold, show, type Parsed } from './units.ts';
 
 /** Turns one of units.ts's parsers into a schema whose problem is the parser's sentence. */
 export function scalar<T>(parse: (v: unknown) => Parsed<T>) {
@@ -65,6 +65,17 @@ export const moderationShape = {
       if (v < 1) return { ok: false, problem: `must be at least 1 (1.25 aims to finish with a fifth of the time to spare), got ${v}` };
       return { ok: true, value: v };
     }),
+  }),
+  /**
+   * Harm judged by the guest's own disk latency (controller/latency.ts): while the guest is
+   * busy with its disk, the copy runs at the highest speed that keeps the guest's latency
+   * within `margin` of its latency without the copy.
+   */
+  latency: section({
+    /** 0.15 = 15%; null = off (the busy speed applies, as without it). */
+    margin: scalar(parseLatencyMargin),
+    /** ms of graded copying after which the copy pauses for one judgement to measure the baseline again. */
+    refresh: scalar(parseDuration),
   }),
   /** The pivot onto the encrypted image once the copy has caught up (READY). */
   pivot: section({

@@ -121,6 +121,16 @@ export function parseHeadroom(v: unknown): Parsed<number | null> {
   return ok(n);
 }
 
+/** latency.margin: off, or how far the guest's mean disk latency may rise over its baseline (1% to 500%). */
+export function parseLatencyMargin(v: unknown): Parsed<number | null> {
+  if (v === 'off' || v === null) return ok(null);
+  let n: number | undefined;
+  if (typeof v === 'string' && /^\d+(?:\.\d+)?\s*%$/.test(v.trim())) n = Number(v.trim().replace('%', '').trim()) / 100;
+  if (n === undefined) return bad(`expected off or a percentage such as 15%, got ${show(v)}`);
+  if (n < 0.01 || n > 5) return bad(`must be between 1% and 500% (or off), got ${show(v)}`);
+  return ok(n);
+}
+
 /** When the copy must be done: a duration after the job starts, an ISO 8601 time, or none. */
 export type Deadline = { readonly after: number } | { readonly at: number };
 

@@ -18,6 +18,7 @@ import { describeError } from '../errors.ts';
 import { silentLogger, type Logger } from '../log.ts';
 import type { VmInfo } from '../discovery/types.ts';
 import type { CounterKey, Totals } from './counters.ts';
+import type { LatencyTotals } from '../controller/latency.ts';
 
 /** The counters this source measures. */
 export const QMP_MEASURED: ReadonlySet<CounterKey> = new Set(['diskReads', 'diskWrites', 'diskFlushes', 'diskDiscards']);
@@ -32,6 +33,25 @@ export function blockstatsTotals(stats: readonly BlockStats[]): Totals {
     t.diskDiscards += s.stats.unmap_operations;
   }
   return t;
+}
+
+/**
+ * The guest's requests and the time QEMU took for them (block_acct_start to block_acct_done),
+ * per kind, summed over its devices: the latency control's input (controller/latency.ts).
+ * Discards are left out: they take no time worth judging and come in bursts.
+ */
+export function blockstatsLatency(stats: readonly BlockStats[]): LatencyTotals {
+  const ops = { read: 0, write: 0, flush: 0 };
+  const ns = { read: 0, write: 0, flush: 0 };
+  for (const s of stats) {
+    ops.read += s.stats.rd_operations;
+    ops.write += s.stats.wr_operations;
+    ops.flush += s.stats.flush_operations;
+    ns.read += s.stats.rd_total_time_ns;
+    ns.write += s.stats.wr_total_time_ns;
+    ns.flush += s.stats.flush_total_time_ns;
+  }
+  return { ops, ns };
 }
 
 export interface BlockstatsReaderOptions {

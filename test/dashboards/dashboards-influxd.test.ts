@@ -19,8 +19,9 @@ describe('dashboard queries against influxd', () => {
     const sink = new InfluxSink(db.influxUrl('idlecrypt'), { flushIntervalMs: 100 });
     const end = Date.now() - 1000;
     sink.write(scenario({ vm: 'web1', device: 'disk0', endMs: end }));
-    // db1 with `thresholds: auto`: its learnt levels and the thresholds made of them
-    sink.write(scenario({ vm: 'db1', device: 'disk1', endMs: end - 20_000, learnt: { disk: 22, interrupts: 1800 } }));
+    // db1 with `thresholds: auto` and `latency.margin: 15%`: its learnt levels and the
+    // thresholds made of them; its latency, baseline and limit
+    sink.write(scenario({ vm: 'db1', device: 'disk1', endMs: end - 20_000, learnt: { disk: 22, interrupts: 1800 }, latency: { baselineMs: 2, margin: 0.15 } }));
     await sink.close();
     assert.equal(sink.stats().dropped + sink.stats().rejected, 0);
     influx = new InfluxDB(db.influxUrl('idlecrypt'));
@@ -35,9 +36,9 @@ describe('dashboard queries against influxd', () => {
     const all = await assertEveryPanelReturnsData(influx, dashboard, { vm: ['web1', 'db1'] }, { optionalToo: true });
     const one = await assertEveryPanelReturnsData(influx, dashboard, { host: 'hv1', vm: 'web1', device: 'disk0' });
     assert.deepEqual(
-      one.empty.map((q) => q.raw.match(/"(learnt_\w+)"/)?.[1]).sort(),
-      ['learnt_disk_level_per_s', 'learnt_interrupts_level_per_s'],
-      'web1 has fixed thresholds: its learnt levels are the only empty queries',
+      one.empty.map((q) => q.raw.match(/"((?:learnt|latency)_\w+)"/)?.[1]).sort(),
+      ['latency_baseline_ms', 'latency_limit_ms', 'latency_ms', 'learnt_disk_level_per_s', 'learnt_interrupts_level_per_s'],
+      'web1 has fixed thresholds and no latency control: its learnt levels and latency are the only empty queries',
     );
     await assert.rejects(
       assertEveryPanelReturnsData(influx, dashboard, { host: 'hv1', vm: 'web1', device: 'disk0' }, { optionalToo: true }),
@@ -71,6 +72,12 @@ describe('dashboard queries against influxd', () => {
     assert.deepEqual([...(await byField('learnt_interrupts_level_per_s', { vm: 'db1' }))], [1800]);
     assert.deepEqual([...(await byField('threshold_disk_requests_per_s', { vm: 'db1' }))].sort((a, b) => Number(a) - Number(b)), [5, 33]);
     assert.deepEqual([...(await byField('threshold_interrupts_per_s', { vm: 'db1' }))].sort((a, b) => Number(a) - Number(b)), [1000, 2700]);
+    // latency.margin: the baseline and the limit over it are drawn; the latency while busy
+    assert.deepEqual([...(await byField('latency_baseline_ms', { vm: 'db1' }))], [2]);
+    assert.deepEqual([...(await byField('latency_limit_ms', { vm: 'db1' }))], [2.3]);
+    const lat = [...(await byField('latency_ms', { vm: 'db1' }))].map(Number);
+    assert.ok(lat.length > 0 && lat.every((v) => v >= 2 && v <= 2.16), String(lat));
+    assert.deepEqual([...(await byField('latency_ms').catch(() => new Set()))], []);
   });
 
   test("the variables' queries list the hosts, VMs and disks", async () => {

@@ -43,9 +43,9 @@ async function boot(name: string, sizeMiB: number, workload: 'bursty' | 'idle', 
 }
 
 /** A policy with a capped idle speed, so that the copy spans busy and idle phases. */
-async function policy(name: string, idle: string): Promise<string> {
+async function policy(name: string, idle: string, extra = ''): Promise<string> {
   const file = path.join(dir, `${name}.yaml`);
-  await writeFile(file, `speed:\n  idle: ${idle}\nholdoff: 500ms\n`);
+  await writeFile(file, `speed:\n  idle: ${idle}\nholdoff: 500ms\n${extra}`);
   return file;
 }
 
@@ -61,7 +61,7 @@ describe('metrics', () => {
     // keys typed while the command starts may precede them), not throughout, which would
     // keep the guest busy and the job paused until the deadline: the keyboard panel must
     // see them.
-    const cli = startCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(dir, 'live.luks'), '--key-file', path.join(dir, 'key'), '--iter-time', '50', '--policy', await policy('live', '48MiB'), '--influx', db.influxUrl('idlecrypt'), '--json']);
+    const cli = startCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(dir, 'live.luks'), '--key-file', path.join(dir, 'key'), '--iter-time', '50', '--policy', await policy('live', '48MiB', 'latency:\n  margin: 15%\n'), '--influx', db.influxUrl('idlecrypt'), '--json']);
     await cli.waitForStdout(/"phase":"copying"/, 60_000);
     const typer = await QmpClient.connect(vm.qmpSocket);
     try {
@@ -88,6 +88,8 @@ describe('metrics', () => {
     assert.ok((await count(`SELECT count("busy") FROM "idlecrypt_moderation" WHERE "vm" = 'live' AND "busy" = 1`)) > 0, 'busy states recorded');
     assert.ok((await count(`SELECT count("busy") FROM "idlecrypt_moderation" WHERE "vm" = 'live' AND "busy" = 0`)) > 0, 'idle states recorded');
     assert.ok((await count(`SELECT sum("key_events") FROM "idlecrypt_activity" WHERE "vm" = 'live'`)) >= 4, 'typed keys counted');
+    // latency.margin is on: the guest's latency as QEMU accounts it (query-blockstats) is written
+    assert.ok((await count(`SELECT min("latency_ms") FROM "idlecrypt_moderation" WHERE "vm" = 'live'`)) > 0, 'guest latency recorded');
     assert.ok((await count(`SELECT max("bytes_done") FROM "idlecrypt_job" WHERE "vm" = 'live'`)) >= 256 * 1024 * 1024);
   });
 

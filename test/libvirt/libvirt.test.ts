@@ -18,6 +18,8 @@ import { ensureImage, makeDiskImage, patternMiB } from '../../vm-images/launch.t
 import { ensureLibvirtd, TestDomain, virsh } from '../../vm-images/libvirt.ts';
 import { cliStateDir, runCli, startCli } from '../helpers/cli.ts';
 import type { AgentStatus } from '../../src/agent/agent.ts';
+import { LibvirtClient } from '../../src/libvirt/client.ts';
+import { LibvirtCopyJob } from '../../src/libvirt/copy-job.ts';
 
 const execFileP = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -169,6 +171,23 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
     await d.waitForLine(/^IO t=/, 30_000);
     match(await virsh('domblklist', name), new RegExp(`vda\\s+${target}`));
     equal((await readdir(join(cliStateDir(), 'libvirt-runs')).catch(() => [])).length, 0, 'no run record left');
+  });
+
+  it("reads the guest's request latency as libvirt accounts it (latency.margin's input): requests and their time grow while it works", async () => {
+    const name = `ic-lv-a-${process.pid}`; // runs its bursty workload on the encrypted image now
+    const client = await LibvirtClient.connect();
+    try {
+      const job = new LibvirtCopyJob(client, name, 'vda');
+      const a = await job.latency();
+      await new Promise((resolve) => setTimeout(resolve, 6000)); // more than one idle + busy cycle
+      const b = await job.latency();
+      ok(b.ops.read > a.ops.read && b.ops.write > a.ops.write, `requests: ${JSON.stringify(a.ops)} -> ${JSON.stringify(b.ops)}`);
+      ok(b.ns.read > a.ns.read && b.ns.write > a.ns.write, `time: ${JSON.stringify(a.ns)} -> ${JSON.stringify(b.ns)}`);
+      const meanMs = (b.ns.write - a.ns.write) / (b.ops.write - a.ops.write) / 1e6;
+      ok(meanMs > 0.001 && meanMs < 1000, `mean write latency ${meanMs} ms`);
+    } finally {
+      await client.close();
+    }
   });
 
   it('bad input: one line, a non-zero exit, and nothing made', async () => {

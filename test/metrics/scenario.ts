@@ -29,10 +29,16 @@ export interface ScenarioOptions {
    * levels learnt, and the thresholds drawn from them.
    */
   learnt?: { disk: number; interrupts: number };
+  /**
+   * `latency.margin` on: learning the baseline in the first busy second, then the disk-busy
+   * phase graded at 8 MiB/s with the guest's latency around `baselineMs`.
+   */
+  latency?: { baselineMs: number; margin: number };
 }
 
 export const THRESHOLDS = { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600 };
 const MiB = 1024 * 1024;
+const GRADED_BPS = 8 * MiB;
 
 export function scenario(o: ScenarioOptions = {}): MetricPoint[] {
   const host = o.host ?? 'hv1';
@@ -61,6 +67,7 @@ export function scenario(o: ScenarioOptions = {}): MetricPoint[] {
     const holdoff = (s > at(25 / 60) && s <= at(25 / 60) + 1) || (s > at(45 / 60) && s <= at(45 / 60) + 1 && !degraded);
     const state: ModerationState = diskBusy || typing ? 'busy' : holdoff ? 'holdoff' : 'idle';
     const jitter = (i * 7919) % 5; // deterministic variety
+    const graded = o.latency !== undefined && diskBusy && s > at(10 / 60) + 1;
 
     points.push(
       activityPoint(
@@ -84,8 +91,18 @@ export function scenario(o: ScenarioOptions = {}): MetricPoint[] {
         moderationPoint({ ...id, device }, {
           state,
           reason,
-          mode: state === 'idle' ? 'full' : 'paused',
+          mode: state === 'idle' ? 'full' : graded ? 'throttled' : 'paused',
           holdoffMs: 1000,
+          ...(o.latency
+            ? {
+                latency: {
+                  latencyMs: diskBusy ? o.latency.baselineMs * (1 + jitter / 50) : null,
+                  baselineMs: s > at(10 / 60) + 1 ? o.latency.baselineMs : null,
+                  margin: o.latency.margin,
+                  speedBps: graded ? GRADED_BPS : 0,
+                },
+              }
+            : {}),
           ...(o.learnt && s > at(10 / 60)
             ? {
                 thresholds: { ...THRESHOLDS, disk: thresholdFor('disk', o.learnt.disk), interrupts: thresholdFor('interrupts', o.learnt.interrupts) },
@@ -99,8 +116,8 @@ export function scenario(o: ScenarioOptions = {}): MetricPoint[] {
     }
 
     if (i % 3 === 0 || i === seconds / stepS) {
-      const paused = state !== 'idle';
-      const actual = paused ? 0 : 400 * MiB + jitter * MiB;
+      const paused = state !== 'idle' && !graded;
+      const actual = paused ? 0 : graded ? GRADED_BPS : 400 * MiB + jitter * MiB;
       done = Math.min(total, done + actual * 0.25);
       points.push(
         jobPoint(

@@ -90,9 +90,24 @@ describe('the shipped default policy', () => {
       'busy while: disk > 5/s, keyboard > 5/s, pointer > 100/s, interrupts > 1000/s, stall > 800ms/s',
       'speed: idle unlimited, busy paused; idle speed again after 1s quiet',
       "headroom: the copy leaves 10% of QEMU's main loop free",
+      'latency: off (a guest busy with its disk gets the busy speed)',
       "guarantee: finish within 4h of the job's start (margin 1.25), floor none",
       'pivot: once caught up, waits up to 30s for a quiet guest',
     ]);
+  });
+});
+
+describe('latency', () => {
+  test('a margin as a percentage grades the busy speed; off by default; bad values say what is expected', () => {
+    const p = parsePolicy('latency:\n  margin: 15%\n  refresh: 30s\n', 'lat.yaml');
+    assert.deepEqual(p.latency, { margin: 0.15, refresh: 30_000 });
+    assert.deepEqual(defaultPolicy().latency, { margin: null, refresh: 60_000 });
+    assert.ok(describePolicy(p).includes('latency: a guest busy with its disk gets the highest speed that keeps its disk latency within 15% of its latency without the copy (baseline re-measured every 30s)'));
+    assert.throws(() => parsePolicy('latency:\n  margin: 0.15\n', 'bad.yaml'), /bad\.yaml:2:11: latency\.margin: expected off or a percentage such as 15%, got 0\.15/);
+    assert.throws(() => parsePolicy('latency:\n  margin: 900%\n', 'bad.yaml'), /latency\.margin: must be between 1% and 500% \(or off\), got "900%"/);
+    const o = parsePolicy('vms:\n  db:\n    latency:\n      margin: 20%\n', 'vm.yaml');
+    assert.equal(o.vms.db!.latency.margin, 0.2);
+    assert.equal(o.latency.margin, null);
   });
 });
 
@@ -200,7 +215,7 @@ describe('per-VM overrides', () => {
   test('a bad override is reported at its place under vms', () => {
     assert.deepEqual(problems('vms:\n  web:\n    speed:\n      busy: -20MiB\n    sampling:\n      interval: 10ms\n'), [
       'p.yaml:4:13: vms.web.speed.busy: a speed cannot be negative, got "-20MiB"',
-      'p.yaml:5:5: vms.web.sampling: unknown key; expected one of thresholds, speed, holdoff, guarantee, pivot',
+      'p.yaml:5:5: vms.web.sampling: unknown key; expected one of thresholds, speed, holdoff, guarantee, latency, pivot',
     ]);
   });
 });
@@ -222,7 +237,7 @@ describe('bad policy files are rejected with the file, line, column and key', ()
       'p.yaml:2:3: thresholds.dsik: unknown key (did you mean disk?); expected one of disk, keyboard, pointer, interrupts, stall',
     ]);
     assert.deepEqual(problems('hold_off: 1s\n'), [
-      'p.yaml:1:1: hold_off: unknown key (did you mean holdoff?); expected one of sampling, thresholds, speed, holdoff, guarantee, pivot, vms',
+      'p.yaml:1:1: hold_off: unknown key (did you mean holdoff?); expected one of sampling, thresholds, speed, holdoff, guarantee, latency, pivot, vms',
     ]);
   });
 
