@@ -109,8 +109,13 @@ export interface QueryCheck extends PanelQuery {
 
 export interface PanelCheck {
   readonly queries: QueryCheck[];
-  /** Panels with queries. */
+  /** Panels with queries, but for the policyOnly ones. */
   readonly panels: number;
+  /**
+   * Panels that plot only what some policies write (every query optional) and are empty:
+   * the latency panel of a run with `latency.margin` off. Not counted in `panels`.
+   */
+  readonly policyOnly: number;
   /** Panels every query of which (but the optional ones) returned at least one non-null value. */
   readonly panelsWithData: number;
   /** The queries that returned nothing (or failed). */
@@ -151,6 +156,8 @@ export async function checkPanels(influx: InfluxDB, dashboard: unknown, vars: Gr
   const byPanel = new Map<number, QueryCheck[]>();
   for (const q of queries) byPanel.set(q.panelId, [...(byPanel.get(q.panelId) ?? []), q]);
   const ok = (q: QueryCheck) => q.values > 0 && !q.error;
-  const panelsWithData = [...byPanel.values()].filter((qs) => qs.some(ok) && qs.every((q) => ok(q) || (q.optional && !q.error))).length;
-  return { queries, panels: byPanel.size, panelsWithData, empty: queries.filter((q) => q.values === 0 || q.error !== undefined) };
+  const groups = [...byPanel.values()];
+  const policyOnly = groups.filter((qs) => qs.every((q) => q.optional && !q.error && q.values === 0)).length;
+  const panelsWithData = groups.filter((qs) => qs.some(ok) && qs.every((q) => ok(q) || (q.optional && !q.error))).length;
+  return { queries, panels: groups.length - policyOnly, policyOnly, panelsWithData, empty: queries.filter((q) => q.values === 0 || q.error !== undefined) };
 }

@@ -342,6 +342,87 @@ export function guarantee(
     });
 }
 
+// ---------------------------------------------------------------- convergence push
+
+/** A push at full speed in force: the copy's last stretch, which a busy guest keeps re-dirtying. */
+export interface Push {
+  /** When it ends (scheduler clock, ms). */
+  readonly until: number;
+  /** "pushing the last 120 MiB at full speed (2s at most): 1m without catching up" */
+  readonly note: string;
+}
+
+export interface PushMemory {
+  readonly key: string;
+  /** Progress over the last PEAK_WINDOW_MS, for the copy's speed at its fastest. */
+  readonly history: readonly { time: number; offset: number }[];
+  /** The fastest the copy went (bytes/s over PEAK_SPAN_MS or more) in the last PEAK_WINDOW_MS. */
+  readonly peakBps: number;
+  /** Since when the work left has stayed within one push; null while it has not. */
+  readonly nearSince: number | null;
+  readonly push: Push | null;
+  /** No new push before this. */
+  readonly quietUntil: number;
+}
+
+export const INITIAL_PUSH: PushMemory = { key: '', history: [], peakBps: 0, nearSince: null, push: null, quietUntil: -Infinity };
+const PEAK_WINDOW_MS = 5 * 60_000;
+const PEAK_SPAN_MS = 1000;
+
+/**
+ * One progress sample → whether to push. Pure. A copy whose guest re-dirties blocks faster
+ * than its idle time copies them never catches up (READY) while it is paused for the guest;
+ * once the work left has stayed within what `pivot.push` of full speed copies (at the
+ * fastest the copy went in the last 5 minutes) for `pivot.push-after`, the copy runs at
+ * full speed for at most `pivot.push`, whatever the guest does (but for a person at the
+ * console), then not again for `push-after`. A push that reaches READY ends at once: the
+ * pivot's own wait for a quiet moment takes over (encrypt.ts).
+ */
+export function pushStep(mem: PushMemory, sample: JobProgress & { time: number }, p: Moderation['pivot']): PushMemory {
+  const key = JSON.stringify([p.push, p['push-after']]);
+  const m = mem.key === key ? mem : { ...INITIAL_PUSH, key };
+  const now = sample.time;
+  const history = [...m.history.filter((h) => h.time > now - PEAK_WINDOW_MS), { time: now, offset: sample.offset }];
+  // The peak: the newest sample against the latest one at least PEAK_SPAN_MS older.
+  let peakBps = m.history.length && m.history[0]!.time <= now - PEAK_WINDOW_MS ? 0 : m.peakBps;
+  for (let i = history.length - 2; i >= 0; i--) {
+    const h = history[i]!;
+    if (now - h.time >= PEAK_SPAN_MS) {
+      peakBps = Math.max(peakBps, ((sample.offset - h.offset) * 1000) / (now - h.time));
+      break;
+    }
+  }
+  const base = { ...m, history, peakBps };
+  if (p.push <= 0) return { ...base, nearSince: null, push: null };
+  const left = Math.max(0, sample.len - sample.offset);
+  if (sample.ready || left === 0) return { ...base, nearSince: null, push: null, quietUntil: m.push ? now + p['push-after'] : m.quietUntil };
+  if (m.push) {
+    if (now < m.push.until) return base;
+    return { ...base, push: null, nearSince: null, quietUntil: now + p['push-after'] };
+  }
+  const near = peakBps > 0 && left <= (peakBps * p.push) / 1000;
+  if (!near) return { ...base, nearSince: null };
+  const nearSince = m.nearSince ?? now;
+  if (now - nearSince < p['push-after'] || now < m.quietUntil) return { ...base, nearSince };
+  const mib = Math.max(1, Math.round(left / (1024 * 1024)));
+  return {
+    ...base,
+    nearSince,
+    push: { until: now + p.push, note: `pushing the last ${mib} MiB at full speed (${formatDuration(p.push)} at most): ${formatDuration(now - nearSince)} without catching up` },
+  };
+}
+
+/** Job progress → the push in force, or null (see pushStep). */
+export function convergence(policy$: Observable<EffectivePolicy>, scheduler: SchedulerLike): OperatorFunction<JobProgress, Push | null> {
+  return (source) =>
+    source.pipe(
+      withLatestFrom(policy$),
+      scan((mem, [pr, pol]) => pushStep(mem, { ...pr, time: scheduler.now() }, pol.pivot), INITIAL_PUSH),
+      map((mem) => mem.push),
+      distinctUntilChanged(same),
+    );
+}
+
 // ---------------------------------------------------------------- the decision
 
 /**
@@ -349,9 +430,13 @@ export function guarantee(
  * when idle; busy speed when busy and during the hold-off), raised to the floor and to
  * what the deadline asks for, whichever is fastest.
  */
-export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee, lat?: LatencyView): Decision {
+export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee, lat?: LatencyView, push?: Push | null): Decision {
   let speed = s.state === 'idle' ? p.speed.idle : p.speed.busy;
   const why = [s.reason];
+  if (push && !s.urgent) {
+    // The last stretch, at full speed for a bounded time: the copy converges.
+    return { mode: 'full', speed: 0, state: s.state, reason: `${s.reason}; ${push.note}`, ...(lat !== undefined && p.latency.margin !== null ? { latency: lat } : {}) };
+  }
   // A guest busy with its disk (not a person, not a stall) gets the speed its latency allows.
   const graded = lat !== undefined && p.latency.margin !== null && s.state !== 'idle' && !s.urgent;
   if (graded && lat.phase !== 'learning') speed = lat.speedBps > 0 ? lat.speedBps : PAUSED;
@@ -445,8 +530,9 @@ export function decide(i: DecideInput): Observable<Decision> {
       i.latency$ && i.progress$
         ? i.latency$.pipe(latencyControl(state$, policy$, i.progress$.pipe(map((p) => p.offset))), startWith(undefined))
         : of(undefined);
-    const base$ = combineLatest([state$, policy$, guarantee$, learnt$, latency$]).pipe(
-      map(([s, p, g, l, lat]) => (l ? { ...desiredDecision(s, p, g, lat), learnt: l } : desiredDecision(s, p, g, lat))),
+    const push$: Observable<Push | null> = i.progress$ ? i.progress$.pipe(convergence(policy$, i.scheduler), startWith<Push | null>(null)) : of(null);
+    const base$ = combineLatest([state$, policy$, guarantee$, learnt$, latency$, push$]).pipe(
+      map(([s, p, g, l, lat, push]) => (l ? { ...desiredDecision(s, p, g, lat, push), learnt: l } : desiredDecision(s, p, g, lat, push))),
       distinctUntilChanged(same),
     );
     if (!i.load$ || !i.progress$) return base$;

@@ -47,7 +47,9 @@ function describeModeration(m: Moderation): string[] {
       ? 'latency: off (a guest busy with its disk gets the busy speed)'
       : `latency: a guest busy with its disk gets the highest speed that keeps its disk latency within ${Math.round(m.latency.margin * 100)}% of its latency without the copy (baseline re-measured every ${formatDuration(m.latency.refresh)})`,
     `guarantee: ${deadline}${g.deadline === null ? '' : ` (margin ${g.margin})`}, floor ${g.floor === 0 ? 'none' : formatSpeed(g.floor)}`,
-    `pivot: once caught up, waits up to ${formatDuration(m.pivot['quiet-wait'])} for a quiet guest`,
+    `pivot: once caught up, waits up to ${formatDuration(m.pivot['quiet-wait'])} for a quiet guest; ${
+      m.pivot.push > 0 ? `pushes at full speed for up to ${formatDuration(m.pivot.push)} when the copy has not caught up for ${formatDuration(m.pivot['push-after'])}` : 'never pushes'
+    }`,
   ];
 }
 

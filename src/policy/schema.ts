@@ -81,6 +81,10 @@ export const moderationShape = {
   pivot: section({
     /** ms to wait at READY for a quiet guest (idle, nothing left to copy) before pivoting anyway. */
     'quiet-wait': scalar(parseDuration),
+    /** ms of full speed the convergence push may last; 0 = never push (decide.ts pushStep). */
+    push: scalar(parseDuration),
+    /** ms the work left must stay within one push before a push (and between pushes). */
+    'push-after': scalar(parseDuration),
   }),
 };
 

@@ -15,6 +15,8 @@ import {
   guaranteeStep,
   holdOff,
   INITIAL_GUARANTEE,
+  INITIAL_PUSH,
+  pushStep,
   NO_GUARANTEE,
   staleAfter,
   type GuaranteeMemory,
@@ -442,5 +444,84 @@ describe('the completion guarantee, simulated', () => {
     assert.ok(finishedAt !== null && finishedAt < 30_000, `finished at ${finishedAt}`);
     assert.ok(decisions.every((r) => r.d.mode !== 'throttled'), 'the guarantee never had to raise the busy speed');
     assert.ok(decisions.some((r) => r.d.mode === 'paused'));
+  });
+});
+
+describe('the convergence push (pivot.push)', () => {
+  const pivot = { 'quiet-wait': 30_000, push: 2000, 'push-after': 120_000 };
+  /** Progress every 250 ms from `from` to `to`: `bps` copied, `left` bytes left after it. */
+  function feed(mem: GuaranteeLike, from: number, to: number, bps: number, left: (t: number) => number, ready = false): GuaranteeLike[] {
+    const out: GuaranteeLike[] = [];
+    let m = mem;
+    let offset = m.history.at(-1)?.offset ?? 0;
+    for (let t = from; t <= to; t += 250) {
+      offset += bps / 4;
+      m = pushStep(m, { time: t, offset, len: offset + left(t), ready }, pivot);
+      out.push(m);
+    }
+    return out;
+  }
+  type GuaranteeLike = ReturnType<typeof pushStep>;
+  // 10 s at full speed (400 MiB/s), then paused with 300 MiB left that the guest keeps dirty
+  const fast = feed(INITIAL_PUSH, 0, 10_000, 400 * MiB, () => 4096 * MiB).at(-1)!;
+
+  test('work left within one push of full speed for push-after: a push of at most push, then none for push-after', () => {
+    assert.equal(Math.round(fast.peakBps / MiB), 400);
+    const stuck = feed(fast, 10_250, 250_000, 0, () => 300 * MiB);
+    const first = stuck.findIndex((m) => m.push !== null);
+    assert.equal(10_250 + first * 250, 130_250, 'after 2 minutes within reach');
+    assert.equal(stuck[first]!.push!.note, 'pushing the last 300 MiB at full speed (2s at most): 2m without catching up');
+    const pushing = stuck.filter((m) => m.push !== null);
+    // 2 s of push, then a pause of 2 minutes (still stuck at 250 s: not again yet)
+    assert.equal(pushing.length, 8);
+  });
+
+  test('a copy far from done (more than one push of work left) is not pushed', () => {
+    const far = feed(fast, 10_250, 250_000, 0, () => 900 * MiB);
+    assert.ok(far.every((m) => m.push === null && m.nearSince === null));
+  });
+
+  test('catching up ends a push at once; push: 0s never pushes', () => {
+    const stuck = feed(fast, 10_250, 130_250, 0, () => 300 * MiB);
+    assert.ok(stuck.at(-1)!.push);
+    const ready = feed(stuck.at(-1)!, 130_500, 130_500, 300 * MiB, () => 0, true);
+    assert.equal(ready[0]!.push, null);
+    let m = fast;
+    for (let t = 10_250; t <= 250_000; t += 250) m = pushStep(m, { time: t, offset: m.history.at(-1)!.offset, len: m.history.at(-1)!.offset + 300 * MiB }, { ...pivot, push: 0 });
+    assert.equal(m.push, null);
+  });
+
+  test('in the pipeline: a busy guest gets the push at full speed; a person at the console does not', () => {
+    const run = (keys: boolean) => {
+      const out: Recorded[] = [];
+      const ts = scheduler();
+      ts.run(() => {
+        const end = timer(140_000, ts);
+        let offset = 0;
+        const progress$ = interval(250, ts).pipe(
+          map((i) => {
+            const t = (i + 1) * 250;
+            offset += t <= 5000 ? 100 * MiB : 0; // 400 MiB/s for 5 s, then paused by the busy guest
+            return { offset, len: offset + (t <= 5000 ? 4096 * MiB : 200 * MiB) };
+          }),
+          takeUntil(end),
+        );
+        const activity$ = interval(50, ts).pipe(
+          map((i): ActivityRates => ({ time: (i + 1) * 50, vm: 'vm1', diskPerS: (i + 1) * 50 > 5000 ? 400 : 0, keyPerS: keys && (i + 1) * 50 > 5000 ? 40 : 0, pointerPerS: 0, interruptsPerS: 0, source: 'ebpf' })),
+          takeUntil(end),
+        );
+        const policy = withPolicy({ guarantee: { floor: 0, deadline: null, margin: 1.25 }, pivot });
+        decide({ activity$, policy$: of(policy), progress$, scheduler: ts, startedAt: 0 })
+          .pipe(takeUntil(end))
+          .subscribe((d) => out.push({ t: ts.now(), d }));
+      });
+      return out;
+    };
+    const pushed = run(false).find((r) => r.d.reason.includes('pushing'));
+    assert.ok(pushed, 'a push');
+    assert.equal(pushed.d.mode, 'full');
+    assert.equal(pushed.d.state, 'busy');
+    assert.ok(pushed.t >= 125_000 && pushed.t <= 126_000, `at ${pushed.t}`);
+    assert.ok(run(true).every((r) => !r.d.reason.includes('pushing')));
   });
 });

@@ -52,6 +52,8 @@ export interface Sample {
   /** the guest device's rd_bytes + wr_bytes, when polled */
   readonly guestBytes?: number;
   readonly guestOps?: number;
+  /** the guest device's writes and flushes, and the ns QEMU took for them (query-blockstats) */
+  readonly guestWrites?: { readonly ops: number; readonly flushes: number; readonly ns: number };
   /** the copy job, when polled: null when there is none */
   readonly job?: JobState | null;
 }
@@ -133,7 +135,15 @@ export class GuestRecorder {
           let sample: Sample = { sent, t };
           if (stats) {
             const dev = stats.find((s) => s.qdev?.includes('/disk0/') || s.device === 'drive0' || s.device === 'disk0');
-            if (dev) sample = { ...sample, guestBytes: dev.stats.rd_bytes + dev.stats.wr_bytes, guestOps: dev.stats.rd_operations + dev.stats.wr_operations + dev.stats.flush_operations };
+            if (dev) {
+              const st = dev.stats;
+              sample = {
+                ...sample,
+                guestBytes: st.rd_bytes + st.wr_bytes,
+                guestOps: st.rd_operations + st.wr_operations + st.flush_operations,
+                guestWrites: { ops: st.wr_operations, flushes: st.flush_operations, ns: st.wr_total_time_ns + st.flush_total_time_ns },
+              };
+            }
           }
           if (jobs) {
             const j = jobs.find((x) => x.device.startsWith(prefix));

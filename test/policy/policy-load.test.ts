@@ -92,7 +92,7 @@ describe('the shipped default policy', () => {
       "headroom: the copy leaves 10% of QEMU's main loop free",
       'latency: off (a guest busy with its disk gets the busy speed)',
       "guarantee: finish within 4h of the job's start (margin 1.25), floor none",
-      'pivot: once caught up, waits up to 30s for a quiet guest',
+      'pivot: once caught up, waits up to 30s for a quiet guest; pushes at full speed for up to 2s when the copy has not caught up for 2m',
     ]);
   });
 });

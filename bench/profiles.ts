@@ -1,0 +1,294 @@
+/**
+ * The evaluation of issue 12: three guest profiles, each under
+ *   (a) no job: the reference,
+ *   (b) the fixed thresholds (the shipped policy),
+ *   (c) the learnt thresholds (`thresholds: auto`),
+ *   (d) the latency-driven speed (`latency.margin: 15%`, fixed thresholds),
+ * every policy without a deadline (`guarantee.deadline: none`), so that what the copy gets
+ * is moderation's alone.
+ *
+ * Profiles (the busybox test guest, 1 vCPU, TCG, cache=none, a 12 GiB allocated disk):
+ *   bursty       8 s idle / 8 s busy phases of 1 MiB reads and writes (the suite's guest)
+ *   noisy        a trickle of 20 small synchronous writes a second (each 4 KiB, flushed:
+ *                40 requests/s) all the time, with the bursty phases on top
+ *   never-idle   the 1 MiB read/write loop all the time
+ *
+ * Design, as bench/apps.ts's one-boot design (these machines drift by ±25% between boots,
+ * less within one): one guest per profile; a warm-up (30 s, then an unmeasured copy under
+ * (c) for 75 s, so that the learnt thresholds exist, as for a guest the agent has watched;
+ * they are kept in this run's state directory); then rounds of every mode in the same boot,
+ * the order reversed every other round, each copy cancelled after --window-s (the guest
+ * stays on its source, whose contents the workloads do not change). Medians over rounds.
+ *
+ * Measured on the harness's own QMP socket every 250 ms (test/helpers/moderation-lab.ts):
+ *   busy MiB/s       the guest's bytes (query-blockstats) over its busy phases in the window
+ *                    (never-idle: the whole window); "kept" is against (a) in the same round
+ *   trickle /s, ms   noisy: the guest's flushes per second and the mean time QEMU took for
+ *                    its writes and flushes, over the idle phases (only the trickle runs)
+ *   quiet MiB/s      the copy's speed over the idle phases, each from 1.5 s in (after the
+ *                    window and hold-off); never-idle has none
+ *   copy MiB/s       the copy's average over the window; "≈ time" = disk / that
+ *
+ *   node --import tsx bench/profiles.ts [--rounds 2] [--window-s 40] [--size-mib 12288]
+ *        [--profiles bursty,noisy,never-idle] [--modes none,fixed,learnt,latency] [--out bench/results]
+ */
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { parseArgs } from 'node:util';
+import { makeDiskImage, type Workload } from '../vm-images/launch.ts';
+import { EncryptRun, GuestLab, MiB, counterAt, guestBytes, jobOffset, mdTable, medianOf, now, rateOver, textTable, type Phase, type Sample } from '../test/helpers/moderation-lab.ts';
+
+const { values: args } = parseArgs({
+  options: {
+    rounds: { type: 'string', default: '2' },
+    'window-s': { type: 'string', default: '40' },
+    'size-mib': { type: 'string', default: '12288' },
+    profiles: { type: 'string', default: 'bursty,noisy,never-idle' },
+    modes: { type: 'string', default: 'none,fixed,learnt,latency' },
+    out: { type: 'string', default: 'bench/results' },
+  },
+});
+
+type Mode = 'none' | 'fixed' | 'learnt' | 'latency';
+type ProfileName = 'bursty' | 'noisy' | 'never-idle';
+const PROFILES: Record<ProfileName, { workload: Workload; params: Record<string, number>; phased: boolean }> = {
+  bursty: { workload: 'bursty', params: { idle: 8, busy: 8 }, phased: true },
+  noisy: { workload: 'trickle', params: { wps: 20, idle: 8, busy: 8 }, phased: true },
+  'never-idle': { workload: 'disk', params: {}, phased: false },
+};
+const POLICY: Record<Exclude<Mode, 'none'>, string> = {
+  fixed: 'guarantee:\n  deadline: none\n',
+  learnt: 'thresholds: auto\nguarantee:\n  deadline: none\n',
+  latency: 'latency:\n  margin: 15%\nguarantee:\n  deadline: none\n',
+};
+const LABEL: Record<Mode, string> = { none: '(a) no job', fixed: '(b) fixed', learnt: '(c) learnt', latency: '(d) latency' };
+
+const rounds = Number(args.rounds);
+const windowMs = Number(args['window-s']) * 1000;
+const sizeMiB = Number(args['size-mib']);
+const profiles = args.profiles.split(',') as ProfileName[];
+const modes = args.modes.split(',') as Mode[];
+for (const p of profiles) if (!(p in PROFILES)) throw new Error(`unknown profile ${p}`);
+for (const m of modes) if (!(m in LABEL)) throw new Error(`unknown mode ${m}`);
+
+interface RunResult {
+  profile: ProfileName;
+  mode: Mode;
+  round: number;
+  from: number;
+  to: number;
+  busyMiBs: number | null;
+  trickleFlushesPerS: number | null;
+  trickleMs: number | null;
+  quietMiBs: number | null;
+  copyMiBs: number | null;
+  /** the copy's decisions, as the --json records said them: "mode reason" -> count */
+  decisions?: Record<string, number>;
+}
+
+/** The parts of [from, to] that lie in phases of `kind` (from `skipMs` into each). */
+function stretches(phases: readonly Phase[], kind: 'idle' | 'busy', from: number, to: number, skipMs = 0): [number, number][] {
+  const out: [number, number][] = [];
+  for (const p of phases) {
+    if (p.kind !== kind) continue;
+    const a = Math.max(from, p.start + skipMs);
+    const b = Math.min(to, p.end);
+    if (b - a > 500) out.push([a, b]);
+  }
+  return out;
+}
+
+/** Sum of a counter's growth over the stretches, per second of them. */
+function rateIn(samples: readonly Sample[], parts: readonly [number, number][], get: (s: Sample) => number | undefined): number | null {
+  let d = 0;
+  let ms = 0;
+  for (const [a, b] of parts) {
+    const x = counterAt(samples, a, get);
+    const y = counterAt(samples, b, get);
+    if (x === undefined || y === undefined) continue;
+    d += y - x;
+    ms += b - a;
+  }
+  return ms > 0 ? d / (ms / 1000) : null;
+}
+
+function measure(samples: readonly Sample[], phases: readonly Phase[], phased: boolean, from: number, to: number) {
+  const busy = phased ? stretches(phases, 'busy', from, to) : [[from, to] as [number, number]];
+  const idle = phased ? stretches(phases, 'idle', from, to) : [];
+  const quiet = phased ? stretches(phases, 'idle', from, to, 1500) : [];
+  const flushes = rateIn(samples, idle, (s) => s.guestWrites?.flushes);
+  const ns = rateIn(samples, idle, (s) => s.guestWrites?.ns);
+  const ops = rateIn(samples, idle, (s) => (s.guestWrites ? s.guestWrites.ops + s.guestWrites.flushes : undefined));
+  const copy = rateOver(samples, from, to, jobOffset);
+  return {
+    busyMiBs: ((b) => (b === null ? null : b / MiB))(rateIn(samples, busy, guestBytes)),
+    trickleFlushesPerS: flushes,
+    trickleMs: ns !== null && ops ? ns / ops / 1e6 : null,
+    quietMiBs: phased ? ((q) => (q === null ? null : q / MiB))(rateIn(samples, quiet, jobOffset)) : null,
+    copyMiBs: copy === undefined ? null : copy / MiB,
+  };
+}
+
+async function main(): Promise<void> {
+  const base = await mkdtemp(path.join(os.tmpdir(), 'ic-profiles-'));
+  const results: RunResult[] = [];
+  const lab = new GuestLab();
+  const started = new Date();
+  try {
+    const disk = path.join(base, 'disk.raw');
+    process.stderr.write(`making a ${sizeMiB} MiB allocated disk...\n`);
+    await makeDiskImage(disk, { sizeMiB, format: 'raw', fill: 'pattern' });
+    const keyFile = path.join(base, 'key');
+    await writeFile(keyFile, 'bench-passphrase\n', { mode: 0o600 });
+    for (const [m, text] of Object.entries(POLICY)) await writeFile(path.join(base, `${m}.yaml`), text);
+
+    for (const profile of profiles) {
+      const prof = PROFILES[profile];
+      const dir = path.join(base, profile);
+      await mkdir(dir);
+      // A state directory per profile: what (c) learns of this guest, and nothing else.
+      const stateDir = path.join(dir, 'state');
+      await mkdir(stateDir);
+      process.stderr.write(`${profile}: booting\n`);
+      const { vm, rec } = await lab.boot(dir, { name: `prof-${profile}`, disk, workload: prof.workload, params: prof.params, cache: 'none' });
+      await rec.poll({ intervalMs: 250, stats: true, jobs: true });
+      await sleep(30_000);
+      const copy = async (mode: Exclude<Mode, 'none'>, ms: number, tag: string) => {
+        const target = path.join(dir, `${tag}.luks`);
+        const run = new EncryptRun(
+          ['--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', '--policy', path.join(base, `${mode}.yaml`)],
+          path.join(dir, `${tag}.lp`),
+          { IDLECRYPT_STATE_DIR: stateDir },
+        );
+        // the window starts when the copy does (its "copying" record)
+        const t0 = now();
+        while (run.phaseAt('copying') === undefined && now() - t0 < 60_000) await sleep(100);
+        const from = run.phaseAt('copying') ?? t0;
+        await sleep(Math.max(0, from + ms - now()));
+        const to = now();
+        run.cli.child.kill('SIGINT');
+        const r = await run.result(60_000);
+        if (run.completed()) throw new Error(`${tag}: the copy completed within its window; use a larger --size-mib`);
+        await rm(target, { force: true });
+        const decisions: Record<string, number> = {};
+        for (const x of run.records()) {
+          if (x.event !== 'progress' || typeof x.mode !== 'string') continue;
+          const key = `${x.mode} ${String(x.reason ?? '').replace(/[\d.]+/g, '#')}`;
+          decisions[key] = (decisions[key] ?? 0) + 1;
+        }
+        await writeFile(path.join(dir, `${tag}.log`), run.cli.stdout() + run.cli.stderr());
+        process.stderr.write(`  ${tag}: exit ${r.code}\n`);
+        return { from, to, decisions };
+      };
+      process.stderr.write(`${profile}: warm-up under (c), 75 s\n`);
+      await copy('learnt', 75_000, 'warmup');
+      await sleep(5000);
+      for (let round = 1; round <= rounds; round++) {
+        const order = round % 2 === 1 ? modes : [...modes].reverse();
+        for (const mode of order) {
+          const tag = `${mode}-r${round}`;
+          let from: number;
+          let to: number;
+          let decisions: Record<string, number> | undefined;
+          if (mode === 'none') {
+            from = now();
+            await sleep(windowMs);
+            to = now();
+          } else {
+            ({ from, to, decisions } = await copy(mode, windowMs, tag));
+          }
+          const m = measure(rec.samples, rec.phases(), prof.phased, from, to);
+          results.push({ profile, mode, round, from, to, ...m, ...(decisions ? { decisions } : {}) });
+          process.stderr.write(`  ${profile} ${tag}: busy ${m.busyMiBs?.toFixed(1)} MiB/s, copy ${m.copyMiBs?.toFixed(1)} MiB/s, quiet ${m.quietMiBs?.toFixed(1) ?? '-'}\n`);
+          await sleep(5000);
+        }
+      }
+      await lab.stopAll();
+    }
+  } finally {
+    await lab.stopAll();
+    await rm(base, { recursive: true, force: true });
+  }
+  await report(results, started);
+}
+
+function pct(x: number | null, ref: number | null): string {
+  return x === null || ref === null || ref === 0 ? '-' : `${Math.round((100 * x) / ref)}%`;
+}
+const f1 = (x: number | null | undefined): string => (x === null || x === undefined ? '-' : x.toFixed(1));
+
+async function report(results: RunResult[], started: Date): Promise<void> {
+  const rows = [['profile', 'mode', 'busy MiB/s (kept)', 'trickle flushes/s (kept)', 'trickle ms (vs a)', 'quiet copy MiB/s', 'copy MiB/s', '≈ time to 12 GiB']];
+  for (const profile of profiles) {
+    const of = (mode: Mode) => results.filter((r) => r.profile === profile && r.mode === mode);
+    // "kept": each run against (a) of its own round, then the median of those ratios
+    const kept = (mode: Mode, get: (r: RunResult) => number | null) =>
+      medianOf(of(mode).map((r) => {
+        const ref = results.find((x) => x.profile === profile && x.mode === 'none' && x.round === r.round);
+        const a = get(r);
+        const b = ref ? get(ref) : null;
+        return a === null || b === null || b === 0 ? null : a / b;
+      }));
+    for (const mode of modes) {
+      const rs = of(mode);
+      const busy = medianOf(rs.map((r) => r.busyMiBs));
+      const copy = medianOf(rs.map((r) => r.copyMiBs));
+      const keptBusy = mode === 'none' ? null : kept(mode, (r) => r.busyMiBs);
+      const keptTrickle = mode === 'none' ? null : kept(mode, (r) => r.trickleFlushesPerS);
+      const trickleRise = mode === 'none' ? null : kept(mode, (r) => r.trickleMs);
+      const size = Number(args['size-mib']);
+      rows.push([
+        profile,
+        LABEL[mode],
+        `${f1(busy)}${keptBusy === null ? '' : ` (${pct(keptBusy, 1)})`}`,
+        profile === 'noisy' ? `${f1(medianOf(rs.map((r) => r.trickleFlushesPerS)))}${keptTrickle === null ? '' : ` (${pct(keptTrickle, 1)})`}` : '-',
+        profile === 'noisy' ? `${f1(medianOf(rs.map((r) => r.trickleMs)))}${trickleRise === null ? '' : ` (${pct(trickleRise, 1)})`}` : '-',
+        mode === 'none' ? '-' : f1(medianOf(rs.map((r) => r.quietMiBs))),
+        mode === 'none' ? '-' : f1(copy),
+        mode === 'none' || !copy ? '-' : `${Math.round(size / copy / 60)} min`,
+      ]);
+    }
+  }
+  console.log(textTable(rows));
+  await mkdir(args.out, { recursive: true });
+  const stamp = started.toISOString().replace(/[:.]/g, '-');
+  await writeFile(path.join(args.out, `profiles-${stamp}.json`), JSON.stringify({ args, results }, null, 2));
+  const md = [
+    `# Three guest profiles under idlecrypt's moderation (issue 12)`,
+    '',
+    `Run ${started.toISOString()} on ${os.hostname()} (${os.cpus().length} CPUs): ${rounds} rounds of ${windowMs / 1000} s windows, ${sizeMiB} MiB disk, cache=none, TCG.`,
+    `Command: \`node --import tsx bench/profiles.ts ${process.argv.slice(2).join(' ')}\``,
+    '',
+    mdTable(rows),
+    '',
+    '## Every run',
+    '',
+    mdTable([
+      ['profile', 'mode', 'round', 'busy MiB/s', 'trickle flushes/s', 'trickle ms', 'quiet copy MiB/s', 'copy MiB/s', 'decisions (progress records)'],
+      ...results.map((r) => [
+        r.profile,
+        r.mode,
+        String(r.round),
+        f1(r.busyMiBs),
+        f1(r.trickleFlushesPerS),
+        r.trickleMs === null ? '-' : r.trickleMs.toFixed(2),
+        f1(r.quietMiBs),
+        f1(r.copyMiBs),
+        r.decisions
+          ? Object.entries(r.decisions)
+              .sort((a, b) => b[1] - a[1])
+              .slice(0, 3)
+              .map(([k, n]) => `${n}× ${k.slice(0, 70)}`)
+              .join('; ')
+          : '',
+      ]),
+    ]),
+    '',
+  ].join('\n');
+  await writeFile(path.join(args.out, 'profiles-report.md'), md);
+  process.stderr.write(`wrote ${path.join(args.out, 'profiles-report.md')}\n`);
+}
+
+await main();
