@@ -38,7 +38,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { makeDiskImage, type Workload } from '../vm-images/launch.ts';
-import { EncryptRun, GuestLab, MiB, counterAt, guestBytes, jobOffset, mdTable, medianOf, now, rateOver, textTable, type Phase, type Sample } from '../test/helpers/moderation-lab.ts';
+import { EncryptRun, GuestLab, MiB, counterAt, guestBytes, jobOffset, mdTable, medianOf, now, textTable, type Phase, type Sample } from '../test/helpers/moderation-lab.ts';
 
 const { values: args } = parseArgs({
   options: {
@@ -105,8 +105,8 @@ function rateIn(samples: readonly Sample[], parts: readonly [number, number][], 
   let d = 0;
   let ms = 0;
   for (const [a, b] of parts) {
-    const x = counterAt(samples, a, get);
-    const y = counterAt(samples, b, get);
+    const x = counterAt(samples, a, get, 1000);
+    const y = counterAt(samples, b, get, 1000);
     if (x === undefined || y === undefined) continue;
     d += y - x;
     ms += b - a;
@@ -121,7 +121,10 @@ function measure(samples: readonly Sample[], phases: readonly Phase[], phased: b
   const flushes = rateIn(samples, idle, (s) => s.guestWrites?.flushes);
   const ns = rateIn(samples, idle, (s) => s.guestWrites?.ns);
   const ops = rateIn(samples, idle, (s) => (s.guestWrites ? s.guestWrites.ops + s.guestWrites.flushes : undefined));
-  const copy = rateOver(samples, from, to, jobOffset);
+  // The window's ends lie within a poll (250 ms) of the first and last job samples.
+  const c0 = counterAt(samples, from, jobOffset, 1000);
+  const c1 = counterAt(samples, to, jobOffset, 1000);
+  const copy = c0 === undefined || c1 === undefined ? undefined : (c1 - c0) / ((to - from) / 1000);
   return {
     busyMiBs: ((b) => (b === null ? null : b / MiB))(rateIn(samples, busy, guestBytes)),
     trickleFlushesPerS: flushes,
@@ -199,10 +202,11 @@ async function main(): Promise<void> {
           } else {
             ({ from, to, decisions } = await copy(mode, windowMs, tag));
           }
+          await sleep(1000); // the polls just after the window, which its end is read between
           const m = measure(rec.samples, rec.phases(), prof.phased, from, to);
           results.push({ profile, mode, round, from, to, ...m, ...(decisions ? { decisions } : {}) });
           process.stderr.write(`  ${profile} ${tag}: busy ${m.busyMiBs?.toFixed(1)} MiB/s, copy ${m.copyMiBs?.toFixed(1)} MiB/s, quiet ${m.quietMiBs?.toFixed(1) ?? '-'}\n`);
-          await sleep(5000);
+          await sleep(4000);
         }
       }
       await lab.stopAll();
@@ -287,8 +291,9 @@ async function report(results: RunResult[], started: Date): Promise<void> {
     ]),
     '',
   ].join('\n');
-  await writeFile(path.join(args.out, 'profiles-report.md'), md);
-  process.stderr.write(`wrote ${path.join(args.out, 'profiles-report.md')}\n`);
+  const file = path.join(args.out, `profiles-report-${stamp}.md`);
+  await writeFile(file, md);
+  process.stderr.write(`wrote ${file}\n`);
 }
 
 await main();

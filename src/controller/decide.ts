@@ -354,9 +354,13 @@ export interface Push {
 
 export interface PushMemory {
   readonly key: string;
-  /** Progress over the last PEAK_WINDOW_MS, for the copy's speed at its fastest. */
+  /** Progress over the last two PEAK_SPAN_MS, for the copy's speed. */
   readonly history: readonly { time: number; offset: number }[];
-  /** The fastest the copy went (bytes/s over PEAK_SPAN_MS or more) in the last PEAK_WINDOW_MS. */
+  /**
+   * The fastest the copy has gone (bytes/s over PEAK_SPAN_MS or more). Kept for the whole
+   * job: a guest that keeps the copy paused for hours must not make it forget its speed.
+   * A peak the host no longer gives makes a push that does not catch up: bounded all the same.
+   */
   readonly peakBps: number;
   /** Since when the work left has stayed within one push; null while it has not. */
   readonly nearSince: number | null;
@@ -366,14 +370,13 @@ export interface PushMemory {
 }
 
 export const INITIAL_PUSH: PushMemory = { key: '', history: [], peakBps: 0, nearSince: null, push: null, quietUntil: -Infinity };
-const PEAK_WINDOW_MS = 5 * 60_000;
 const PEAK_SPAN_MS = 1000;
 
 /**
  * One progress sample → whether to push. Pure. A copy whose guest re-dirties blocks faster
  * than its idle time copies them never catches up (READY) while it is paused for the guest;
  * once the work left has stayed within what `pivot.push` of full speed copies (at the
- * fastest the copy went in the last 5 minutes) for `pivot.push-after`, the copy runs at
+ * fastest the copy has gone) for `pivot.push-after`, the copy runs at
  * full speed for at most `pivot.push`, whatever the guest does (but for a person at the
  * console), then not again for `push-after`. A push that reaches READY ends at once: the
  * pivot's own wait for a quiet moment takes over (encrypt.ts).
@@ -382,9 +385,9 @@ export function pushStep(mem: PushMemory, sample: JobProgress & { time: number }
   const key = JSON.stringify([p.push, p['push-after']]);
   const m = mem.key === key ? mem : { ...INITIAL_PUSH, key };
   const now = sample.time;
-  const history = [...m.history.filter((h) => h.time > now - PEAK_WINDOW_MS), { time: now, offset: sample.offset }];
+  const history = [...m.history.filter((h) => h.time > now - 2 * PEAK_SPAN_MS), { time: now, offset: sample.offset }];
   // The peak: the newest sample against the latest one at least PEAK_SPAN_MS older.
-  let peakBps = m.history.length && m.history[0]!.time <= now - PEAK_WINDOW_MS ? 0 : m.peakBps;
+  let peakBps = m.peakBps;
   for (let i = history.length - 2; i >= 0; i--) {
     const h = history[i]!;
     if (now - h.time >= PEAK_SPAN_MS) {

@@ -476,6 +476,13 @@ describe('the convergence push (pivot.push)', () => {
     assert.equal(pushing.length, 8);
   });
 
+  test('the speed is remembered while the copy sits paused: a guest busy for 10 minutes gets a push every push-after', () => {
+    const stuck = feed(fast, 10_250, 610_000, 0, () => 300 * MiB);
+    const starts = stuck.filter((m, i) => m.push !== null && stuck[i - 1]?.push === null).length;
+    assert.equal(starts, 4); // at 130 s, 252 s, 374 s, 496 s
+    assert.equal(Math.round(stuck.at(-1)!.peakBps / MiB), 400);
+  });
+
   test('a copy far from done (more than one push of work left) is not pushed', () => {
     const far = feed(fast, 10_250, 250_000, 0, () => 900 * MiB);
     assert.ok(far.every((m) => m.push === null && m.nearSince === null));
