@@ -157,8 +157,9 @@ export class Reconciler {
       this.log.debug({ capBps: d.headroom.capBps, load: d.headroom.load }, 'moderation: headroom cap');
       return;
     }
-    // The latency control judges twice a second: a new reading at the same speed is not news.
-    if (prev && prev.state === d.state && prev.mode === d.mode && prev.speed === d.speed && d.latency) {
+    // The latency control judges twice a second and moves a graded speed up or down by a
+    // step each time: only a change of state or mode (paused, throttled, full) is news.
+    if (prev && prev.state === d.state && prev.mode === d.mode && d.latency) {
       this.log.debug({ latency: d.latency }, `moderation: ${d.latency.note}`);
       return;
     }

@@ -74,7 +74,7 @@ export const moderationShape = {
   latency: section({
     /** 0.15 = 15%; null = off (the busy speed applies, as without it). */
     margin: scalar(parseLatencyMargin),
-    /** ms of graded copying after which the copy pauses for one judgement to measure the baseline again. */
+    /** ms of graded copying after which the copy pauses (until a settled quiet judgement, 1-1.5 s) to measure the baseline again. */
     refresh: scalar(parseDuration),
   }),
   /** The pivot onto the encrypted image once the copy has caught up (READY). */
