@@ -63,6 +63,8 @@ import {
   MiB,
   counterAt,
   firstCaughtUp,
+  phaseWindows,
+  rateIn,
   firstRequestAt,
   guestBytes,
   jobOffset,
@@ -199,29 +201,10 @@ interface Run {
 }
 
 /** Σ counter increase / Σ time over the parts of `windows`; null if none. */
-function rateIn(samples: readonly Sample[], windows: { from: number; to: number }[], get: (s: Sample) => number | undefined): number | null {
-  let bytes = 0;
-  let ms = 0;
-  for (const w of windows) {
-    if (w.to - w.from < 300) continue;
-    const a = counterAt(samples, w.from, get, EDGE_MS);
-    const b = counterAt(samples, w.to, get, EDGE_MS);
-    if (a === undefined || b === undefined) continue;
-    bytes += b - a;
-    ms += w.to - w.from;
-  }
-  return ms > 0 ? bytes / (ms / 1000) : null;
-}
-
 /** Counters at the ends of a run's windows may lie up to one poll's midpoint outside its samples. */
 const EDGE_MS = 200;
-
-function clip(phases: Phase[], kind: 'idle' | 'busy', from: number, to: number, skipMs = 0): { from: number; to: number }[] {
-  return phases
-    .filter((p) => p.kind === kind)
-    .map((p) => ({ from: Math.max(p.start + skipMs, from), to: Math.min(p.end, to) }))
-    .filter((w) => w.to > w.from);
-}
+/** Windows shorter than this (a phase the run's edge cuts) are left out of rates. */
+const WINDOW = { edgeMs: EDGE_MS, minMs: 300 };
 
 function binned(samples: readonly Sample[], get: (s: Sample) => number | undefined, t0: number, t1: number, binMs: number): (number | null)[] {
   const out: (number | null)[] = [];
@@ -336,11 +319,11 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
       totalS,
       extrapolated,
       bytesCopied,
-      guestBusyBps: rateIn(rec.samples, clip(phases, 'busy', from, to), guestBytes),
-      guestIdleBps: rateIn(rec.samples, clip(phases, 'idle', from, to), guestBytes),
-      jobIdleBps: run ? rateIn(rec.samples, clip(phases, 'idle', active.from, active.to), jobOffset) : null,
-      jobIdleAfterHoldoffBps: run ? rateIn(rec.samples, clip(phases, 'idle', active.from, active.to, AFTER_HOLDOFF_MS), jobOffset) : null,
-      jobBusyBps: run ? rateIn(rec.samples, clip(phases, 'busy', active.from, active.to), jobOffset) : null,
+      guestBusyBps: rateIn(rec.samples, phaseWindows(phases, 'busy', from, to), guestBytes, WINDOW),
+      guestIdleBps: rateIn(rec.samples, phaseWindows(phases, 'idle', from, to), guestBytes, WINDOW),
+      jobIdleBps: run ? rateIn(rec.samples, phaseWindows(phases, 'idle', active.from, active.to), jobOffset, WINDOW) : null,
+      jobIdleAfterHoldoffBps: run ? rateIn(rec.samples, phaseWindows(phases, 'idle', active.from, active.to, AFTER_HOLDOFF_MS), jobOffset, WINDOW) : null,
+      jobBusyBps: run ? rateIn(rec.samples, phaseWindows(phases, 'busy', active.from, active.to), jobOffset, WINDOW) : null,
       reactionsMs,
       reactionsFromRequestMs,
       reactionsSkipped: reactions.length - reactionsMs.length,

@@ -38,7 +38,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { makeDiskImage, type Workload } from '../vm-images/launch.ts';
-import { EncryptRun, GuestLab, MiB, counterAt, guestBytes, jobOffset, mdTable, medianOf, now, textTable, type Phase, type Sample } from '../test/helpers/moderation-lab.ts';
+import { EncryptRun, GuestLab, MiB, guestBytes, jobOffset, mdTable, medianOf, now, phaseWindows, rateIn, textTable, type Phase, type Sample } from '../test/helpers/moderation-lab.ts';
 
 const { values: args } = parseArgs({
   options: {
@@ -88,49 +88,23 @@ interface RunResult {
   decisions?: Record<string, number>;
 }
 
-/** The parts of [from, to] that lie in phases of `kind` (from `skipMs` into each). */
-function stretches(phases: readonly Phase[], kind: 'idle' | 'busy', from: number, to: number, skipMs = 0): [number, number][] {
-  const out: [number, number][] = [];
-  for (const p of phases) {
-    if (p.kind !== kind) continue;
-    const a = Math.max(from, p.start + skipMs);
-    const b = Math.min(to, p.end);
-    if (b - a > 500) out.push([a, b]);
-  }
-  return out;
-}
-
-/** Sum of a counter's growth over the stretches, per second of them. */
-function rateIn(samples: readonly Sample[], parts: readonly [number, number][], get: (s: Sample) => number | undefined): number | null {
-  let d = 0;
-  let ms = 0;
-  for (const [a, b] of parts) {
-    const x = counterAt(samples, a, get, 1000);
-    const y = counterAt(samples, b, get, 1000);
-    if (x === undefined || y === undefined) continue;
-    d += y - x;
-    ms += b - a;
-  }
-  return ms > 0 ? d / (ms / 1000) : null;
-}
+/** A window's ends lie within a poll of the samples around them; parts under 0.5 s are left out. */
+const WINDOW = { edgeMs: 1000, minMs: 500 };
+const mib = (bps: number | null): number | null => (bps === null ? null : bps / MiB);
 
 function measure(samples: readonly Sample[], phases: readonly Phase[], phased: boolean, from: number, to: number) {
-  const busy = phased ? stretches(phases, 'busy', from, to) : [[from, to] as [number, number]];
-  const idle = phased ? stretches(phases, 'idle', from, to) : [];
-  const quiet = phased ? stretches(phases, 'idle', from, to, 1500) : [];
-  const flushes = rateIn(samples, idle, (s) => s.guestWrites?.flushes);
-  const ns = rateIn(samples, idle, (s) => s.guestWrites?.ns);
-  const ops = rateIn(samples, idle, (s) => (s.guestWrites ? s.guestWrites.ops + s.guestWrites.flushes : undefined));
-  // The window's ends lie within a poll (250 ms) of the first and last job samples.
-  const c0 = counterAt(samples, from, jobOffset, 1000);
-  const c1 = counterAt(samples, to, jobOffset, 1000);
-  const copy = c0 === undefined || c1 === undefined ? undefined : (c1 - c0) / ((to - from) / 1000);
+  const busy = phased ? phaseWindows(phases, 'busy', from, to) : [{ from, to }];
+  const idle = phased ? phaseWindows(phases, 'idle', from, to) : [];
+  const quiet = phased ? phaseWindows(phases, 'idle', from, to, 1500) : [];
+  const flushes = rateIn(samples, idle, (s) => s.guestWrites?.flushes, WINDOW);
+  const ns = rateIn(samples, idle, (s) => s.guestWrites?.ns, WINDOW);
+  const ops = rateIn(samples, idle, (s) => (s.guestWrites ? s.guestWrites.ops + s.guestWrites.flushes : undefined), WINDOW);
   return {
-    busyMiBs: ((b) => (b === null ? null : b / MiB))(rateIn(samples, busy, guestBytes)),
+    busyMiBs: mib(rateIn(samples, busy, guestBytes, WINDOW)),
     trickleFlushesPerS: flushes,
     trickleMs: ns !== null && ops ? ns / ops / 1e6 : null,
-    quietMiBs: phased ? ((q) => (q === null ? null : q / MiB))(rateIn(samples, quiet, jobOffset)) : null,
-    copyMiBs: copy === undefined ? null : copy / MiB,
+    quietMiBs: phased ? mib(rateIn(samples, quiet, jobOffset, WINDOW)) : null,
+    copyMiBs: mib(rateIn(samples, [{ from, to }], jobOffset, WINDOW)),
   };
 }
 

@@ -51,7 +51,8 @@ export interface Calibration {
 
 export const EMPTY_CALIBRATION: Calibration = { seconds: [], learnt: {}, learntAt: 0 };
 
-function percentile(sorted: readonly number[], p: number): number {
+/** The nearest-rank `p`th percentile of sorted values (0 for none). */
+export function percentile(sorted: readonly number[], p: number): number {
   if (sorted.length === 0) return 0;
   const i = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
   return sorted[i]!;

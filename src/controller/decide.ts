@@ -436,9 +436,10 @@ export function convergence(policy$: Observable<EffectivePolicy>, scheduler: Sch
 export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee, lat?: LatencyView, push?: Push | null): Decision {
   let speed = s.state === 'idle' ? p.speed.idle : p.speed.busy;
   const why = [s.reason];
+  const shown = lat !== undefined && p.latency.margin !== null ? { latency: lat } : {};
   if (push && !s.urgent) {
     // The last stretch, at full speed for a bounded time: the copy converges.
-    return { mode: 'full', speed: 0, state: s.state, reason: `${s.reason}; ${push.note}`, ...(lat !== undefined && p.latency.margin !== null ? { latency: lat } : {}) };
+    return { mode: 'full', speed: 0, state: s.state, reason: `${s.reason}; ${push.note}`, ...shown };
   }
   // A guest busy with its disk (not a person, not a stall) gets the speed its latency allows.
   const graded = lat !== undefined && p.latency.margin !== null && s.state !== 'idle' && !s.urgent;
@@ -461,7 +462,6 @@ export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee
   }
   const reason = why.join('; ');
   const raised = g.requiredBps > 0 && g.requiredBps >= speed ? { guaranteed: true as const } : {};
-  const shown = lat !== undefined && p.latency.margin !== null ? { latency: lat } : {};
   if (speed === UNLIMITED) return { mode: 'full', speed: 0, state: s.state, reason, ...raised, ...shown };
   if (speed === PAUSED) return { mode: 'paused', speed: 0, state: s.state, reason, ...shown };
   return { mode: 'throttled', speed: Math.round(speed), state: s.state, reason, ...raised, ...shown };

@@ -37,6 +37,7 @@
  * not judged by latency: they get the busy speed at once, as without this.
  */
 import { formatSpeed } from '../policy/units.ts';
+import { percentile } from './calibrate.ts';
 
 export const OP_KINDS = ['read', 'write', 'flush'] as const;
 export type OpKind = (typeof OP_KINDS)[number];
@@ -161,10 +162,7 @@ export interface LatencyContext {
  * The latency baseline is the lower quartile of the quiet means: a quiet judgement can only
  * be slowed by what else the host does, never sped up, so the low ones are the guest's own.
  */
-const lowerQuartile = (xs: readonly number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor((s.length - 1) / 4)]!;
-};
+const lowerQuartile = (xs: readonly number[]): number => percentile([...xs].sort((a, b) => a - b), 25);
 
 const median = (xs: readonly number[]): number => {
   const s = [...xs].sort((a, b) => a - b);

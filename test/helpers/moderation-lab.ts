@@ -256,6 +256,33 @@ export function rateOver(samples: readonly Sample[], from: number, to: number, g
   return (b - a) / ((to - from) / 1000);
 }
 
+/** The parts of [from, to] that lie in phases of `kind`, each from `skipMs` into its phase. */
+export function phaseWindows(phases: readonly Phase[], kind: 'idle' | 'busy', from: number, to: number, skipMs = 0): { from: number; to: number }[] {
+  return phases
+    .filter((p) => p.kind === kind)
+    .map((p) => ({ from: Math.max(p.start + skipMs, from), to: Math.min(p.end, to) }))
+    .filter((w) => w.to > w.from);
+}
+
+/**
+ * A cumulative counter's growth over the windows, per second of them; windows shorter than
+ * `minMs`, or whose ends the samples do not cover (within `edgeMs`, see counterAt), are left
+ * out. Null when none is left.
+ */
+export function rateIn(samples: readonly Sample[], windows: readonly { from: number; to: number }[], get: (s: Sample) => number | undefined, o: { edgeMs: number; minMs: number }): number | null {
+  let d = 0;
+  let ms = 0;
+  for (const w of windows) {
+    if (w.to - w.from < o.minMs) continue;
+    const a = counterAt(samples, w.from, get, o.edgeMs);
+    const b = counterAt(samples, w.to, get, o.edgeMs);
+    if (a === undefined || b === undefined) continue;
+    d += b - a;
+    ms += w.to - w.from;
+  }
+  return ms > 0 ? d / (ms / 1000) : null;
+}
+
 export const guestBytes = (s: Sample): number | undefined => s.guestBytes;
 /** The job's copied bytes (offset); undefined when the poll saw no job. */
 export const jobOffset = (s: Sample): number | undefined => s.job?.offset;
