@@ -4,6 +4,8 @@
  *   (b) the fixed thresholds (the shipped policy),
  *   (c) the learnt thresholds (`thresholds: auto`),
  *   (d) the latency-driven speed (`latency.margin: 15%`, fixed thresholds),
+ *   (e) both (`thresholds: auto` and `latency.margin: 15%`): the learnt thresholds call the
+ *       trickle idle, and the latency grades the idle copy beside it,
  * every policy without a deadline (`guarantee.deadline: none`), so that what the copy gets
  * is moderation's alone.
  *
@@ -25,6 +27,10 @@
  *                    (never-idle: the whole window); "kept" is against (a) in the same round
  *   trickle /s, ms   noisy: the guest's flushes per second and the mean time QEMU took for
  *                    its writes and flushes, over the idle phases (only the trickle runs)
+ *   trickle p50/p90  noisy: the median and 90th percentile of its writes' latency in QEMU,
+ *                    and the median of its flushes', over the idle phases, from the latency
+ *                    histograms QEMU keeps on the guest's disk from boot (block-latency-
+ *                    histogram-set, 10% buckets, interpolated)
  *   quiet MiB/s      the copy's speed over the idle phases, each from 1.5 s in (after the
  *                    window and hold-off); never-idle has none
  *   copy MiB/s       the copy's average over the window; "≈ time" = disk / that
@@ -38,7 +44,8 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { makeDiskImage, type Workload } from '../vm-images/launch.ts';
-import { EncryptRun, GuestLab, MiB, guestBytes, jobOffset, mdTable, medianOf, now, phaseWindows, rateIn, textTable, type Phase, type Sample } from '../test/helpers/moderation-lab.ts';
+import { histogramQuantile } from '../src/controller/latency.ts';
+import { EncryptRun, GuestLab, MiB, guestBytes, histIn, jobOffset, mdTable, medianOf, now, phaseWindows, rateIn, textTable, type Phase, type Sample } from '../test/helpers/moderation-lab.ts';
 
 const { values: args } = parseArgs({
   options: {
@@ -46,12 +53,12 @@ const { values: args } = parseArgs({
     'window-s': { type: 'string', default: '40' },
     'size-mib': { type: 'string', default: '12288' },
     profiles: { type: 'string', default: 'bursty,noisy,never-idle' },
-    modes: { type: 'string', default: 'none,fixed,learnt,latency' },
+    modes: { type: 'string', default: 'none,fixed,learnt,latency,both' },
     out: { type: 'string', default: 'bench/results' },
   },
 });
 
-type Mode = 'none' | 'fixed' | 'learnt' | 'latency';
+type Mode = 'none' | 'fixed' | 'learnt' | 'latency' | 'both';
 type ProfileName = 'bursty' | 'noisy' | 'never-idle';
 const PROFILES: Record<ProfileName, { workload: Workload; params: Record<string, number>; phased: boolean }> = {
   bursty: { workload: 'bursty', params: { idle: 8, busy: 8 }, phased: true },
@@ -62,8 +69,9 @@ const POLICY: Record<Exclude<Mode, 'none'>, string> = {
   fixed: 'guarantee:\n  deadline: none\n',
   learnt: 'thresholds: auto\nguarantee:\n  deadline: none\n',
   latency: 'latency:\n  margin: 15%\nguarantee:\n  deadline: none\n',
+  both: 'thresholds: auto\nlatency:\n  margin: 15%\nguarantee:\n  deadline: none\n',
 };
-const LABEL: Record<Mode, string> = { none: '(a) no job', fixed: '(b) fixed', learnt: '(c) learnt', latency: '(d) latency' };
+const LABEL: Record<Mode, string> = { none: '(a) no job', fixed: '(b) fixed', learnt: '(c) learnt', latency: '(d) latency', both: '(e) learnt + latency' };
 
 const rounds = Number(args.rounds);
 const windowMs = Number(args['window-s']) * 1000;
@@ -82,6 +90,10 @@ interface RunResult {
   busyMiBs: number | null;
   trickleFlushesPerS: number | null;
   trickleMs: number | null;
+  /** the trickle's write latency in QEMU, median and p90, and its flushes' median, ms */
+  writeP50: number | null;
+  writeP90: number | null;
+  flushP50: number | null;
   quietMiBs: number | null;
   copyMiBs: number | null;
   /** the copy's decisions, as the --json records said them: "mode reason" -> count */
@@ -99,10 +111,19 @@ function measure(samples: readonly Sample[], phases: readonly Phase[], phased: b
   const flushes = rateIn(samples, idle, (s) => s.guestWrites?.flushes, WINDOW);
   const ns = rateIn(samples, idle, (s) => s.guestWrites?.ns, WINDOW);
   const ops = rateIn(samples, idle, (s) => (s.guestWrites ? s.guestWrites.ops + s.guestWrites.flushes : undefined), WINDOW);
+  const wh = histIn(samples, idle, 'write');
+  const fh = histIn(samples, idle, 'flush');
+  const q = (h: typeof wh, p: number) => {
+    const x = h ? histogramQuantile(h.boundaries, h.bins, p) : undefined;
+    return x === undefined ? null : x / 1e6;
+  };
   return {
     busyMiBs: mib(rateIn(samples, busy, guestBytes, WINDOW)),
     trickleFlushesPerS: flushes,
     trickleMs: ns !== null && ops ? ns / ops / 1e6 : null,
+    writeP50: q(wh, 0.5),
+    writeP90: q(wh, 0.9),
+    flushP50: q(fh, 0.5),
     quietMiBs: phased ? mib(rateIn(samples, quiet, jobOffset, WINDOW)) : null,
     copyMiBs: mib(rateIn(samples, [{ from, to }], jobOffset, WINDOW)),
   };
@@ -130,7 +151,7 @@ async function main(): Promise<void> {
       await mkdir(stateDir);
       process.stderr.write(`${profile}: booting\n`);
       const { vm, rec } = await lab.boot(dir, { name: `prof-${profile}`, disk, workload: prof.workload, params: prof.params, cache: 'none' });
-      await rec.poll({ intervalMs: 250, stats: true, jobs: true });
+      await rec.poll({ intervalMs: 250, stats: true, jobs: true, histograms: true });
       await sleep(30_000);
       const copy = async (mode: Exclude<Mode, 'none'>, ms: number, tag: string) => {
         const target = path.join(dir, `${tag}.luks`);
@@ -196,9 +217,10 @@ function pct(x: number | null, ref: number | null): string {
   return x === null || ref === null || ref === 0 ? '-' : `${Math.round((100 * x) / ref)}%`;
 }
 const f1 = (x: number | null | undefined): string => (x === null || x === undefined ? '-' : x.toFixed(1));
+const f2 = (x: number | null | undefined): string => (x === null || x === undefined ? '-' : x.toFixed(2));
 
 async function report(results: RunResult[], started: Date): Promise<void> {
-  const rows = [['profile', 'mode', 'busy MiB/s (kept)', 'trickle flushes/s (kept)', 'trickle ms (vs a)', 'quiet copy MiB/s', 'copy MiB/s', '≈ time to 12 GiB']];
+  const rows = [['profile', 'mode', 'busy MiB/s (kept)', 'trickle flushes/s (kept)', 'trickle mean ms (vs a)', 'write p50 ms (vs a)', 'write p90 ms (vs a)', 'flush p50 ms (vs a)', 'quiet copy MiB/s', 'copy MiB/s', '≈ time to 12 GiB']];
   for (const profile of profiles) {
     const of = (mode: Mode) => results.filter((r) => r.profile === profile && r.mode === mode);
     // "kept": each run against (a) of its own round, then the median of those ratios
@@ -216,13 +238,20 @@ async function report(results: RunResult[], started: Date): Promise<void> {
       const keptBusy = mode === 'none' ? null : kept(mode, (r) => r.busyMiBs);
       const keptTrickle = mode === 'none' ? null : kept(mode, (r) => r.trickleFlushesPerS);
       const trickleRise = mode === 'none' ? null : kept(mode, (r) => r.trickleMs);
+      const lat = (get: (r: RunResult) => number | null) => {
+        const vs = mode === 'none' ? null : kept(mode, get);
+        return profile === 'noisy' ? `${f2(medianOf(rs.map(get)))}${vs === null ? '' : ` (${pct(vs, 1)})`}` : '-';
+      };
       const size = Number(args['size-mib']);
       rows.push([
         profile,
         LABEL[mode],
         `${f1(busy)}${keptBusy === null ? '' : ` (${pct(keptBusy, 1)})`}`,
         profile === 'noisy' ? `${f1(medianOf(rs.map((r) => r.trickleFlushesPerS)))}${keptTrickle === null ? '' : ` (${pct(keptTrickle, 1)})`}` : '-',
-        profile === 'noisy' ? `${f1(medianOf(rs.map((r) => r.trickleMs)))}${trickleRise === null ? '' : ` (${pct(trickleRise, 1)})`}` : '-',
+        profile === 'noisy' ? `${f2(medianOf(rs.map((r) => r.trickleMs)))}${trickleRise === null ? '' : ` (${pct(trickleRise, 1)})`}` : '-',
+        lat((r) => r.writeP50),
+        lat((r) => r.writeP90),
+        lat((r) => r.flushP50),
         mode === 'none' ? '-' : f1(medianOf(rs.map((r) => r.quietMiBs))),
         mode === 'none' ? '-' : f1(copy),
         mode === 'none' || !copy ? '-' : `${Math.round(size / copy / 60)} min`,
@@ -244,7 +273,7 @@ async function report(results: RunResult[], started: Date): Promise<void> {
     '## Every run',
     '',
     mdTable([
-      ['profile', 'mode', 'round', 'busy MiB/s', 'trickle flushes/s', 'trickle ms', 'quiet copy MiB/s', 'copy MiB/s', 'decisions (progress records)'],
+      ['profile', 'mode', 'round', 'busy MiB/s', 'trickle flushes/s', 'trickle ms', 'write p50 / p90, flush p50 ms', 'quiet copy MiB/s', 'copy MiB/s', 'decisions (progress records)'],
       ...results.map((r) => [
         r.profile,
         r.mode,
@@ -252,6 +281,7 @@ async function report(results: RunResult[], started: Date): Promise<void> {
         f1(r.busyMiBs),
         f1(r.trickleFlushesPerS),
         r.trickleMs === null ? '-' : r.trickleMs.toFixed(2),
+        `${f2(r.writeP50)} / ${f2(r.writeP90)}, ${f2(r.flushP50)}`,
         f1(r.quietMiBs),
         f1(r.copyMiBs),
         r.decisions

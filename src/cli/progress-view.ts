@@ -49,7 +49,9 @@ function progressFields(p: Progress) {
                 latency_ms: p.moderation.latency.latencyMs,
                 latency_baseline_ms: p.moderation.latency.baselineMs,
                 latency_margin: p.moderation.latency.margin,
-                latency_speed_bps: p.moderation.latency.speedBps,
+                latency_speed_bps: Number.isFinite(p.moderation.latency.speedBps) ? p.moderation.latency.speedBps : null,
+                latency_scope: p.moderation.latency.scope,
+                latency_statistic: p.moderation.latency.statistic,
               }
             : {}),
         }

@@ -441,9 +441,12 @@ export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee
     // The last stretch, at full speed for a bounded time: the copy converges.
     return { mode: 'full', speed: 0, state: s.state, reason: `${s.reason}; ${push.note}`, ...shown };
   }
-  // A guest busy with its disk (not a person, not a stall) gets the speed its latency allows.
-  const graded = lat !== undefined && p.latency.margin !== null && s.state !== 'idle' && !s.urgent;
-  if (graded && lat.phase !== 'learning') speed = lat.speedBps > 0 ? lat.speedBps : PAUSED;
+  // A guest busy with its disk (not a person, not a stall), or idle by its thresholds but
+  // still doing requests, gets the speed its latency allows (for an idle one, at most the
+  // idle speed; while its baseline is learnt, the busy speed).
+  const graded = lat !== undefined && p.latency.margin !== null && !s.urgent && (s.state === 'idle') === (lat.scope === 'idle');
+  if (graded && lat.phase !== 'learning') speed = lat.speedBps > 0 ? Math.min(lat.speedBps, s.state === 'idle' ? p.speed.idle : UNLIMITED) : PAUSED;
+  else if (graded && s.state === 'idle') speed = p.speed.busy;
   if (graded) why.push(lat.note);
   if (p.guarantee.floor > speed) {
     speed = p.guarantee.floor;
@@ -505,7 +508,7 @@ export function latencyControl(
       withLatestFrom(state$, policy$, offset$),
       scan((mem: LatencyMemory, [sample, st, p, offset]) => {
         if (p.latency.margin === null) return INITIAL_LATENCY;
-        return latencyStep(mem, sample, { offset, active: st.state !== 'idle' && !st.urgent, margin: p.latency.margin, refreshMs: p.latency.refresh });
+        return latencyStep(mem, sample, { offset, active: st.state !== 'idle' && !st.urgent, idle: st.state === 'idle', margin: p.latency.margin, refreshMs: p.latency.refresh });
       }, INITIAL_LATENCY),
       map((m) => m.view),
       filter((v): v is LatencyView => v !== null),

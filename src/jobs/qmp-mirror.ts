@@ -8,7 +8,7 @@
 import type { QmpClient } from '../qmp/client.ts';
 import type { JobControl, JobSnapshot, JobStatus } from './types.ts';
 import type { LatencyTotals } from '../controller/latency.ts';
-import { blockstatsLatency } from '../probes/qmp-blockstats.ts';
+import { blockstatsLatency, keepLatencyHistograms } from '../probes/qmp-blockstats.ts';
 
 export interface MirrorOptions {
   readonly jobId: string;
@@ -26,6 +26,9 @@ export interface MirrorOptions {
 
 export class QmpMirrorJob implements JobControl {
   readonly canPause = true;
+
+  /** Latency histograms asked for (on the first latency reading). */
+  private histograms = false;
 
   private constructor(
     private readonly client: QmpClient,
@@ -89,10 +92,17 @@ export class QmpMirrorJob implements JobControl {
 
   /**
    * The guest's disk requests and their time in QEMU (query-blockstats: only the guest's
-   * devices are listed; the mirror's own I/O is not accounted).
+   * devices are listed; the mirror's own I/O is not accounted). The first reading also has
+   * QEMU keep latency histograms on them (keepLatencyHistograms), which the next ones carry:
+   * the control judges their median (controller/latency.ts).
    */
   async latency(): Promise<LatencyTotals> {
-    return blockstatsLatency(await this.client.execute('query-blockstats'));
+    const stats = await this.client.execute('query-blockstats');
+    if (!this.histograms) {
+      this.histograms = true;
+      await keepLatencyHistograms(this.client, stats);
+    }
+    return blockstatsLatency(stats);
   }
 
   /** Pivot the guest onto the target. Only valid in READY; a paused mirror cannot complete. */

@@ -125,10 +125,10 @@ export const MEASUREMENTS = {
       holdoff_s: { type: 'float', unit: 's', description: 'policy holdoff in force' },
       learnt_disk_level_per_s: { type: 'float', unit: 'requests/s', description: "the guest's background disk rate learnt with `thresholds.disk: auto`; absent while learning or when not auto" },
       learnt_interrupts_level_per_s: { type: 'float', unit: 'interrupts/s', description: "the guest's background interrupt rate learnt with `thresholds.interrupts: auto`; absent while learning or when not auto" },
-      latency_ms: { type: 'float', unit: 'ms', description: "with `latency.margin`: the guest's mean disk request latency in QEMU at the controller's last judgement (query-blockstats); absent when off" },
+      latency_ms: { type: 'float', unit: 'ms', description: "with `latency.margin`: the guest's disk request latency in QEMU at the controller's last judgement (query-blockstats: the median per kind of request where QEMU keeps a histogram, else the mean; weighted by the mix); absent when off" },
       latency_baseline_ms: { type: 'float', unit: 'ms', description: "with `latency.margin`: the guest's latency without the copy, for the same mix of reads, writes and flushes; absent while learning or when off" },
       latency_limit_ms: { type: 'float', unit: 'ms', description: 'with `latency.margin`: the baseline raised by the margin, which the graded copy keeps the guest under; absent while learning or when off' },
-      latency_speed_bps: { type: 'integer', unit: 'bytes/s', description: 'with `latency.margin`: the speed the latency allows a guest busy with its disk (0 = paused); absent when off' },
+      latency_speed_bps: { type: 'integer', unit: 'bytes/s', description: 'with `latency.margin`: the speed the latency allows a guest busy with its disk, or idle but doing requests (0 = paused); absent when off or while an idle guest has the idle speed' },
     },
   },
   job: {
@@ -345,7 +345,7 @@ export function moderationPoint(
     latency_ms: m.latency?.latencyMs ?? null,
     latency_baseline_ms: m.latency?.baselineMs ?? null,
     latency_limit_ms: m.latency && m.latency.baselineMs !== null ? m.latency.baselineMs * (1 + m.latency.margin) : null,
-    latency_speed_bps: m.latency ? Math.round(m.latency.speedBps) : null,
+    latency_speed_bps: m.latency && Number.isFinite(m.latency.speedBps) ? Math.round(m.latency.speedBps) : null,
   });
 }
 

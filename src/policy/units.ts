@@ -121,7 +121,7 @@ export function parseHeadroom(v: unknown): Parsed<number | null> {
   return ok(n);
 }
 
-/** latency.margin: off, or how far the guest's mean disk latency may rise over its baseline (1% to 500%). */
+/** latency.margin: off, or how far the guest's typical (median, or mean) disk latency may rise over its baseline (1% to 500%). */
 export function parseLatencyMargin(v: unknown): Parsed<number | null> {
   if (v === 'off' || v === null) return ok(null);
   let n: number | undefined;

@@ -18,7 +18,7 @@ import { describeError } from '../errors.ts';
 import { silentLogger, type Logger } from '../log.ts';
 import type { VmInfo } from '../discovery/types.ts';
 import type { CounterKey, Totals } from './counters.ts';
-import type { LatencyTotals } from '../controller/latency.ts';
+import { HISTOGRAM_BOUNDARIES, OP_KINDS, type Histogram, type LatencyTotals, type OpKind } from '../controller/latency.ts';
 
 /** The counters this source measures. */
 export const QMP_MEASURED: ReadonlySet<CounterKey> = new Set(['diskReads', 'diskWrites', 'diskFlushes', 'diskDiscards']);
@@ -38,11 +38,15 @@ export function blockstatsTotals(stats: readonly BlockStats[]): Totals {
 /**
  * The guest's requests and the time QEMU took for them (block_acct_start to block_acct_done),
  * per kind, summed over its devices: the latency control's input (controller/latency.ts).
- * Discards are left out: they take no time worth judging and come in bursts.
+ * Discards are left out: they take no time worth judging and come in bursts. A kind's
+ * latency histogram is summed too where every device keeps one with the same buckets
+ * (block-latency-histogram-set); else that kind has none.
  */
 export function blockstatsLatency(stats: readonly BlockStats[]): LatencyTotals {
   const ops = { read: 0, write: 0, flush: 0 };
   const ns = { read: 0, write: 0, flush: 0 };
+  const field = { read: 'rd_latency_histogram', write: 'wr_latency_histogram', flush: 'flush_latency_histogram' } as const;
+  const hist: Partial<Record<OpKind, { boundaries: readonly number[]; bins: number[] } | null>> = {};
   for (const s of stats) {
     ops.read += s.stats.rd_operations;
     ops.write += s.stats.wr_operations;
@@ -50,8 +54,43 @@ export function blockstatsLatency(stats: readonly BlockStats[]): LatencyTotals {
     ns.read += s.stats.rd_total_time_ns;
     ns.write += s.stats.wr_total_time_ns;
     ns.flush += s.stats.flush_total_time_ns;
+    for (const k of OP_KINDS) {
+      const h = s.stats[field[k]];
+      const acc = hist[k];
+      if (acc === null) continue;
+      if (!h) hist[k] = null;
+      else if (acc === undefined) hist[k] = { boundaries: h.boundaries, bins: [...h.bins] };
+      else if (acc.boundaries.length !== h.boundaries.length || acc.boundaries.some((b, i) => b !== h.boundaries[i])) hist[k] = null;
+      else h.bins.forEach((x, i) => (acc.bins[i]! += x));
+    }
   }
-  return { ops, ns };
+  const kept: Partial<Record<OpKind, Histogram>> = {};
+  for (const k of OP_KINDS) if (hist[k]) kept[k] = hist[k];
+  return Object.keys(kept).length > 0 ? { ops, ns, hist: kept } : { ops, ns };
+}
+
+/**
+ * Has QEMU keep a latency histogram (HISTOGRAM_BOUNDARIES) on each of the guest's devices
+ * that keeps none, so that the latency control can judge the median (controller/latency.ts).
+ * A device that already keeps one (someone else's) is left as it is. The histograms stay
+ * after the job: they are statistics only, cost QEMU a binary search per request, and
+ * `block-latency-histogram-set id=<device>` with no boundaries removes them. Returns the
+ * devices that could not be given one (a QEMU older than 4.0, a device without a backend).
+ */
+export async function keepLatencyHistograms(client: QmpClient, stats: readonly BlockStats[]): Promise<string[]> {
+  const failed: string[] = [];
+  for (const s of stats) {
+    const id = s.qdev || s.device;
+    if (!id) continue;
+    const st = s.stats;
+    if (st.rd_latency_histogram || st.wr_latency_histogram || st.flush_latency_histogram) continue;
+    try {
+      await client.execute('block-latency-histogram-set', { id, boundaries: HISTOGRAM_BOUNDARIES });
+    } catch {
+      failed.push(id);
+    }
+  }
+  return failed;
 }
 
 export interface BlockstatsReaderOptions {

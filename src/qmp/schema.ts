@@ -413,6 +413,11 @@ export interface QmpCommands {
   'query-block': { args: undefined; ret: BlockInfo[] };
   'query-named-block-nodes': { args: { flat?: boolean }; ret: BlockDeviceInfo[] };
   'query-blockstats': { args: { 'query-nodes'?: boolean }; ret: BlockStats[] };
+  /** Per-device latency histograms, in query-blockstats; no boundaries at all = none kept. */
+  'block-latency-histogram-set': {
+    args: { id: string; boundaries?: readonly number[]; 'boundaries-read'?: readonly number[]; 'boundaries-write'?: readonly number[]; 'boundaries-flush'?: readonly number[] };
+    ret: Empty;
+  };
   'query-block-jobs': { args: undefined; ret: BlockJobInfo[] };
   'query-jobs': { args: undefined; ret: JobInfo[] };
   'blockdev-create': { args: { 'job-id': string; options: BlockdevCreateOptions }; ret: Empty };

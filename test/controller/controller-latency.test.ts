@@ -7,8 +7,10 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { interval, map, of, takeUntil, timer } from 'rxjs';
 import { TestScheduler } from 'rxjs/testing';
-import { decide } from '../../src/controller/decide.ts';
-import { GRADED_START_BPS, INITIAL_LATENCY, latencyStep, type LatencyContext, type LatencyMemory, type LatencySample } from '../../src/controller/latency.ts';
+import { GRADED_START_BPS, HISTOGRAM_BOUNDARIES, INITIAL_LATENCY, histogramQuantile, latencyStep, type LatencyContext, type LatencyMemory, type LatencySample, type LatencyView } from '../../src/controller/latency.ts';
+import { decide, desiredDecision } from '../../src/controller/decide.ts';
+import { blockstatsLatency } from '../../src/probes/qmp-blockstats.ts';
+import type { BlockStats } from '../../src/qmp/schema.ts';
 import type { ActivityRates, Decision } from '../../src/controller/types.ts';
 import { defaultPolicy, resolvePolicy, type EffectivePolicy } from '../../src/policy/index.ts';
 
@@ -145,6 +147,134 @@ describe('latencyStep: the judgement', () => {
     const again = feed(idle.at(-1)!, 3250, 1, { reads: 25, readMs: 2, copyBps: atSpeed });
     assert.equal(again[0]!.speed, 20 * MiB);
     assert.match(again[0]!.view!.note, /^busy again: 20 MiB\/s until the first judgement$/);
+  });
+});
+
+/** The bucket of HISTOGRAM_BOUNDARIES a latency falls in. */
+const bucketOf = (ns: number): number => {
+  const i = HISTOGRAM_BOUNDARIES.findIndex((b) => ns < b);
+  return i < 0 ? HISTOGRAM_BOUNDARIES.length : i;
+};
+
+/**
+ * Readings every 250 ms of a guest doing `writes` writes per reading, most at `ms` and
+ * `slow` of them at `slowMs`, with a write histogram as QEMU keeps one; `idle`: the guest is
+ * idle by its thresholds (else busy with its disk).
+ */
+function feedWrites(mem: LatencyMemory, from: number, n: number, r: { writes: number; ms: number; slow?: number; slowMs?: number; copyBps: (m: LatencyMemory) => number; idle?: boolean; hist?: boolean }) {
+  const out: LatencyMemory[] = [];
+  let m = mem;
+  for (let i = 0; i < n; i++) {
+    const t = from + i * 250;
+    const prev = m.prev;
+    const zero = { read: 0, write: 0, flush: 0 };
+    const prevBins = prev?.hist?.write?.bins ?? HISTOGRAM_BOUNDARIES.map(() => 0).concat([0]);
+    const bins = [...prevBins];
+    const slow = r.slow ?? 0;
+    bins[bucketOf(r.ms * 1e6)]! += r.writes - slow;
+    if (slow) bins[bucketOf(r.slowMs! * 1e6)]! += slow;
+    const sample: LatencySample = {
+      time: t,
+      ops: { ...zero, write: (prev?.ops.write ?? 0) + r.writes },
+      ns: { ...zero, write: (prev?.ns.write ?? 0) + ((r.writes - slow) * r.ms + slow * (r.slowMs ?? 0)) * 1e6 },
+      ...(r.hist === false ? {} : { hist: { write: { boundaries: HISTOGRAM_BOUNDARIES, bins } } }),
+    };
+    const idle = r.idle ?? false;
+    m = latencyStep(m, sample, { offset: (prev?.offset ?? 0) + (r.copyBps(m) * 250) / 1000, active: !idle, idle, margin: 0.15, refreshMs: 60_000 });
+    out.push(m);
+  }
+  return out;
+}
+
+describe('latencyStep: the median, where QEMU keeps a histogram', () => {
+  test('histogramQuantile interpolates within the bucket, and an empty histogram has none', () => {
+    const b = [1000, 2000, 4000];
+    assert.equal(histogramQuantile(b, [0, 10, 0, 0]), 1500);
+    assert.equal(histogramQuantile(b, [0, 0, 4, 0], 0.25), 2500);
+    assert.equal(histogramQuantile(b, [0, 0, 0, 3]), 4000); // the open bucket: its lower end
+    assert.equal(histogramQuantile(b, [0, 0, 0, 0]), undefined);
+  });
+
+  test("blockstatsLatency sums the devices' histograms when their buckets match, and drops a kind's when they do not", () => {
+    const dev = (wr: number, h?: { boundaries: number[]; bins: number[] }): BlockStats =>
+      ({ qdev: 'x', stats: { rd_operations: 0, wr_operations: wr, flush_operations: 0, rd_total_time_ns: 0, wr_total_time_ns: wr * 1000, flush_total_time_ns: 0, ...(h ? { wr_latency_histogram: h } : {}) } }) as unknown as BlockStats;
+    const same = blockstatsLatency([dev(3, { boundaries: [10, 20], bins: [1, 2, 0] }), dev(2, { boundaries: [10, 20], bins: [0, 1, 1] })]);
+    assert.deepEqual(same.hist?.write, { boundaries: [10, 20], bins: [1, 3, 1] });
+    assert.equal(same.ops.write, 5);
+    assert.equal(blockstatsLatency([dev(3, { boundaries: [10, 20], bins: [1, 2, 0] }), dev(2, { boundaries: [10, 30], bins: [0, 1, 1] })]).hist, undefined);
+    assert.equal(blockstatsLatency([dev(3, { boundaries: [10, 20], bins: [1, 2, 0] }), dev(2)]).hist, undefined);
+  });
+
+  test('a few requests that land beside a burst of the copy do not move the median: the copy keeps its speed, where the mean would have halved it', () => {
+    const paused = () => 0;
+    const learnt = feedWrites(INITIAL_LATENCY, 0, 10, { writes: 20, ms: 0.8, copyBps: paused }).at(-1)!;
+    assert.equal(learnt.view?.statistic, 'median');
+    const at = { ...learnt, speed: 16 * MiB };
+    // 3 in 20 writes at 10 ms: the mean is 2.2x the baseline, the median unmoved
+    const withHist = feedWrites(at, 2500, 2, { writes: 20, ms: 0.8, slow: 3, slowMs: 10, copyBps: (m) => m.speed });
+    assert.equal(withHist.at(-1)!.speed, 16 * MiB);
+    assert.match(withHist.at(-1)!.view!.note, /^latency p50 0\.\d\d ms <= 0\.\d\d ms \+15%: 16 MiB\/s/);
+    const learntMean = feedWrites(INITIAL_LATENCY, 0, 10, { writes: 20, ms: 0.8, copyBps: paused, hist: false }).at(-1)!;
+    assert.equal(learntMean.view?.statistic, 'mean');
+    const withoutHist = feedWrites({ ...learntMean, speed: 16 * MiB }, 2500, 2, { writes: 20, ms: 0.8, slow: 3, slowMs: 10, copyBps: (m) => m.speed, hist: false });
+    assert.equal(withoutHist.at(-1)!.speed, 8 * MiB);
+  });
+});
+
+describe('latencyStep: an idle guest that still does requests', () => {
+  const paused = () => 0;
+
+  test('is judged with a grade of its own: learnt paused, then the idle speed, cut to half what the copy made on a miss, raised again within the margin', () => {
+    // a trickle of 40 writes/s that the thresholds call idle; the copy makes 100 MiB/s when let
+    const copy = (m: LatencyMemory) => (!m.view || m.view.phase === 'learning' || m.view?.phase === 'probing' ? 0 : Number.isFinite(m.idleSpeed) ? m.idleSpeed : 100 * MiB);
+    const learning = feedWrites(INITIAL_LATENCY, 0, 10, { writes: 10, ms: 0.8, copyBps: copy, idle: true });
+    assert.equal(learning[2]!.view?.phase, 'learning');
+    assert.equal(learning[2]!.view?.scope, 'idle');
+    const graded = learning.at(-1)!.view!;
+    assert.equal(graded.phase, 'graded');
+    assert.equal(graded.scope, 'idle');
+    assert.equal(graded.speedBps, Infinity);
+    assert.match(graded.note, /: the idle speed; idle at 40\.0 requests\/s$/);
+    // the full copy doubles its latency: cut to half of what it made
+    const harmed = feedWrites(learning.at(-1)!, 2500, 3, { writes: 10, ms: 1.6, copyBps: copy, idle: true });
+    assert.equal(harmed.at(-1)!.idleSpeed, 50 * MiB);
+    assert.equal(harmed.at(-1)!.speed, 0, 'the busy grade is its own');
+    // within the margin: raised by a quarter every two judgements
+    const fine = feedWrites(harmed.at(-1)!, 3250, 4, { writes: 10, ms: 0.85, copyBps: copy, idle: true });
+    assert.equal(fine.at(-1)!.idleSpeed, 62.5 * MiB);
+    // a raise the copy cannot use gives the idle speed back
+    const capped = feedWrites(fine.at(-1)!, 4250, 4, { writes: 10, ms: 0.85, copyBps: () => 20 * MiB, idle: true });
+    assert.equal(capped.at(-1)!.idleSpeed, Infinity);
+  });
+
+  test('a guest under IDLE_JUDGED_RATE is not judged; once judged, fewer requests while the copy moves keep it judged, until a quiet judgement shows it quiet', () => {
+    const few = feedWrites(INITIAL_LATENCY, 0, 16, { writes: 0.5, ms: 0.8, copyBps: () => 100 * MiB, idle: true });
+    assert.equal(few.at(-1)!.idleJudged, false);
+    assert.equal(few.at(-1)!.view?.scope, 'busy');
+    const learnt = feedWrites(INITIAL_LATENCY, 0, 10, { writes: 10, ms: 0.8, copyBps: paused, idle: true }).at(-1)!;
+    assert.equal(learnt.idleJudged, true);
+    // the full copy starves it to 1 request a reading: still judged (and it is a miss)
+    const starved = feedWrites(learnt, 2500, 4, { writes: 1, ms: 0.8, copyBps: () => 100 * MiB, idle: true });
+    assert.equal(starved.at(-1)!.idleJudged, true);
+    assert.equal(starved.at(-1)!.view?.scope, 'idle');
+    // paused, the guest shows itself quiet: no longer judged
+    const quiet = feedWrites(starved.at(-1)!, 3500, 16, { writes: 0, ms: 0.8, copyBps: paused, idle: true });
+    assert.equal(quiet.at(-1)!.idleJudged, false);
+  });
+
+  test("desiredDecision: an idle grade applies to an idle guest only (at most the idle speed; the busy speed while learning), a busy grade to a busy one only", () => {
+    const base = resolvePolicy(defaultPolicy(), 'vm');
+    const p: EffectivePolicy = { ...base, latency: { margin: 0.15, refresh: 60_000 } };
+    const g = { requiredBps: 0, deadlineAt: null, overdue: false } as never;
+    const idle = { state: 'idle', reason: 'quiet' } as never;
+    const busy = { state: 'busy', reason: 'disk 80/s > 5/s' } as never;
+    const v = (scope: 'idle' | 'busy', phase: LatencyView['phase'], speedBps: number): LatencyView => ({ phase, scope, speedBps, latencyMs: 1, baselineMs: 1, margin: 0.15, statistic: 'median', note: 'n' });
+    assert.deepEqual([desiredDecision(idle, p, g, v('idle', 'graded', 24 * MiB)).mode, desiredDecision(idle, p, g, v('idle', 'graded', 24 * MiB)).speed], ['throttled', 24 * MiB]);
+    assert.equal(desiredDecision(idle, p, g, v('idle', 'graded', Infinity)).mode, 'full');
+    assert.equal(desiredDecision(idle, p, g, v('idle', 'learning', 0)).mode, 'paused');
+    assert.equal(desiredDecision(idle, p, g, v('busy', 'graded', 4 * MiB)).mode, 'full');
+    assert.equal(desiredDecision(busy, p, g, v('idle', 'graded', 24 * MiB)).mode, 'paused');
+    assert.equal(desiredDecision(busy, p, g, v('busy', 'graded', 4 * MiB)).speed, 4 * MiB);
   });
 });
 

@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { InfluxDB } from 'influx';
 import { ensureImage, makeDiskImage, startTestVm, type TestVm } from '../../vm-images/launch.ts';
+import { HISTOGRAM_BOUNDARIES } from '../../src/controller/latency.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { hostTag } from '../../src/metrics/index.ts';
 import { runCli, startCli } from '../helpers/cli.ts';
@@ -90,6 +91,16 @@ describe('metrics', () => {
     assert.ok((await count(`SELECT sum("key_events") FROM "idlecrypt_activity" WHERE "vm" = 'live'`)) >= 4, 'typed keys counted');
     // latency.margin is on: the guest's latency as QEMU accounts it (query-blockstats) is written
     assert.ok((await count(`SELECT min("latency_ms") FROM "idlecrypt_moderation" WHERE "vm" = 'live'`)) > 0, 'guest latency recorded');
+    // ...as the median of QEMU's latency histogram, which the job had QEMU keep on the guest's device
+    const statistics = new Set(run.stdout.split('\n').filter((l) => l.includes('"latency_statistic"')).map((l) => JSON.parse(l).latency_statistic));
+    assert.ok(statistics.has('median'), `latency statistics shown: ${[...statistics].join(', ')}`);
+    const qmp = await QmpClient.connect(vm.qmpSocket);
+    try {
+      const dev = (await qmp.execute('query-blockstats')).find((x) => x.qdev?.includes('/disk0/'));
+      assert.deepEqual(dev?.stats.wr_latency_histogram?.boundaries, HISTOGRAM_BOUNDARIES);
+    } finally {
+      await qmp.close();
+    }
     assert.ok((await count(`SELECT max("bytes_done") FROM "idlecrypt_job" WHERE "vm" = 'live'`)) >= 256 * 1024 * 1024);
   });
 

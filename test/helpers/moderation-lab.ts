@@ -21,6 +21,7 @@ import type { TestContext } from 'node:test';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Subscription } from 'rxjs';
+import { HISTOGRAM_BOUNDARIES } from '../../src/controller/latency.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { startTestVm, type TestVm, type TestVmOptions } from '../../vm-images/launch.ts';
 import { startCli, type RunningCli } from './cli.ts';
@@ -54,6 +55,8 @@ export interface Sample {
   readonly guestOps?: number;
   /** the guest device's writes and flushes, and the ns QEMU took for them (query-blockstats) */
   readonly guestWrites?: { readonly ops: number; readonly flushes: number; readonly ns: number };
+  /** the guest device's latency histograms of writes and flushes, where QEMU keeps them (poll's `histograms`) */
+  readonly guestHist?: { readonly boundaries: readonly number[]; readonly write: readonly number[]; readonly flush: readonly number[] };
   /** the copy job, when polled: null when there is none */
   readonly job?: JobState | null;
 }
@@ -114,9 +117,14 @@ export class GuestRecorder {
    * piling up commands). `stats`: the guest device's counters; `jobs`: the copy job (any
    * job whose id starts with `jobPrefix`).
    */
-  async poll(o: { intervalMs: number; stats: boolean; jobs: boolean; jobPrefix?: string }): Promise<void> {
+  async poll(o: { intervalMs: number; stats: boolean; jobs: boolean; jobPrefix?: string; histograms?: boolean }): Promise<void> {
     this.qmp = await QmpClient.connect(this.vm.qmpSocket);
     const qmp = this.qmp;
+    if (o.histograms) {
+      // QEMU keeps latency histograms on the guest's disk from now on (a copy's job then uses them as they are)
+      const dev = (await qmp.execute('query-blockstats')).find((s) => s.qdev?.includes('/disk0/') || s.device === 'drive0' || s.device === 'disk0');
+      if (dev) await qmp.execute('block-latency-histogram-set', { id: dev.qdev || dev.device!, boundaries: HISTOGRAM_BOUNDARIES });
+    }
     const prefix = o.jobPrefix ?? 'idlecrypt-';
     this.eventSub = qmp.events('JOB_STATUS_CHANGE').subscribe((e) => {
       if (!e.data.id.startsWith(prefix)) return;
@@ -142,6 +150,9 @@ export class GuestRecorder {
                 guestBytes: st.rd_bytes + st.wr_bytes,
                 guestOps: st.rd_operations + st.wr_operations + st.flush_operations,
                 guestWrites: { ops: st.wr_operations, flushes: st.flush_operations, ns: st.wr_total_time_ns + st.flush_total_time_ns },
+                ...(st.wr_latency_histogram && st.flush_latency_histogram
+                  ? { guestHist: { boundaries: st.wr_latency_histogram.boundaries, write: st.wr_latency_histogram.bins, flush: st.flush_latency_histogram.bins } }
+                  : {}),
               };
             }
           }
@@ -284,6 +295,24 @@ export function rateIn(samples: readonly Sample[], windows: readonly { from: num
 }
 
 export const guestBytes = (s: Sample): number | undefined => s.guestBytes;
+
+/**
+ * A latency histogram's counts over `windows` (each from the first poll at or after its
+ * start to the last at or before its end; a window without two such polls is left out), and
+ * its boundaries; undefined without histograms.
+ */
+export function histIn(samples: readonly Sample[], windows: readonly { from: number; to: number }[], kind: 'write' | 'flush'): { boundaries: readonly number[]; bins: number[] } | undefined {
+  let out: { boundaries: readonly number[]; bins: number[] } | undefined;
+  for (const w of windows) {
+    const inside = samples.filter((s) => s.guestHist && s.t >= w.from && s.t <= w.to);
+    const a = inside[0]?.guestHist;
+    const b = inside.at(-1)?.guestHist;
+    if (!a || !b || inside.length < 2) continue;
+    out ??= { boundaries: b.boundaries, bins: b[kind].map(() => 0) };
+    b[kind].forEach((x, i) => (out!.bins[i]! += x - a[kind][i]!));
+  }
+  return out;
+}
 /** The job's copied bytes (offset); undefined when the poll saw no job. */
 export const jobOffset = (s: Sample): number | undefined => s.job?.offset;
 
