@@ -35,17 +35,24 @@
  *                    window and hold-off); never-idle has none
  *   copy MiB/s       the copy's average over the window; "≈ time" = disk / that
  *
+ * The report (bench/results/profiles-report-<stamp>.md) has the table, every run, and per
+ * profile a plot of the last round over time (profiles-<profile>-<stamp>.svg): each copy's
+ * speed beside the guest's throughput, the guest's write latency in QEMU (its median per
+ * second from the harness's histograms, and what the latency control judged with its
+ * limit, from the job's metrics file), and the guest's disk requests/s with the threshold
+ * in force and the learnt level.
+ *
  *   node --import tsx bench/profiles.ts [--rounds 2] [--window-s 40] [--size-mib 12288]
  *        [--profiles bursty,noisy,never-idle] [--modes none,fixed,learnt,latency] [--out bench/results]
  */
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { makeDiskImage, type Workload } from '../vm-images/launch.ts';
 import { histogramQuantile } from '../src/controller/latency.ts';
-import { EncryptRun, GuestLab, MiB, guestBytes, histIn, jobOffset, mdTable, medianOf, now, phaseWindows, rateIn, textTable, type Phase, type Sample } from '../test/helpers/moderation-lab.ts';
+import { EncryptRun, GuestLab, MiB, guestBytes, histIn, jobOffset, parseActivity, mdTable, medianOf, now, phaseWindows, rateIn, textTable, type Phase, type Sample } from '../test/helpers/moderation-lab.ts';
 
 const { values: args } = parseArgs({
   options: {
@@ -98,6 +105,8 @@ interface RunResult {
   copyMiBs: number | null;
   /** the copy's decisions, as the --json records said them: "mode reason" -> count */
   decisions?: Record<string, number>;
+  /** the last round's runs: what the report plots */
+  series?: Series;
 }
 
 /** A window's ends lie within a poll of the samples around them; parts under 0.5 s are left out. */
@@ -178,7 +187,8 @@ async function main(): Promise<void> {
         }
         await writeFile(path.join(dir, `${tag}.log`), run.cli.stdout() + run.cli.stderr());
         process.stderr.write(`  ${tag}: exit ${r.code}\n`);
-        return { from, to, decisions };
+        const lp = await readFile(path.join(dir, `${tag}.lp`), 'utf8').catch(() => '');
+        return { from, to, decisions, lp };
       };
       process.stderr.write(`${profile}: warm-up under (c), 75 s\n`);
       await copy('learnt', 75_000, 'warmup');
@@ -190,16 +200,18 @@ async function main(): Promise<void> {
           let from: number;
           let to: number;
           let decisions: Record<string, number> | undefined;
+          let lp = '';
           if (mode === 'none') {
             from = now();
             await sleep(windowMs);
             to = now();
           } else {
-            ({ from, to, decisions } = await copy(mode, windowMs, tag));
+            ({ from, to, decisions, lp } = await copy(mode, windowMs, tag));
           }
           await sleep(1000); // the polls just after the window, which its end is read between
           const m = measure(rec.samples, rec.phases(), prof.phased, from, to);
-          results.push({ profile, mode, round, from, to, ...m, ...(decisions ? { decisions } : {}) });
+          const series = round === rounds ? seriesOf(rec.samples, rec.phases(), lp, from, to) : undefined;
+          results.push({ profile, mode, round, from, to, ...m, ...(decisions ? { decisions } : {}), ...(series ? { series } : {}) });
           process.stderr.write(`  ${profile} ${tag}: busy ${m.busyMiBs?.toFixed(1)} MiB/s, copy ${m.copyMiBs?.toFixed(1)} MiB/s, quiet ${m.quietMiBs?.toFixed(1) ?? '-'}\n`);
           await sleep(4000);
         }
@@ -218,6 +230,144 @@ function pct(x: number | null, ref: number | null): string {
 }
 const f1 = (x: number | null | undefined): string => (x === null || x === undefined ? '-' : x.toFixed(1));
 const f2 = (x: number | null | undefined): string => (x === null || x === undefined ? '-' : x.toFixed(2));
+
+// ---------------------------------------------------------------- plots over time
+
+/** One run's course, in seconds from its window's start. */
+interface Series {
+  spanS: number;
+  busy: { from: number; to: number }[];
+  /** 0.5 s bins: the guest's MiB/s, the copy's MiB/s */
+  guest: (number | null)[];
+  copy: (number | null)[];
+  /** 1 s bins: the median of the guest's writes in QEMU (the harness's histograms), ms */
+  writeP50: (number | null)[];
+  /** the job's moderation records (its metrics file), as steps */
+  moderation: { t: number; latencyMs?: number; limitMs?: number; threshold?: number; level?: number }[];
+  /** the guest's disk requests/s as the job's probes counted them */
+  requests: { t: number; perS: number }[];
+}
+
+/** The numeric fields of the job's idlecrypt_moderation points (string fields skipped). */
+function parseModeration(lp: string): { t: number; f: Record<string, number> }[] {
+  const out: { t: number; f: Record<string, number> }[] = [];
+  for (const line of lp.split('\n')) {
+    if (!line.startsWith('idlecrypt_moderation,')) continue;
+    const last = line.lastIndexOf(' ');
+    const body = line.slice(line.indexOf(' ') + 1, last);
+    const f: Record<string, number> = {};
+    for (const m of body.matchAll(/(\w+)=("(?:[^"\\]|\\.)*"|[^,]*)/g)) if (!m[2]!.startsWith('"')) f[m[1]!] = Number(m[2]!.replace(/i$/, ''));
+    out.push({ t: Number(BigInt(line.slice(last + 1)) / 1000n) / 1000, f });
+  }
+  return out.sort((a, b) => a.t - b.t);
+}
+
+function seriesOf(samples: readonly Sample[], phases: readonly Phase[], lp: string, from: number, to: number): Series {
+  const spanS = (to - from) / 1000;
+  const bins = (ms: number) => Array.from({ length: Math.floor((to - from) / ms) }, (_, i) => ({ from: from + i * ms, to: from + (i + 1) * ms }));
+  const rate = (ms: number, get: (s: Sample) => number | undefined) => bins(ms).map((b) => mib(rateIn(samples, [b], get, { edgeMs: 300, minMs: 200 })));
+  return {
+    spanS,
+    busy: phaseWindows(phases, 'busy', from, to).map((w) => ({ from: (w.from - from) / 1000, to: (w.to - from) / 1000 })),
+    guest: rate(500, guestBytes),
+    copy: rate(500, jobOffset),
+    writeP50: bins(1000).map((b) => {
+      const h = histIn(samples, [b], 'write');
+      const x = h ? histogramQuantile(h.boundaries, h.bins) : undefined;
+      return x === undefined ? null : x / 1e6;
+    }),
+    moderation: parseModeration(lp)
+      .filter((p) => p.t >= from - 5000 && p.t <= to)
+      .map((p) => ({
+        t: (p.t - from) / 1000,
+        ...(p.f.latency_ms !== undefined ? { latencyMs: p.f.latency_ms } : {}),
+        ...(p.f.latency_limit_ms !== undefined ? { limitMs: p.f.latency_limit_ms } : {}),
+        ...(p.f.threshold_disk_requests_per_s !== undefined ? { threshold: p.f.threshold_disk_requests_per_s } : {}),
+        ...(p.f.learnt_disk_level_per_s !== undefined ? { level: p.f.learnt_disk_level_per_s } : {}),
+      })),
+    requests: parseActivity(lp)
+      .filter((a) => a.t >= from && a.t <= to)
+      .map((a) => ({ t: (a.t - from) / 1000, perS: (a.disk * 1000) / a.intervalMs })),
+  };
+}
+
+const esc = (x: string) => x.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+
+/**
+ * One profile's last round, a group of three panels per mode: the guest's and the copy's
+ * MiB/s; the guest's write latency in QEMU (its median per second, and what the latency
+ * control judged and its limit); the guest's disk requests/s with the threshold in force
+ * and the learnt level.
+ */
+function profileSvg(profile: ProfileName, runs: RunResult[]): string {
+  const W = 960;
+  const L = 60;
+  const R = 20;
+  const PH = 80;
+  const GAP = 22;
+  const GROUP = 3 * (PH + GAP) + 24;
+  const withSeries = runs.filter((r) => r.series);
+  const H = 50 + withSeries.length * GROUP;
+  const spanS = Math.max(1, ...withSeries.map((r) => r.series!.spanS));
+  const x = (t: number) => L + ((W - L - R) * Math.max(0, Math.min(spanS, t))) / spanS;
+  const out: string[] = [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`,
+    `<rect width="${W}" height="${H}" fill="white"/>`,
+    `<text x="${L}" y="20" font-size="14" font-weight="bold">${esc(`${profile}: the last round, seconds from each window's start (busy phases shaded)`)}</text>`,
+  ];
+  const finite = (xs: (number | null | undefined)[]) => xs.filter((v): v is number => typeof v === 'number' && Number.isFinite(v));
+  const panel = (top: number, title: string, yMax: number, draw: (y: (v: number) => number) => void, r: RunResult) => {
+    const y = (v: number) => top + PH - (PH * Math.min(Math.max(v, 0), yMax)) / yMax;
+    for (const b of r.series!.busy) out.push(`<rect x="${x(b.from).toFixed(1)}" y="${top}" width="${(x(b.to) - x(b.from)).toFixed(1)}" height="${PH}" fill="#f3e3c8"/>`);
+    out.push(`<rect x="${L}" y="${top}" width="${W - L - R}" height="${PH}" fill="none" stroke="#999"/>`);
+    out.push(`<text x="${L - 6}" y="${top + 10}" text-anchor="end">${yMax.toFixed(yMax < 10 ? 1 : 0)}</text><text x="${L - 6}" y="${top + PH}" text-anchor="end">0</text>`);
+    out.push(`<text x="${W - R - 4}" y="${top + 12}" text-anchor="end" fill="#333">${esc(title)}</text>`);
+    draw(y);
+  };
+  const poly = (pts: [number, number][], colour: string, y: (v: number) => number, dash = '') =>
+    pts.length > 1 ? out.push(`<polyline points="${pts.map(([t, v]) => `${x(t).toFixed(1)},${y(v).toFixed(1)}`).join(' ')}" fill="none" stroke="${colour}" stroke-width="1.5"${dash ? ` stroke-dasharray="${dash}"` : ''}/>`) : 0;
+  const binned = (vals: (number | null)[], binS: number): [number, number][][] => {
+    const segs: [number, number][][] = [[]];
+    vals.forEach((v, i) => (v === null ? segs.push([]) : segs.at(-1)!.push([(i + 0.5) * binS, v])));
+    return segs;
+  };
+  const steps = (pts: { t: number; v: number | undefined }[]): [number, number][] => {
+    const out2: [number, number][] = [];
+    let last: number | undefined;
+    for (const p of pts) {
+      if (p.v === undefined) continue;
+      if (last !== undefined) out2.push([Math.max(0, p.t), last]);
+      out2.push([Math.max(0, p.t), p.v]);
+      last = p.v;
+    }
+    if (last !== undefined) out2.push([spanS, last]);
+    return out2;
+  };
+  withSeries.forEach((r, i) => {
+    const s = r.series!;
+    const top = 40 + i * GROUP;
+    out.push(`<text x="${L}" y="${top + 10}" font-weight="bold">${esc(LABEL[r.mode])}</text>`);
+    const mbMax = Math.max(50, ...finite([...s.guest, ...s.copy]));
+    panel(top + 16, 'MiB/s: guest (blue), copy (red)', mbMax, (y) => {
+      for (const seg of binned(s.guest, 0.5)) poly(seg, '#1f77b4', y);
+      for (const seg of binned(s.copy, 0.5)) poly(seg, '#d62728', y);
+    }, r);
+    const msMax = Math.max(1, ...finite([...s.writeP50, ...s.moderation.map((m) => m.latencyMs), ...s.moderation.map((m) => m.limitMs)]).map((v) => Math.min(v, 20)));
+    panel(top + 16 + PH + GAP, 'ms: guest write p50 in QEMU (grey); judged latency (green), limit (red dashed)', msMax, (y) => {
+      for (const seg of binned(s.writeP50, 1)) poly(seg, '#888', y);
+      poly(steps(s.moderation.map((m) => ({ t: m.t, v: m.latencyMs }))), '#2ca02c', y);
+      poly(steps(s.moderation.map((m) => ({ t: m.t, v: m.limitMs }))), '#d62728', y, '5,3');
+    }, r);
+    const reqMax = Math.max(10, ...finite([...s.requests.map((q) => q.perS), ...s.moderation.map((m) => m.threshold)]));
+    panel(top + 16 + 2 * (PH + GAP), 'disk requests/s (grey); threshold in force (black), learnt level (purple)', reqMax, (y) => {
+      poly(s.requests.map((q) => [q.t, q.perS]), '#aaa', y);
+      poly(steps(s.moderation.map((m) => ({ t: m.t, v: m.threshold }))), '#000', y);
+      poly(steps(s.moderation.map((m) => ({ t: m.t, v: m.level }))), '#9467bd', y, '4,2');
+    }, r);
+  });
+  out.push('</svg>');
+  return out.join('\n');
+}
 
 async function report(results: RunResult[], started: Date): Promise<void> {
   const rows = [['profile', 'mode', 'busy MiB/s (kept)', 'trickle flushes/s (kept)', 'trickle mean ms (vs a)', 'write p50 ms (vs a)', 'write p90 ms (vs a)', 'flush p50 ms (vs a)', 'quiet copy MiB/s', 'copy MiB/s', '≈ time to 12 GiB']];
@@ -270,6 +420,7 @@ async function report(results: RunResult[], started: Date): Promise<void> {
     '',
     mdTable(rows),
     '',
+    ...profiles.flatMap((p) => [`![${p}](profiles-${p}-${stamp}.svg)`, '']),
     '## Every run',
     '',
     mdTable([
@@ -295,6 +446,13 @@ async function report(results: RunResult[], started: Date): Promise<void> {
     ]),
     '',
   ].join('\n');
+  for (const p of profiles) {
+    try {
+      await writeFile(path.join(args.out, `profiles-${p}-${stamp}.svg`), profileSvg(p, results.filter((r) => r.profile === p && r.round === rounds && r.mode !== 'none')));
+    } catch (err) {
+      process.stderr.write(`plot of ${p} failed: ${String(err)}\n`); // the table stands without it
+    }
+  }
   const file = path.join(args.out, `profiles-report-${stamp}.md`);
   await writeFile(file, md);
   process.stderr.write(`wrote ${file}\n`);

@@ -33,7 +33,7 @@ after(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-async function boot(name: string, sizeMiB: number, workload: 'bursty' | 'idle', params: Record<string, number> = {}): Promise<{ vm: TestVm; disk: string }> {
+async function boot(name: string, sizeMiB: number, workload: 'bursty' | 'idle' | 'trickle', params: Record<string, number> = {}): Promise<{ vm: TestVm; disk: string }> {
   const disk = path.join(dir, `${name}.raw`);
   await makeDiskImage(disk, { sizeMiB, format: 'raw', fill: 'sparse' });
   await mkdir(path.join(dir, name));
@@ -102,6 +102,25 @@ describe('metrics', () => {
       await qmp.close();
     }
     assert.ok((await count(`SELECT max("bytes_done") FROM "idlecrypt_job" WHERE "vm" = 'live'`)) >= 256 * 1024 * 1024);
+  });
+
+  test('latency.margin also judges an idle guest that still writes: beside a trickle its thresholds let through, the idle copy is graded by the median, and completes', async () => {
+    // 20 flushed 4 KiB writes a second, no busy phase in the test's time; thresholds high
+    // enough that the trickle counts as idle (as `thresholds: auto` learns to call it)
+    const { vm } = await boot('trickle', 512, 'trickle', { wps: 20, idle: 1000, busy: 1 });
+    const file = path.join(dir, 'trickle.yaml');
+    await writeFile(file, 'thresholds:\n  disk: 100000\n  interrupts: 100000000\nspeed:\n  idle: 64MiB\nlatency:\n  margin: 15%\n');
+    const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(dir, 'trickle.luks'), '--key-file', path.join(dir, 'key'), '--iter-time', '50', '--policy', file, '--influx', db.influxUrl('idlecrypt'), '--json']);
+    assert.equal(run.code, 0, run.stderr);
+    const records = run.stdout.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+    assert.equal(records.at(-1)!.event, 'completed');
+    const judged = records.filter((r) => r.event === 'progress' && r.state === 'idle' && r.latency_scope === 'idle');
+    const seen = [...new Set(judged.map((r) => `${String(r.mode)} ${String(r.latency_phase)}`))];
+    // its baseline is learnt with the copy paused, then the copy is graded from the idle speed
+    assert.ok(judged.some((r) => r.latency_phase === 'learning' && r.mode === 'paused'), `idle judgements: ${seen.join(', ')}`);
+    assert.ok(judged.some((r) => r.latency_phase === 'graded' && r.mode !== 'paused' && r.latency_statistic === 'median'), `idle judgements: ${seen.join(', ')}`);
+    assert.ok((await count(`SELECT count("latency_ms") FROM "idlecrypt_moderation" WHERE "vm" = 'trickle' AND "busy" = 0`)) > 0, 'idle judgements in the metrics');
+    console.log(`trickle: idle judgements ${seen.join(', ')}`);
   });
 
   test('InfluxDB killed mid-run: the copy finishes on time, memory stays bounded, metrics resume when it returns', async () => {

@@ -104,11 +104,14 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
     ok(progress.some((p) => p.mode === 'paused' && p.speed_limit_bps === 1), `the copy was held at 1 byte/s while the guest was busy (seen: ${seen})`);
     ok(progress.some((p) => p.state === 'idle' && p.mode === 'full'), `the copy ran at full speed while the guest was idle (seen: ${seen})`);
     // How close 1 byte/s comes to a pause: over each stretch read back at 1 byte/s, the copy
-    // moves only the operations in flight when the speed dropped (the 4 MiB buffer) and at
-    // most one more that the rate limit let through (4-5 MiB seen): bounded, not growing.
+    // moves only the operations in flight when the speed dropped (the 4 MiB buffer) and the
+    // few more that the rate limit let through (4-5 MiB usually; 9 and 17 MiB once each in
+    // 17 fresh-clone runs), then stands still: bounded, not growing. Asserted: nothing moves
+    // from 2 s into a stretch on, and the whole stretch stays under 24 MiB.
     let stretch: Record<string, unknown>[] = [];
     let worst = 0;
     let worstStretch: Record<string, unknown>[] = [];
+    let worstLate = 0;
     for (const p of [...progress, {}]) {
       // Until READY: from there QEMU's mirror follows the guest's writes whatever its speed,
       // and the engine pivots at once (docs/libvirt.md).
@@ -118,12 +121,15 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
       else {
         const moved = stretch.length > 1 ? Number(stretch.at(-1)!.offset) - Number(stretch[0]!.offset) : 0;
         if (moved > worst) [worst, worstStretch] = [moved, stretch];
+        const late = stretch.filter((l) => Date.parse(String(l.time)) - Date.parse(String(stretch[0]!.time)) >= 2000);
+        const lateMoved = late.length > 1 ? Number(late.at(-1)!.offset) - Number(late[0]!.offset) : 0;
+        if (lateMoved > worstLate) [worstLate, worstStretch] = [lateMoved, stretch];
         stretch = [];
       }
     }
     const show = (l: Record<string, unknown>) => `${String(l.time).slice(11, 23)} ${String(l.offset)}/${String(l.len)} ${String(l.state)}`;
-    t.diagnostic(`held at 1 byte/s before READY, the copy moved at most ${worst} bytes in one stretch`);
-    ok(worst <= 8 * MiB, `held at 1 byte/s, the copy still moved ${worst} bytes in one stretch: ${worstStretch.map(show).join('; ')}`);
+    t.diagnostic(`held at 1 byte/s before READY, the copy moved at most ${worst} bytes in one stretch, ${worstLate} from 2 s into one`);
+    ok(worstLate === 0 && worst <= 24 * MiB, `held at 1 byte/s, the copy still moved ${worst} bytes in one stretch, ${worstLate} from 2 s into one: ${worstStretch.map(show).join('; ')}`);
     ok(progress.some((p) => p.activity_source === 'ebpf') && !progress.some((p) => p.activity_source === 'qmp'), 'the probes counted the domain\'s QEMU');
 
     // libvirt's live view and the persistent definition both name the encrypted image.
