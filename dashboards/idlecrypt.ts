@@ -146,9 +146,9 @@ function latencyPanel(id: number) {
   return timeseries(id)
     .title('Guest disk latency (latency.margin)')
     .description(
-      "Per VM, with `latency.margin` on: the guest's mean disk request latency in QEMU at each of the controller's judgements (twice a second while it does I/O), " +
+      "Per VM, with `latency.margin` on: the guest's disk request latency in QEMU at each of the controller's judgements (twice a second while it does I/O; the median per kind of request, or the mean under libvirt), " +
         'against its baseline without the copy (dotted orange, for the same mix of reads, writes and flushes) and the baseline raised by the margin (dashed red). ' +
-        'While the guest is busy with its disk the copy runs at the highest speed that keeps the latency under the red line. Empty when latency.margin is off.',
+        'While the guest is busy with its disk, or idle but still doing requests, the copy runs at the highest speed that keeps the latency under the red line. Empty when latency.margin is off.',
     )
     .withTarget(target('A', influxql('moderation', (f) => `last(${f('latency_ms')})`), '$tag_vm latency'))
     .withTarget(target('B', influxql('moderation', (f) => `last(${f('latency_limit_ms')})`, { fill: 'previous' }), '$tag_vm limit'))
