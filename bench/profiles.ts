@@ -43,7 +43,12 @@
  * in force and the learnt level.
  *
  *   node --import tsx bench/profiles.ts [--rounds 2] [--window-s 40] [--size-mib 12288]
- *        [--profiles bursty,noisy,never-idle] [--modes none,fixed,learnt,latency] [--out bench/results]
+ *        [--profiles bursty,noisy,never-idle] [--modes none,fixed,learnt,latency,both] [--out bench/results]
+ *        [--finish 5m]
+ *
+ * --finish: after each profile's rounds, one more copy under (e)'s policy with that deadline
+ * (relative to the copy's start), run to completion (or 1.5x the deadline): whether a copy
+ * beside this guest finishes before its deadline, and what the guest keeps meanwhile.
  */
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
@@ -62,6 +67,8 @@ const { values: args } = parseArgs({
     profiles: { type: 'string', default: 'bursty,noisy,never-idle' },
     modes: { type: 'string', default: 'none,fixed,learnt,latency,both' },
     out: { type: 'string', default: 'bench/results' },
+    /** After the rounds, one copy under (e)'s policy with this deadline (e.g. 5m), run to completion. */
+    finish: { type: 'string', default: '' },
   },
 });
 
@@ -87,6 +94,18 @@ const profiles = args.profiles.split(',') as ProfileName[];
 const modes = args.modes.split(',') as Mode[];
 for (const p of profiles) if (!(p in PROFILES)) throw new Error(`unknown profile ${p}`);
 for (const m of modes) if (!(m in LABEL)) throw new Error(`unknown mode ${m}`);
+
+/** A copy run to completion under a deadline (--finish). */
+interface Finish {
+  profile: ProfileName;
+  deadline: string;
+  deadlineS: number;
+  /** From the copy's start to its completion; null if it did not complete within 1.5x the deadline. */
+  tookS: number | null;
+  busyMiBs: number | null;
+  copyMiBs: number | null;
+  decisions: Record<string, number>;
+}
 
 interface RunResult {
   profile: ProfileName;
@@ -141,6 +160,7 @@ function measure(samples: readonly Sample[], phases: readonly Phase[], phased: b
 async function main(): Promise<void> {
   const base = await mkdtemp(path.join(os.tmpdir(), 'ic-profiles-'));
   const results: RunResult[] = [];
+  const finishes: Finish[] = [];
   const lab = new GuestLab();
   const started = new Date();
   try {
@@ -190,6 +210,36 @@ async function main(): Promise<void> {
         const lp = await readFile(path.join(dir, `${tag}.lp`), 'utf8').catch(() => '');
         return { from, to, decisions, lp };
       };
+      const finish = async (deadline: string): Promise<Finish> => {
+        const deadlineS = parseDuration(deadline);
+        const policy = path.join(base, 'finish.yaml');
+        await writeFile(policy, `${POLICY.both.replace(/deadline: none/, `deadline: ${deadline}`)}`);
+        const target = path.join(dir, 'finish.luks');
+        const run = new EncryptRun(
+          ['--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', keyFile, '--iter-time', '50', '--policy', policy],
+          path.join(dir, 'finish.lp'),
+          { IDLECRYPT_STATE_DIR: stateDir },
+        );
+        const t0 = now();
+        while (run.phaseAt('copying') === undefined && now() - t0 < 60_000) await sleep(100);
+        const from = run.phaseAt('copying') ?? t0;
+        while (!run.completed() && run.cli.child.exitCode === null && now() - from < deadlineS * 1500) await sleep(500);
+        const done = run.completed();
+        const to = done ? Date.parse(String(done.time)) : now();
+        if (!done) run.cli.child.kill('SIGINT');
+        await run.result(120_000);
+        await rm(target, { force: true });
+        await writeFile(path.join(dir, 'finish.log'), run.cli.stdout() + run.cli.stderr());
+        await sleep(1000);
+        const m = measure(rec.samples, rec.phases(), prof.phased, from, to);
+        const decisions: Record<string, number> = {};
+        for (const x of run.records()) {
+          if (x.event !== 'progress' || typeof x.mode !== 'string') continue;
+          const key = `${x.mode} ${String(x.reason ?? '').replace(/[\d.]+/g, '#')}`;
+          decisions[key] = (decisions[key] ?? 0) + 1;
+        }
+        return { profile, deadline, deadlineS, tookS: done ? (to - from) / 1000 : null, busyMiBs: m.busyMiBs, copyMiBs: m.copyMiBs, decisions };
+      };
       process.stderr.write(`${profile}: warm-up under (c), 75 s\n`);
       await copy('learnt', 75_000, 'warmup');
       await sleep(5000);
@@ -216,13 +266,26 @@ async function main(): Promise<void> {
           await sleep(4000);
         }
       }
+      if (args.finish) {
+        process.stderr.write(`${profile}: (e) with a deadline of ${args.finish}, to completion\n`);
+        const f = await finish(args.finish);
+        finishes.push(f);
+        process.stderr.write(`  ${profile} finish: ${f.tookS === null ? 'not done' : `${f.tookS.toFixed(0)} s`} of ${f.deadlineS} s, busy ${f.busyMiBs?.toFixed(1)} MiB/s\n`);
+      }
       await lab.stopAll();
     }
   } finally {
     await lab.stopAll();
     await rm(base, { recursive: true, force: true });
   }
-  await report(results, started);
+  await report(results, finishes, started);
+}
+
+/** "5m", "90s", "1h": seconds. */
+function parseDuration(d: string): number {
+  const m = /^(\d+(?:\.\d+)?)(s|m|h)$/.exec(d);
+  if (!m) throw new Error(`--finish: a duration like 5m, got ${d}`);
+  return Number(m[1]) * { s: 1, m: 60, h: 3600 }[m[2] as 's' | 'm' | 'h'];
 }
 
 function pct(x: number | null, ref: number | null): string {
@@ -369,7 +432,7 @@ function profileSvg(profile: ProfileName, runs: RunResult[]): string {
   return out.join('\n');
 }
 
-async function report(results: RunResult[], started: Date): Promise<void> {
+async function report(results: RunResult[], finishes: Finish[], started: Date): Promise<void> {
   const rows = [['profile', 'mode', 'busy MiB/s (kept)', 'trickle flushes/s (kept)', 'trickle mean ms (vs a)', 'write p50 ms (vs a)', 'write p90 ms (vs a)', 'flush p50 ms (vs a)', 'quiet copy MiB/s', 'copy MiB/s', '≈ time to 12 GiB']];
   for (const profile of profiles) {
     const of = (mode: Mode) => results.filter((r) => r.profile === profile && r.mode === mode);
@@ -409,9 +472,26 @@ async function report(results: RunResult[], started: Date): Promise<void> {
     }
   }
   console.log(textTable(rows));
+  const finishRows = [['profile', 'deadline', 'completed in', 'guest busy MiB/s (vs a)', 'copy MiB/s', 'decisions (progress records)']];
+  for (const f of finishes) {
+    const a = medianOf(results.filter((r) => r.profile === f.profile && r.mode === 'none').map((r) => r.busyMiBs));
+    finishRows.push([
+      f.profile,
+      f.deadline,
+      f.tookS === null ? `not within ${(1.5 * f.deadlineS).toFixed(0)} s` : `${f.tookS.toFixed(0)} s (${pct(f.tookS, f.deadlineS)} of it)`,
+      `${f1(f.busyMiBs)}${a === null || f.busyMiBs === null ? '' : ` (${pct(f.busyMiBs, a)})`}`,
+      f1(f.copyMiBs),
+      Object.entries(f.decisions)
+        .sort((x, y) => y[1] - x[1])
+        .slice(0, 3)
+        .map(([k, n]) => `${n}× ${k.slice(0, 70)}`)
+        .join('; '),
+    ]);
+  }
+  if (finishes.length) console.log(textTable(finishRows));
   await mkdir(args.out, { recursive: true });
   const stamp = started.toISOString().replace(/[:.]/g, '-');
-  await writeFile(path.join(args.out, `profiles-${stamp}.json`), JSON.stringify({ args, results }, null, 2));
+  await writeFile(path.join(args.out, `profiles-${stamp}.json`), JSON.stringify({ args, results, finishes }, null, 2));
   const md = [
     `# Three guest profiles under idlecrypt's moderation (issue 12)`,
     '',
@@ -421,6 +501,9 @@ async function report(results: RunResult[], started: Date): Promise<void> {
     mdTable(rows),
     '',
     ...profiles.flatMap((p) => [`![${p}](profiles-${p}-${stamp}.svg)`, '']),
+    ...(finishes.length
+      ? [`## Run to completion under a deadline (--finish ${args.finish}, (e)'s policy)`, '', "Guest throughput over the copy's whole run (busy phases), against (a)'s median in the rounds.", '', mdTable(finishRows), '']
+      : []),
     '## Every run',
     '',
     mdTable([

@@ -182,6 +182,21 @@ export class EncryptedTarget {
   }
 }
 
+/** `name` as a path (if it has a slash) or found on PATH, if it is an executable file. */
+export async function findExecutable(name: string): Promise<string | undefined> {
+  const dirs = name.includes('/') ? [''] : (process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin').split(':').filter(Boolean);
+  for (const d of dirs) {
+    const file = d ? `${d}/${name}` : name;
+    try {
+      await fs.access(file, fs.constants.X_OK);
+      if ((await fs.stat(file)).isFile()) return file;
+    } catch {
+      // not here
+    }
+  }
+  return undefined;
+}
+
 /**
  * Writes an encrypted image (LUKS, or qcow2 with LUKS encryption) with qemu-img, in its own
  * process, into `spec.path` (which may exist, empty). The key reaches qemu-img as QEMU's
@@ -201,9 +216,18 @@ export async function writeImageWithQemuImg(
       : `encrypt.format=luks,encrypt.key-secret=${sec},encrypt.iter-time=${iterTimeMs}`;
   // A comma in an option value is written ",," (QemuOpts); the key file's path is one.
   const args = ['create', '-q', '-f', format, '--object', `secret,id=${sec},format=raw,file=${keyFile.replaceAll(',', ',,')}`, '-o', opts, path, String(size)];
+  const exe = await findExecutable(bin);
+  if (exe === undefined) throw Object.assign(new Error(`${bin}: not found`), { code: 'ENOENT' });
+  // Under `setpriv --pdeathsig KILL` (util-linux), qemu-img dies with us. A run killed while
+  // it wrote the header otherwise left it running, and when the next run had removed that
+  // file and made its own, the orphan's failure deleted the file at the path (QEMU's LUKS
+  // create deletes its file when it fails): the next run's target vanished before it was
+  // opened (ci17, test/encrypt/resume.test.ts).
+  const setpriv = await findExecutable('setpriv');
+  const [cmd, cmdArgs] = setpriv ? [setpriv, ['--pdeathsig', 'KILL', '--', exe, ...args]] : [exe, args];
   await retryLuksTiming(log, async () => {
     try {
-      await execFileP(bin, args, { env: { ...process.env, LC_ALL: 'C' } });
+      await execFileP(cmd, cmdArgs, { env: { ...process.env, LC_ALL: 'C' } });
     } catch (e) {
       const err = e as NodeJS.ErrnoException & { stderr?: string };
       if (err.code === 'ENOENT') throw err;
