@@ -22,7 +22,7 @@
  *
  * The rule, one judgement per half second that holds at least 8 completed requests (or
  * every 2 s, whatever it holds):
- *   copy quiet (<= 1.5 MiB/s)  the judgement's mean latency per kind, and the guest's
+ *   copy quiet (<= 1.5 MiB/s)  the judgement's typical latency per kind, and the guest's
  *   in this judgement and      request rate, join the baseline. A judgement is compared
  *   the one before             with the last 40 such at a similar load (request rate
  *                              within 2x): the lower quartile of their latencies (the
