@@ -190,21 +190,14 @@ async function main(): Promise<void> {
           { IDLECRYPT_STATE_DIR: stateDir },
         );
         // the window starts when the copy does (its "copying" record)
-        const t0 = now();
-        while (run.phaseAt('copying') === undefined && now() - t0 < 60_000) await sleep(100);
-        const from = run.phaseAt('copying') ?? t0;
+        const from = await copyingAt(run);
         await sleep(Math.max(0, from + ms - now()));
         const to = now();
         run.cli.child.kill('SIGINT');
         const r = await run.result(60_000);
         if (run.completed()) throw new Error(`${tag}: the copy completed within its window; use a larger --size-mib`);
         await rm(target, { force: true });
-        const decisions: Record<string, number> = {};
-        for (const x of run.records()) {
-          if (x.event !== 'progress' || typeof x.mode !== 'string') continue;
-          const key = `${x.mode} ${String(x.reason ?? '').replace(/[\d.]+/g, '#')}`;
-          decisions[key] = (decisions[key] ?? 0) + 1;
-        }
+        const decisions = decisionsOf(run);
         await writeFile(path.join(dir, `${tag}.log`), run.cli.stdout() + run.cli.stderr());
         process.stderr.write(`  ${tag}: exit ${r.code}\n`);
         const lp = await readFile(path.join(dir, `${tag}.lp`), 'utf8').catch(() => '');
@@ -220,9 +213,7 @@ async function main(): Promise<void> {
           path.join(dir, 'finish.lp'),
           { IDLECRYPT_STATE_DIR: stateDir },
         );
-        const t0 = now();
-        while (run.phaseAt('copying') === undefined && now() - t0 < 60_000) await sleep(100);
-        const from = run.phaseAt('copying') ?? t0;
+        const from = await copyingAt(run);
         while (!run.completed() && run.cli.child.exitCode === null && now() - from < deadlineS * 1500) await sleep(500);
         const done = run.completed();
         const to = done ? Date.parse(String(done.time)) : now();
@@ -232,12 +223,7 @@ async function main(): Promise<void> {
         await writeFile(path.join(dir, 'finish.log'), run.cli.stdout() + run.cli.stderr());
         await sleep(1000);
         const m = measure(rec.samples, rec.phases(), prof.phased, from, to);
-        const decisions: Record<string, number> = {};
-        for (const x of run.records()) {
-          if (x.event !== 'progress' || typeof x.mode !== 'string') continue;
-          const key = `${x.mode} ${String(x.reason ?? '').replace(/[\d.]+/g, '#')}`;
-          decisions[key] = (decisions[key] ?? 0) + 1;
-        }
+        const decisions = decisionsOf(run);
         return { profile, deadline, deadlineS, tookS: done ? (to - from) / 1000 : null, busyMiBs: m.busyMiBs, copyMiBs: m.copyMiBs, decisions };
       };
       process.stderr.write(`${profile}: warm-up under (c), 75 s\n`);
@@ -279,6 +265,33 @@ async function main(): Promise<void> {
     await rm(base, { recursive: true, force: true });
   }
   await report(results, finishes, started);
+}
+
+/** When the copy started (its "copying" record), waiting up to a minute for it; else now. */
+async function copyingAt(run: EncryptRun): Promise<number> {
+  const t0 = now();
+  while (run.phaseAt('copying') === undefined && now() - t0 < 60_000) await sleep(100);
+  return run.phaseAt('copying') ?? t0;
+}
+
+/** The copy's decisions, as its --json records said them: "mode reason" (numbers as #) -> count. */
+function decisionsOf(run: EncryptRun): Record<string, number> {
+  const decisions: Record<string, number> = {};
+  for (const x of run.records()) {
+    if (x.event !== 'progress' || typeof x.mode !== 'string') continue;
+    const key = `${x.mode} ${String(x.reason ?? '').replace(/[\d.]+/g, '#')}`;
+    decisions[key] = (decisions[key] ?? 0) + 1;
+  }
+  return decisions;
+}
+
+/** The three most frequent decisions, for a table cell. */
+function topDecisions(d: Record<string, number>): string {
+  return Object.entries(d)
+    .sort((a, b) => b[1] - a[1])
+    .slice(0, 3)
+    .map(([k, n]) => `${n}× ${k.slice(0, 70)}`)
+    .join('; ');
 }
 
 /** "5m", "90s", "1h": seconds. */
@@ -481,11 +494,7 @@ async function report(results: RunResult[], finishes: Finish[], started: Date): 
       f.tookS === null ? `not within ${(1.5 * f.deadlineS).toFixed(0)} s` : `${f.tookS.toFixed(0)} s (${pct(f.tookS, f.deadlineS)} of it)`,
       `${f1(f.busyMiBs)}${a === null || f.busyMiBs === null ? '' : ` (${pct(f.busyMiBs, a)})`}`,
       f1(f.copyMiBs),
-      Object.entries(f.decisions)
-        .sort((x, y) => y[1] - x[1])
-        .slice(0, 3)
-        .map(([k, n]) => `${n}× ${k.slice(0, 70)}`)
-        .join('; '),
+      topDecisions(f.decisions),
     ]);
   }
   if (finishes.length) console.log(textTable(finishRows));
@@ -518,13 +527,7 @@ async function report(results: RunResult[], finishes: Finish[], started: Date): 
         `${f2(r.writeP50)} / ${f2(r.writeP90)}, ${f2(r.flushP50)}`,
         f1(r.quietMiBs),
         f1(r.copyMiBs),
-        r.decisions
-          ? Object.entries(r.decisions)
-              .sort((a, b) => b[1] - a[1])
-              .slice(0, 3)
-              .map(([k, n]) => `${n}× ${k.slice(0, 70)}`)
-              .join('; ')
-          : '',
+        r.decisions ? topDecisions(r.decisions) : '',
       ]),
     ]),
     '',

@@ -74,23 +74,18 @@ export function blockstatsLatency(stats: readonly BlockStats[]): LatencyTotals {
  * that keeps none, so that the latency control can judge the median (controller/latency.ts).
  * A device that already keeps one (someone else's) is left as it is. The histograms stay
  * after the job: they are statistics only, cost QEMU a binary search per request, and
- * `block-latency-histogram-set id=<device>` with no boundaries removes them. Returns the
- * devices that could not be given one (a QEMU older than 4.0, a device without a backend).
+ * `block-latency-histogram-set id=<device>` with no boundaries removes them. A device that
+ * refuses (a QEMU older than 4.0, a device without a backend) goes on being judged by its
+ * mean, which the control's view says (`statistic`).
  */
-export async function keepLatencyHistograms(client: QmpClient, stats: readonly BlockStats[]): Promise<string[]> {
-  const failed: string[] = [];
+export async function keepLatencyHistograms(client: QmpClient, stats: readonly BlockStats[]): Promise<void> {
   for (const s of stats) {
     const id = s.qdev || s.device;
     if (!id) continue;
     const st = s.stats;
     if (st.rd_latency_histogram || st.wr_latency_histogram || st.flush_latency_histogram) continue;
-    try {
-      await client.execute('block-latency-histogram-set', { id, boundaries: HISTOGRAM_BOUNDARIES });
-    } catch {
-      failed.push(id);
-    }
+    await client.execute('block-latency-histogram-set', { id, boundaries: HISTOGRAM_BOUNDARIES }).catch(() => {});
   }
-  return failed;
 }
 
 export interface BlockstatsReaderOptions {

@@ -9,10 +9,11 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { childrenOf } from '../observe/helpers.ts';
 
 let dir: string;
 before(async () => {
@@ -23,16 +24,12 @@ after(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-/** Pids of processes whose command line holds `needle`. */
-async function processesWith(needle: string): Promise<number[]> {
-  const out: number[] = [];
-  for (const e of await readdir('/proc')) {
-    if (!/^\d+$/.test(e)) continue;
-    const cmd = await readFile(`/proc/${e}/cmdline`, 'utf8').catch(() => '');
-    if (cmd.split('\0')[0]?.endsWith('qemu-img') && cmd.includes(needle)) out.push(Number(e));
-  }
-  return out;
-}
+/** Whether a process runs: a zombie (dead, not yet reaped by init) does not. */
+const alive = async (pid: number): Promise<boolean> => {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3); // the field after "(comm)"
+  return stat !== '' && state !== 'Z';
+};
 
 test('a run killed with -9 while qemu-img writes its LUKS header takes qemu-img with it', async () => {
   const target = path.join(dir, 't.luks');
@@ -47,7 +44,7 @@ test('a run killed with -9 while qemu-img writes its LUKS header takes qemu-img 
   let pids: number[] = [];
   for (let i = 0; i < 100 && pids.length === 0; i++) {
     await sleep(100);
-    pids = await processesWith(target);
+    pids = await childrenOf(run.pid!, 'qemu-img');
   }
   assert.equal(pids.length, 1, 'qemu-img runs, writing the header');
   run.kill('SIGKILL');
@@ -55,7 +52,7 @@ test('a run killed with -9 while qemu-img writes its LUKS header takes qemu-img 
   let left = pids;
   for (let i = 0; i < 20 && left.length > 0; i++) {
     await sleep(100);
-    left = await processesWith(target);
+    left = (await Promise.all(left.map(async (p) => ((await alive(p)) ? [p] : [])))).flat();
   }
   for (const p of left) process.kill(p, 'SIGKILL'); // do not leave it to the rest of the suite
   assert.deepEqual(left, [], 'qemu-img died with the run that started it');

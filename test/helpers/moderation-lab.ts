@@ -21,7 +21,7 @@ import type { TestContext } from 'node:test';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Subscription } from 'rxjs';
-import { HISTOGRAM_BOUNDARIES } from '../../src/controller/latency.ts';
+import { keepLatencyHistograms } from '../../src/probes/qmp-blockstats.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { startTestVm, type TestVm, type TestVmOptions } from '../../vm-images/launch.ts';
 import { startCli, type RunningCli } from './cli.ts';
@@ -120,11 +120,9 @@ export class GuestRecorder {
   async poll(o: { intervalMs: number; stats: boolean; jobs: boolean; jobPrefix?: string; histograms?: boolean }): Promise<void> {
     this.qmp = await QmpClient.connect(this.vm.qmpSocket);
     const qmp = this.qmp;
-    if (o.histograms) {
-      // QEMU keeps latency histograms on the guest's disk from now on (a copy's job then uses them as they are)
-      const dev = (await qmp.execute('query-blockstats')).find((s) => s.qdev?.includes('/disk0/') || s.device === 'drive0' || s.device === 'disk0');
-      if (dev) await qmp.execute('block-latency-histogram-set', { id: dev.qdev || dev.device!, boundaries: HISTOGRAM_BOUNDARIES });
-    }
+    // QEMU keeps latency histograms on the guest's disks from now on, as a copy's job has it
+    // do (which then uses them as they are)
+    if (o.histograms) await keepLatencyHistograms(qmp, await qmp.execute('query-blockstats'));
     const prefix = o.jobPrefix ?? 'idlecrypt-';
     this.eventSub = qmp.events('JOB_STATUS_CHANGE').subscribe((e) => {
       if (!e.data.id.startsWith(prefix)) return;
