@@ -247,7 +247,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       }
       log.info({ job: job.id, source: disk.nodeName, target: target.node, speed: o.speed, moderated: !!mod, adopted: !!adopt }, adopt ? 'mirror adopted' : 'mirror started');
       o.onPhase?.('copying', disk);
-      mod?.moderation.steer(job, record.copyStartedAt);
+      mod?.moderation.steer(job, record.copyStartedAt, { path: targetPath, direct: disk.cache.direct });
       o.onJob?.(job, client);
 
       const meter = new ProgressMeter();

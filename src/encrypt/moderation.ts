@@ -27,6 +27,7 @@ import { resolvePolicy } from '../policy/resolve.ts';
 import { moderate, toActivityRates, type ModerationRun } from '../controller/index.ts';
 import type { Decision } from '../controller/types.ts';
 import { LearntStore } from './learnt.ts';
+import { TargetFlusher, flushingTarget } from './writeback.ts';
 
 export interface ModerationOptions {
   /** The policy file; the shipped default when absent. */
@@ -60,6 +61,12 @@ export interface ModerationOptions {
 /** How often the main loop's load is read for the headroom (as often as the reconciler reads the job). */
 const MAIN_LOOP_SAMPLE_MS = 250;
 
+/** The copy's target, as the moderation needs it: a file on this host, and whether it is opened with O_DIRECT. */
+export interface SteeredTarget {
+  readonly path: string;
+  readonly direct: boolean;
+}
+
 export class RunModeration {
   private run?: ModerationRun;
   private last?: Decision;
@@ -70,6 +77,7 @@ export class RunModeration {
   private readonly subs: Subscription[] = [];
   private closed = false;
   private learnt?: LearntStore;
+  private flusher?: TargetFlusher;
   /** The completion guarantee has raised the job's speed at some point in this run. */
   guaranteeEngaged = false;
 
@@ -139,8 +147,13 @@ export class RunModeration {
    * Hands the running job to the controller. `startedAt` (epoch ms): when the copy first
    * started, for a job a dead run left (a deadline counts from the copy's start, not ours).
    */
-  steer(job: JobControl, startedAt = Date.now()): void {
+  steer(job: JobControl, startedAt = Date.now(), target?: SteeredTarget): void {
     this.steeredAt = startedAt;
+    // A target in the host's page cache is flushed as the copy goes (policy target.flush).
+    if (target && !target.direct) {
+      this.flusher = new TargetFlusher(target.path, () => this.effective?.target.flush ?? null, this.log);
+      job = flushingTarget(job, this.flusher);
+    }
     // What was learnt of this guest (thresholds: auto) by earlier runs, and saved as it learns.
     const learnt = (this.learnt = new LearntStore(this.vm.name, this.log, this.stateDir));
     const initial = learnt.load();
@@ -197,6 +210,7 @@ export class RunModeration {
     this.stop$.next();
     for (const s of this.subs) s.unsubscribe();
     this.learnt?.flush();
+    await this.flusher?.close();
   }
 }
 

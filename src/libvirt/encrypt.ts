@@ -294,7 +294,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       }
       log.info({ domain: o.domain, disk: o.disk, target: targetPath, speed: o.speed, moderated: !!mod, adopted: !!adopting }, adopting ? 'block copy adopted' : 'block copy started');
       o.onPhase?.('copying', { device: o.disk, source: disk.source! });
-      mod?.moderation.steer(job, record.copyStartedAt);
+      mod?.moderation.steer(job, record.copyStartedAt, { path: targetPath, direct: directCache(disk.cache) });
       o.onJob?.(job);
 
       const meter = new ProgressMeter();

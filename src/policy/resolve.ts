@@ -1,6 +1,6 @@
 /** From a loaded policy to what one VM runs on, and how a policy reads to a person. */
 import { fixedThresholds, SIGNALS, type EffectivePolicy, type Moderation, type Policy } from './schema.ts';
-import { formatDuration, formatRate, formatSpeed } from './units.ts';
+import { formatBytes, formatDuration, formatRate, formatSpeed } from './units.ts';
 
 /** The settings for the VM named `vm`: its override when the policy has one, else the top level. */
 export function resolvePolicy(policy: Policy, vm: string): EffectivePolicy {
@@ -13,6 +13,7 @@ export function resolvePolicy(policy: Policy, vm: string): EffectivePolicy {
     guarantee: m.guarantee,
     latency: m.latency,
     pivot: m.pivot,
+    target: m.target,
     sampling: policy.sampling,
     source: policy.source,
     ...(own ? { override: vm } : {}),
@@ -50,6 +51,9 @@ function describeModeration(m: Moderation): string[] {
     `pivot: once caught up, waits up to ${formatDuration(m.pivot['quiet-wait'])} for a quiet guest; ${
       m.pivot.push > 0 ? `pushes at full speed for up to ${formatDuration(m.pivot.push)} when the copy has not caught up for ${formatDuration(m.pivot['push-after'])}` : 'never pushes'
     }`,
+    m.target.flush === null
+      ? "target: not flushed (with writeback, the kernel writes the copy's writes back when it likes)"
+      : `target: flushed to its disk after every ${formatBytes(m.target.flush)} copied, when it is opened through the host's page cache (writeback)`,
   ];
 }
 

@@ -10,7 +10,7 @@
  */
 import { MIN_INTERVAL_MS } from '../probes/runner.ts';
 import { z } from 'zod';
-import { parseDeadline, parseDuration, parseFloor, parseHeadroom, parseLatencyMargin, parseLearnableThreshold, parseSpeed, parseThreshold, show, type Parsed } from './units.ts';
+import { parseDeadline, parseDuration, parseFloor, parseFlush, parseHeadroom, parseLatencyMargin, parseLearnableThreshold, parseSpeed, parseThreshold, show, type Parsed } from './units.ts';
 
 /** Turns one of units.ts's parsers into a schema whose problem is the parser's sentence. */
 export function scalar<T>(parse: (v: unknown) => Parsed<T>) {
@@ -85,6 +85,11 @@ export const moderationShape = {
     push: scalar(parseDuration),
     /** ms the work left must stay within one push before a push (and between pushes). */
     'push-after': scalar(parseDuration),
+  }),
+  /** The target in the host's page cache (src/encrypt/writeback.ts). */
+  target: section({
+    /** Bytes of copying after which a target opened through the page cache is flushed; null = off. */
+    flush: scalar(parseFlush),
   }),
 };
 

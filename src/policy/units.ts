@@ -63,6 +63,17 @@ export function parseSpeed(v: unknown): Parsed<number> {
   return r;
 }
 
+/** How much of the copy may sit in the host's page cache before the target is flushed: off, or bytes (at least 1 MiB). */
+export function parseFlush(v: unknown): Parsed<number | null> {
+  if (v === 'off' || v === null) return ok(null);
+  const expected = `expected off or bytes such as 64MiB, got ${show(v)}`;
+  if (typeof v === 'string' && /\/s$/i.test(v.trim())) return bad(`${expected} (an amount, not a speed)`);
+  const r = parseByteRate(v);
+  if (!r.ok) return bad(/negative|too large/.test(r.problem) ? r.problem.replace('a speed', 'an amount') : expected);
+  if (r.value < 1024 ** 2) return bad(`must be off or at least 1MiB, got ${show(v)}`);
+  return r;
+}
+
 /** The floor of the completion guarantee: `none` (no floor) or a positive byte rate. */
 export function parseFloor(v: unknown): Parsed<number> {
   if (v === 'none' || v === null || v === 0) return ok(0);

@@ -93,7 +93,25 @@ describe('the shipped default policy', () => {
       'latency: off (a guest busy with its disk gets the busy speed)',
       "guarantee: finish within 4h of the job's start (margin 1.25), floor none",
       'pivot: once caught up, waits up to 30s for a quiet guest; pushes at full speed for up to 2s when the copy has not caught up for 2m',
+      "target: flushed to its disk after every 64 MiB copied, when it is opened through the host's page cache (writeback)",
     ]);
+  });
+});
+
+describe('target', () => {
+  test('flush: bytes of copying between flushes of a writeback target (64 MiB by default), or off; bad values say what is expected', () => {
+    assert.deepEqual(defaultPolicy().target, { flush: 64 * 1024 * 1024 });
+    assert.equal(parsePolicy('target:\n  flush: 256M\n', 't.yaml').target.flush, 256 * 1024 * 1024);
+    const off = parsePolicy('target:\n  flush: off\n', 't.yaml');
+    assert.equal(off.target.flush, null);
+    assert.ok(describePolicy(off).includes("target: not flushed (with writeback, the kernel writes the copy's writes back when it likes)"));
+    assert.throws(() => parsePolicy('target:\n  flush: 64MiB/s\n', 'bad.yaml'), /bad\.yaml:2:10: target\.flush: expected off or bytes such as 64MiB, got "64MiB\/s" \(an amount, not a speed\)/);
+    assert.throws(() => parsePolicy('target:\n  flush: 4KiB\n', 'bad.yaml'), /target\.flush: must be off or at least 1MiB, got "4KiB"/);
+    assert.throws(() => parsePolicy('target:\n  flush: -1G\n', 'bad.yaml'), /target\.flush: an amount cannot be negative, got "-1G"/);
+    assert.throws(() => parsePolicy('target:\n  flush: often\n', 'bad.yaml'), /target\.flush: expected off or bytes such as 64MiB, got "often"/);
+    const o = parsePolicy('vms:\n  db:\n    target:\n      flush: off\n', 'vm.yaml');
+    assert.equal(o.vms.db!.target.flush, null);
+    assert.equal(o.target.flush, 64 * 1024 * 1024);
   });
 });
 
@@ -215,7 +233,7 @@ describe('per-VM overrides', () => {
   test('a bad override is reported at its place under vms', () => {
     assert.deepEqual(problems('vms:\n  web:\n    speed:\n      busy: -20MiB\n    sampling:\n      interval: 10ms\n'), [
       'p.yaml:4:13: vms.web.speed.busy: a speed cannot be negative, got "-20MiB"',
-      'p.yaml:5:5: vms.web.sampling: unknown key; expected one of thresholds, speed, holdoff, guarantee, latency, pivot',
+      'p.yaml:5:5: vms.web.sampling: unknown key; expected one of thresholds, speed, holdoff, guarantee, latency, pivot, target',
     ]);
   });
 });
@@ -237,7 +255,7 @@ describe('bad policy files are rejected with the file, line, column and key', ()
       'p.yaml:2:3: thresholds.dsik: unknown key (did you mean disk?); expected one of disk, keyboard, pointer, interrupts, stall',
     ]);
     assert.deepEqual(problems('hold_off: 1s\n'), [
-      'p.yaml:1:1: hold_off: unknown key (did you mean holdoff?); expected one of sampling, thresholds, speed, holdoff, guarantee, latency, pivot, vms',
+      'p.yaml:1:1: hold_off: unknown key (did you mean holdoff?); expected one of sampling, thresholds, speed, holdoff, guarantee, latency, pivot, target, vms',
     ]);
   });
 
