@@ -1,35 +1,50 @@
 /**
  * Issue 9's matrix: disk {64 GiB sparse raw, fully allocated raw, 64 GiB sparse qcow2} x host
  * cache {writeback, none} x guest workload {one-at-a-time 64 KiB direct I/O, the bursty 1 MiB
- * workload, a trickle of small synchronous writes with bursts}: 18 cells. Each cell is one run
- * of bench/moderation.ts with the modes (a) no job, (b) an unthrottled mirror and (d) idlecrypt's
- * default policy, every copy stopped after --max-copy-s (the sparse disks are too big to copy
- * whole in each run), and is judged against the issue's bounds:
- *   kept      (d)'s guest throughput in busy phases against (a)'s: >= 93%
- *   trickle   (d)'s guest throughput in idle phases against (a)'s, the trickle's own rate
- *             (trickle cells only): >= 90%
+ * workload, a trickle of small synchronous writes with bursts}: 18 cells, judged against the
+ * issue's bounds:
+ *   kept      idlecrypt's guest throughput in busy phases against the same guest's without a
+ *             copy: >= 93%
+ *   trickle   the same over idle phases, the trickle's own rate (trickle cells only): >= 90%
  *   reaction  busy-phase start to the job slowed, largest over the cell's phases: <= 500 ms
- *   idle      (d)'s job speed in idle phases after the hold-off against (b)'s: >= 80%. Where
- *             (b) froze the guest (no phase line came while it ran) its idle-phase speed cannot
- *             be measured; its average over the whole copy stands in (marked ~).
+ *   idle      idlecrypt's job speed in idle phases after the hold-off against an unthrottled
+ *             mirror's: >= 80%
  *
- *   node --import tsx bench/matrix.ts [--rounds 1] [--max-copy-s 48] [--raw-mib 6144]
+ * --method side-by-side (default): each cell and round is test/helpers/matrix-cell.ts, the
+ *   measurement test/moderation/starved.test.ts makes of two cells: the moderated guest, the
+ *   same guest without a copy and an idle guest whose unthrottled mirror runs in one of the
+ *   moderated guest's idle phases, all three at once, so that they share the host's moment;
+ *   the copy is cancelled after three busy phases. About 80 s a cell and round.
+ * --method sequential: each cell is one run of bench/moderation.ts with the modes (a) no job,
+ *   (b) an unthrottled mirror and (d) idlecrypt's default policy, one guest at a time, every
+ *   copy stopped after --max-copy-s. Where (b) froze the guest (no phase line came while it
+ *   ran) its idle-phase speed cannot be measured; its average over the whole copy stands in
+ *   (marked ~). About 3.5 minutes a cell and round. Kept for comparison with the first run.
+ *
+ *   node --import tsx bench/matrix.ts [--method side-by-side|sequential] [--rounds 1]
  *        [--disks sparse-raw,raw,sparse-qcow2] [--caches writeback,none]
- *        [--workloads oneatatime,bursty,trickle] [--out bench/results/matrix]
+ *        [--workloads oneatatime,bursty,trickle] [--policy FILE] [--out bench/results/matrix]
+ *        sequential only: [--max-copy-s 48] [--raw-mib 6144] [--sparse-mib 65536]
  *
- * Writes <out>/matrix-report.md (the table, each cell's figures, links to each cell's report
- * and plots over time in <out>/<cell>/) and <out>/matrix-<time>.json. About 3.5 minutes a cell
- * and round on a 2-core machine: an hour for the whole matrix. Run nothing else meanwhile.
+ * --policy runs idlecrypt under that policy file instead of the shipped default (side by side
+ * only): bench/policies/noflush.yaml, say, for writeback targets left to the kernel.
+ * Writes <out>/matrix-report.md (the table, each cell's figures) and <out>/matrix-<time>.json.
+ * Run nothing else meanwhile.
  */
 import { spawn } from 'node:child_process';
-import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
-import os from 'node:os';
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import os, { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { median, medianOf as med } from '../test/helpers/moderation-lab.ts';
+import { GuestLab, measurable, median, medianOf as med } from '../test/helpers/moderation-lab.ts';
+import { CELL_DISKS, CELL_WORKLOADS, measureCell, type CellDisk, type CellFigures, type CellWorkload } from '../test/helpers/matrix-cell.ts';
+import { writeKey } from '../test/helpers/images.ts';
+import { ensureImage } from '../vm-images/launch.ts';
 
 const { values } = parseArgs({
   options: {
+    method: { type: 'string', default: 'side-by-side' },
+    policy: { type: 'string' },
     rounds: { type: 'string', default: '1' },
     'max-copy-s': { type: 'string', default: '48' },
     'sparse-mib': { type: 'string', default: '65536' },
@@ -76,9 +91,18 @@ interface Cell {
   unthrottledBps?: number | null;
   idlecryptIdleBps?: number | null;
   referenceBusyBps?: number | null;
+  /** side by side: the host's dirty + writeback memory, MiB, most over the copy and at busy phases' starts (medians over rounds) */
+  dirtyMaxMiB?: number | null;
+  dirtyAtBusyMiB?: number | null;
+  /** side by side: each round's figures as lines */
+  rounds?: string[][];
   met?: boolean;
 }
 
+const method = values.method === 'sequential' ? 'sequential' : values.method === 'side-by-side' ? 'side-by-side' : null;
+if (!method) throw new Error('--method side-by-side|sequential');
+if (values.policy && method === 'sequential') throw new Error('--policy is for --method side-by-side (bench/moderation.ts takes its own --policy)');
+const policy = values.policy ? path.resolve(values.policy) : undefined;
 const disks = values.disks!.split(',');
 const caches = values.caches!.split(',');
 const workloads = values.workloads!.split(',');
@@ -118,18 +142,47 @@ function judge(cell: Cell, runs: Run[]): void {
   cell.unthrottledBps = unthrottledBps;
   cell.idlecryptIdleBps = med(ic.map((r) => r.jobIdleAfterHoldoffBps));
   cell.idle = ratio(cell.idlecryptIdleBps, unthrottledBps);
-  cell.met =
-    cell.kept !== null &&
+  cell.met = isMet(cell);
+}
+
+/** Side by side: medians over the cell's rounds; reactions pooled. */
+function judgeSideBySide(cell: Cell, rounds: CellFigures[]): void {
+  cell.kept = med(rounds.map((f) => f.kept));
+  if (cell.workload === 'trickle') cell.trickle = med(rounds.map((f) => f.trickleKept));
+  const reactions = rounds.flatMap((f) => f.reactions.filter((x) => measurable(x.r) && x.r.ms !== undefined).map((x) => x.r.ms!));
+  cell.reactions = reactions.length;
+  cell.reactionMaxMs = reactions.length ? Math.max(...reactions) : null;
+  cell.reactionP50Ms = reactions.length ? median(reactions) : null;
+  cell.unthrottledBps = med(rounds.map((f) => f.cmpBps));
+  cell.idlecryptIdleBps = med(rounds.map((f) => f.idleBps));
+  cell.idle = med(rounds.map((f) => f.idleRel));
+  cell.dirtyMaxMiB = med(rounds.map((f) => f.dirtyMaxMiB));
+  cell.dirtyAtBusyMiB = med(rounds.map((f) => f.dirtyAtBusyMiB));
+  cell.rounds = rounds.map((f) => [...f.lines]);
+  cell.met = isMet(cell);
+}
+
+function isMet(cell: Cell): boolean {
+  return (
+    cell.kept != null &&
     cell.kept >= KEPT_MIN &&
     (cell.workload !== 'trickle' || (cell.trickle != null && cell.trickle >= TRICKLE_MIN)) &&
-    cell.reactionMaxMs !== null &&
+    cell.reactionMaxMs != null &&
     cell.reactionMaxMs <= REACTION_MAX_MS &&
-    cell.idle !== null &&
-    cell.idle >= IDLE_MIN;
+    cell.idle != null &&
+    cell.idle >= IDLE_MIN
+  );
 }
 
 const cells: Cell[] = [];
 await mkdir(outDir, { recursive: true });
+const lab = new GuestLab();
+let keyFile = '';
+if (method === 'side-by-side') {
+  ensureImage();
+  keyFile = path.join(await mkdtemp(path.join(tmpdir(), 'ic-matrix-key-')), 'key');
+  await writeKey(keyFile, 'matrix key');
+}
 for (const disk of disks) {
   for (const cache of caches) {
     for (const workload of workloads) {
@@ -137,20 +190,47 @@ for (const disk of disks) {
       const cell: Cell = { disk, cache, workload, dir };
       cells.push(cell);
       try {
-        await mkdir(dir, { recursive: true });
-        await runCell(disk, cache, workload, dir);
-        const json = (await readdir(dir)).filter((f) => /^moderation-.*\.json$/.test(f)).sort().at(-1);
-        if (!json) throw new Error('no results file');
-        const data = JSON.parse(await readFile(path.join(dir, json), 'utf8')) as { runs: Run[] };
-        judge(cell, data.runs);
+        if (method === 'sequential') {
+          await mkdir(dir, { recursive: true });
+          await runCell(disk, cache, workload, dir);
+          const json = (await readdir(dir)).filter((f) => /^moderation-.*\.json$/.test(f)).sort().at(-1);
+          if (!json) throw new Error('no results file');
+          const data = JSON.parse(await readFile(path.join(dir, json), 'utf8')) as { runs: Run[] };
+          judge(cell, data.runs);
+        } else {
+          if (!(disk in CELL_DISKS) || !(workload in CELL_WORKLOADS) || (cache !== 'writeback' && cache !== 'none')) throw new Error(`unknown cell ${disk} ${cache} ${workload}`);
+          const figures: CellFigures[] = [];
+          for (let round = 0; round < Number(values.rounds); round++) {
+            process.stderr.write(`\n== ${disk} cache=${cache} ${workload}, round ${round + 1}/${values.rounds}\n`);
+            const base = await mkdtemp(path.join(tmpdir(), 'ic-matrix-'));
+            try {
+              figures.push(
+                await measureCell(lab, base, {
+                  disk: disk as CellDisk,
+                  cache,
+                  workload: workload as CellWorkload,
+                  keyFile,
+                  ...(policy ? { modArgs: ['--policy', policy] } : {}),
+                  note: (l) => process.stderr.write(`   ${l}\n`),
+                }),
+              );
+            } finally {
+              await lab.stopAll();
+              await rm(base, { recursive: true, force: true });
+            }
+          }
+          judgeSideBySide(cell, figures);
+        }
       } catch (e) {
-        cell.error = (e as Error).message;
+        cell.error = (e as Error).message.split('\n')[0]!;
+        await lab.stopAll();
       }
       process.stderr.write(`== ${line(cell)}\n`);
       await writeReport();
     }
   }
 }
+if (keyFile) await rm(path.dirname(keyFile), { recursive: true, force: true });
 process.stderr.write(`report: ${path.join(outDir, 'matrix-report.md')}\n`);
 
 function pct(x: number | null | undefined): string {
@@ -176,20 +256,27 @@ async function writeReport(): Promise<void> {
           c.reactionMaxMs == null ? `- (n=0)` : `${c.reactionP50Ms!.toFixed(0)} / ${c.reactionMaxMs.toFixed(0)} (n=${c.reactions})${mark(c.reactionMaxMs <= REACTION_MAX_MS)}`,
           `${pct(c.idle)}${c.idleFromWholeCopy ? ' ~' : ''}${mark(c.idle == null ? null : c.idle >= IDLE_MIN)}`,
           `${c.idlecryptIdleBps == null ? '-' : (c.idlecryptIdleBps / MiB).toFixed(0)} / ${c.unthrottledBps == null ? '-' : (c.unthrottledBps / MiB).toFixed(0)}`,
-          `[report](${path.relative(outDir, c.dir)}/moderation-report.md)`,
+          method === 'sequential' ? `[report](${path.relative(outDir, c.dir)}/moderation-report.md)` : `${c.dirtyMaxMiB == null ? '-' : c.dirtyMaxMiB.toFixed(0)} / ${c.dirtyAtBusyMiB == null ? '-' : c.dirtyAtBusyMiB.toFixed(0)}`,
         ],
   );
-  const head = ['disk', 'cache', 'workload', `busy kept (>= ${KEPT_MIN * 100}%)`, `trickle kept (>= ${TRICKLE_MIN * 100}%)`, `reaction p50 / max ms (<= ${REACTION_MAX_MS})`, `idle copy vs unthrottled (>= ${IDLE_MIN * 100}%)`, 'idle copy / unthrottled MiB/s', 'cell'];
+  const head = ['disk', 'cache', 'workload', `busy kept (>= ${KEPT_MIN * 100}%)`, `trickle kept (>= ${TRICKLE_MIN * 100}%)`, `reaction p50 / max ms (<= ${REACTION_MAX_MS})`, `idle copy vs unthrottled (>= ${IDLE_MIN * 100}%)`, 'idle copy / unthrottled MiB/s', method === 'sequential' ? 'cell' : 'host dirty MiB: most / at busy starts'];
   const table = [head, head.map(() => '---'), ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n');
   const met = cells.filter((c) => c.met).length;
   const report = `# Issue 9's matrix
 
 ${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB.
-Command: \`node --import tsx bench/matrix.ts --rounds ${values.rounds} --max-copy-s ${values['max-copy-s']} --sparse-mib ${values['sparse-mib']} --raw-mib ${values['raw-mib']} --disks ${values.disks} --caches ${values.caches} --workloads ${values.workloads}\`
+Command: \`node --import tsx bench/matrix.ts --method ${method} --rounds ${values.rounds}${method === 'sequential' ? ` --max-copy-s ${values['max-copy-s']} --sparse-mib ${values['sparse-mib']} --raw-mib ${values['raw-mib']}` : ''}${policy ? ` --policy ${values.policy}` : ''} --disks ${values.disks} --caches ${values.caches} --workloads ${values.workloads}\`
 
-Each cell: bench/moderation.ts with (a) no job, (b) an unthrottled mirror and (d) idlecrypt's default
+${
+  method === 'sequential'
+    ? `Each cell: bench/moderation.ts with (a) no job, (b) an unthrottled mirror and (d) idlecrypt's default
 policy, one guest at a time, ${values.rounds} round(s), every copy stopped after ${values['max-copy-s']} s. Sparse disks are
-${Number(values['sparse-mib']) / 1024} GiB, the allocated raw disk ${Number(values['raw-mib']) / 1024} GiB. Workloads (8 s idle / 8 s busy): oneatatime, 64 KiB
+${Number(values['sparse-mib']) / 1024} GiB, the allocated raw disk ${Number(values['raw-mib']) / 1024} GiB.`
+    : `Each cell, side by side (test/helpers/matrix-cell.ts): the guest encrypted by idlecrypt (${policy ? `policy ${values.policy}` : 'the shipped default policy'}), the same
+guest without a copy, and an idle guest whose unthrottled mirror runs in one idle phase of the first
+(keys typed into it hold its copy meanwhile), all at once; ${values.rounds} round(s), medians over rounds,
+the copy cancelled after three busy phases. Sparse disks are 64 GiB, the allocated raw disk 4 GiB.`
+} Workloads (8 s idle / 8 s busy): oneatatime, 64 KiB
 O_DIRECT requests one at a time; bursty, 1 MiB O_DIRECT requests; trickle, oneatatime's phases over 15
 4 KiB O_DIRECT writes a second, each flushed. ✗: outside issue 9's bound. ~: (b) froze the guest, so
 its idle-phase speed could not be measured, and its average over the whole copy stands in.
@@ -198,13 +285,22 @@ ${met} of ${cells.length} cells meet every bound.
 
 ${table}
 
-- **busy kept**: (d)'s guest throughput over busy phases while the copy ran, against (a)'s over the same
-  stretch of the schedule. **trickle kept**: the same over idle phases, where the trickle runs alone.
-- **reaction**: from a busy phase's start (its PHASE line on the host) to the job paused or slowed, for
-  phases that began while the job ran at full speed.
-- **idle copy**: (d)'s job speed in idle phases without each phase's first 1.5 s (window and hold-off),
-  against (b)'s measured the same way.
-`;
+- **busy kept**: the guest's throughput over busy phases while idlecrypt's copy ran, against the same
+  guest's without a copy (side by side: the nearest phase of the reference guest, at the same moment;
+  sequential: (a) over the same stretch of the schedule); the ratio of the medians over phases.
+  **trickle kept**: the same over idle phases, where the trickle runs alone.
+- **reaction**: from a busy phase's start (its PHASE line on the host, or the guest's first request when
+  the line came later) to the job paused or slowed, for phases that began while the job ran at full speed.
+- **idle copy**: idlecrypt's job speed in idle phases without each phase's first 1.5 s (window and
+  hold-off), against the unthrottled mirror's (side by side: in the moderated guest's keyboard phase).
+${
+  method === 'side-by-side'
+    ? `\n## Each cell's rounds\n\n${cells
+        .filter((c) => c.rounds)
+        .map((c) => `### ${c.disk}, cache=${c.cache}, ${c.workload}\n\n${c.rounds!.map((r, i) => `Round ${i + 1}:\n${r.map((l) => `- ${l}`).join('\n')}`).join('\n\n')}`)
+        .join('\n\n')}\n`
+    : ''
+}`;
   await writeFile(path.join(outDir, 'matrix-report.md'), report);
   await writeFile(path.join(outDir, `matrix-${startedAt.toISOString().replace(/[:.]/g, '-')}.json`), JSON.stringify({ startedAt, values, cells }, null, 1));
 }

@@ -40,7 +40,7 @@
  * busy/idle state) of the last round; bench/results/moderation-<time>.json holds the data.
  *
  *   node --import tsx bench/moderation.ts [--rounds 3] [--size-mib 6144] [--max-copy-s 32]
- *        [--modes none,unthrottled,cap30,cap100,idlecrypt] [--cache writeback|none] [--out bench/results]
+ *        [--modes none,unthrottled,cap30,cap100,idlecrypt,idlecrypt-noflush] [--cache writeback|none] [--out bench/results]
  *
  * --cache: the guest's disk as `-drive cache=`; the target inherits it. writeback (QEMU's
  * default) goes through the host's page cache, none (O_DIRECT) as production hosts often run.
@@ -48,11 +48,13 @@
  * About 13 minutes with the defaults on a 2-core machine.
  */
 import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os, { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
+import { fileURLToPath } from 'node:url';
 import { ensureImage, makeDiskImage, startTestVm } from '../vm-images/launch.ts';
 import { ensureLibvirtd, TestDomain, virsh } from '../vm-images/libvirt.ts';
 import { DomainRecorder } from '../test/helpers/domain-recorder.ts';
@@ -151,6 +153,8 @@ interface Mode {
   readonly moderated?: boolean;
 }
 
+/** The policy of mode idlecrypt-noflush: the default with target.flush off. */
+const NOFLUSH_POLICY = fileURLToPath(new URL('policies/noflush.yaml', import.meta.url));
 const ALL_MODES: Mode[] = [
   { id: 'none', label: '(a) no job', args: null },
   { id: 'observed', label: "(a') no job, observed (idlecrypt observe, the probes of (d))", args: null, observed: true },
@@ -158,6 +162,8 @@ const ALL_MODES: Mode[] = [
   { id: 'cap30', label: '(c) fixed cap 30 MiB/s (--speed 30M)', args: ['--speed', '30M'], capped: true },
   { id: 'cap100', label: '(c) fixed cap 100 MiB/s (--speed 100M)', args: ['--speed', '100M'], capped: true },
   { id: 'idlecrypt', label: values.policy ? `(d) idlecrypt, --policy ${values.policy}` : `(d) idlecrypt, default policy${backend === 'libvirt' ? ', pause = 1 byte/s' : ''}`, args: values.policy ? ['--policy', values.policy] : [], moderated: true },
+  // (d) with the target left in the host's page cache (the kernel writes it back when it likes): what target.flush changes.
+  { id: 'idlecrypt-noflush', label: '(d) idlecrypt, default policy, target.flush: off', args: ['--policy', NOFLUSH_POLICY], moderated: true },
   // libvirt only: the opt-in pause through QEMU's job-pause (libvirt's monitor pass-through).
   { id: 'idlecrypt-qemu', label: '(d) idlecrypt, default policy, --pause qemu', args: [...(values.policy ? ['--policy', values.policy] : []), '--pause', 'qemu'], moderated: true },
 ];
@@ -166,6 +172,7 @@ const modes = values.modes!.split(',').map((id) => {
   const m = ALL_MODES.find((x) => x.id === id.trim());
   if (!m) throw new Error(`unknown mode ${id} (known: ${ALL_MODES.map((x) => x.id).join(', ')})`);
   if (m.id === 'idlecrypt-qemu' && backend !== 'libvirt') throw new Error('mode idlecrypt-qemu needs --backend libvirt');
+  if (m.id === 'idlecrypt-noflush' && values.policy) throw new Error('mode idlecrypt-noflush runs the default policy with target.flush: off; it takes no --policy');
   return m;
 });
 if (!(rounds >= 1) || !(sizeMiB >= 256) || !(maxCopyMs >= 16_000)) throw new Error('--rounds >= 1, --size-mib >= 256, --max-copy-s >= 16');
@@ -181,6 +188,9 @@ interface Run {
   to: number;
   /** the job had nothing left to copy (READY) from here */
   caughtUp: number;
+  /** the host's dirty and writeback memory (/proc/meminfo), MiB: most over the stretch measured, and the median at the busy phases' starts */
+  dirtyMaxMiB: number | null;
+  dirtyAtBusyMiB: number | null;
   completed: boolean;
   totalS: number | null;
   extrapolated: boolean;
@@ -216,6 +226,19 @@ function binned(samples: readonly Sample[], get: (s: Sample) => number | undefin
   return out;
 }
 
+/** The host's Dirty + Writeback memory (/proc/meminfo), MiB, every `everyMs` until stop(). */
+function sampleDirty(everyMs: number): { samples: { t: number; mib: number }[]; stop: () => void } {
+  const samples: { t: number; mib: number }[] = [];
+  const read = () => {
+    const m = readFileSync('/proc/meminfo', 'utf8');
+    const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(m)?.[1] ?? 0);
+    samples.push({ t: now(), mib: (kb('Dirty') + kb('Writeback')) / 1024 });
+  };
+  read();
+  const timer = setInterval(read, everyMs);
+  return { samples, stop: () => clearInterval(timer) };
+}
+
 async function runOne(mode: Mode, round: number, src: string, work: string, keyFile: string): Promise<Run> {
   const name = `bench-${mode.id}-${round}`;
   const vmDir = path.join(work, name);
@@ -227,6 +250,7 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
   const rec = guest.rec;
   const target = path.join(work, `${name}.luks`);
   let run: EncryptRun | undefined;
+  const dirty = sampleDirty(250);
   try {
     const idle0 = await rec.nextPhase('idle', 0);
     await sleepUntil(idle0 + START_AT_MS);
@@ -268,6 +292,9 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
     }
     await sleep(2000); // a little of what follows, for the plots
     await rec.stop();
+    dirty.stop();
+    const dirtyIn = dirty.samples.filter((d) => d.t >= from && d.t <= to);
+    const dirtyAt = (t: number) => dirty.samples.find((d) => d.t >= t)?.mib;
     const others1 = await otherQemus([guest.pid]);
     const phases = rec.phases();
     const caughtUp = Math.min(firstCaughtUp(rec.samples), to);
@@ -315,6 +342,8 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
       from,
       to,
       caughtUp,
+      dirtyMaxMiB: dirtyIn.length ? Math.max(...dirtyIn.map((d) => d.mib)) : null,
+      dirtyAtBusyMiB: med(phases.filter((p) => p.kind === 'busy' && p.start > from && p.start < to).map((p) => dirtyAt(p.start) ?? null)),
       completed,
       totalS,
       extrapolated,
@@ -337,6 +366,7 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
       },
     };
   } finally {
+    dirty.stop();
     if (run && run.cli.child.exitCode === null) {
       run.cli.child.kill('SIGINT');
       await run.cli.result;
@@ -396,6 +426,8 @@ interface Row {
   totalApprox: boolean;
   reactions: number[];
   reactionsFromRequest: number[];
+  dirtyMax: number | null;
+  dirtyAtBusy: number | null;
 }
 
 function summarise(runs: Run[]): Row[] {
@@ -417,6 +449,8 @@ function summarise(runs: Run[]): Row[] {
       totalApprox: rs.some((r) => r.extrapolated),
       reactions: rs.flatMap((r) => r.reactionsMs),
       reactionsFromRequest: rs.flatMap((r) => r.reactionsFromRequestMs),
+      dirtyMax: med(rs.map((r) => r.dirtyMaxMiB)),
+      dirtyAtBusy: med(rs.map((r) => r.dirtyAtBusyMiB)),
     };
   });
 }
@@ -426,7 +460,7 @@ const mib = (bps: number | null) => (bps === null ? '-' : (bps / MiB).toFixed(0)
 
 function table(rows: Row[]): string[][] {
   return [
-    ['mode', 'guest MiB/s in busy phases', 'vs (a)', ...(hasObserved ? ["vs (a')"] : []), 'job MiB/s in idle phases (after hold-off)', 'job MiB/s in busy phases', `time to encrypt ${sizeMiB} MiB (s)`, 'reaction p50 / p95 (ms)', 'from the first request p50 / p95 (ms)', 'runs beside others\' guests'],
+    ['mode', 'guest MiB/s in busy phases', 'vs (a)', ...(hasObserved ? ["vs (a')"] : []), 'job MiB/s in idle phases (after hold-off)', 'job MiB/s in busy phases', `time to encrypt ${sizeMiB} MiB (s)`, 'reaction p50 / p95 (ms)', 'from the first request p50 / p95 (ms)', 'host dirty MiB: most / at busy starts', 'runs beside others\' guests'],
     ...rows.map((r) => [
       r.mode.label,
       mib(r.guestBusy),
@@ -437,6 +471,7 @@ function table(rows: Row[]): string[][] {
       r.mode.args === null ? '-' : `${r.totalApprox ? '≈' : ''}${f0(r.total)}`,
       r.reactions.length ? `${f0(percentile(r.reactions, 50))} / ${f0(percentile(r.reactions, 95))} (n=${r.reactions.length})` : '-',
       r.reactionsFromRequest.length ? `${f0(percentile(r.reactionsFromRequest, 50))} / ${f0(percentile(r.reactionsFromRequest, 95))} (n=${r.reactionsFromRequest.length})` : '-',
+      `${f0(r.dirtyMax)} / ${f0(r.dirtyAtBusy)}`,
       `${r.runs.filter((x) => x.others[0] + x.others[1] > 0).length} of ${r.runs.length}`,
     ]),
   ];
@@ -567,7 +602,7 @@ try {
       runs.push(r);
       process.stderr.write(
         `round ${round + 1}/${rounds} ${mode.id.padEnd(11)} guest busy ${mib(r.guestBusyBps)} MiB/s, job idle ${mib(r.jobIdleBps)} (${mib(r.jobIdleAfterHoldoffBps)}) busy ${mib(r.jobBusyBps)} MiB/s, ` +
-          `total ${r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(1)} s`}, reactions ${r.reactionsMs.map((x) => x.toFixed(0)).join(' ') || '-'} ms; other qemus ${r.others.join('/')}, load ${r.loadavg.map((x) => x.toFixed(1)).join('/')}\n`,
+          `total ${r.totalS === null ? '-' : `${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(1)} s`}, reactions ${r.reactionsMs.map((x) => x.toFixed(0)).join(' ') || '-'} ms; host dirty max ${f0(r.dirtyMaxMiB)} MiB, at busy starts ${f0(r.dirtyAtBusyMiB)} MiB; other qemus ${r.others.join('/')}, load ${r.loadavg.map((x) => x.toFixed(1)).join('/')}\n`,
       );
     }
   }

@@ -660,7 +660,7 @@ export async function untilNoShortfall(
 export async function startSideBySide(
   lab: GuestLab,
   base: string,
-  o: { mod: TestVmOptions; ref: TestVmOptions; cmp: TestVmOptions; keyFile: string; pollMs: number; runTimeoutMs: number },
+  o: { mod: TestVmOptions; ref: TestVmOptions; cmp: TestVmOptions; keyFile: string; pollMs: number; runTimeoutMs: number; /** more arguments of mod's run (a --policy) */ modArgs?: string[] },
 ): Promise<{
   mod: Booted;
   ref: Booted;
@@ -691,7 +691,7 @@ export async function startSideBySide(
   const idle0 = await mod.rec.nextPhase('idle', 0);
   await sleepUntil(idle0 + 2000);
   const target = path.join(base, 'mod.luks');
-  const run = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50'], path.join(base, 'mod.lp'));
+  const run = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50', ...(o.modArgs ?? [])], path.join(base, 'mod.lp'));
   const done = run.result(o.runTimeoutMs);
   const jobStart = (await withRunOutput(run, mod.rec.jobAppears())).sent;
   return { mod, ref, cmp, others, cmpRun, cmpJob, idle0, run, target, done, jobStart };

@@ -4,7 +4,7 @@
  * O_DIRECT reads and writes in 8 s idle / 8 s busy phases, with the host's page cache
  * (writeback) and with cache=none. Run: `bash scripts/test.sh starved` (about 5 min).
  *
- * Three guests at once, as in test/moderation/moderation.test.ts:
+ * Three guests at once (test/helpers/matrix-cell.ts, which bench/matrix.ts runs for every cell):
  *   mod  encrypted by `idlecrypt encrypt` with the shipped default policy;
  *   ref  the same guest and workload with no job: the reference for busy-phase throughput;
  *   cmp  an idle guest on the same kind of disk, copied by `--no-moderation`: the unthrottled
@@ -42,40 +42,17 @@
  * unthrottled mirror; in one run both attempts missed it); a cap stuck low
  * shows at a fraction of that.
  */
-import { execFileSync } from 'node:child_process';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { access, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { ensureImage, makeDiskImage } from '../../vm-images/launch.ts';
+import { ensureImage } from '../../vm-images/launch.ts';
 import { writeKey } from '../helpers/images.ts';
-import {
-  GuestLab,
-  GuestRecorder,
-  MiB,
-  guestBytes,
-  jobOffset,
-  measurable,
-  median,
-  firstRequestAt,
-  mibps,
-  now,
-  parseActivity,
-  rateOver,
-  reactionAt,
-  sleepUntil,
-  startSideBySide,
-  typeKeys,
-  untilNoShortfall,
-  type Phase,
-} from '../helpers/moderation-lab.ts';
+import { GuestLab, MiB, measurable, mibps, untilNoShortfall } from '../helpers/moderation-lab.ts';
+import { issue9Bounds, measureCell } from '../helpers/matrix-cell.ts';
 
-const POLL_MS = 100;
-const AFTER_HOLDOFF_MS = 1500;
 const ATTEMPTS = 2;
-const SPARSE_MIB = 65536;
-const ONE_AT_A_TIME = { idle: 8, busy: 8, bs_kb: 64, chunk_kb: 1024 };
 /** What this test asserts (see the file comment); issue 9's own bounds are printed. */
 const KEPT_MIN = 0.7;
 const IDLE_MIN = { none: 0.45, writeback: 0.4 } as const;
@@ -97,137 +74,30 @@ after(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-const s = (ms: number) => (ms / 1000).toFixed(2);
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
 
 async function sideBySide(t: TestContext, base: string, cache: 'writeback' | 'none', attempt: number): Promise<string[]> {
-  const images = { mod: path.join(base, 'mod.raw'), ref: path.join(base, 'ref.raw'), cmp: path.join(base, 'cmp.raw') };
-  for (const img of Object.values(images)) await makeDiskImage(img, { sizeMiB: SPARSE_MIB, format: 'raw', fill: 'sparse' });
-  // Earlier test files filled the page cache; reclaiming it during a busy phase stalls QEMU.
-  execFileSync('sync');
-  await writeFile('/proc/sys/vm/drop_caches', '1').catch(() => t.diagnostic('could not drop the page cache (not root?)'));
-  const { mod, ref, cmp, cmpRun, cmpJob, run, target, done, jobStart } = await startSideBySide(lab, base, {
-    mod: { name: 'mod', disk: images.mod, cache, workload: 'bursty', params: ONE_AT_A_TIME },
-    ref: { name: 'ref', disk: images.ref, cache, workload: 'bursty', params: ONE_AT_A_TIME },
-    cmp: { name: 'cmp', disk: images.cmp, cache, workload: 'idle' },
-    keyFile,
-    pollMs: POLL_MS,
-    runTimeoutMs: 400_000,
-  });
-
-  // The host's dirty and under-writeback memory, for the figures (see the file comment).
-  const dirty: { t: number; mib: number }[] = [];
-  const readDirty = async () => {
-    const m = await readFile('/proc/meminfo', 'utf8').catch(() => '');
-    const kib = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(m)?.[1] ?? NaN);
-    dirty.push({ t: now(), mib: (kib('Dirty') + kib('Writeback')) / 1024 });
-  };
-  const dirtyTimer = setInterval(() => void readDirty(), 250);
-  const dirtyOver = (from: number, to: number) => {
-    const xs = dirty.filter((d) => d.t >= from && d.t <= to && Number.isFinite(d.mib)).map((d) => d.mib);
-    return xs.length ? `host dirty ${Math.min(...xs).toFixed(0)}-${Math.max(...xs).toFixed(0)} MiB` : 'host dirty unknown';
-  };
-
-  // mod's phases from the job's start: idle A (measured), busy, idle C (cmp's window), busy,
-  // idle D (measured), busy, then the copy is cancelled.
-  const idleA = await mod.rec.nextPhase('idle', jobStart);
-  const idleC = await mod.rec.nextPhase('idle', idleA + 1000);
-  // Keys typed into mod hold its job paused (a person at the console comes first) while the
-  // unthrottled mirror runs, so the two copies never compete for the host.
-  let cmpResumeSent = 0;
-  let cmpPauseSent = 0;
-  await Promise.all([
-    typeKeys(mod.rec.client, idleC + 300, idleC + 7400),
-    (async () => {
-      await sleepUntil(idleC + 1500);
-      cmpResumeSent = now();
-      await cmp.rec.client.execute('job-resume', { id: cmpJob });
-      await sleepUntil(idleC + 6800);
-      cmpPauseSent = now();
-      await cmp.rec.client.execute('job-pause', { id: cmpJob });
-    })(),
-  ]);
-  const idleD = await mod.rec.nextPhase('idle', idleC + 1000);
-  const busyLast = await mod.rec.nextPhase('busy', idleD);
-  await sleepUntil(busyLast + 8500);
-  const cancelAt = now();
-  run.cli.child.kill('SIGINT');
-  const result = await done;
-  clearInterval(dirtyTimer);
-  await lab.stopRecorders();
-  cmpRun.cli.child.kill('SIGINT');
-  await cmpRun.result(60_000);
+  const f = await measureCell(lab, base, { disk: 'sparse-raw', cache, workload: 'oneatatime', keyFile, note: (l) => t.diagnostic(`${cache}, attempt ${attempt}: ${l}`) });
 
   // Cancelled: exit 130, the target removed, the guest still on its source.
-  assert.equal(result.code, 130, `idlecrypt encrypt should have been cancelled:\n${result.stderr.slice(-3000)}`);
-  await assert.rejects(access(target), 'the cancelled run removed its target');
-  const blocks = await (async () => {
-    const { QmpClient } = await import('../../src/qmp/client.ts');
-    const q = await QmpClient.connect(mod.vm.qmpSocket);
-    try {
-      return await q.execute('query-block');
-    } finally {
-      await q.close();
-    }
-  })();
-  const disk0 = blocks.find((b) => b.qdev?.includes('disk0'));
-  assert.equal(disk0?.inserted?.image.filename, images.mod, 'the guest still runs on its source');
-
-  const lines: string[] = [];
-  const note = (l: string) => {
-    lines.push(l);
-    t.diagnostic(`${cache}, attempt ${attempt}: ${l}`);
-  };
-  const mp = mod.rec.phases();
-  const rp = ref.rec.phases();
-  const copyEnd = cancelAt;
-
-  const cmpRunning = cmp.rec.jobEvents.find((e) => e.t >= cmpResumeSent - 50 && e.status === 'running')?.t ?? cmpResumeSent;
-  const cmpRate = rateOver(cmp.rec.samples, cmpRunning + 300, cmpPauseSent, jobOffset);
-  assert.ok(cmpRate !== undefined && cmpRate > 30 * MiB, `the comparison mirror ran: ${mibps(cmpRate)} MiB/s`);
-  note(`unthrottled mirror (cmp) in mod's idle phase: ${mibps(cmpRate)} MiB/s over ${s(cmpPauseSent - cmpRunning - 300)} s, ${dirtyOver(cmpRunning + 300, cmpPauseSent)}`);
-
-  const idleWindows = [idleA, idleD]
-    .map((start) => mp.find((p) => p.kind === 'idle' && p.start === start)!)
-    .map((p) => ({ p, from: p.start + AFTER_HOLDOFF_MS, to: Math.min(p.end, copyEnd) }))
-    .filter((w) => w.to - w.from >= 1500);
-  const idleRates = idleWindows.map((w) => rateOver(mod.rec.samples, w.from, w.to, jobOffset)!);
-  idleWindows.forEach((w, i) => note(`idle phase ${w.p.n}: job ${mibps(idleRates[i])} MiB/s = ${pct(idleRates[i]! / cmpRate)} of unthrottled over ${s(w.to - w.from)} s (from +${s(AFTER_HOLDOFF_MS)} s), ${dirtyOver(w.from, w.to)}`));
-
-  const busy = mp.filter((p) => p.kind === 'busy' && p.start >= jobStart && p.end <= copyEnd);
-  const pair = (p: Phase) => rp.filter((q) => q.kind === 'busy').sort((a, b) => Math.abs(a.start - p.start) - Math.abs(b.start - p.start))[0]!;
-  const tput = (rec: GuestRecorder, p: Phase) => rateOver(rec.samples, p.start, p.end, guestBytes)!;
-  const modT = busy.map((p) => tput(mod.rec, p));
-  const refT = busy.map((p) => tput(ref.rec, pair(p)));
-  busy.forEach((p, i) => note(`busy phase ${p.n}: mod ${mibps(modT[i])} MiB/s, ref ${mibps(refT[i])} MiB/s (${pct(modT[i]! / refT[i]!)})`));
-  const kept = median(modT) / median(refT);
-  note(`busy-phase throughput kept: ${pct(kept)} (ratio of the medians over ${busy.length} phases)`);
-
-  // From the PHASE line, or from the guest's first request when the harness read the line
-  // later (the probe interval that holds it, from idlecrypt's metrics file).
-  const activity = parseActivity(await readFile(path.join(base, 'mod.lp'), 'utf8'));
-  const reactions = busy.map((p) => {
-    const first = firstRequestAt(activity, p.start);
-    return { p, r: reactionAt(mod.rec.samples, mod.rec.jobEvents, first !== undefined && first < p.start ? first : p.start) };
-  });
-  for (const { p, r } of reactions) note(`busy phase ${p.n} reaction: job ${r.before} at the phase start; slowed after ${r.ms?.toFixed(0)} ms`);
-
-  assert.ok(busy.length >= 3, `the copy spanned ${busy.length} whole busy phases; 3 expected`);
-  assert.ok(idleWindows.length === 2, 'both measured idle phases were long enough');
-  const running = reactions.filter((x) => measurable(x.r));
+  assert.equal(f.code, 130, `idlecrypt encrypt should have been cancelled:\n${f.stderr.slice(-3000)}`);
+  assert.ok(f.targetGone, 'the cancelled run removed its target');
+  assert.ok(f.guestOnSource, 'the guest still runs on its source');
+  assert.ok(f.cmpBps !== undefined && f.cmpBps > 30 * MiB, `the comparison mirror ran: ${mibps(f.cmpBps)} MiB/s`);
+  assert.ok(f.busy.length >= 3, `the copy spanned ${f.busy.length} whole busy phases; 3 expected`);
+  assert.ok(f.idle.length === 2 && f.idle.every((x) => x.bps !== undefined), 'both measured idle phases were long enough, and polled');
+  const running = f.reactions.filter((x) => measurable(x.r));
   assert.ok(running.length >= 1, `the job ran at full speed at ${running.length} busy-phase starts; at least 1 needed`);
   const shortfalls: string[] = [];
-  if (!(kept >= KEPT_MIN)) shortfalls.push(`the guest kept ${pct(kept)} of the reference's busy-phase throughput (need >= ${pct(KEPT_MIN)})`);
-  const idleMedian = median(idleRates);
-  if (!(idleMedian >= IDLE_MIN[cache] * cmpRate)) shortfalls.push(`idle-phase job speed ${mibps(idleMedian)} MiB/s is ${pct(idleMedian / cmpRate)} of the unthrottled ${mibps(cmpRate)} MiB/s (need >= ${pct(IDLE_MIN[cache])})`);
-  for (const { p, r } of running) {
-    assert.ok(r.ms !== undefined, `busy phase ${p.n}: the job slowed`);
-    if (!(r.ms <= REACTION_MAX_MS)) shortfalls.push(`busy phase ${p.n}: the job slowed ${r.ms.toFixed(0)} ms after the phase began (need <= ${REACTION_MAX_MS} ms)`);
+  if (!(f.kept >= KEPT_MIN)) shortfalls.push(`the guest kept ${pct(f.kept)} of the reference's busy-phase throughput (need >= ${pct(KEPT_MIN)})`);
+  if (!(f.idleRel >= IDLE_MIN[cache])) shortfalls.push(`idle-phase job speed ${mibps(f.idleBps)} MiB/s is ${pct(f.idleRel)} of the unthrottled ${mibps(f.cmpBps)} MiB/s (need >= ${pct(IDLE_MIN[cache])})`);
+  for (const { n, r } of running) {
+    assert.ok(r.ms !== undefined, `busy phase ${n}: the job slowed`);
+    if (!(r.ms <= REACTION_MAX_MS)) shortfalls.push(`busy phase ${n}: the job slowed ${r.ms.toFixed(0)} ms after the phase began (need <= ${REACTION_MAX_MS} ms)`);
   }
-  const issue = [kept >= 0.93, idleMedian >= 0.8 * cmpRate, running.every(({ r }) => r.ms! <= 500)];
-  note(`issue 9's bounds (93% kept, 80% of unthrottled, 0.5 s): ${issue.every(Boolean) ? 'met' : 'not all met'}`);
+  t.diagnostic(`${cache}, attempt ${attempt}: issue 9's bounds (93% kept, 80% of unthrottled, 0.5 s): ${issue9Bounds(f).all ? 'met' : 'not all met'}`);
   // CI shows only the failure's message: it carries the figures of the attempt.
-  return shortfalls.length === 0 ? [] : [...shortfalls, `its figures: ${lines.join('; ')}`];
+  return shortfalls.length === 0 ? [] : [...shortfalls, `its figures: ${f.lines.join('; ')}`];
 }
 
 describe('moderation sees a guest that a full-speed copy would freeze (issue 9)', () => {

@@ -73,7 +73,11 @@ describe('idlecrypt observe', () => {
     // of a second): its events are counted too, in the last record
     ok(covered >= 1.95 && covered < 2.9, `the records cover ${covered} s`);
     // the first interval starts at the attach, the last ends at the stop: both are partial
-    for (const rec of recs.slice(1, -1)) ok(Math.abs((rec.interval_s as number) - 0.2) < 0.05, `interval_s ${rec.interval_s}`);
+    // bpftrace's interval probe may skip a tick on a loaded host (seen once in a full suite:
+    // one record over 0.400 s); the record then covers both, as measured. Most are 0.2 s.
+    const middle = recs.slice(1, -1).map((rec) => rec.interval_s as number);
+    for (const x of middle) ok([0.2, 0.4].some((k) => Math.abs(x - k) < 0.05), `interval_s ${x}`);
+    ok(middle.filter((x) => Math.abs(x - 0.2) < 0.05).length >= 0.75 * middle.length, `intervals ${middle.join(' ')}`);
     const times = recs.map((rec) => Date.parse(rec.time as string));
     for (let i = 1; i < times.length; i++) {
       ok(Math.abs(times[i]! - times[i - 1]! - (recs[i]!.interval_s as number) * 1000) < 5, 'time advances by interval_s');

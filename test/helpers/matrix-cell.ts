@@ -1,0 +1,265 @@
+/**
+ * One cell of issue 9's matrix, side by side (test/moderation/starved.test.ts runs two cells;
+ * bench/matrix.ts all eighteen). Three guests at once, as in test/moderation/moderation.test.ts:
+ *   mod  the cell's disk and workload, encrypted by `idlecrypt encrypt` (the shipped default
+ *        policy unless `modArgs` names another);
+ *   ref  the same guest and workload with no job: the reference for its throughput;
+ *   cmp  an idle guest on the same kind of disk, copied by `--no-moderation`: the unthrottled
+ *        mirror the idle-phase speed is compared with, held paused by the harness except in
+ *        one idle phase of mod's, during which keys typed into mod hold mod's job paused
+ *        instead, so that the two copies never compete.
+ * mod's phases from the job's start: idle A (measured), busy, idle C (cmp's window), busy,
+ * idle D (measured), busy; then the copy is cancelled (Ctrl-C), which must leave mod on its
+ * source disk with no target left. Nothing is asserted here: the caller judges the figures.
+ */
+import { execFileSync } from 'node:child_process';
+import { access, readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { makeDiskImage } from '../../vm-images/launch.ts';
+import { QmpClient } from '../../src/qmp/client.ts';
+import {
+  GuestLab,
+  GuestRecorder,
+  MiB,
+  firstRequestAt,
+  guestBytes,
+  jobOffset,
+  measurable,
+  median,
+  mibps,
+  now,
+  parseActivity,
+  rateOver,
+  reactionAt,
+  sleepUntil,
+  startSideBySide,
+  typeKeys,
+  type Phase,
+  type Reaction,
+} from './moderation-lab.ts';
+
+export const CELL_DISKS = {
+  'sparse-raw': { format: 'raw', fill: 'sparse' },
+  raw: { format: 'raw', fill: 'pattern' },
+  'sparse-qcow2': { format: 'qcow2', fill: 'sparse' },
+} as const;
+/** 8 s idle / 8 s busy; busy: 1 MiB O_DIRECT requests (bursty) or 64 KiB ones, one at a time; trickle: 15 flushed 4 KiB writes a second on top, all the time. */
+export const CELL_WORKLOADS = {
+  oneatatime: { workload: 'bursty', params: { idle: 8, busy: 8, bs_kb: 64, chunk_kb: 1024 } },
+  bursty: { workload: 'bursty', params: { idle: 8, busy: 8 } },
+  trickle: { workload: 'trickle', params: { idle: 8, busy: 8, bs_kb: 64, chunk_kb: 1024, wps: 15 } },
+} as const;
+export type CellDisk = keyof typeof CELL_DISKS;
+export type CellWorkload = keyof typeof CELL_WORKLOADS;
+
+export interface CellSpec {
+  readonly disk: CellDisk;
+  readonly cache: 'writeback' | 'none';
+  readonly workload: CellWorkload;
+  readonly keyFile: string;
+  /** Sparse disks' size (default 64 GiB); the allocated raw disk is `rawMiB` (default 4 GiB: the copy is cancelled after ~50 s). */
+  readonly sparseMiB?: number;
+  readonly rawMiB?: number;
+  /** More arguments of mod's `idlecrypt encrypt` (a --policy). */
+  readonly modArgs?: readonly string[];
+  /** Each figure as it is measured, as a line. */
+  readonly note?: (line: string) => void;
+}
+
+export interface CellFigures {
+  /** mod's run: exit code (130: cancelled, as asked), its target removed, the guest still on its source. */
+  readonly code: number | null;
+  readonly stderr: string;
+  readonly targetGone: boolean;
+  readonly guestOnSource: boolean;
+  /** The unthrottled mirror, bytes/s, in its window. */
+  readonly cmpBps: number | undefined;
+  /** mod's job in idle phases A and D after the hold-off (1.5 s), bytes/s; their median against cmpBps. */
+  readonly idle: ReadonlyArray<{ n: number; ms: number; bps: number | undefined }>;
+  readonly idleBps: number;
+  readonly idleRel: number;
+  /** Busy phases while the copy ran: mod's and ref's guest throughput; the ratio of their medians. */
+  readonly busy: ReadonlyArray<{ n: number; mod: number; ref: number }>;
+  readonly kept: number;
+  /** The guest's throughput over idle phases (the trickle's rate), mod against ref; null without a trickle. */
+  readonly trickleKept: number | null;
+  /** Each busy phase's start to the job slowed (from the guest's first request when the harness read the phase's line later). */
+  readonly reactions: ReadonlyArray<{ n: number; r: Reaction }>;
+  /** The host's dirty + writeback memory, MiB: most over the copy, and at each busy phase's start (median). */
+  readonly dirtyMaxMiB: number | null;
+  readonly dirtyAtBusyMiB: number | null;
+  /** Everything above as lines, for a failure's message or a report. */
+  readonly lines: readonly string[];
+}
+
+const POLL_MS = 100;
+const AFTER_HOLDOFF_MS = 1500;
+const s = (ms: number) => (ms / 1000).toFixed(2);
+const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
+
+/** Measures one cell in `base` (fresh) with guests booted by `lab` (stopped by the caller). */
+export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): Promise<CellFigures> {
+  const lines: string[] = [];
+  const note = (l: string) => {
+    lines.push(l);
+    spec.note?.(l);
+  };
+  const kind = CELL_DISKS[spec.disk];
+  const ext = kind.format === 'qcow2' ? 'qcow2' : 'raw';
+  const images = { mod: path.join(base, `mod.${ext}`), ref: path.join(base, `ref.${ext}`), cmp: path.join(base, `cmp.${ext}`) };
+  // Allocated disks hold what the copy reaches in ~50 s (mod), in its 5 s window (cmp), and
+  // the region the workload touches (ref); sparse ones cost nothing at any size.
+  const sizes = kind.fill === 'sparse' ? { mod: spec.sparseMiB ?? 65536, ref: spec.sparseMiB ?? 65536, cmp: spec.sparseMiB ?? 65536 } : { mod: spec.rawMiB ?? 4096, ref: 256, cmp: 2048 };
+  await Promise.all((['mod', 'ref', 'cmp'] as const).map((k) => makeDiskImage(images[k], { sizeMiB: sizes[k], format: kind.format, fill: kind.fill })));
+  // Images just written, and earlier work's page cache: flush and drop it now, or reclaiming
+  // it during a busy phase stalls QEMU.
+  execFileSync('sync');
+  await writeFile('/proc/sys/vm/drop_caches', '1').catch(() => note('could not drop the page cache (not root?)'));
+  const w = CELL_WORKLOADS[spec.workload];
+  const guest = (name: string, disk: string) => ({ name, disk, cache: spec.cache, workload: w.workload, params: w.params });
+  const { mod, ref, cmp, cmpRun, cmpJob, run, target, done, jobStart } = await startSideBySide(lab, base, {
+    mod: guest('mod', images.mod),
+    ref: guest('ref', images.ref),
+    cmp: { name: 'cmp', disk: images.cmp, cache: spec.cache, workload: 'idle' },
+    keyFile: spec.keyFile,
+    pollMs: POLL_MS,
+    runTimeoutMs: 400_000,
+    ...(spec.modArgs ? { modArgs: [...spec.modArgs] } : {}),
+  });
+
+  // The host's dirty and under-writeback memory: what a writeback copy leaves for the kernel.
+  const dirty: { t: number; mib: number }[] = [];
+  const readDirty = async () => {
+    const m = await readFile('/proc/meminfo', 'utf8').catch(() => '');
+    const kib = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(m)?.[1] ?? NaN);
+    dirty.push({ t: now(), mib: (kib('Dirty') + kib('Writeback')) / 1024 });
+  };
+  const dirtyTimer = setInterval(() => void readDirty(), 250);
+  const dirtyIn = (from: number, to: number) => dirty.filter((d) => d.t >= from && d.t <= to && Number.isFinite(d.mib)).map((d) => d.mib);
+  const dirtyOver = (from: number, to: number) => {
+    const xs = dirtyIn(from, to);
+    return xs.length ? `host dirty ${Math.min(...xs).toFixed(0)}-${Math.max(...xs).toFixed(0)} MiB` : 'host dirty unknown';
+  };
+
+  let cancelAt: number;
+  let cmpResumeSent = 0;
+  let cmpPauseSent = 0;
+  let result: Awaited<typeof done>;
+  let idleA: number;
+  let idleD: number;
+  try {
+    idleA = await mod.rec.nextPhase('idle', jobStart);
+    const idleC = await mod.rec.nextPhase('idle', idleA + 1000);
+    await Promise.all([
+      typeKeys(mod.rec.client, idleC + 300, idleC + 7400),
+      (async () => {
+        await sleepUntil(idleC + 1500);
+        cmpResumeSent = now();
+        await cmp.rec.client.execute('job-resume', { id: cmpJob });
+        await sleepUntil(idleC + 6800);
+        cmpPauseSent = now();
+        await cmp.rec.client.execute('job-pause', { id: cmpJob });
+      })(),
+    ]);
+    idleD = await mod.rec.nextPhase('idle', idleC + 1000);
+    const busyLast = await mod.rec.nextPhase('busy', idleD);
+    await sleepUntil(busyLast + 8500);
+    cancelAt = now();
+    run.cli.child.kill('SIGINT');
+    result = await done;
+  } finally {
+    clearInterval(dirtyTimer);
+    await lab.stopRecorders();
+    cmpRun.cli.child.kill('SIGINT');
+    await cmpRun.result(60_000);
+  }
+
+  const targetGone = await access(target).then(
+    () => false,
+    () => true,
+  );
+  const q = await QmpClient.connect(mod.vm.qmpSocket);
+  let guestOnSource: boolean;
+  try {
+    const disk0 = (await q.execute('query-block')).find((b) => b.qdev?.includes('disk0'));
+    guestOnSource = disk0?.inserted?.image.filename === images.mod;
+  } finally {
+    await q.close();
+  }
+
+  const mp = mod.rec.phases();
+  const rp = ref.rec.phases();
+  const cmpRunning = cmp.rec.jobEvents.find((e) => e.t >= cmpResumeSent - 50 && e.status === 'running')?.t ?? cmpResumeSent;
+  const cmpBps = rateOver(cmp.rec.samples, cmpRunning + 300, cmpPauseSent, jobOffset);
+  note(`unthrottled mirror (cmp) in mod's idle phase: ${mibps(cmpBps)} MiB/s over ${s(cmpPauseSent - cmpRunning - 300)} s, ${dirtyOver(cmpRunning + 300, cmpPauseSent)}`);
+
+  const idleWindows = [idleA, idleD]
+    .map((start) => mp.find((p) => p.kind === 'idle' && p.start === start))
+    .filter((p): p is Phase => p !== undefined)
+    .map((p) => ({ p, from: p.start + AFTER_HOLDOFF_MS, to: Math.min(p.end, cancelAt) }))
+    .filter((x) => x.to - x.from >= 1500);
+  const idle = idleWindows.map((x) => ({ n: x.p.n, ms: x.to - x.from, bps: rateOver(mod.rec.samples, x.from, x.to, jobOffset) }));
+  const idleBps = median(idle.map((x) => x.bps).filter((b): b is number => b !== undefined));
+  const idleRel = cmpBps ? idleBps / cmpBps : NaN;
+  idleWindows.forEach((x, i) => note(`idle phase ${x.p.n}: job ${mibps(idle[i]!.bps)} MiB/s = ${pct(idle[i]!.bps! / cmpBps!)} of unthrottled over ${s(x.to - x.from)} s (from +${s(AFTER_HOLDOFF_MS)} s), ${dirtyOver(x.from, x.to)}`));
+
+  const pairOf = (p: Phase) => rp.filter((x) => x.kind === p.kind).sort((a, b) => Math.abs(a.start - p.start) - Math.abs(b.start - p.start))[0];
+  const tput = (rec: GuestRecorder, p: Phase) => rateOver(rec.samples, p.start, p.end, guestBytes);
+  const busy = mp
+    .filter((p) => p.kind === 'busy' && p.start >= jobStart && p.end <= cancelAt)
+    .map((p) => ({ p, mod: tput(mod.rec, p), ref: (() => { const q2 = pairOf(p); return q2 ? tput(ref.rec, q2) : undefined; })() }))
+    .filter((b): b is { p: Phase; mod: number; ref: number } => b.mod !== undefined && b.ref !== undefined);
+  busy.forEach((b) => note(`busy phase ${b.p.n}: mod ${mibps(b.mod)} MiB/s, ref ${mibps(b.ref)} MiB/s (${pct(b.mod / b.ref)}), ${dirtyOver(b.p.start - 250, b.p.start + 250)} at its start`));
+  const kept = median(busy.map((b) => b.mod)) / median(busy.map((b) => b.ref));
+  note(`busy-phase throughput kept: ${pct(kept)} (ratio of the medians over ${busy.length} phases)`);
+
+  let trickleKept: number | null = null;
+  if (spec.workload === 'trickle') {
+    // The trickle alone: every idle phase while the copy ran, mod's against ref's nearest.
+    const idles = mp.filter((p) => p.kind === 'idle' && p.start >= jobStart && p.end <= cancelAt);
+    const pairs = idles.map((p) => ({ mod: tput(mod.rec, p), ref: (() => { const q2 = pairOf(p); return q2 ? tput(ref.rec, q2) : undefined; })() })).filter((x): x is { mod: number; ref: number } => x.mod !== undefined && x.ref !== undefined && x.ref > 0);
+    trickleKept = pairs.length ? median(pairs.map((x) => x.mod / x.ref)) : null;
+    note(`trickle's rate in idle phases kept: ${trickleKept === null ? '-' : pct(trickleKept)} (median of ${pairs.length} phases' ratios; ${pairs.map((x) => `${(x.mod / 1024).toFixed(0)}/${(x.ref / 1024).toFixed(0)} KiB/s`).join(', ')})`);
+  }
+
+  // From the PHASE line, or from the guest's first request when the harness read the line
+  // later (the probe interval that holds it, from idlecrypt's metrics file).
+  const activity = parseActivity(await readFile(path.join(base, 'mod.lp'), 'utf8').catch(() => ''));
+  const reactions = busy.map(({ p }) => {
+    const first = firstRequestAt(activity, p.start);
+    return { n: p.n, r: reactionAt(mod.rec.samples, mod.rec.jobEvents, first !== undefined && first < p.start ? first : p.start) };
+  });
+  for (const { n, r } of reactions) note(`busy phase ${n} reaction: job ${r.before} at the phase start; slowed after ${r.ms?.toFixed(0)} ms`);
+
+  const copyDirty = dirtyIn(jobStart, cancelAt);
+  const atBusy = busy.map((b) => dirtyIn(b.p.start - 250, b.p.start + 250)[0]).filter((x): x is number => x !== undefined);
+  return {
+    code: result.code,
+    stderr: result.stderr,
+    targetGone,
+    guestOnSource,
+    cmpBps,
+    idle,
+    idleBps,
+    idleRel,
+    busy: busy.map((b) => ({ n: b.p.n, mod: b.mod, ref: b.ref })),
+    kept,
+    trickleKept,
+    reactions,
+    dirtyMaxMiB: copyDirty.length ? Math.max(...copyDirty) : null,
+    dirtyAtBusyMiB: atBusy.length ? median(atBusy) : null,
+    lines,
+  };
+}
+
+/** Issue 9's bounds, as a cell meets them or not: kept >= 93% (trickle: its rate >= 90%), every reaction <= 0.5 s, idle >= 80% of unthrottled. */
+export function issue9Bounds(f: CellFigures): { kept: boolean; trickle: boolean | null; reaction: boolean; idle: boolean; all: boolean } {
+  const running = f.reactions.filter((x) => measurable(x.r));
+  const kept = f.kept >= 0.93;
+  const trickle = f.trickleKept === null ? null : f.trickleKept >= 0.9;
+  const reaction = running.every(({ r }) => r.ms !== undefined && r.ms <= 500);
+  const idle = f.idleRel >= 0.8;
+  return { kept, trickle, reaction, idle, all: kept && trickle !== false && reaction && idle };
+}
+
+export { MiB };
