@@ -81,7 +81,7 @@ export interface CellFigures {
   /** Busy phases while the copy ran: mod's and ref's guest throughput; the ratio of their medians. */
   readonly busy: ReadonlyArray<{ n: number; mod: number; ref: number }>;
   readonly kept: number;
-  /** The guest's throughput over idle phases (the trickle's rate), mod against ref; null without a trickle. */
+  /** The trickle's rate (its flushes per second) over the copy, mod against ref over the same time; null without a trickle. */
   readonly trickleKept: number | null;
   /** Each busy phase's start to the job slowed (from the guest's first request when the harness read the phase's line later). */
   readonly reactions: ReadonlyArray<{ n: number; r: Reaction }>;
@@ -215,11 +215,21 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
 
   let trickleKept: number | null = null;
   if (spec.workload === 'trickle') {
-    // The trickle alone: every idle phase while the copy ran, mod's against ref's nearest.
-    const idles = mp.filter((p) => p.kind === 'idle' && p.start >= jobStart && p.end <= cancelAt);
-    const pairs = idles.map((p) => ({ mod: tput(mod.rec, p), ref: (() => { const q2 = pairOf(p); return q2 ? tput(ref.rec, q2) : undefined; })() })).filter((x): x is { mod: number; ref: number } => x.mod !== undefined && x.ref !== undefined && x.ref > 0);
-    trickleKept = pairs.length ? median(pairs.map((x) => x.mod / x.ref)) : null;
-    note(`trickle's rate in idle phases kept: ${trickleKept === null ? '-' : pct(trickleKept)} (median of ${pairs.length} phases' ratios; ${pairs.map((x) => `${(x.mod / 1024).toFixed(0)}/${(x.ref / 1024).toFixed(0)} KiB/s`).join(', ')})`);
+    // The trickle's own rate: its flushes (the busy phases' requests have none), per second,
+    // over the whole copy and over each phase, mod's against ref's over the same stretch.
+    // Bytes would not do: beside the host's page cache the busy phases' last requests
+    // complete seconds into the next idle phase, and they outweigh the trickle's 4 KiB.
+    const flushes = (x: { guestWrites?: { flushes: number } }) => x.guestWrites?.flushes;
+    const flushRate = (rec: GuestRecorder, from: number, to: number) => rateOver(rec.samples, from, to, flushes);
+    const whole = { mod: flushRate(mod.rec, jobStart, cancelAt), ref: flushRate(ref.rec, jobStart, cancelAt) };
+    trickleKept = whole.mod !== undefined && whole.ref ? whole.mod / whole.ref : null;
+    const perPhase = mp
+      .filter((p) => p.start >= jobStart && p.end <= cancelAt)
+      .map((p) => ({ p, mod: flushRate(mod.rec, p.start, p.end), ref: flushRate(ref.rec, p.start, p.end) }))
+      .filter((x): x is { p: Phase; mod: number; ref: number } => x.mod !== undefined && x.ref !== undefined && x.ref > 0);
+    note(
+      `trickle kept: ${trickleKept === null ? '-' : pct(trickleKept)} of its flushes over the copy (${whole.mod?.toFixed(1) ?? '-'}/s against ${whole.ref?.toFixed(1) ?? '-'}/s); by phase: ${perPhase.map((x) => `${x.p.kind} ${x.p.n} ${pct(x.mod / x.ref)}`).join(', ')}`,
+    );
   }
 
   // From the PHASE line, or from the guest's first request when the harness read the line
