@@ -18,8 +18,8 @@
  * target opened with O_DIRECT (cache=none, directsync) has nothing in the page cache and is
  * not flushed.
  *
- * What it does, measured (bench/README.md, "A writeback target flushed"; three rounds side by
- * side in one run): the host's dirty memory peaked at 138-161 MiB instead of 1.8-2.0 GiB, at
+ * What it does, measured (bench/README.md, "A writeback target flushed"; three rounds in one
+ * run, flushed and not, alternating): the host's dirty memory peaked at 138-161 MiB instead of 1.8-2.0 GiB, at
  * the same copy speed. The guest's busy throughput kept was the same either way on the
  * project's host (94% and 93%), whose disk absorbs the writeback: the bound is for slower
  * storage and for memory pressure, where reclaiming a large page cache stalled guests (up to
