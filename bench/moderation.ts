@@ -48,7 +48,6 @@
  * About 13 minutes with the defaults on a 2-core machine.
  */
 import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
 import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os, { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -79,6 +78,7 @@ import {
   percentile,
   measurable,
   reactionAt,
+  sampleDirty,
   sleepUntil,
   type JobEvent,
   type Phase,
@@ -224,19 +224,6 @@ function binned(samples: readonly Sample[], get: (s: Sample) => number | undefin
     out.push(a === undefined || b === undefined ? null : (b - a) / (binMs / 1000) / MiB);
   }
   return out;
-}
-
-/** The host's Dirty + Writeback memory (/proc/meminfo), MiB, every `everyMs` until stop(). */
-function sampleDirty(everyMs: number): { samples: { t: number; mib: number }[]; stop: () => void } {
-  const samples: { t: number; mib: number }[] = [];
-  const read = () => {
-    const m = readFileSync('/proc/meminfo', 'utf8');
-    const kb = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(m)?.[1] ?? 0);
-    samples.push({ t: now(), mib: (kb('Dirty') + kb('Writeback')) / 1024 });
-  };
-  read();
-  const timer = setInterval(read, everyMs);
-  return { samples, stop: () => clearInterval(timer) };
 }
 
 async function runOne(mode: Mode, round: number, src: string, work: string, keyFile: string): Promise<Run> {

@@ -57,6 +57,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { makeDiskImage, type Workload } from '../vm-images/launch.ts';
 import { histogramQuantile } from '../src/controller/latency.ts';
+import { parseDuration as parsePolicyDuration } from '../src/policy/units.ts';
 import { EncryptRun, GuestLab, MiB, guestBytes, histIn, jobOffset, parseActivity, mdTable, medianOf, now, phaseWindows, rateIn, textTable, type Phase, type Sample } from '../test/helpers/moderation-lab.ts';
 
 const { values: args } = parseArgs({
@@ -204,7 +205,7 @@ async function main(): Promise<void> {
         return { from, to, decisions, lp };
       };
       const finish = async (deadline: string): Promise<Finish> => {
-        const deadlineS = parseDuration(deadline);
+        const deadlineS = finishSeconds(deadline);
         const policy = path.join(base, 'finish.yaml');
         await writeFile(policy, `${POLICY.both.replace(/deadline: none/, `deadline: ${deadline}`)}`);
         const target = path.join(dir, 'finish.luks');
@@ -294,11 +295,11 @@ function topDecisions(d: Record<string, number>): string {
     .join('; ');
 }
 
-/** "5m", "90s", "1h": seconds. */
-function parseDuration(d: string): number {
-  const m = /^(\d+(?:\.\d+)?)(s|m|h)$/.exec(d);
-  if (!m) throw new Error(`--finish: a duration like 5m, got ${d}`);
-  return Number(m[1]) * { s: 1, m: 60, h: 3600 }[m[2] as 's' | 'm' | 'h'];
+/** --finish's duration ("5m", "90s", "1h30m", as the policy writes them): seconds. */
+function finishSeconds(d: string): number {
+  const r = parsePolicyDuration(d);
+  if (!r.ok) throw new Error(`--finish: ${r.problem}`);
+  return r.value / 1000;
 }
 
 function pct(x: number | null, ref: number | null): string {

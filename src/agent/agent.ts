@@ -34,7 +34,7 @@ import { watchPolicy } from '../policy/watch.ts';
 import type { Policy } from '../policy/schema.ts';
 import type { Progress } from '../encrypt/encrypt.ts';
 import { processAlive, RunStore, selfOwner, stateDir } from '../encrypt/runs.ts';
-import type { JobControl } from '../jobs/types.ts';
+import { decorateJob, type JobControl } from '../jobs/types.ts';
 import { agentPoint, hostTag, openMetricsSink, type MetricsSink } from '../metrics/index.ts';
 import { expand, globMatch, loadAgentConfig, type AgentConfig, type EncryptEntry } from './config.ts';
 import { deviceOf, imageDevices, withNeighbours } from './neighbours.ts';
@@ -578,15 +578,7 @@ export class Agent {
 
 /** The controller's speeds, held under the host's ceiling share (0 from it means unlimited). */
 function capped(job: JobControl, cap: number): JobControl {
-  return {
-    id: job.id,
-    canPause: job.canPause,
-    snapshot: () => job.snapshot(),
-    setSpeed: (bps) => job.setSpeed(bps === 0 ? cap : Math.min(bps, cap)),
-    pause: () => job.pause(),
-    resume: () => job.resume(),
-    ...(job.latency ? { latency: job.latency.bind(job) } : {}),
-  };
+  return decorateJob(job, { setSpeed: (bps) => job.setSpeed(bps === 0 ? cap : Math.min(bps, cap)) });
 }
 
 function progressView(p: Progress): DiskStatus['progress'] {

@@ -28,7 +28,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { describeError } from '../errors.ts';
 import type { Logger } from '../log.ts';
-import type { JobControl } from '../jobs/types.ts';
+import { decorateJob, type JobControl } from '../jobs/types.ts';
 
 export interface FlushStats {
   /** Flushes finished. */
@@ -109,17 +109,11 @@ export class TargetFlusher {
 
 /** `job`, whose every reading is shown to `flusher`. */
 export function flushingTarget(job: JobControl, flusher: TargetFlusher): JobControl {
-  return {
-    id: job.id,
-    canPause: job.canPause,
+  return decorateJob(job, {
     async snapshot() {
       const s = await job.snapshot();
       if (s) flusher.observe(s.offset);
       return s;
     },
-    setSpeed: (b) => job.setSpeed(b),
-    pause: () => job.pause(),
-    resume: () => job.resume(),
-    ...(job.latency ? { latency: () => job.latency!() } : {}),
-  };
+  });
 }

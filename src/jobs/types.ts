@@ -47,3 +47,20 @@ export interface JobControl {
    */
   latency?(): Promise<LatencyTotals | undefined>;
 }
+
+/**
+ * `job` with some of its calls replaced and the rest passed through: how a wrapper (the
+ * agent's host-wide speed ceiling, the writeback target's flusher) changes one thing about a job.
+ */
+export function decorateJob(job: JobControl, over: Partial<Pick<JobControl, 'snapshot' | 'setSpeed' | 'pause' | 'resume'>>): JobControl {
+  return {
+    id: job.id,
+    canPause: job.canPause,
+    snapshot: () => job.snapshot(),
+    setSpeed: (bps) => job.setSpeed(bps),
+    pause: () => job.pause(),
+    resume: () => job.resume(),
+    ...(job.latency ? { latency: job.latency.bind(job) } : {}),
+    ...over,
+  };
+}

@@ -31,6 +31,7 @@ import {
   parseActivity,
   rateOver,
   reactionAt,
+  sampleDirty,
   sleepUntil,
   startSideBySide,
   typeKeys,
@@ -128,14 +129,8 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   });
 
   // The host's dirty and under-writeback memory: what a writeback copy leaves for the kernel.
-  const dirty: { t: number; mib: number }[] = [];
-  const readDirty = async () => {
-    const m = await readFile('/proc/meminfo', 'utf8').catch(() => '');
-    const kib = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(m)?.[1] ?? NaN);
-    dirty.push({ t: now(), mib: (kib('Dirty') + kib('Writeback')) / 1024 });
-  };
-  const dirtyTimer = setInterval(() => void readDirty(), 250);
-  const dirtyIn = (from: number, to: number) => dirty.filter((d) => d.t >= from && d.t <= to && Number.isFinite(d.mib)).map((d) => d.mib);
+  const dirty = sampleDirty(250);
+  const dirtyIn = (from: number, to: number) => dirty.samples.filter((d) => d.t >= from && d.t <= to).map((d) => d.mib);
   const dirtyOver = (from: number, to: number) => {
     const xs = dirtyIn(from, to);
     return xs.length ? `host dirty ${Math.min(...xs).toFixed(0)}-${Math.max(...xs).toFixed(0)} MiB` : 'host dirty unknown';
@@ -168,7 +163,7 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
     run.cli.child.kill('SIGINT');
     result = await done;
   } finally {
-    clearInterval(dirtyTimer);
+    dirty.stop();
     await lab.stopRecorders();
     cmpRun.cli.child.kill('SIGINT');
     await cmpRun.result(60_000);
@@ -203,11 +198,15 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   const idleRel = cmpBps ? idleBps / cmpBps : NaN;
   idleWindows.forEach((x, i) => note(`idle phase ${x.p.n}: job ${mibps(idle[i]!.bps)} MiB/s = ${pct(idle[i]!.bps! / cmpBps!)} of unthrottled over ${s(x.to - x.from)} s (from +${s(AFTER_HOLDOFF_MS)} s), ${dirtyOver(x.from, x.to)}`));
 
-  const pairOf = (p: Phase) => rp.filter((x) => x.kind === p.kind).sort((a, b) => Math.abs(a.start - p.start) - Math.abs(b.start - p.start))[0];
   const tput = (rec: GuestRecorder, p: Phase) => rateOver(rec.samples, p.start, p.end, guestBytes);
+  /** ref's throughput over its phase of p's kind that began nearest to p. */
+  const refTput = (p: Phase) => {
+    const q2 = rp.filter((x) => x.kind === p.kind).sort((a, b) => Math.abs(a.start - p.start) - Math.abs(b.start - p.start))[0];
+    return q2 ? tput(ref.rec, q2) : undefined;
+  };
   const busy = mp
     .filter((p) => p.kind === 'busy' && p.start >= jobStart && p.end <= cancelAt)
-    .map((p) => ({ p, mod: tput(mod.rec, p), ref: (() => { const q2 = pairOf(p); return q2 ? tput(ref.rec, q2) : undefined; })() }))
+    .map((p) => ({ p, mod: tput(mod.rec, p), ref: refTput(p) }))
     .filter((b): b is { p: Phase; mod: number; ref: number } => b.mod !== undefined && b.ref !== undefined);
   busy.forEach((b) => note(`busy phase ${b.p.n}: mod ${mibps(b.mod)} MiB/s, ref ${mibps(b.ref)} MiB/s (${pct(b.mod / b.ref)}), ${dirtyOver(b.p.start - 250, b.p.start + 250)} at its start`));
   const kept = median(busy.map((b) => b.mod)) / median(busy.map((b) => b.ref));

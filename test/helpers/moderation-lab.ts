@@ -16,6 +16,7 @@
  * idlecrypt uses. Everything here is measurement; the analysis functions are pure.
  */
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { mkdir, rm } from 'node:fs/promises';
 import type { TestContext } from 'node:test';
 import path from 'node:path';
@@ -28,6 +29,23 @@ import { startCli, type RunningCli } from './cli.ts';
 
 /** Epoch milliseconds with sub-millisecond resolution: one clock for every record. */
 export const now = (): number => performance.timeOrigin + performance.now();
+
+/**
+ * The host's dirty and under-writeback memory (/proc/meminfo's Dirty + Writeback), MiB,
+ * every `everyMs` until stop(): what a copy through the host's page cache leaves for the
+ * kernel to write back (bench/moderation.ts, test/helpers/matrix-cell.ts).
+ */
+export function sampleDirty(everyMs: number): { samples: { t: number; mib: number }[]; stop: () => void } {
+  const samples: { t: number; mib: number }[] = [];
+  const read = () => {
+    const m = readFileSync('/proc/meminfo', 'utf8');
+    const kib = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(m)?.[1] ?? 0);
+    samples.push({ t: now(), mib: (kib('Dirty') + kib('Writeback')) / 1024 });
+  };
+  read();
+  const timer = setInterval(read, everyMs);
+  return { samples, stop: () => clearInterval(timer) };
+}
 export const MiB = 1024 * 1024;
 
 export async function sleepUntil(t: number): Promise<void> {
