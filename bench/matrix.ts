@@ -29,11 +29,13 @@
  *
  * --policy runs idlecrypt under that policy file instead of the shipped default (side by side
  * only): bench/policies/noflush.yaml, say, for writeback targets left to the kernel.
- * Writes <out>/matrix-report.md (the table, each cell's figures) and <out>/matrix-<time>.json.
+ * Writes <out>/matrix-report.md (the table, each cell's figures) and <out>/matrix-<time>.json;
+ * each cell's directory <out>/<disk>-<cache>-<workload>/ keeps every round's moderated run:
+ * its progress records (decisions, the headroom's cap, the main loop's load), log and metrics.
  * Run nothing else meanwhile.
  */
 import { spawn } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import os, { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -217,6 +219,9 @@ for (const disk of disks) {
               );
             } finally {
               await lab.stopAll();
+              // Each round's moderated run, kept: its progress records, log and metrics file.
+              await mkdir(dir, { recursive: true });
+              for (const f of ['mod.progress.ndjson', 'mod.log', 'mod.lp']) await copyFile(path.join(base, f), path.join(dir, `round${round + 1}-${f}`)).catch(() => {});
               await rm(base, { recursive: true, force: true });
             }
           }

@@ -25,6 +25,7 @@ import {
   shareReplay,
   startWith,
   switchMap,
+  tap,
   timer,
   withLatestFrom,
   type Observable,
@@ -193,6 +194,16 @@ const URGENT: ReadonlySet<Signal> = new Set(['keyboard', 'pointer', 'stall']);
  * The very first state may be idle at once: there is nothing to hold off from. A busy state
  * is `urgent` while input or a stall is among its reasons and for `holdoff` after they
  * leave it (the latency control grades only a busy state that is not urgent).
+ *
+ * A busy spell that only the stall made (no other signal since the state was last idle) is
+ * held off for one window (`sampling.window`), not `holdoff`. The stall is a backstop
+ * for a guest too frozen to submit its requests: once the copy pauses, a guest that works
+ * gets its requests through within the window and its disk signal takes over, with the full
+ * hold-off. An idle guest waits for the lock too, beside a copy held to its headroom (its
+ * timer interrupts lose the lock to the main loop: 300-600 ms without it were seen), and
+ * the full hold-off after each such wait cost an idle phase 1.3 s of copying, twice in
+ * some (sparse raw disk, cache=none: the idle copy at 58-65% of an unthrottled mirror's
+ * speed; docs/starvation.md).
  */
 export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: SchedulerLike): OperatorFunction<Classified, StateChange> {
   return (source) =>
@@ -200,7 +211,12 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
       // what made the guest busy last; null until it first was (per subscription)
       let busyReason: string | null = null;
       let urgent = false;
+      // Every busy sample since the state was last idle had the stall as its only reason.
+      let stallOnly = true;
       return source.pipe(
+        tap((c) => {
+          if (c.state === 'busy' && c.reasons.some((r) => r.signal !== 'stall')) stallOnly = false;
+        }),
         // Within a busy phase, input joining or leaving is a change too (urgent or not).
         distinctUntilChanged((a, b) => a.state === b.state && (a.state !== 'busy' || isUrgent(a) === isUrgent(b))),
         withLatestFrom(policy$),
@@ -227,14 +243,21 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
             return of({ state: 'busy', reason, ...(urgent ? { urgent: true as const } : {}) });
           }
           if (busyReason === null) return of({ state: 'idle', reason: c.note ?? 'quiet' });
-          const quiet: StateChange = { state: 'idle', reason: `quiet for ${formatDuration(p.holdoff)}` };
-          if (p.holdoff <= 0) return of(quiet);
+          const hold = stallOnly ? Math.min(p.holdoff, p.sampling.window) : p.holdoff;
+          const quiet: StateChange = { state: 'idle', reason: `quiet for ${formatDuration(hold)}` };
+          const idleAgain = () => {
+            // A new spell starts afresh: a disk busy later is not held for an earlier input.
+            stallOnly = true;
+            urgent = false;
+            return quiet;
+          };
+          if (hold <= 0) return of(idleAgain());
           const holding: StateChange = {
             state: 'holdoff',
-            reason: `${c.note ?? 'quiet'}; hold-off ${formatDuration(p.holdoff)} after ${busyReason}`,
+            reason: `${c.note ?? 'quiet'}; hold-off ${formatDuration(hold)} after ${busyReason}`,
             ...(urgent ? { urgent: true as const } : {}),
           };
-          return concat(of(holding), timer(p.holdoff, scheduler).pipe(map(() => quiet)));
+          return concat(of(holding), timer(hold, scheduler).pipe(map(idleAgain)));
         }),
       );
     });

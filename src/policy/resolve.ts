@@ -42,7 +42,7 @@ function describeModeration(m: Moderation): string[] {
   const deadline = g.deadline === null ? 'no deadline' : 'after' in g.deadline ? `finish within ${formatDuration(g.deadline.after)} of the job's start` : `finish by ${new Date(g.deadline.at).toISOString()}`;
   return [
     `busy while: ${busy.length > 0 ? busy.join(', ') : 'never (every signal is off)'}`,
-    `speed: idle ${formatSpeed(m.speed.idle)}, busy ${formatSpeed(m.speed.busy)}; idle speed again after ${formatDuration(m.holdoff)} quiet`,
+    `speed: idle ${formatSpeed(m.speed.idle)}, busy ${formatSpeed(m.speed.busy)}; idle speed again after ${formatDuration(m.holdoff)} quiet${m.thresholds.stall === null ? '' : ' (after a stall alone, one sampling window)'}`,
     m.speed.headroom === null ? 'headroom: off (the idle speed may take all of QEMU\'s main loop)' : `headroom: the copy leaves ${Math.round(m.speed.headroom * 100)}% of QEMU's main loop free`,
     m.latency.margin === null
       ? 'latency: off (a guest busy with its disk gets the busy speed)'

@@ -34,6 +34,7 @@ function scheduler(): TestScheduler {
 
 const busy: Classified = { time: 0, state: 'busy', reasons: [{ signal: 'disk', value: 37.5, threshold: 5 }] };
 const idle: Classified = { time: 0, state: 'idle', reasons: [] };
+const stalled: Classified = { time: 0, state: 'busy', reasons: [{ signal: 'stall', value: 900, threshold: 800 }] };
 
 const S = {
   I: { state: 'idle', reason: 'quiet' },
@@ -70,6 +71,53 @@ describe('holdOff', () => {
         q: { state: 'idle', reason: 'quiet for 250ms' },
       });
       expectObservable(src.pipe(holdOff(of(withPolicy({ holdoff: 0 })), ts))).toBe('B 99ms q', { ...S, q: { state: 'idle', reason: 'quiet for 0ms' } });
+    });
+  });
+
+  test('a busy spell that only the stall made is held off for one window, and urgent', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      const src = cold('s 99ms i', { s: stalled, i: idle });
+      expectObservable(src.pipe(holdOff(of(P), ts))).toBe('T 99ms t 249ms q', {
+        T: { state: 'busy', reason: 'stall 900ms/s > 800ms/s', urgent: true },
+        t: { state: 'holdoff', reason: 'quiet; hold-off 250ms after stall 900ms/s > 800ms/s', urgent: true },
+        q: { state: 'idle', reason: 'quiet for 250ms' },
+      });
+    });
+  });
+
+  test('a stall with the disk busy in the same spell, before or during its short hold-off, gets the full hold-off; the next stall-only spell the short one again', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      const both: Classified = { time: 0, state: 'busy', reasons: [{ signal: 'disk', value: 37.5, threshold: 5 }, stalled.reasons[0]!] };
+      const T = { state: 'busy', reason: 'stall 900ms/s > 800ms/s', urgent: true };
+      const t = { state: 'holdoff', reason: 'quiet; hold-off 250ms after stall 900ms/s > 800ms/s', urgent: true };
+      const q = { state: 'idle', reason: 'quiet for 250ms' };
+      // disk and stall at once, then quiet: the full hold-off
+      expectObservable(cold('d 99ms i', { d: both, i: idle }).pipe(holdOff(of(P), ts))).toBe('D 99ms H 999ms Q', {
+        ...S,
+        D: { state: 'busy', reason: 'disk 37.5/s > 5/s, stall 900ms/s > 800ms/s', urgent: true },
+        H: { state: 'holdoff', reason: 'quiet; hold-off 1s after disk 37.5/s > 5/s, stall 900ms/s > 800ms/s', urgent: true },
+      });
+      // the disk busy during the stall's short hold-off: its own quiet gets the full one;
+      // once idle, a stall alone is held off for one window again
+      // (the stall stays urgent for the hold-off after it, as input does)
+      expectObservable(cold('s 99ms i 99ms b 1099ms i 1099ms s 99ms i', { s: stalled, b: busy, i: idle }).pipe(holdOff(of(P), ts))).toBe(
+        'T 99ms t 99ms U 999ms B 99ms H 999ms Q 99ms T 99ms t 249ms q',
+        { ...S, T, t, q, U: { state: 'busy', reason: 'disk 37.5/s > 5/s; hold-off 1s after stall 900ms/s > 800ms/s', urgent: true } },
+      );
+    });
+  });
+
+  test('once idle, a busy disk is not held for the input or stall of an earlier spell', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      const key: Classified = { time: 0, state: 'busy', reasons: [{ signal: 'keyboard', value: 8, threshold: 5 }] };
+      expectObservable(cold('k 99ms i 1099ms b', { k: key, b: busy, i: idle }).pipe(holdOff(of(P), ts))).toBe('K 99ms h 999ms Q 99ms B', {
+        ...S,
+        K: { state: 'busy', reason: 'keyboard 8/s > 5/s', urgent: true },
+        h: { state: 'holdoff', reason: 'quiet; hold-off 1s after keyboard 8/s > 5/s', urgent: true },
+      });
     });
   });
 

@@ -169,6 +169,10 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
     await cmpRun.result(60_000);
   }
 
+  // The moderated run's progress records (its decisions, the headroom's cap and the main
+  // loop's load) and its log, beside its metrics file: a report's plots and a diagnosis read them.
+  await writeFile(path.join(base, 'mod.progress.ndjson'), run.cli.stdout());
+  await writeFile(path.join(base, 'mod.log'), run.cli.stderr());
   const targetGone = await access(target).then(
     () => false,
     () => true,

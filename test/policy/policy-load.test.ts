@@ -88,7 +88,7 @@ describe('the shipped default policy', () => {
     assert.deepEqual(describePolicy(defaultPolicy()), [
       'sampling: every 50ms, rates over 250ms',
       'busy while: disk > 5/s, keyboard > 5/s, pointer > 100/s, interrupts > 1000/s, stall > 800ms/s',
-      'speed: idle unlimited, busy paused; idle speed again after 1s quiet',
+      'speed: idle unlimited, busy paused; idle speed again after 1s quiet (after a stall alone, one sampling window)',
       "headroom: the copy leaves 10% of QEMU's main loop free",
       'latency: off (a guest busy with its disk gets the busy speed)',
       "guarantee: finish within 4h of the job's start (margin 1.25), floor none",

@@ -1,0 +1,133 @@
+/**
+ * What one MiB of a mirror into LUKS costs QEMU's main loop, by the mirror's buffer size
+ * (`buf-size`) and speed: the main thread's CPU time per MiB copied, from its scheduler
+ * statistics (/proc/PID/task/PID/schedstat, as src/probes/mainloop.ts reads it).
+ *
+ * Each configuration runs in a fresh QEMU (no guest: `-S`, the disk on a virtio-blk device
+ * as a guest's would be) with a fresh LUKS target made by qemu-img, so that no
+ * configuration inherits another's heap: the cost depends on it (see docs/starvation.md,
+ * "The idle copy on sparse disks").
+ *
+ *   node --import tsx bench/mirror-cost.ts [--source sparse|data] [--cache none|writeback]
+ *        [--bufs 16,8,4,2] [--speed 0] [--rounds 2] [--seconds 6] [--data-mib 3072]
+ *
+ * --source sparse: a 64 GiB raw file with no blocks (the mirror writes encrypted zeros,
+ * QEMU's write-zeroes fallback: a zeroed bounce buffer per request); data: a raw file of
+ * --data-mib random bytes (read, encrypted and written). --speed in MiB/s (0: unlimited).
+ * Prints one line per configuration and round, then the medians. About 10 s a
+ * configuration and round. Run nothing else meanwhile.
+ */
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { QmpClient } from '../src/qmp/client.ts';
+import { median } from '../test/helpers/moderation-lab.ts';
+
+const { values } = parseArgs({
+  options: {
+    source: { type: 'string', default: 'sparse' },
+    cache: { type: 'string', default: 'none' },
+    bufs: { type: 'string', default: '16,8,4,2' },
+    speed: { type: 'string', default: '0' },
+    rounds: { type: 'string', default: '2' },
+    seconds: { type: 'string', default: '6' },
+    'data-mib': { type: 'string', default: '3072' },
+  },
+});
+const MiB = 1024 * 1024;
+const direct = values.cache === 'none';
+if (!direct && values.cache !== 'writeback') throw new Error(`--cache: none or writeback, not ${values.cache}`);
+if (values.source !== 'sparse' && values.source !== 'data') throw new Error(`--source: sparse or data, not ${values.source}`);
+const bufs = values.bufs.split(',').map(Number);
+const speed = Number(values.speed) * MiB;
+const seconds = Number(values.seconds);
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+const dir = await mkdtemp(path.join(tmpdir(), 'ic-mirror-cost-'));
+const key = path.join(dir, 'key');
+await writeFile(key, 'mirror cost key');
+const source = path.join(dir, 'source.raw');
+if (values.source === 'sparse') execFileSync('truncate', ['-s', '64G', source]);
+else execFileSync('dd', ['if=/dev/urandom', `of=${source}`, 'bs=1M', `count=${values['data-mib']}`, 'status=none']);
+const size = Number(execFileSync('stat', ['-c', '%s', source]).toString().trim());
+
+/** qemu-img's LUKS key-slot timing fails now and then on these hosts (host-facts.md): retry. */
+function makeTarget(file: string): void {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      execFileSync('qemu-img', ['create', '-q', '-f', 'luks', '--object', `secret,id=s,file=${key}`, '-o', 'key-secret=s,iter-time=50', file, String(size)], { stdio: 'pipe' });
+      return;
+    } catch (e) {
+      if (attempt >= 10) throw e;
+    }
+  }
+}
+
+async function measure(buf: number, n: number): Promise<{ rate: number; load: number }> {
+  const sock = path.join(dir, `qmp-${n}.sock`);
+  const target = path.join(dir, `target-${n}.luks`);
+  const qemu = spawn(
+    'qemu-system-x86_64',
+    [
+      '-S', '-nodefaults', '-display', 'none', '-accel', 'tcg', '-m', '256',
+      '-qmp', `unix:${sock},server=on,wait=off`,
+      '-object', `secret,id=sec0,file=${key}`,
+      '-blockdev', JSON.stringify({ driver: 'file', filename: source, 'node-name': 'src-file', cache: { direct, 'no-flush': false } }),
+      '-blockdev', JSON.stringify({ driver: 'raw', file: 'src-file', 'node-name': 'src' }),
+      '-device', 'virtio-blk-pci,drive=src,id=disk0',
+    ],
+    { stdio: ['ignore', 'ignore', 'inherit'] },
+  );
+  try {
+    makeTarget(target);
+    let client: QmpClient | undefined;
+    for (let i = 0; !client; i++) {
+      client = await QmpClient.connect(sock).catch(async (e) => {
+        if (i > 50) throw e;
+        await sleep(100);
+        return undefined;
+      });
+    }
+    try {
+      const pid = qemu.pid!;
+      const cpuNs = async () => Number((await readFile(`/proc/${pid}/task/${pid}/schedstat`, 'utf8')).split(' ')[0]);
+      const offset = async () => (await client.execute('query-block-jobs'))[0]?.offset ?? 0;
+      await client.execute('blockdev-add', { driver: 'file', 'node-name': 'tgt-file', filename: target, cache: { direct, 'no-flush': false } } as never);
+      await client.execute('blockdev-add', { driver: 'luks', 'node-name': 'tgt', file: 'tgt-file', 'key-secret': 'sec0' } as never);
+      await client.execute('blockdev-mirror', { 'job-id': 'm', device: 'src', target: 'tgt', sync: 'full', 'buf-size': buf * MiB, speed } as never);
+      await sleep(1500); // past the start
+      const [o0, c0, t0] = [await offset(), await cpuNs(), performance.now()];
+      await sleep(seconds * 1000);
+      const [o1, c1, t1] = [await offset(), await cpuNs(), performance.now()];
+      await client.execute('block-job-cancel', { device: 'm', force: true }).catch(() => {});
+      return { rate: (o1 - o0) / MiB / ((t1 - t0) / 1000), load: (c1 - c0) / 1e6 / (t1 - t0) };
+    } finally {
+      await client.execute('quit').catch(() => {});
+      await client.close().catch(() => {});
+    }
+  } finally {
+    qemu.kill('SIGKILL');
+    await rm(target, { force: true });
+  }
+}
+
+const results = new Map<number, { rate: number; load: number }[]>();
+let n = 0;
+try {
+  for (let round = 1; round <= Number(values.rounds); round++) {
+    for (const buf of bufs) {
+      const r = await measure(buf, ++n);
+      results.set(buf, [...(results.get(buf) ?? []), r]);
+      console.log(`round ${round}, buf-size ${buf} MiB, speed ${speed ? `${values.speed} MiB/s` : 'unlimited'}: ${r.rate.toFixed(0)} MiB/s, main loop ${(100 * r.load).toFixed(0)}% busy, ${((1000 * r.load) / r.rate).toFixed(2)} ms of CPU per MiB`);
+    }
+  }
+} finally {
+  await rm(dir, { recursive: true, force: true });
+}
+console.log(`\n${values.source} source, cache=${values.cache}, ${values.rounds} rounds, medians:`);
+console.log('| buf-size | MiB/s | main loop busy | ms of CPU per MiB |\n| --- | --- | --- | --- |');
+for (const [buf, rs] of results) {
+  console.log(`| ${buf} MiB | ${median(rs.map((r) => r.rate)).toFixed(0)} | ${(100 * median(rs.map((r) => r.load))).toFixed(0)}% | ${median(rs.map((r) => (1000 * r.load) / r.rate)).toFixed(2)} |`);
+}
