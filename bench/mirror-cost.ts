@@ -22,6 +22,8 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { writeImageWithQemuImg } from '../src/encrypt/target.ts';
+import { silentLogger } from '../src/log.ts';
 import { QmpClient } from '../src/qmp/client.ts';
 import { median } from '../test/helpers/moderation-lab.ts';
 
@@ -53,18 +55,6 @@ if (values.source === 'sparse') execFileSync('truncate', ['-s', '64G', source]);
 else execFileSync('dd', ['if=/dev/urandom', `of=${source}`, 'bs=1M', `count=${values['data-mib']}`, 'status=none']);
 const size = Number(execFileSync('stat', ['-c', '%s', source]).toString().trim());
 
-/** qemu-img's LUKS key-slot timing fails now and then on these hosts (host-facts.md): retry. */
-function makeTarget(file: string): void {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      execFileSync('qemu-img', ['create', '-q', '-f', 'luks', '--object', `secret,id=s,file=${key}`, '-o', 'key-secret=s,iter-time=50', file, String(size)], { stdio: 'pipe' });
-      return;
-    } catch (e) {
-      if (attempt >= 10) throw e;
-    }
-  }
-}
-
 async function measure(buf: number, n: number): Promise<{ rate: number; load: number }> {
   const sock = path.join(dir, `qmp-${n}.sock`);
   const target = path.join(dir, `target-${n}.luks`);
@@ -81,7 +71,8 @@ async function measure(buf: number, n: number): Promise<{ rate: number; load: nu
     { stdio: ['ignore', 'ignore', 'inherit'] },
   );
   try {
-    makeTarget(target);
+    // qemu-img as idlecrypt runs it, with its retry of the key-slot timing (host-facts.md).
+    await writeImageWithQemuImg('qemu-img', { path: target, format: 'luks', size, keyFile: key, iterTimeMs: 50 }, silentLogger);
     let client: QmpClient | undefined;
     for (let i = 0; !client; i++) {
       client = await QmpClient.connect(sock).catch(async (e) => {
