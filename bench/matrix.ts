@@ -31,7 +31,8 @@
  * only): bench/policies/noflush.yaml, say, for writeback targets left to the kernel.
  * Writes <out>/matrix-report.md (the table, each cell's figures) and <out>/matrix-<time>.json;
  * each cell's directory <out>/<disk>-<cache>-<workload>/ keeps every round's moderated run:
- * its progress records (decisions, the headroom's cap, the main loop's load), log and metrics.
+ * its progress records (decisions, the headroom's cap, the main loop's load), log, metrics and
+ * the guest's phases on the host's clock (`round<N>-mod.phases.json`).
  * Run nothing else meanwhile.
  */
 import { spawn } from 'node:child_process';
@@ -219,9 +220,9 @@ for (const disk of disks) {
               );
             } finally {
               await lab.stopAll();
-              // Each round's moderated run, kept: its progress records, log and metrics file.
+              // Each round's moderated run, kept: its progress records, log, metrics file and phases.
               await mkdir(dir, { recursive: true });
-              for (const f of ['mod.progress.ndjson', 'mod.log', 'mod.lp']) await copyFile(path.join(base, f), path.join(dir, `round${round + 1}-${f}`)).catch(() => {});
+              for (const f of ['mod.progress.ndjson', 'mod.log', 'mod.lp', 'mod.phases.json']) await copyFile(path.join(base, f), path.join(dir, `round${round + 1}-${f}`)).catch(() => {});
               await rm(base, { recursive: true, force: true });
             }
           }

@@ -22,6 +22,22 @@
  *   who paused the copy keeps it paused (the speed is still kept right, for when they
  *   resume it), and a pause of QEMU's passes by itself. Ours is the pause from the
  *   moment we ask for it until a snapshot shows the job running again.
+ *
+ * Holding back comes first. A QMP round trip beside a copy that keeps QEMU's main loop 90%
+ * busy takes 2 ms typically but 50-70 ms one time in ten and up to 350 ms (measured on the
+ * project's hosts, sparse raw source, writeback, 2026-12-02); a pass that read the job
+ * before acting put one such read, and any pass still in flight (most decisions arrive
+ * during one: passes run on every 250 ms tick), between a busy guest and its pause: from
+ * a decision to its command leaving idlecrypt took 44 ms by the median and up to 313 ms.
+ * Now 1 ms by the median (docs/starvation.md).
+ * So a decision that only slows the job (a pause, a lower speed) is applied at once,
+ * planned on the last snapshot with what has been applied since: at the start of a pass,
+ * or beside a pass still waiting for QEMU (its commands then queue right behind that
+ * pass's, and the pass adds what they did to what it read, which may not show it). The
+ * pass then reads the job back as usual and corrects whatever that snapshot did not know.
+ * A pass plans on the newest decision, taken after its read, and stops applying a plan
+ * once a newer decision has come. Speeding up (a resume, a higher speed) always waits for
+ * a fresh read.
  */
 import { Subject, type Observable, type Subscription } from 'rxjs';
 import { describeError, isIdlecryptError, type ErrorCode } from '../errors.ts';
@@ -66,6 +82,22 @@ export function plan(d: Decision, s: JobSnapshot, caps: Capabilities): Action[] 
   if (s.speed !== d.speed) actions.push({ kind: 'setSpeed', bps: d.speed });
   if (s.paused && caps.canPause) actions.push({ kind: 'resume' });
   return actions;
+}
+
+/**
+ * The actions that take the job from `s` to `d` if they all only slow it (a pause; a speed
+ * lower than the one it runs at, 0 being unlimited), else none. Pure.
+ */
+export function holdBack(d: Decision, s: JobSnapshot, caps: Capabilities): Action[] {
+  const actions = plan(d, s, caps);
+  const slows = (a: Action) => a.kind === 'pause' || (a.kind === 'setSpeed' && a.bps > 0 && (s.speed === 0 || a.bps < s.speed));
+  return actions.length > 0 && actions.every(slows) ? actions : [];
+}
+
+/** The job as it is after `a`, for planning before the next read. Pure. */
+function after(s: JobSnapshot, a: Action): JobSnapshot {
+  if (a.kind === 'setSpeed') return { ...s, speed: a.bps };
+  return { ...s, paused: a.kind === 'pause' };
 }
 
 /** Why moderation ended. */
@@ -115,6 +147,16 @@ export class Reconciler {
   private readonly isTerminal: (e: unknown) => boolean;
   private readonly snapshots = new Subject<JobSnapshot>();
   private desired: Decision | undefined;
+  /** When `desired` last changed (Date.now()), for the log of what was applied. */
+  private desiredAt = 0;
+  /** The job as the last pass read it, with the actions applied since. */
+  private known: JobSnapshot | undefined;
+  /** Actions sent so far: orders a hold-back against a read (see sync). */
+  private sent = 0;
+  /** Hold-backs that succeeded since the last read began, with their place in that order. */
+  private rushed: { sent: number; action: Action }[] = [];
+  /** A hold-back in progress (settles, never rejects). */
+  private rushing: Promise<void> | null = null;
   private lastError: string | undefined;
   /** The job's pause, if it is paused, is ours (see the file comment). */
   private ourPause = false;
@@ -148,6 +190,7 @@ export class Reconciler {
   setDesired(d: Decision): void {
     const prev = this.desired;
     this.desired = d;
+    if (prev?.mode !== d.mode || prev.speed !== d.speed) this.desiredAt = Date.now();
     if (d.learnt && d.learnt.summary !== prev?.learnt?.summary) {
       this.log.info({ learnt: d.learnt.levels, thresholds: d.learnt.thresholds }, `moderation: thresholds learnt: ${d.learnt.summary}`);
     }
@@ -173,42 +216,104 @@ export class Reconciler {
     return d.mode === 'full' ? 'unlimited' : formatSpeed(d.speed);
   }
 
-  /** One pass: read the job back, plan, apply. Never throws. */
+  /**
+   * One pass: hold the job back at once if the decision only slows it (planned on the last
+   * snapshot), then read the job back, plan on the newest decision, apply. Never throws.
+   */
   async sync(): Promise<SyncResult> {
-    const d = this.desired;
-    if (!d) return { outcome: 'no-decision' };
-    let snapshot: JobSnapshot | undefined;
+    if (!this.desired) return { outcome: 'no-decision' };
+    const applied: Action[] = [...(await this.rush())];
+    const readAfter = this.sent;
+    let read: JobSnapshot | undefined;
     try {
-      snapshot = await this.job.snapshot();
+      read = await this.job.snapshot();
     } catch (e) {
-      return this.failed(e, [], undefined);
+      return this.failed(e, applied, undefined);
     }
-    if (!snapshot) return { outcome: 'terminal', end: { cause: 'job-gone' } };
-    if (ENDED.has(snapshot.status)) {
-      return { outcome: 'terminal', snapshot, end: { cause: 'job-ended', status: snapshot.status, ...(snapshot.error ? { error: snapshot.error } : {}) } };
+    if (!read) return { outcome: 'terminal', end: { cause: 'job-gone' } };
+    if (ENDED.has(read.status)) {
+      return { outcome: 'terminal', snapshot: read, end: { cause: 'job-ended', status: read.status, ...(read.error ? { error: read.error } : {}) } };
     }
+    // A hold-back sent while the job was being read (beside this pass, see kick) is
+    // answered after the read and may not show in it: what it did is added to what was read.
+    await this.rushing;
+    const since = this.rushed.filter((r) => r.sent > readAfter).map((r) => r.action);
+    this.rushed = [];
+    applied.push(...since);
+    const snapshot = since.reduce(after, read);
+    this.known = snapshot;
     if (!snapshot.paused) this.ourPause = false;
     this.hold(this.caps.canPause && snapshot.paused && !this.ourPause, snapshot);
+    // The newest decision: one that arrived during the read is acted on now.
+    const d = this.desired;
     const actions = plan(d, snapshot, this.caps).filter((a) => !(this.held && a.kind === 'resume'));
-    const applied: Action[] = [];
     for (const a of actions) {
+      // A newer decision came meanwhile (and may have been held back already): the rest
+      // of this plan is stale, and the next pass plans the newest one.
+      if (this.desired !== d) break;
+      this.sent++;
       try {
-        if (a.kind === 'setSpeed') await this.job.setSpeed(a.bps);
-        else if (a.kind === 'pause') {
-          this.ourPause = true; // before asking: a reply lost in a timeout must not make it someone else's
-          await this.job.pause();
-        } else await this.job.resume();
+        await this.apply(a);
         applied.push(a);
       } catch (e) {
         return this.failed(e, applied, snapshot);
       }
     }
-    if (applied.length > 0) this.log.debug({ actions: applied, was: { paused: snapshot.paused, speed: snapshot.speed } }, 'moderation: applied');
+    if (applied.length > 0) this.log.debug({ actions: applied, was: { paused: read.paused, speed: read.speed }, ms: Date.now() - this.desiredAt }, 'moderation: applied');
     if (this.lastError !== undefined) {
       this.log.info({ after: this.lastError }, 'moderation: job control works again');
       this.lastError = undefined;
     }
-    return { outcome: 'ok', snapshot, actions: applied };
+    return { outcome: 'ok', snapshot: read, actions: applied };
+  }
+
+  /**
+   * Holds the job back now if the newest decision only slows it, planned on what the job is
+   * known to be; the actions that succeeded. One at a time: a call during one waits for it.
+   * A failure is not news: the next read sees the job as it is, and the plan on it tries again.
+   */
+  private rush(): Promise<Action[]> {
+    if (this.rushing) return this.rushing.then(() => []);
+    const run = async (): Promise<Action[]> => {
+      const done: Action[] = [];
+      const known = this.known;
+      if (this.finished || !this.desired || !known || !STEERABLE.has(known.status) || this.held) return done;
+      for (const a of holdBack(this.desired, known, this.caps)) {
+        const sent = ++this.sent;
+        if (!(await this.apply(a).then(() => true, () => false))) break;
+        this.rushed.push({ sent, action: a });
+        done.push(a);
+      }
+      if (done.length > 0) this.log.debug({ actions: done, ms: Date.now() - this.desiredAt }, 'moderation: held back');
+      return done;
+    };
+    const p = run();
+    const settled = p.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.rushing = settled;
+    void settled.then(() => {
+      if (this.rushing === settled) this.rushing = null;
+    });
+    return p;
+  }
+
+  /** Issues one action; what the job is known to be follows it. */
+  private async apply(a: Action): Promise<void> {
+    if (a.kind === 'setSpeed') await this.job.setSpeed(a.bps);
+    else if (a.kind === 'pause') {
+      const was = this.ourPause;
+      this.ourPause = true; // before asking: a reply lost in a timeout must not make it someone else's
+      try {
+        await this.job.pause();
+      } catch (e) {
+        // QEMU answered no (the job was paused by someone else meanwhile): not ours.
+        if (isIdlecryptError(e) && e.code === 'QMP_COMMAND') this.ourPause = was;
+        throw e;
+      }
+    } else await this.job.resume();
+    if (this.known) this.known = after(this.known, a);
   }
 
   /** Whether the job is held paused by someone else; logged when that changes. */
@@ -294,6 +399,9 @@ export class Reconciler {
     if (this.finished) return;
     if (this.inFlight) {
       this.again = true;
+      // A pass is waiting for QEMU (under load a reply takes up to 200 ms): hold the job
+      // back beside it now rather than after it; its read is corrected for this.
+      void this.rush();
       return;
     }
     this.inFlight = (async () => {
@@ -314,7 +422,7 @@ export class Reconciler {
   }
 
   private async inFlightDone(): Promise<void> {
-    while (this.inFlight) await this.inFlight;
+    while (this.inFlight || this.rushing) await (this.inFlight ?? this.rushing);
   }
 
   private finish(end: ModerationEnd): void {

@@ -134,16 +134,60 @@ describe('Reconciler.sync (one pass)', () => {
     job.failNext('pause');
     const a = await r.sync();
     assert.equal(a.outcome, 'retry');
-    job.failNext('pause');
+    // twice: once held back at once (on the last snapshot), once after the read
+    job.failNext('pause', 'QMP_COMMAND', 'pause: injected failure', 2);
     assert.equal((await r.sync()).outcome, 'retry');
     const c = await r.sync();
     assert.equal(c.outcome, 'ok');
+    assert.deepEqual(c.outcome === 'ok' && c.actions, [{ kind: 'pause' }]);
     assert.equal(job.state.paused, true);
-    assert.deepEqual(job.actions(), ['pause', 'pause', 'pause']);
+    assert.deepEqual(job.actions(), ['pause', 'pause', 'pause', 'pause']);
     const warnings = records.filter((x) => x.level === 40);
     assert.equal(warnings.length, 1, 'the same error twice is one warning');
     assert.equal(warnings[0]!.err, 'pause: injected failure');
     assert.ok(records.some((x) => x.msg === 'moderation: job control works again'));
+  });
+
+  test('a decision that only slows the job is applied before the job is read again; speeding up waits for the read', async () => {
+    const job = new FakeJob();
+    const r = new Reconciler(job, { logger: captureLog().logger });
+    r.setDesired(FULL);
+    await r.sync();
+    assert.deepEqual(job.calls, ['snapshot']);
+
+    r.setDesired(SLOW); // full -> 20 MiB/s: slower, at once
+    await r.sync();
+    assert.deepEqual(job.calls.slice(1), [`setSpeed ${20 * MiB}`, 'snapshot']);
+    r.setDesired(PAUSE);
+    await r.sync();
+    assert.deepEqual(job.calls.slice(3), ['pause', 'snapshot']);
+
+    r.setDesired(SLOW); // out of the pause: after a read, speed first, then resume
+    await r.sync();
+    assert.deepEqual(job.calls.slice(5), ['snapshot', 'resume']);
+    r.setDesired({ ...SLOW, speed: 40 * MiB }); // faster: after a read
+    await r.sync();
+    assert.deepEqual(job.calls.slice(7), ['snapshot', `setSpeed ${40 * MiB}`]);
+    assert.deepEqual(job.state, { ...job.state, paused: false, speed: 40 * MiB });
+  });
+
+  test('held back on a stale snapshot: a job paused by someone else meanwhile stays theirs', async () => {
+    const job = new FakeJob();
+    const { logger, records } = captureLog();
+    const r = new Reconciler(job, { logger });
+    r.setDesired(FULL);
+    await r.sync();
+    job.state.paused = true; // an operator's job-pause, after our last read
+    job.state.status = 'paused';
+    r.setDesired(PAUSE);
+    const a = await r.sync(); // our pause is refused ("already paused"), the read shows theirs
+    assert.equal(a.outcome, 'ok');
+    assert.equal(r.heldOutside, true);
+    assert.equal(records.filter((x) => x.level === 40 && /job control failed/.test(x.msg)).length, 0, 'the refusal is not logged as a failure');
+    r.setDesired(FULL);
+    await r.sync();
+    assert.equal(job.state.paused, true, 'not resumed: the pause is not ours');
+    assert.deepEqual(job.actions(), ['pause']);
   });
 
   test('a failed read is retryable too', async () => {
@@ -226,10 +270,38 @@ describe('Reconciler run loop', () => {
     decisions.next(SLOW);
     decisions.next(FULL);
     decisions.next(SLOW);
-    await eventually(() => job.state.speed === 20 * MiB && !job.state.paused, 1000);
+    await eventually(() => job.state.speed === 20 * MiB && !job.state.paused && job.calls.length >= 3, 1000);
     await r.stop({ release: false });
-    // pass 1: pause (from PAUSE); pass 2, on the latest (SLOW): speed, then resume
-    assert.deepEqual(job.calls, ['snapshot', 'pause', 'snapshot', `setSpeed ${20 * MiB}`, 'resume']);
+    // pass 1 plans on the decision newest when its read returns (SLOW: PAUSE is never
+    // applied); pass 2, for the decisions that came meanwhile, finds nothing left to do
+    assert.deepEqual(job.calls, ['snapshot', `setSpeed ${20 * MiB}`, 'snapshot']);
+  });
+
+  test('a pause is sent beside a pass still waiting for its read, and that read is corrected for it', async () => {
+    const job = new FakeJob();
+    const { logger, records } = captureLog();
+    const r = new Reconciler(job, { logger });
+    const decisions = new Subject<Decision>();
+    const ticks = new Subject<void>();
+    r.start(decisions, ticks);
+    decisions.next(FULL);
+    await eventually(() => job.calls.length === 1);
+    await sleep(5);
+    const release = job.holdReads();
+    ticks.next(); // a pass reads the job, and QEMU is slow to answer
+    await eventually(() => job.calls.length === 2);
+    decisions.next(PAUSE);
+    await eventually(() => job.state.paused, 500); // before the read returns
+    assert.deepEqual(job.calls, ['snapshot', 'snapshot', 'pause']);
+    release(); // the read says "running": it was answered before the pause
+    await sleep(20);
+    assert.deepEqual(job.actions(), ['pause'], 'not paused twice');
+    assert.equal(r.heldOutside, false, 'the pause is ours');
+    decisions.next(FULL);
+    await eventually(() => !job.state.paused, 500);
+    assert.deepEqual(job.actions(), ['pause', 'resume']);
+    await r.stop({ release: false });
+    assert.equal(records.filter((x) => x.level >= 40).length, 0, 'nothing failed');
   });
 
   test('retries on the next tick after a failure', async () => {

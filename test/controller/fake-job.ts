@@ -17,7 +17,7 @@ export class FakeJob implements JobControl {
   gone = false;
   /** ms each call waits before answering */
   delayMs = 0;
-  private failures = new Map<string, IdlecryptError>();
+  private failures = new Map<string, { error: IdlecryptError; times: number }>();
 
   constructor(
     readonly canPause = true,
@@ -26,9 +26,9 @@ export class FakeJob implements JobControl {
     this.state = { status: 'running', paused: false, speed: 0, offset: 0, len: 1 << 30, ...init };
   }
 
-  /** The next call of `method` fails with an IdlecryptError of `code`. */
-  failNext(method: 'snapshot' | 'pause' | 'resume' | 'setSpeed', code: ErrorCode = 'QMP_COMMAND', message = `${method}: injected failure`): void {
-    this.failures.set(method, new IdlecryptError(code, message));
+  /** The next call (or `times` calls) of `method` fails with an IdlecryptError of `code`. */
+  failNext(method: 'snapshot' | 'pause' | 'resume' | 'setSpeed', code: ErrorCode = 'QMP_COMMAND', message = `${method}: injected failure`, times = 1): void {
+    this.failures.set(method, { error: new IdlecryptError(code, message), times });
   }
 
   /** The actions only, without the snapshots. */
@@ -41,12 +41,35 @@ export class FakeJob implements JobControl {
     if (this.delayMs > 0) await new Promise((r) => setTimeout(r, this.delayMs));
     const f = this.failures.get(method);
     if (f) {
-      this.failures.delete(method);
-      throw f;
+      if (--f.times <= 0) this.failures.delete(method);
+      throw f.error;
     }
   }
 
+  /**
+   * Reads from now on are answered only when the returned function is called, with the
+   * job as it was when they were sent (as QEMU answers a query it has processed while the
+   * reply is still on its way).
+   */
+  holdReads(): () => void {
+    let release!: () => void;
+    this.readGate = new Promise<void>((r) => (release = r));
+    return () => {
+      this.readGate = undefined;
+      release();
+    };
+  }
+
+  private readGate: Promise<void> | undefined;
+
   async snapshot(): Promise<JobSnapshot | undefined> {
+    const gate = this.readGate;
+    if (gate) {
+      this.calls.push('snapshot');
+      const then = { id: this.id, ...this.state, ready: this.state.ready ?? false };
+      await gate;
+      return this.gone ? undefined : then;
+    }
     await this.call('snapshot', 'snapshot');
     if (this.gone) return undefined;
     return { id: this.id, ...this.state, ready: this.state.ready ?? false };

@@ -526,8 +526,9 @@ export class EncryptRun {
   readonly startedAt = now();
 
   constructor(args: string[], metricsFile: string, env: Record<string, string> = {}) {
-    // IDLECRYPT_LOG=info: state changes with their reasons land in stderr, for diagnosis.
-    this.cli = startCli(['encrypt', ...args, '--metrics-file', metricsFile, '--json'], { IDLECRYPT_LOG: 'info', ...env });
+    // IDLECRYPT_LOG=info: state changes with their reasons land in stderr, for diagnosis
+    // (a benchmark run with IDLECRYPT_LOG=debug keeps the job commands too, with their times).
+    this.cli = startCli(['encrypt', ...args, '--metrics-file', metricsFile, '--json'], { IDLECRYPT_LOG: process.env.IDLECRYPT_LOG ?? 'info', ...env });
   }
 
   records(): CliRecord[] {
