@@ -248,9 +248,9 @@ export class Reconciler {
     const d = this.desired;
     const actions = plan(d, snapshot, this.caps).filter((a) => !(this.held && a.kind === 'resume'));
     for (const a of actions) {
-      // A newer decision came meanwhile (and may have been held back already): the rest
-      // of this plan is stale, and the next pass plans the newest one.
-      if (this.desired !== d) break;
+      // A newer decision of another mode or speed came meanwhile (and may have been held
+      // back already): the rest of this plan is stale, and the next pass plans the newest.
+      if (this.desired.mode !== d.mode || this.desired.speed !== d.speed) break;
       this.sent++;
       try {
         await this.apply(a);

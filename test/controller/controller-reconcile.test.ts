@@ -304,6 +304,24 @@ describe('Reconciler run loop', () => {
     assert.equal(records.filter((x) => x.level >= 40).length, 0, 'nothing failed');
   });
 
+  test('a plan made stale by a newer decision is not finished: no resume once the guest is busy again', async () => {
+    const job = new FakeJob();
+    job.delayMs = 20;
+    const r = new Reconciler(job, { logger: captureLog().logger });
+    const decisions = new Subject<Decision>();
+    r.start(decisions, new Subject<void>());
+    decisions.next(PAUSE); // ours: the job is paused as asked
+    await eventually(() => job.state.paused, 1000);
+    await sleep(30);
+    decisions.next(SLOW); // out of the pause: speed first, then resume
+    await eventually(() => job.calls.includes(`setSpeed ${20 * MiB}`), 1000);
+    decisions.next(PAUSE); // busy again while the speed is being set
+    await sleep(150);
+    await r.stop({ release: false });
+    assert.equal(job.state.paused, true);
+    assert.ok(!job.actions().includes('resume'), `no resume: ${job.actions().join(', ')}`);
+  });
+
   test('retries on the next tick after a failure', async () => {
     const job = new FakeJob();
     const r = new Reconciler(job, { logger: captureLog().logger });
