@@ -94,6 +94,11 @@ export function holdBack(d: Decision, s: JobSnapshot, caps: Capabilities): Actio
   return actions.length > 0 && actions.every(slows) ? actions : [];
 }
 
+/** Whether two decisions ask the job for the same thing (their mode and speed). */
+function sameTarget(a: Decision, b: Decision): boolean {
+  return a.mode === b.mode && a.speed === b.speed;
+}
+
 /** The job as it is after `a`, for planning before the next read. Pure. */
 function after(s: JobSnapshot, a: Action): JobSnapshot {
   if (a.kind === 'setSpeed') return { ...s, speed: a.bps };
@@ -190,7 +195,7 @@ export class Reconciler {
   setDesired(d: Decision): void {
     const prev = this.desired;
     this.desired = d;
-    if (prev?.mode !== d.mode || prev.speed !== d.speed) this.desiredAt = Date.now();
+    if (!prev || !sameTarget(prev, d)) this.desiredAt = Date.now();
     if (d.learnt && d.learnt.summary !== prev?.learnt?.summary) {
       this.log.info({ learnt: d.learnt.levels, thresholds: d.learnt.thresholds }, `moderation: thresholds learnt: ${d.learnt.summary}`);
     }
@@ -250,7 +255,7 @@ export class Reconciler {
     for (const a of actions) {
       // A newer decision of another mode or speed came meanwhile (and may have been held
       // back already): the rest of this plan is stale, and the next pass plans the newest.
-      if (this.desired.mode !== d.mode || this.desired.speed !== d.speed) break;
+      if (!sameTarget(this.desired, d)) break;
       this.sent++;
       try {
         await this.apply(a);
@@ -399,7 +404,7 @@ export class Reconciler {
     if (this.finished) return;
     if (this.inFlight) {
       this.again = true;
-      // A pass is waiting for QEMU (under load a reply takes up to 200 ms): hold the job
+      // A pass is waiting for QEMU (under load a reply takes up to 350 ms): hold the job
       // back beside it now rather than after it; its read is corrected for this.
       void this.rush();
       return;

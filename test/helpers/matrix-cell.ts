@@ -190,7 +190,7 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   const rp = ref.rec.phases();
   // The guest's phases on the host's clock (epoch ms), beside the records above: a diagnosis
   // lines them up with the decisions and the probes' samples.
-  await writeFile(path.join(base, 'mod.phases.json'), JSON.stringify(mp.map((p) => ({ n: p.n, kind: p.kind, start: p.start, end: p.end }))) + '\n');
+  await writeFile(path.join(base, 'mod.phases.json'), JSON.stringify(mp) + '\n');
   const cmpRunning = cmp.rec.jobEvents.find((e) => e.t >= cmpResumeSent - 50 && e.status === 'running')?.t ?? cmpResumeSent;
   const cmpBps = rateOver(cmp.rec.samples, cmpRunning + 300, cmpPauseSent, jobOffset);
   note(`unthrottled mirror (cmp) in mod's idle phase: ${mibps(cmpBps)} MiB/s over ${s(cmpPauseSent - cmpRunning - 300)} s, ${dirtyOver(cmpRunning + 300, cmpPauseSent)}`);
