@@ -22,6 +22,14 @@
  * the order reversed every other round, each copy cancelled after --window-s (the guest
  * stays on its source, whose contents the workloads do not change). Medians over rounds.
  *
+ * Beside each profile's guest runs a second one, the same guest and workload on a disk of its
+ * own, never copied (--reference guest, the default): "kept" is each run's figure against the
+ * reference guest's in the same window, as the suite and bench/matrix.ts measure. Against
+ * (a)'s window of the same round instead (--reference window, the design before 2026-12-02),
+ * the drift within a boot outweighed the copy: (b), which never copied beside the noisy
+ * trickle, kept 77-106% of (a) over four rounds. With a reference guest, (a)'s row says how
+ * far the two guests differ without any copy.
+ *
  * Measured on the harness's own QMP socket every 250 ms (test/helpers/moderation-lab.ts):
  *   busy MiB/s       the guest's bytes (query-blockstats) over its busy phases in the window
  *                    (never-idle: the whole window); "kept" is against (a) in the same round
@@ -44,7 +52,7 @@
  *
  *   node --import tsx bench/profiles.ts [--rounds 2] [--window-s 40] [--size-mib 12288]
  *        [--profiles bursty,noisy,never-idle] [--modes none,fixed,learnt,latency,both] [--out bench/results]
- *        [--finish 5m]
+ *        [--finish 5m] [--reference guest|window]
  *
  * --finish: after each profile's rounds, one more copy under (e)'s policy with that deadline
  * (relative to the copy's start), run to completion (or 1.5x the deadline): whether a copy
@@ -70,6 +78,8 @@ const { values: args } = parseArgs({
     out: { type: 'string', default: 'bench/results' },
     /** After the rounds, one copy under (e)'s policy with this deadline (e.g. 5m), run to completion. */
     finish: { type: 'string', default: '' },
+    /** `guest`: a second guest beside the first, never copied, is what "kept" compares with; `window`: (a)'s window of the same round. */
+    reference: { type: 'string', default: 'guest' },
   },
 });
 
@@ -89,6 +99,8 @@ const POLICY: Record<Exclude<Mode, 'none'>, string> = {
 const LABEL: Record<Mode, string> = { none: '(a) no job', fixed: '(b) fixed', learnt: '(c) learnt', latency: '(d) latency', both: '(e) learnt + latency' };
 
 const rounds = Number(args.rounds);
+if (args.reference !== 'guest' && args.reference !== 'window') throw new Error(`--reference: guest or window, not ${args.reference}`);
+const besideRef = args.reference === 'guest';
 const windowMs = Number(args['window-s']) * 1000;
 const sizeMiB = Number(args['size-mib']);
 const profiles = args.profiles.split(',') as ProfileName[];
@@ -104,8 +116,18 @@ interface Finish {
   /** From the copy's start to its completion; null if it did not complete within 1.5x the deadline. */
   tookS: number | null;
   busyMiBs: number | null;
+  /** the reference guest's over the same time (--reference guest) */
+  refBusyMiBs?: number | null;
   copyMiBs: number | null;
   decisions: Record<string, number>;
+}
+
+/** What the reference guest (--reference guest) did in a run's window. */
+interface RefFigures {
+  busyMiBs: number | null;
+  trickleFlushesPerS: number | null;
+  writeP50: number | null;
+  flushP50: number | null;
 }
 
 interface RunResult {
@@ -114,6 +136,8 @@ interface RunResult {
   round: number;
   from: number;
   to: number;
+  /** the reference guest in the same window (--reference guest) */
+  ref?: RefFigures;
   busyMiBs: number | null;
   trickleFlushesPerS: number | null;
   trickleMs: number | null;
@@ -166,8 +190,10 @@ async function main(): Promise<void> {
   const started = new Date();
   try {
     const disk = path.join(base, 'disk.raw');
-    process.stderr.write(`making a ${sizeMiB} MiB allocated disk...\n`);
+    const refDisk = path.join(base, 'disk-ref.raw');
+    process.stderr.write(`making a ${sizeMiB} MiB allocated disk${besideRef ? ', and one for the reference guest' : ''}...\n`);
     await makeDiskImage(disk, { sizeMiB, format: 'raw', fill: 'pattern' });
+    if (besideRef) await makeDiskImage(refDisk, { sizeMiB, format: 'raw', fill: 'pattern' });
     const keyFile = path.join(base, 'key');
     await writeFile(keyFile, 'bench-passphrase\n', { mode: 0o600 });
     for (const [m, text] of Object.entries(POLICY)) await writeFile(path.join(base, `${m}.yaml`), text);
@@ -182,6 +208,22 @@ async function main(): Promise<void> {
       process.stderr.write(`${profile}: booting\n`);
       const { vm, rec } = await lab.boot(dir, { name: `prof-${profile}`, disk, workload: prof.workload, params: prof.params, cache: 'none' });
       await rec.poll({ intervalMs: 250, stats: true, jobs: true, histograms: true });
+      // The reference: the same guest and workload beside it, never copied, measured in the
+      // same windows. These hosts drift by more than a copy's harm within one boot (issue
+      // 12's noisy profile, four rounds: (a) 241-304 MiB/s, and (b), which never copied,
+      // 77-106% of it); two guests side by side see the same minutes.
+      let refRec: typeof rec | undefined;
+      if (besideRef) {
+        const refDir = path.join(dir, 'ref');
+        await mkdir(refDir);
+        ({ rec: refRec } = await lab.boot(refDir, { name: `prof-${profile}-ref`, disk: refDisk, workload: prof.workload, params: prof.params, cache: 'none' }));
+        await refRec.poll({ intervalMs: 250, stats: true, jobs: false, histograms: true });
+      }
+      const refIn = (from: number, to: number): { ref?: RefFigures } => {
+        if (!refRec) return {};
+        const m = measure(refRec.samples, refRec.phases(), prof.phased, from, to);
+        return { ref: { busyMiBs: m.busyMiBs, trickleFlushesPerS: m.trickleFlushesPerS, writeP50: m.writeP50, flushP50: m.flushP50 } };
+      };
       await sleep(30_000);
       const copy = async (mode: Exclude<Mode, 'none'>, ms: number, tag: string) => {
         const target = path.join(dir, `${tag}.luks`);
@@ -225,7 +267,8 @@ async function main(): Promise<void> {
         await sleep(1000);
         const m = measure(rec.samples, rec.phases(), prof.phased, from, to);
         const decisions = decisionsOf(run);
-        return { profile, deadline, deadlineS, tookS: done ? (to - from) / 1000 : null, busyMiBs: m.busyMiBs, copyMiBs: m.copyMiBs, decisions };
+        const r = refIn(from, to);
+        return { profile, deadline, deadlineS, tookS: done ? (to - from) / 1000 : null, busyMiBs: m.busyMiBs, ...(r.ref ? { refBusyMiBs: r.ref.busyMiBs } : {}), copyMiBs: m.copyMiBs, decisions };
       };
       process.stderr.write(`${profile}: warm-up under (c), 75 s\n`);
       await copy('learnt', 75_000, 'warmup');
@@ -248,8 +291,11 @@ async function main(): Promise<void> {
           await sleep(1000); // the polls just after the window, which its end is read between
           const m = measure(rec.samples, rec.phases(), prof.phased, from, to);
           const series = round === rounds ? seriesOf(rec.samples, rec.phases(), lp, from, to) : undefined;
-          results.push({ profile, mode, round, from, to, ...m, ...(decisions ? { decisions } : {}), ...(series ? { series } : {}) });
-          process.stderr.write(`  ${profile} ${tag}: busy ${m.busyMiBs?.toFixed(1)} MiB/s, copy ${m.copyMiBs?.toFixed(1)} MiB/s, quiet ${m.quietMiBs?.toFixed(1) ?? '-'}\n`);
+          const r = refIn(from, to);
+          results.push({ profile, mode, round, from, to, ...m, ...r, ...(decisions ? { decisions } : {}), ...(series ? { series } : {}) });
+          process.stderr.write(
+            `  ${profile} ${tag}: busy ${m.busyMiBs?.toFixed(1)} MiB/s${r.ref ? ` (the reference guest ${r.ref.busyMiBs?.toFixed(1)})` : ''}, copy ${m.copyMiBs?.toFixed(1)} MiB/s, quiet ${m.quietMiBs?.toFixed(1) ?? '-'}\n`,
+          );
           await sleep(4000);
         }
       }
@@ -447,13 +493,29 @@ function profileSvg(profile: ProfileName, runs: RunResult[]): string {
 }
 
 async function report(results: RunResult[], finishes: Finish[], started: Date): Promise<void> {
-  const rows = [['profile', 'mode', 'busy MiB/s (kept)', 'trickle flushes/s (kept)', 'trickle mean ms (vs a)', 'write p50 ms (vs a)', 'write p90 ms (vs a)', 'flush p50 ms (vs a)', 'quiet copy MiB/s', 'copy MiB/s', `≈ time to ${+(Number(args['size-mib']) / 1024).toFixed(1)} GiB`]];
+  const vs = besideRef ? 'vs ref' : 'vs a';
+  const rows = [
+    [
+      'profile',
+      'mode',
+      `busy MiB/s (kept${besideRef ? ' vs ref' : ''})`,
+      `trickle flushes/s (kept${besideRef ? ' vs ref' : ''})`,
+      'trickle mean ms (vs a)',
+      `write p50 ms (${vs})`,
+      `write p90 ms (${besideRef ? 'vs -' : 'vs a'})`,
+      `flush p50 ms (${vs})`,
+      'quiet copy MiB/s',
+      'copy MiB/s',
+      `≈ time to ${+(Number(args['size-mib']) / 1024).toFixed(1)} GiB`,
+    ],
+  ];
   for (const profile of profiles) {
     const of = (mode: Mode) => results.filter((r) => r.profile === profile && r.mode === mode);
-    // "kept": each run against (a) of its own round, then the median of those ratios
-    const kept = (mode: Mode, get: (r: RunResult) => number | null) =>
+    // "kept": each run against the reference guest in the same window (--reference guest), or
+    // against (a) of its own round (--reference window); then the median of those ratios
+    const kept = (mode: Mode, get: (r: RunResult | RefFigures) => number | null) =>
       medianOf(of(mode).map((r) => {
-        const ref = results.find((x) => x.profile === profile && x.mode === 'none' && x.round === r.round);
+        const ref = besideRef ? r.ref : results.find((x) => x.profile === profile && x.mode === 'none' && x.round === r.round);
         const a = get(r);
         const b = ref ? get(ref) : null;
         return a === null || b === null || b === 0 ? null : a / b;
@@ -462,11 +524,13 @@ async function report(results: RunResult[], finishes: Finish[], started: Date): 
       const rs = of(mode);
       const busy = medianOf(rs.map((r) => r.busyMiBs));
       const copy = medianOf(rs.map((r) => r.copyMiBs));
-      const keptBusy = mode === 'none' ? null : kept(mode, (r) => r.busyMiBs);
-      const keptTrickle = mode === 'none' ? null : kept(mode, (r) => r.trickleFlushesPerS);
-      const trickleRise = mode === 'none' ? null : kept(mode, (r) => r.trickleMs);
-      const lat = (get: (r: RunResult) => number | null) => {
-        const vs = mode === 'none' ? null : kept(mode, get);
+      // Beside a reference guest, (a) too: how far two identical guests differ at all.
+      const judged = besideRef || mode !== 'none';
+      const keptBusy = judged ? kept(mode, (r) => r.busyMiBs) : null;
+      const keptTrickle = judged ? kept(mode, (r) => r.trickleFlushesPerS) : null;
+      const trickleRise = mode === 'none' || besideRef ? null : kept(mode, (r) => ('trickleMs' in r ? r.trickleMs : null));
+      const lat = (get: (r: RunResult) => number | null, refGet: ((r: RunResult | RefFigures) => number | null) | null) => {
+        const vs = judged && refGet ? kept(mode, refGet) : null;
         return profile === 'noisy' ? `${f2(medianOf(rs.map(get)))}${vs === null ? '' : ` (${pct(vs, 1)})`}` : '-';
       };
       const size = Number(args['size-mib']);
@@ -476,9 +540,10 @@ async function report(results: RunResult[], finishes: Finish[], started: Date): 
         `${f1(busy)}${keptBusy === null ? '' : ` (${pct(keptBusy, 1)})`}`,
         profile === 'noisy' ? `${f1(medianOf(rs.map((r) => r.trickleFlushesPerS)))}${keptTrickle === null ? '' : ` (${pct(keptTrickle, 1)})`}` : '-',
         profile === 'noisy' ? `${f2(medianOf(rs.map((r) => r.trickleMs)))}${trickleRise === null ? '' : ` (${pct(trickleRise, 1)})`}` : '-',
-        lat((r) => r.writeP50),
-        lat((r) => r.writeP90),
-        lat((r) => r.flushP50),
+        lat((r) => r.writeP50, (r) => r.writeP50),
+        // the reference guest's p90 is not kept: against (a) only
+        lat((r) => r.writeP90, besideRef ? null : (r) => ('writeP90' in r ? r.writeP90 : null)),
+        lat((r) => r.flushP50, (r) => r.flushP50),
         mode === 'none' ? '-' : f1(medianOf(rs.map((r) => r.quietMiBs))),
         mode === 'none' ? '-' : f1(copy),
         // under 0.1 MiB/s (a window's offsets read as -0.3 to 0.1 when the copy never ran)
@@ -487,9 +552,9 @@ async function report(results: RunResult[], finishes: Finish[], started: Date): 
     }
   }
   console.log(textTable(rows));
-  const finishRows = [['profile', 'deadline', 'completed in', 'guest busy MiB/s (vs a)', 'copy MiB/s', 'decisions (progress records)']];
+  const finishRows = [['profile', 'deadline', 'completed in', `guest busy MiB/s (${vs})`, 'copy MiB/s', 'decisions (progress records)']];
   for (const f of finishes) {
-    const a = medianOf(results.filter((r) => r.profile === f.profile && r.mode === 'none').map((r) => r.busyMiBs));
+    const a = besideRef ? (f.refBusyMiBs ?? null) : medianOf(results.filter((r) => r.profile === f.profile && r.mode === 'none').map((r) => r.busyMiBs));
     finishRows.push([
       f.profile,
       f.deadline,
@@ -507,6 +572,9 @@ async function report(results: RunResult[], finishes: Finish[], started: Date): 
     `# Three guest profiles under idlecrypt's moderation (issue 12)`,
     '',
     `Run ${started.toISOString()} on ${os.hostname()} (${os.cpus().length} CPUs): ${rounds} rounds of ${windowMs / 1000} s windows, ${sizeMiB} MiB disk, cache=none, TCG.`,
+    besideRef
+      ? '"kept" and "vs ref": each run against a second guest beside it (the same guest and workload, never copied) in the same window, then the median over rounds; (a)\'s row is how far the two differ without a copy.'
+      : '"kept" and "vs a": each run against (a) of the same round, then the median over rounds.',
     `Command: \`node --import tsx bench/profiles.ts ${process.argv.slice(2).join(' ')}\``,
     '',
     mdTable(rows),
@@ -518,15 +586,15 @@ async function report(results: RunResult[], finishes: Finish[], started: Date): 
     '## Every run',
     '',
     mdTable([
-      ['profile', 'mode', 'round', 'busy MiB/s', 'trickle flushes/s', 'trickle ms', 'write p50 / p90, flush p50 ms', 'quiet copy MiB/s', 'copy MiB/s', 'decisions (progress records)'],
+      ['profile', 'mode', 'round', 'busy MiB/s (ref)', 'trickle flushes/s (ref)', 'trickle ms', 'write p50 / p90, flush p50 ms (ref p50)', 'quiet copy MiB/s', 'copy MiB/s', 'decisions (progress records)'],
       ...results.map((r) => [
         r.profile,
         r.mode,
         String(r.round),
-        f1(r.busyMiBs),
-        f1(r.trickleFlushesPerS),
+        `${f1(r.busyMiBs)}${r.ref ? ` (${f1(r.ref.busyMiBs)})` : ''}`,
+        `${f1(r.trickleFlushesPerS)}${r.ref ? ` (${f1(r.ref.trickleFlushesPerS)})` : ''}`,
         r.trickleMs === null ? '-' : r.trickleMs.toFixed(2),
-        `${f2(r.writeP50)} / ${f2(r.writeP90)}, ${f2(r.flushP50)}`,
+        `${f2(r.writeP50)} / ${f2(r.writeP90)}, ${f2(r.flushP50)}${r.ref ? ` (${f2(r.ref.writeP50)})` : ''}`,
         f1(r.quietMiBs),
         f1(r.copyMiBs),
         r.decisions ? topDecisions(r.decisions) : '',
