@@ -230,6 +230,7 @@ for (const disk of disks) {
         }
       } catch (e) {
         cell.error = (e as Error).message.split('\n')[0]!;
+        process.stderr.write(`${(e as Error).message}\n`);
         await lab.stopAll();
       }
       process.stderr.write(`== ${line(cell)}\n`);

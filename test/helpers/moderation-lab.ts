@@ -721,7 +721,7 @@ async function withRunOutput<T>(run: EncryptRun, wait: Promise<T>): Promise<T> {
   try {
     return await wait;
   } catch (e) {
-    const tail = run.cli.stderr().trim().split('\n').slice(-8).join('\n');
+    const tail = (run.cli.stdout() + run.cli.stderr()).trim().split('\n').slice(-8).join('\n');
     throw new Error(`${(e as Error).message}; the run printed:\n${tail || '(nothing)'}`);
   }
 }
