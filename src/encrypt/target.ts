@@ -17,10 +17,28 @@
  * same code (block/crypto.c, crypto/block-luks.c) in another process, so the guest does not
  * notice (docs/starvation.md has the gaps measured). Where no qemu-img is installed, the
  * header is made with blockdev-create as before, and a warning says the guest will stall.
+ *
+ * Opening the image costs the same: blockdev-add of the LUKS node runs the key slot's PBKDF2
+ * (the iter-time, 2 s) in the main loop, and the guest stalled that long (bench/start-stall.ts).
+ * So QEMU opens it with a key of its own, the opening key: 32 random bytes (hex) made for
+ * this run, in key slot 0 with a 10 ms PBKDF; the operator's key goes into slot 1 with the
+ * full iter-time (`qemu-img amend`, in its own process again), and once QEMU has the node
+ * open, slot 0 is erased (QMP x-blockdev-amend). The header then holds the operator's key
+ * alone, as if made by `cryptsetup luksFormat`, in slot 1. The opening key never touches a
+ * disk: qemu-img reads it from a pipe (/dev/stdin), QEMU from the QMP socket (an inline
+ * secret; QEMU gives no way to read one back). Key stretching is for passphrases: a slot
+ * whose key is 256 random bits needs none, and this one is gone before the copy starts.
+ *   qemu-img create -f luks --object secret,file=/dev/stdin  slot 0: the opening key, 10 ms
+ *   qemu-img amend -o state=active,new-secret=…             slot 1: the key file, iter-time
+ *   object-add secret (data=the opening key)
+ *   blockdev-add file, blockdev-add luks|qcow2               opened with slot 0: ~20 ms
+ *   x-blockdev-amend state=inactive,keyslot=0               slot 0 erased (~50 ms)
+ * The master key's digest has the iteration count of the first create (10 ms, ~8000):
+ * it checks a 256-bit random master key, which no iteration count makes easier to guess.
  */
-import { execFile } from 'node:child_process';
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
-import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { firstValueFrom, filter, timeout } from 'rxjs';
 import type { QmpClient } from '../qmp/client.ts';
@@ -31,6 +49,10 @@ import type { DiskCache } from './disks.ts';
 
 /** Tries at LUKS key-slot creation before its spurious timing failure is believed (see create()). */
 const LUKS_TIMING_ATTEMPTS = 12;
+/** PBKDF time of the opening key's slot (see the file comment): QEMU opens the image this fast. */
+export const OPENING_SLOT_ITER_TIME_MS = 10;
+/** The key slot the opening key is written to, and erased from once the image is open. */
+const OPENING_SLOT = 0;
 
 export type TargetFormat = 'luks' | 'qcow2';
 
@@ -53,9 +75,9 @@ export interface TargetSpec {
    * the guest's QEMU with blockdev-create (see the file comment).
    */
   readonly qemuImg?: string | null;
+  /** How long one qemu-img run may take before it is killed and the target fails: default 120 s + twice the iter-time. */
+  readonly qemuImgTimeoutMs?: number;
 }
-
-const execFileP = promisify(execFile);
 
 export class EncryptedTarget {
   readonly secretId: string;
@@ -113,14 +135,19 @@ export class EncryptedTarget {
     }
     this.createdFile = true;
 
-    await this.client.execute('object-add', { 'qom-type': 'secret', id: this.secretId, file: keyFile, format: 'raw' });
-    this.secretAdded = true;
-
     const qemuImg = this.spec.qemuImg === undefined ? 'qemu-img' : this.spec.qemuImg;
+    const openingKey = randomBytes(32).toString('hex');
     let made = false;
-    if (qemuImg !== null) made = await this.createWithQemuImg(qemuImg);
+    const t0 = performance.now();
+    const took = () => Math.round(performance.now() - t0);
+    if (qemuImg !== null) made = await this.createWithQemuImg(qemuImg, openingKey);
+    if (made) this.log.info({ ms: took() }, `target header written by qemu-img: key slot ${OPENING_SLOT} this run's opening key, slot ${OPENING_SLOT + 1} the key file's`);
+    // QEMU opens the image with the opening key (slot 0); without qemu-img, it makes the
+    // header itself with the key file's key, and opens it with that.
+    await this.client.execute('object-add', made ? { 'qom-type': 'secret', id: this.secretId, data: openingKey, format: 'raw' } : { 'qom-type': 'secret', id: this.secretId, file: keyFile, format: 'raw' });
+    this.secretAdded = true;
     // Without qemu-img, QEMU makes the file, and then the header on the opened file node.
-    if (!made) await runCreateJob(this.client, `idlecrypt-mkfile-${tag}`, { driver: 'file', filename: path, size: 0 });
+    if (!made) await runJob(this.client, 'blockdev-create', `idlecrypt-mkfile-${tag}`, { options: { driver: 'file', filename: path, size: 0 } });
     await this.client.execute('blockdev-add', { driver: 'file', 'node-name': this.fileNode, filename: path, cache });
     this.fileNodeAdded = true;
     if (!made) {
@@ -129,7 +156,7 @@ export class EncryptedTarget {
         format === 'luks'
           ? { driver: 'luks' as const, file: this.fileNode, size, ...luksOptions }
           : { driver: 'qcow2' as const, file: this.fileNode, size, encrypt: { format: 'luks' as const, ...luksOptions } };
-      await retryLuksTiming(this.log, (attempt) => runCreateJob(this.client, `idlecrypt-mkfmt-${tag}-${attempt}`, createOptions));
+      await retryLuksTiming(this.log, (attempt) => runJob(this.client, 'blockdev-create', `idlecrypt-mkfmt-${tag}-${attempt}`, { options: createOptions }));
     }
 
     await this.client.execute(
@@ -139,16 +166,39 @@ export class EncryptedTarget {
         : { driver: 'qcow2', 'node-name': this.node, file: this.fileNode, encrypt: { format: 'luks', 'key-secret': this.secretId }, cache },
     );
     this.nodeAdded = true;
+    this.log.info({ ms: took() }, 'target opened in QEMU');
+    // Before the copy starts: a job a later run adopts (runs.ts) always comes after this.
+    if (made && (await this.eraseOpeningSlot())) this.log.info({ ms: took() }, `target's key slot ${OPENING_SLOT} (the opening key) erased`);
   }
 
   /**
-   * Writes the header with qemu-img in its own process. The key reaches it as QEMU's does,
-   * through a secret object that names the key file: never on the command line. Returns
-   * false when there is no qemu-img to run (the caller falls back to blockdev-create).
+   * Erases the opening key's slot now that QEMU holds the image open (see the file comment).
+   * Where QEMU cannot (no x-blockdev-amend before 5.1, or it fails), the slot stays: its
+   * key is forgotten with this run, and the operator's key is in slot 1 either way.
    */
-  private async createWithQemuImg(bin: string): Promise<boolean> {
+  private async eraseOpeningSlot(): Promise<boolean> {
+    const erase = { state: 'inactive' as const, keyslot: OPENING_SLOT };
+    const options = this.spec.format === 'luks' ? { driver: 'luks' as const, ...erase } : { driver: 'qcow2' as const, encrypt: { format: 'luks' as const, ...erase } };
     try {
-      await writeImageWithQemuImg(bin, this.spec, this.log);
+      await runJob(this.client, 'x-blockdev-amend', `idlecrypt-amend-${this.spec.tag}`, { 'node-name': this.node, options });
+      return true;
+    } catch (e) {
+      this.log.warn(
+        { err: (e as Error).message },
+        `could not erase key slot ${OPENING_SLOT} of the target (this run's random opening key, forgotten when it ends); the key file's key is in slot ${OPENING_SLOT + 1}`,
+      );
+      return false;
+    }
+  }
+
+  /**
+   * Writes the header with qemu-img in its own process, with the opening key in slot 0
+   * and the key file's in slot 1. Returns false when there is no qemu-img to run (the
+   * caller falls back to blockdev-create).
+   */
+  private async createWithQemuImg(bin: string, openingKey: string): Promise<boolean> {
+    try {
+      await writeImageWithQemuImg(bin, this.spec, this.log, openingKey);
       return true;
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
@@ -199,41 +249,99 @@ export async function findExecutable(name: string): Promise<string | undefined> 
 
 /**
  * Writes an encrypted image (LUKS, or qcow2 with LUKS encryption) with qemu-img, in its own
- * process, into `spec.path` (which may exist, empty). The key reaches qemu-img as QEMU's
- * does, through a secret object that names the key file: never on the command line. An
- * error with code ENOENT means there is no such qemu-img.
+ * process, into `spec.path` (which may exist, empty). The key file's key reaches qemu-img as
+ * QEMU's does, through a secret object that names the file: never on the command line.
+ * With `openingKey`, that key is written to slot 0 with a 10 ms PBKDF and the key file's to
+ * slot 1 (see the file comment); qemu-img reads it from a pipe (/dev/stdin). An error with code ENOENT
+ * means there is no such qemu-img.
  */
 export async function writeImageWithQemuImg(
   bin: string,
-  spec: Pick<TargetSpec, 'path' | 'format' | 'size' | 'keyFile' | 'iterTimeMs'>,
+  spec: Pick<TargetSpec, 'path' | 'format' | 'size' | 'keyFile' | 'iterTimeMs' | 'qemuImgTimeoutMs'>,
   log: Logger,
+  openingKey?: string,
 ): Promise<void> {
   const { path, format, size, keyFile, iterTimeMs } = spec;
-  const sec = 'sec0';
-  const opts =
-    format === 'luks'
-      ? `key-secret=${sec},iter-time=${iterTimeMs}`
-      : `encrypt.format=luks,encrypt.key-secret=${sec},encrypt.iter-time=${iterTimeMs}`;
+  // The PBKDF's iter-time (twice: timing, then the slot) and a generous margin.
+  const timeoutMs = spec.qemuImgTimeoutMs ?? 120_000 + 2 * iterTimeMs;
   // A comma in an option value is written ",," (QemuOpts); the key file's path is one.
-  const args = ['create', '-q', '-f', format, '--object', `secret,id=${sec},format=raw,file=${keyFile.replaceAll(',', ',,')}`, '-o', opts, path, String(size)];
+  const q = (s: string) => s.replaceAll(',', ',,');
+  const secret = (id: string, file: string) => ['--object', `secret,id=${id},format=raw,file=${q(file)}`];
+  const luks = (o: string) => (format === 'luks' ? o : o.split(',').map((kv) => `encrypt.${kv}`).join(','));
   const exe = await findExecutable(bin);
   if (exe === undefined) throw Object.assign(new Error(`${bin}: not found`), { code: 'ENOENT' });
-  // Under `setpriv --pdeathsig KILL` (util-linux), qemu-img dies with us. A run killed while
-  // it wrote the header otherwise left it running, and when the next run had removed that
-  // file and made its own, the orphan's failure deleted the file at the path (QEMU's LUKS
-  // create deletes its file when it fails): the next run's target vanished before it was
-  // opened (ci17, test/encrypt/resume.test.ts).
+  const run = (args: string[], input?: string) =>
+    retryLuksTiming(log, async () => {
+      try {
+        await runQemuImg(exe, args, timeoutMs, input);
+      } catch (e) {
+        const err = e as NodeJS.ErrnoException & { stderr?: string };
+        if (err.code === 'ENOENT') throw err;
+        const msg = (err.stderr ?? '').trim().split('\n').at(-1)?.replace(/^qemu-img: /, '') || err.message;
+        throw new IdlecryptError('JOB_FAILED', `creating the encrypted target failed: ${msg}`, { cause: e });
+      }
+    });
+  if (openingKey === undefined) {
+    const opts = format === 'luks' ? `key-secret=sec0,iter-time=${iterTimeMs}` : `encrypt.format=luks,${luks(`key-secret=sec0,iter-time=${iterTimeMs}`)}`;
+    await run(['create', '-q', '-f', format, ...secret('sec0', keyFile), '-o', opts, path, String(size)]);
+    return;
+  }
+  const createOpts = `${format === 'luks' ? '' : 'encrypt.format=luks,'}${luks(`key-secret=open,iter-time=${OPENING_SLOT_ITER_TIME_MS}`)}`;
+  await run(['create', '-q', '-f', format, ...secret('open', '/dev/stdin'), '-o', createOpts, path, String(size)], openingKey);
+  await run(
+    [
+      'amend', '-q',
+      ...secret('open', '/dev/stdin'),
+      ...secret('sec0', keyFile),
+      '--image-opts', `driver=${format},file.filename=${q(path)},${luks('key-secret=open')}`,
+      '-o', luks(`state=active,new-secret=sec0,keyslot=${OPENING_SLOT + 1},iter-time=${iterTimeMs}`),
+    ],
+    openingKey,
+  );
+}
+
+/**
+ * Runs qemu-img (`exe`, with `args`) to its end; `input`, when given, is what it reads from
+ * /dev/stdin. Rejects with its stderr on a non-zero exit, or when it has not ended within
+ * `timeoutMs` (it is killed then).
+ *
+ * The input goes through `cat` into a pipe (`sh -c 'cat | exec qemu-img …'`): Node gives a
+ * child a socket, not a pipe, and a socket cannot be opened by path (/dev/stdin: ENXIO),
+ * which is how qemu-img reads a secret's file.
+ *
+ * Under `setpriv --pdeathsig KILL` (util-linux), qemu-img dies with us. A run killed while
+ * it wrote the header otherwise left it running, and when the next run had removed that
+ * file and made its own, the orphan's failure deleted the file at the path (QEMU's LUKS
+ * create deletes its file when it fails): the next run's target vanished before it was
+ * opened (ci17, test/encrypt/resume.test.ts). With the pipe, the shell dies with us and
+ * qemu-img with the shell.
+ */
+async function runQemuImg(exe: string, args: string[], timeoutMs: number, input?: string): Promise<void> {
   const setpriv = await findExecutable('setpriv');
-  const [cmd, cmdArgs] = setpriv ? [setpriv, ['--pdeathsig', 'KILL', '--', exe, ...args]] : [exe, args];
-  await retryLuksTiming(log, async () => {
-    try {
-      await execFileP(cmd, cmdArgs, { env: { ...process.env, LC_ALL: 'C' } });
-    } catch (e) {
-      const err = e as NodeJS.ErrnoException & { stderr?: string };
-      if (err.code === 'ENOENT') throw err;
-      const msg = (err.stderr ?? '').trim().split('\n').at(-1)?.replace(/^qemu-img: /, '') || err.message;
-      throw new IdlecryptError('JOB_FAILED', `creating the encrypted target failed: ${msg}`, { cause: e });
+  const guarded = (argv: string[]) => (setpriv ? [setpriv, '--pdeathsig', 'KILL', '--', ...argv] : argv);
+  const [cmd, ...cmdArgs] = guarded(input === undefined ? [exe, ...args] : ['/bin/sh', '-c', 'cat | exec "$@"', 'sh', ...guarded([exe, ...args])]);
+  await new Promise<void>((resolve, reject) => {
+    const child = spawn(cmd!, cmdArgs, { env: { ...process.env, LC_ALL: 'C' }, stdio: [input === undefined ? 'ignore' : 'pipe', 'ignore', 'pipe'] });
+    let stderr = '';
+    // Never a silent wait: a qemu-img that does not end is killed (and with setpriv, what it runs).
+    const timer = setTimeout(() => {
+      stderr += `qemu-img: ${args[0]} did not finish within ${Math.round(timeoutMs / 1000)} s\n`;
+      child.kill('SIGKILL');
+    }, timeoutMs);
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    if (input !== undefined) {
+      child.stdin!.on('error', () => {}); // qemu-img failed before reading it: its exit says why
+      child.stdin!.end(input);
     }
+    child.on('error', (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      if (code === 0) resolve();
+      else reject(Object.assign(new Error(`${exe} ${args[0]} exited with ${code ?? signal}`), { stderr }));
+    });
   });
 }
 
@@ -263,11 +371,11 @@ async function retryLuksTiming(log: Logger, fn: (attempt: number) => Promise<voi
 }
 
 /**
- * blockdev-create runs as a job: wait for it to conclude, read its error (query-jobs), and
- * dismiss it. We subscribe to JOB_STATUS_CHANGE before sending the command because the
- * event can arrive before the reply (qmp-spec: events are asynchronous).
+ * blockdev-create and x-blockdev-amend run as jobs: wait for one to conclude, read its error
+ * (query-jobs), and dismiss it. We subscribe to JOB_STATUS_CHANGE before sending the command
+ * because the event can arrive before the reply (qmp-spec: events are asynchronous).
  */
-export async function runCreateJob(client: QmpClient, jobId: string, options: Record<string, unknown>): Promise<void> {
+export async function runJob(client: QmpClient, command: 'blockdev-create' | 'x-blockdev-amend', jobId: string, args: Record<string, unknown>): Promise<void> {
   const concluded = firstValueFrom(
     client.events('JOB_STATUS_CHANGE').pipe(
       filter((e) => e.data.id === jobId && e.data.status === 'concluded'),
@@ -275,13 +383,14 @@ export async function runCreateJob(client: QmpClient, jobId: string, options: Re
     ),
   );
   concluded.catch(() => undefined); // observed below; avoid an unhandled rejection if execute throws
-  await client.execute('blockdev-create', { 'job-id': jobId, options } as never);
+  await client.execute(command, { 'job-id': jobId, ...args } as never);
   await concluded;
   const jobs = await client.execute('query-jobs');
   const job = jobs.find((j) => j.id === jobId);
   await client.execute('job-dismiss', { id: jobId });
   if (job?.error) {
-    throw new IdlecryptError('JOB_FAILED', `creating the encrypted target failed: ${job.error}`, {
+    const what = command === 'blockdev-create' ? 'creating the encrypted target' : "changing the target's key slots";
+    throw new IdlecryptError('JOB_FAILED', `${what} failed: ${job.error}`, {
       context: { job: jobId },
     });
   }

@@ -295,6 +295,22 @@ export type BlockdevOptions =
   | BlockdevOptionsQcow2
   | BlockdevOptionsRaw;
 
+// ---- qapi/block-core.json: x-blockdev-amend ---------------------------------------------
+
+/** QCryptoBlockAmendOptionsLUKS (qapi/crypto.json): add or erase key slots. */
+export interface LuksAmendOptions {
+  state: 'active' | 'inactive';
+  'new-secret'?: string;
+  'old-secret'?: string;
+  keyslot?: number;
+  'iter-time'?: number;
+  secret?: string;
+}
+
+export type BlockdevAmendOptions =
+  | ({ driver: 'luks' } & LuksAmendOptions)
+  | { driver: 'qcow2'; encrypt?: { format: 'luks' } & LuksAmendOptions };
+
 // ---- qapi/block-core.json: blockdev-create ----------------------------------------------
 
 /** QCryptoBlockCreateOptionsLUKS (qapi/crypto.json) */
@@ -375,14 +391,14 @@ export interface BlockdevMirrorArgs {
  * object-add of a `secret` (SecretProperties). Narrowed on purpose: only `file=` is allowed,
  * never `data=`, so key material never crosses QMP or reaches a log.
  */
-export interface SecretObjectArgs {
+/** A secret from a file QEMU reads, or inline (`data`: over the QMP socket, never logged by us). */
+export type SecretObjectArgs = {
   'qom-type': 'secret';
   id: string;
-  file: string;
   format?: 'raw' | 'base64';
   keyid?: string;
   iv?: string;
-}
+} & ({ file: string } | { data: string });
 
 // ---- qapi/ui.json: input-send-event -----------------------------------------------------
 
@@ -421,6 +437,8 @@ export interface QmpCommands {
   'query-block-jobs': { args: undefined; ret: BlockJobInfo[] };
   'query-jobs': { args: undefined; ret: JobInfo[] };
   'blockdev-create': { args: { 'job-id': string; options: BlockdevCreateOptions }; ret: Empty };
+  /** Experimental in QEMU 5.1-9.x (qapi/block-core.json); a job. Key slots of an open LUKS node. */
+  'x-blockdev-amend': { args: { 'job-id': string; 'node-name': string; options: BlockdevAmendOptions; force?: boolean }; ret: Empty };
   'blockdev-add': { args: BlockdevOptions; ret: Empty };
   'blockdev-del': { args: { 'node-name': string }; ret: Empty };
   'blockdev-mirror': { args: BlockdevMirrorArgs; ret: Empty };

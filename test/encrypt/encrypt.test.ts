@@ -13,7 +13,7 @@ import { makeDiskImage, startTestVm, ensureImage, writerBlock, type TestVm } fro
 import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
 import { runCli, startCli } from '../helpers/cli.ts';
-import { compareWithEncrypted, decryptToRaw, fileContains, imageInfo, sha256, writeKey } from '../helpers/images.ts';
+import { activeKeySlots, compareWithEncrypted, decryptToRaw, fileContains, imageInfo, sha256, writeKey } from '../helpers/images.ts';
 
 const KEY = 'correct horse battery staple 42';
 const MiB = 1024 * 1024;
@@ -133,6 +133,8 @@ describe('encrypt', () => {
     assert.equal(await fileContains(src, 'IDLECRYPT-DATA'), true); // the check can see plaintext
     // The key never appears in anything the tool printed.
     assert.ok(!run.stdout.includes(KEY) && !run.stderr.includes(KEY));
+    // One key slot: the key file's, in slot 1; QEMU's random opening key (slot 0) is erased.
+    assert.deepEqual((await activeKeySlots(target)).map((k) => k.slot), [1]);
   });
 
   test('a sparse qcow2 disk with cache.direct (cache=none) is encrypted into qcow2 with LUKS encryption, identical to the source, and keeps O_DIRECT', async () => {
@@ -156,6 +158,7 @@ describe('encrypt', () => {
     const info = await imageInfo(target);
     assert.equal(info.format, 'qcow2');
     assert.equal(info.encrypted, true);
+    assert.deepEqual((await activeKeySlots(target)).map((k) => k.slot), [1], 'the key file\'s slot alone: the opening key\'s is erased');
     const plainSrc = path.join(dir, 'sparse.src.raw');
     await (await import('node:child_process')).execFileSync('qemu-img', ['convert', '-O', 'raw', src, plainSrc]);
     const cmp = await compareWithEncrypted(plainSrc, target, 'qcow2', path.join(dir, 'key'));

@@ -43,6 +43,15 @@ export async function imageInfo(path: string): Promise<{ format: string; 'virtua
   return JSON.parse(stdout);
 }
 
+/** The active LUKS key slots of an image (luks, or qcow2 with LUKS encryption): index and PBKDF iterations. */
+export async function activeKeySlots(path: string): Promise<{ slot: number; iters: number }[]> {
+  const { stdout } = await pexec('qemu-img', ['info', '--output=json', '-U', path]);
+  const fs = JSON.parse(stdout)['format-specific'] as { type: string; data: { slots?: Slot[]; encrypt?: { slots?: Slot[] } } };
+  type Slot = { active: boolean; iters?: number };
+  const slots = (fs.type === 'luks' ? fs.data.slots : fs.data.encrypt?.slots) ?? [];
+  return slots.flatMap((s, slot) => (s.active ? [{ slot, iters: s.iters ?? 0 }] : []));
+}
+
 /** Does the file contain `needle` anywhere (streamed, with overlap across chunks)? */
 export async function fileContains(path: string, needle: string): Promise<boolean> {
   const n = Buffer.from(needle);
