@@ -63,6 +63,8 @@ const { values } = parseArgs({
 const KEPT_MIN = 0.93;
 const TRICKLE_MIN = 0.9;
 const REACTION_MAX_MS = 500;
+/** Issue 12's bound for the keyboard (bursty profile): the job paused within 250 ms of a key. */
+const KEY_PAUSE_MAX_MS = 250;
 const IDLE_MIN = 0.8;
 const MiB = 1024 * 1024;
 
@@ -90,6 +92,10 @@ interface Cell {
   reactionMaxMs?: number | null;
   reactionP50Ms?: number | null;
   reactions?: number;
+  /** side by side: the first key typed to the job paused, ms, over the rounds where the job ran at that key (median / max) */
+  keyPauseP50Ms?: number | null;
+  keyPauseMaxMs?: number | null;
+  keyPauses?: number;
   idle?: number | null;
   idleFromWholeCopy?: boolean;
   unthrottledBps?: number | null;
@@ -157,6 +163,10 @@ function judgeSideBySide(cell: Cell, rounds: CellFigures[]): void {
   cell.reactions = reactions.length;
   cell.reactionMaxMs = reactions.length ? Math.max(...reactions) : null;
   cell.reactionP50Ms = reactions.length ? median(reactions) : null;
+  const keyPauses = rounds.flatMap((f) => (f.keyReaction && measurable(f.keyReaction) && f.keyReaction.ms !== undefined ? [f.keyReaction.ms] : []));
+  cell.keyPauses = keyPauses.length;
+  cell.keyPauseP50Ms = keyPauses.length ? median(keyPauses) : null;
+  cell.keyPauseMaxMs = keyPauses.length ? Math.max(...keyPauses) : null;
   cell.unthrottledBps = med(rounds.map((f) => f.cmpBps));
   cell.idlecryptIdleBps = med(rounds.map((f) => f.idleBps));
   cell.idle = med(rounds.map((f) => f.idleRel));
@@ -254,7 +264,7 @@ async function writeReport(): Promise<void> {
   const mark = (ok: boolean | null) => (ok === null ? '' : ok ? '' : ' ✗');
   const rows = cells.map((c) =>
     c.error
-      ? [c.disk, c.cache, c.workload, `failed: ${c.error}`, '', '', '', '', '']
+      ? [c.disk, c.cache, c.workload, `failed: ${c.error}`, '', '', '', '', '', '']
       : [
           c.disk,
           c.cache,
@@ -262,12 +272,13 @@ async function writeReport(): Promise<void> {
           `${pct(c.kept)}${mark(c.kept == null ? null : c.kept >= KEPT_MIN)}`,
           c.workload === 'trickle' ? `${pct(c.trickle)}${mark(c.trickle == null ? null : c.trickle >= TRICKLE_MIN)}` : '',
           c.reactionMaxMs == null ? `- (n=0)` : `${c.reactionP50Ms!.toFixed(0)} / ${c.reactionMaxMs.toFixed(0)} (n=${c.reactions})${mark(c.reactionMaxMs <= REACTION_MAX_MS)}`,
+          c.keyPauseMaxMs == null ? `- (n=${c.keyPauses ?? 0})` : `${c.keyPauseP50Ms!.toFixed(0)} / ${c.keyPauseMaxMs.toFixed(0)} (n=${c.keyPauses})${mark(c.keyPauseMaxMs <= KEY_PAUSE_MAX_MS)}`,
           `${pct(c.idle)}${c.idleFromWholeCopy ? ' ~' : ''}${mark(c.idle == null ? null : c.idle >= IDLE_MIN)}`,
           `${c.idlecryptIdleBps == null ? '-' : (c.idlecryptIdleBps / MiB).toFixed(0)} / ${c.unthrottledBps == null ? '-' : (c.unthrottledBps / MiB).toFixed(0)}`,
           method === 'sequential' ? `[report](${path.relative(outDir, c.dir)}/moderation-report.md)` : `${c.dirtyMaxMiB == null ? '-' : c.dirtyMaxMiB.toFixed(0)} / ${c.dirtyAtBusyMiB == null ? '-' : c.dirtyAtBusyMiB.toFixed(0)}`,
         ],
   );
-  const head = ['disk', 'cache', 'workload', `busy kept (>= ${KEPT_MIN * 100}%)`, `trickle kept (>= ${TRICKLE_MIN * 100}%)`, `reaction p50 / max ms (<= ${REACTION_MAX_MS})`, `idle copy vs unthrottled (>= ${IDLE_MIN * 100}%)`, 'idle copy / unthrottled MiB/s', method === 'sequential' ? 'cell' : 'host dirty MiB: most / at busy starts'];
+  const head = ['disk', 'cache', 'workload', `busy kept (>= ${KEPT_MIN * 100}%)`, `trickle kept (>= ${TRICKLE_MIN * 100}%)`, `reaction p50 / max ms (<= ${REACTION_MAX_MS})`, `key pause p50 / max ms (<= ${KEY_PAUSE_MAX_MS})`, `idle copy vs unthrottled (>= ${IDLE_MIN * 100}%)`, 'idle copy / unthrottled MiB/s', method === 'sequential' ? 'cell' : 'host dirty MiB: most / at busy starts'];
   const table = [head, head.map(() => '---'), ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n');
   const met = cells.filter((c) => c.met).length;
   const report = `# Issue 9's matrix
@@ -302,6 +313,9 @@ ${table}
   not); sequential, the guest's throughput over idle phases.
 - **reaction**: from a busy phase's start (its PHASE line on the host, or the guest's first request when
   the line came later) to the job paused or slowed, for phases that began while the job ran at full speed.
+- **key pause**: side by side, from the first key typed into the moderated guest (in an idle phase; the
+  moment QEMU took it) to its job paused, in the rounds where the job ran at that moment (issue 12's
+  bound, 250 ms; not part of issue 9's, so it does not decide "meets every bound").
 - **idle copy**: idlecrypt's job speed in idle phases without each phase's first 1.5 s (window and
   hold-off), against the unthrottled mirror's (side by side: in the moderated guest's keyboard phase).
 ${

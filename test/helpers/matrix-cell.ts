@@ -8,7 +8,8 @@
  *        mirror the idle-phase speed is compared with, held paused by the harness except in
  *        one idle phase of mod's, during which keys typed into mod hold mod's job paused
  *        instead, so that the two copies never compete.
- * mod's phases from the job's start: idle A (measured), busy, idle C (cmp's window), busy,
+ * mod's phases from the job's start: idle A (measured), busy, idle C (keys from +1.8 s, the
+ * pause they cause measured; cmp's window once mod's job has paused for them), busy,
  * idle D (measured), busy; then the copy is cancelled (Ctrl-C), which must leave mod on its
  * source disk with no target left. Nothing is asserted here: the caller judges the figures.
  */
@@ -86,6 +87,8 @@ export interface CellFigures {
   readonly trickleKept: number | null;
   /** Each busy phase's start to the job slowed (from the guest's first request when the harness read the phase's line later). */
   readonly reactions: ReadonlyArray<{ n: number; r: Reaction }>;
+  /** The first key typed into mod (in an idle phase) to the job paused; undefined when no key went. */
+  readonly keyReaction: Reaction | undefined;
   /** The host's dirty + writeback memory, MiB: most over the copy, and at each busy phase's start (median). */
   readonly dirtyMaxMiB: number | null;
   readonly dirtyAtBusyMiB: number | null;
@@ -142,13 +145,19 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   let result: Awaited<typeof done>;
   let idleA: number;
   let idleD: number;
+  let keys: number[];
   try {
     idleA = await mod.rec.nextPhase('idle', jobStart);
     const idleC = await mod.rec.nextPhase('idle', idleA + 1000);
-    await Promise.all([
-      typeKeys(mod.rec.client, idleC + 300, idleC + 7400),
+    // The keys begin once the job runs again after the busy phase's hold-off (1 s), so
+    // that the pause they cause is measured (issue 12: within 250 ms); cmp runs once mod's
+    // job has paused for them (at most +2.8 s), and stops before they end.
+    const keysFrom = idleC + 1800;
+    [keys] = await Promise.all([
+      typeKeys(mod.rec.client, keysFrom, idleC + 7400),
       (async () => {
-        await sleepUntil(idleC + 1500);
+        await sleepUntil(keysFrom + 500);
+        while (now() < idleC + 2800 && !mod.rec.jobEvents.some((e) => e.t > keysFrom && e.status === 'paused')) await sleepUntil(now() + 10);
         cmpResumeSent = now();
         await cmp.rec.client.execute('job-resume', { id: cmpJob });
         await sleepUntil(idleC + 6800);
@@ -246,6 +255,9 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
     return { n: p.n, r: reactionAt(mod.rec.samples, mod.rec.jobEvents, first !== undefined && first < p.start ? first : p.start) };
   });
   for (const { n, r } of reactions) note(`busy phase ${n} reaction: job ${r.before} at the phase start; slowed after ${r.ms?.toFixed(0)} ms`);
+  // The keys: from the first key QEMU took to the job paused (issue 12: within 250 ms).
+  const keyReaction = keys.length ? reactionAt(mod.rec.samples, mod.rec.jobEvents, keys[0]!) : undefined;
+  if (keyReaction) note(`keys: ${keys.length} keystrokes in an idle phase; job ${keyReaction.before} at the first key; paused after ${keyReaction.ms?.toFixed(0)} ms`);
 
   const copyDirty = dirtyIn(jobStart, cancelAt);
   const atBusy = busy.map((b) => dirtyIn(b.p.start - 250, b.p.start + 250)[0]).filter((x): x is number => x !== undefined);
@@ -262,6 +274,7 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
     kept,
     trickleKept,
     reactions,
+    keyReaction,
     dirtyMaxMiB: copyDirty.length ? Math.max(...copyDirty) : null,
     dirtyAtBusyMiB: atBusy.length ? median(atBusy) : null,
     lines,
