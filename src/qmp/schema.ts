@@ -388,10 +388,10 @@ export interface BlockdevMirrorArgs {
 // ---- qapi/qom.json: object-add ----------------------------------------------------------
 
 /**
- * object-add of a `secret` (SecretProperties). Narrowed on purpose: only `file=` is allowed,
- * never `data=`, so key material never crosses QMP or reaches a log.
+ * object-add of a `secret` (SecretProperties): from a file QEMU reads (the operator's key,
+ * which so never crosses QMP), or inline (`data`: only a run's own random opening key,
+ * src/encrypt/target.ts). The QMP client logs no argument values.
  */
-/** A secret from a file QEMU reads, or inline (`data`: over the QMP socket, never logged by us). */
 export type SecretObjectArgs = {
   'qom-type': 'secret';
   id: string;
