@@ -40,7 +40,7 @@ import { copyFile, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node
 import os, { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { GuestLab, measurable, median, medianOf as med } from '../test/helpers/moderation-lab.ts';
+import { GuestLab, measurable, median, medianOf as med, type Reaction } from '../test/helpers/moderation-lab.ts';
 import { CELL_DISKS, CELL_WORKLOADS, measureCell, type CellDisk, type CellFigures, type CellWorkload } from '../test/helpers/matrix-cell.ts';
 import { writeKey } from '../test/helpers/images.ts';
 import { ensureImage } from '../vm-images/launch.ts';
@@ -159,11 +159,13 @@ function judge(cell: Cell, runs: Run[]): void {
 function judgeSideBySide(cell: Cell, rounds: CellFigures[]): void {
   cell.kept = med(rounds.map((f) => f.kept));
   if (cell.workload === 'trickle') cell.trickle = med(rounds.map((f) => f.trickleKept));
-  const reactions = rounds.flatMap((f) => f.reactions.filter((x) => measurable(x.r) && x.r.ms !== undefined).map((x) => x.r.ms!));
+  /** The reactions that could be measured (the job ran at that moment): their ms. */
+  const ms = (rs: (Reaction | undefined)[]) => rs.flatMap((r) => (r && measurable(r) && r.ms !== undefined ? [r.ms] : []));
+  const reactions = ms(rounds.flatMap((f) => f.reactions.map((x) => x.r)));
   cell.reactions = reactions.length;
   cell.reactionMaxMs = reactions.length ? Math.max(...reactions) : null;
   cell.reactionP50Ms = reactions.length ? median(reactions) : null;
-  const keyPauses = rounds.flatMap((f) => (f.keyReaction && measurable(f.keyReaction) && f.keyReaction.ms !== undefined ? [f.keyReaction.ms] : []));
+  const keyPauses = ms(rounds.map((f) => f.keyReaction));
   cell.keyPauses = keyPauses.length;
   cell.keyPauseP50Ms = keyPauses.length ? median(keyPauses) : null;
   cell.keyPauseMaxMs = keyPauses.length ? Math.max(...keyPauses) : null;

@@ -10,7 +10,11 @@
  *   none        no command: the gaps of the guest alone, for as long as the slowest run
  *               below took to reach its copy
  *   qemu-img    `idlecrypt encrypt` as shipped: the LUKS header is written by qemu-img in a
- *               process of its own (--iter-time, default 2000 ms, as cryptsetup)
+ *               process of its own (--iter-time, default 2000 ms, as cryptsetup), and the
+ *               guest's QEMU opens it with the run's random opening key (key slot 0, a 10 ms
+ *               PBKDF; src/encrypt/target.ts) since 2026-12-02; before, with the key file's
+ *               key (the full iter-time in QEMU's main loop). Run this file from a checkout
+ *               of the earlier commit for that figure.
  *   in-qemu     the same command with no qemu-img on its PATH: the header is made by QMP
  *               blockdev-create in the guest's QEMU, as before issue 9 (the fallback)
  * The command's copy is cancelled once it runs (moderated: it is paused for this busy
