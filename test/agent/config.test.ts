@@ -73,7 +73,7 @@ describe('agent configuration', () => {
   it('validates an inline policy as a policy file, at its lines in this file', () => {
     const c = parseAgentConfig('host:\n  max-jobs: 2\npolicy:\n  thresholds:\n    disk: 50\n', F);
     assert.equal(c.policy.thresholds.disk, 50);
-    assert.equal(c.policy.thresholds.keyboard, 5, 'merged over the shipped default');
+    assert.equal(c.policy.thresholds.keyboard, 0, 'merged over the shipped default');
     assert.throws(() => parseAgentConfig('host:\n  max-jobs: 2\npolicy:\n  thresholds:\n    disk: lots\n', F), (e: IdlecryptError) => {
       assert.equal(e.code, 'POLICY');
       assert.match(e.message, /^\/etc\/idlecrypt\/agent\.yaml:5:11: thresholds\.disk: /);

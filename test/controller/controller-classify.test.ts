@@ -8,7 +8,7 @@ import type { ActivityRates } from '../../src/controller/types.ts';
 import { defaultPolicy } from '../../src/policy/index.ts';
 import { fixedThresholds } from '../../src/policy/schema.ts';
 
-const thresholds = fixedThresholds(defaultPolicy().thresholds); // disk 5, keyboard 5, pointer 100, interrupts 1000
+const thresholds = fixedThresholds(defaultPolicy().thresholds); // disk 5, keyboard 0, pointer 100, interrupts 1000
 
 function rates(r: Partial<ActivityRates> = {}): ActivityRates {
   return { time: 0, vm: 'vm1', diskPerS: 0, keyPerS: 0, pointerPerS: 0, interruptsPerS: 0, source: 'ebpf', ...r };
@@ -16,7 +16,11 @@ function rates(r: Partial<ActivityRates> = {}): ActivityRates {
 
 describe('classify', () => {
   test('a guest with every rate under its threshold is idle', () => {
-    assert.deepEqual(classify(rates({ diskPerS: 4, keyPerS: 4, pointerPerS: 99, interruptsPerS: 999 }), thresholds), { state: 'idle', reasons: [] });
+    assert.deepEqual(classify(rates({ diskPerS: 4, keyPerS: 0, pointerPerS: 99, interruptsPerS: 999 }), thresholds), { state: 'idle', reasons: [] });
+  });
+
+  test('one key event in the window (4/s, a press alone) makes the guest busy: a person at the console', () => {
+    assert.deepEqual(classify(rates({ keyPerS: 4 }), thresholds), { state: 'busy', reasons: [{ signal: 'keyboard', value: 4, threshold: 0 }] });
   });
 
   test('busy means strictly above: a rate equal to its threshold is still idle', () => {

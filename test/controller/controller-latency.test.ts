@@ -352,7 +352,7 @@ describe('the decision pipeline with latency.margin, simulated', () => {
     const ds = run(graded, 20_000, (t) => t === 15_000);
     const at = ds.find((r) => r.t === 15_000)!;
     assert.equal(at.d.mode, 'paused');
-    assert.equal(at.d.reason, 'disk 400/s > 5/s, keyboard 8/s > 5/s');
+    assert.equal(at.d.reason, 'disk 400/s > 5/s, keyboard 8/s > 0/s');
     assert.equal(at.d.latency?.phase, 'graded'); // still shown, not in force
     assert.ok(ds.filter((r) => r.t > 15_000 && r.t < 16_250).every((r) => r.d.mode === 'paused'));
     assert.equal(ds.at(-1)!.d.mode, 'throttled');
