@@ -28,7 +28,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { ensureImage, makeDiskImage } from '../vm-images/launch.ts';
 import { CELL_WORKLOADS } from '../test/helpers/matrix-cell.ts';
-import { EncryptRun, GuestLab, median, now, percentile, reactionAt, sleepUntil, slowed } from '../test/helpers/moderation-lab.ts';
+import { EncryptRun, GuestLab, jobOffset, median, mibps, now, percentile, rateOver, reactionAt, sleepUntil, slowed } from '../test/helpers/moderation-lab.ts';
 
 const { values } = parseArgs({
   options: {
@@ -54,6 +54,8 @@ interface Trial {
   /** the press to idlecrypt's logged decision (busy, by the keyboard), and to its job-pause's reply */
   readonly decidedMs: number | undefined;
   readonly commandMs: number | undefined;
+  /** the copy's speed, bytes/s, over the second before the key (it ran at its idle speed) */
+  readonly copyBps: number | undefined;
 }
 
 ensureImage();
@@ -117,6 +119,7 @@ try {
       if (now() > until) throw new Error('the job did not run for 60 s');
       await sleep(20);
     }
+    const copyBps = rateOver(mod.rec.samples, now() - 1000, now(), jobOffset);
     const key = { type: 'qcode' as const, data: 'a' };
     await mod.rec.client.execute('input-send-event', { events: [{ type: 'key', data: { down: true, key } }] });
     const pressed = now();
@@ -130,9 +133,9 @@ try {
     const applied = decided && logs.find((l) => l.msg === 'moderation: applied' && (l.time as number) >= (decided.time as number));
     const decidedMs = decided ? (decided.time as number) - pressed : undefined;
     const commandMs = applied ? (applied.time as number) - pressed : undefined;
-    trials.push({ n, keyboard, before: r.before, ms: r.ms, decidedMs, commandMs });
+    trials.push({ n, keyboard, before: r.before, ms: r.ms, decidedMs, commandMs, copyBps });
     const f = (x: number | undefined) => x?.toFixed(0) ?? '-';
-    process.stderr.write(`key ${n + 1}/${nKeys} keyboard ${keyboard}: job ${r.before}, decided after ${f(decidedMs)} ms, job-pause returned after ${f(commandMs)} ms, paused after ${f(r.ms)} ms\n`);
+    process.stderr.write(`key ${n + 1}/${nKeys} keyboard ${keyboard}: job ${r.before}, decided after ${f(decidedMs)} ms, job-pause returned after ${f(commandMs)} ms, paused after ${f(r.ms)} ms; copy ${mibps(copyBps)} MiB/s before it\n`);
   }
   run.cli.child.kill('SIGINT');
   await done;
@@ -147,13 +150,14 @@ const rows = thresholds.map((keyboard) => {
   const ts = trials.filter((t) => t.keyboard === keyboard && t.before === 'running' && t.ms !== undefined);
   const ms = ts.map((t) => t.ms!);
   const decided = ts.flatMap((t) => (t.decidedMs === undefined ? [] : [t.decidedMs]));
-  return { keyboard, n: ms.length, median: median(ms), p90: percentile(ms, 90), max: Math.max(...ms), within: ms.filter((m) => m <= BOUND_MS).length, decided: median(decided), all: ms.map((m) => m.toFixed(0)).join(', ') };
+  const copy = ts.flatMap((t) => (t.copyBps === undefined ? [] : [t.copyBps]));
+  return { keyboard, n: ms.length, median: median(ms), p90: percentile(ms, 90), max: Math.max(...ms), within: ms.filter((m) => m <= BOUND_MS).length, decided: median(decided), copy: median(copy), all: ms.map((m) => m.toFixed(0)).join(', ') };
 });
 const table = [
   `Key pause: idle guest, 64 GiB sparse raw, cache=none, ${values['no-neighbour'] ? 'alone' : 'beside a one-at-a-time guest'}; keys held ${holdMs} ms; thresholds interleaved`,
-  '| thresholds.keyboard | keys | median ms | p90 ms | most ms | within 250 ms | decided (median ms) | every key, ms |',
-  '| --- | --- | --- | --- | --- | --- | --- | --- |',
-  ...rows.map((r) => `| ${r.keyboard} | ${r.n} | ${r.median.toFixed(0)} | ${r.p90.toFixed(0)} | ${r.max.toFixed(0)} | ${r.within} of ${r.n} | ${r.decided.toFixed(0)} | ${r.all} |`),
+  '| thresholds.keyboard | keys | median ms | p90 ms | most ms | within 250 ms | decided (median ms) | copy before the key (median MiB/s) | every key, ms |',
+  '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+  ...rows.map((r) => `| ${r.keyboard} | ${r.n} | ${r.median.toFixed(0)} | ${r.p90.toFixed(0)} | ${r.max.toFixed(0)} | ${r.within} of ${r.n} | ${r.decided.toFixed(0)} | ${mibps(r.copy)} | ${r.all} |`),
 ].join('\n');
 process.stdout.write(`${table}\n`);
 await writeFile(path.join(values.out!, `key-pause-${stamp}.json`), JSON.stringify({ holdMs, thresholds, trials }, null, 1));

@@ -29,7 +29,7 @@
  *
  * --policy runs idlecrypt under that policy file instead of the shipped default (side by side
  * only): bench/policies/noflush.yaml, say, for writeback targets left to the kernel.
- * Writes <out>/matrix-report.md (the table, each cell's figures) and <out>/matrix-<time>.json;
+ * Writes <out>/matrix-report.md (the table, each cell's figures), <out>/matrix-<time>.svg (side by side: each cell's last round over time) and <out>/matrix-<time>.json;
  * each cell's directory <out>/<disk>-<cache>-<workload>/ keeps every round's moderated run:
  * its progress records (decisions, the headroom's cap, the main loop's load), log, metrics and
  * the guest's phases on the host's clock (`round<N>-mod.phases.json`).
@@ -41,7 +41,7 @@ import os, { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { GuestLab, measurable, median, medianOf as med, type Reaction } from '../test/helpers/moderation-lab.ts';
-import { CELL_DISKS, CELL_WORKLOADS, measureCell, type CellDisk, type CellFigures, type CellWorkload } from '../test/helpers/matrix-cell.ts';
+import { CELL_DISKS, CELL_WORKLOADS, measureCell, type CellDisk, type CellFigures, type CellSeries, type CellWorkload } from '../test/helpers/matrix-cell.ts';
 import { writeKey } from '../test/helpers/images.ts';
 import { ensureImage } from '../vm-images/launch.ts';
 
@@ -106,6 +106,8 @@ interface Cell {
   dirtyAtBusyMiB?: number | null;
   /** side by side: each round's figures as lines */
   rounds?: string[][];
+  /** side by side: the last round over time, for the report's plot */
+  series?: CellSeries;
   met?: boolean;
 }
 
@@ -175,6 +177,7 @@ function judgeSideBySide(cell: Cell, rounds: CellFigures[]): void {
   cell.dirtyMaxMiB = med(rounds.map((f) => f.dirtyMaxMiB));
   cell.dirtyAtBusyMiB = med(rounds.map((f) => f.dirtyAtBusyMiB));
   cell.rounds = rounds.map((f) => [...f.lines]);
+  cell.series = rounds.at(-1)?.series;
   cell.met = isMet(cell);
 }
 
@@ -283,6 +286,8 @@ async function writeReport(): Promise<void> {
   const head = ['disk', 'cache', 'workload', `busy kept (>= ${KEPT_MIN * 100}%)`, `trickle kept (>= ${TRICKLE_MIN * 100}%)`, `reaction p50 / max ms (<= ${REACTION_MAX_MS})`, `key pause p50 / max ms (<= ${KEY_PAUSE_MAX_MS})`, `idle copy vs unthrottled (>= ${IDLE_MIN * 100}%)`, 'idle copy / unthrottled MiB/s', method === 'sequential' ? 'cell' : 'host dirty MiB: most / at busy starts'];
   const table = [head, head.map(() => '---'), ...rows].map((r) => `| ${r.join(' | ')} |`).join('\n');
   const met = cells.filter((c) => c.met).length;
+  const plotted = cells.filter((c): c is Cell & { series: CellSeries } => c.series !== undefined);
+  const svgName = `matrix-${startedAt.toISOString().replace(/[:.]/g, '-')}.svg`;
   const report = `# Issue 9's matrix
 
 ${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB.
@@ -306,7 +311,7 @@ O_DIRECT requests one at a time; bursty, 1 MiB O_DIRECT requests; trickle, oneat
 ${met} of ${cells.length} cells meet every bound.
 
 ${table}
-
+${plotted.length ? `\n![each cell's last round over time](${svgName})\n\nEach cell's last round over time (${svgName}): MiB/s of the moderated guest (blue) and of the same guest without a copy (grey), idlecrypt's copy (red) and the unthrottled mirror in its window (red, dashed); busy phases shaded, the keys' stretch in green.\n` : ''}
 - **busy kept**: the guest's throughput over busy phases while idlecrypt's copy ran, against the same
   guest's without a copy (side by side: the nearest phase of the reference guest, at the same moment;
   sequential: (a) over the same stretch of the schedule); the ratio of the medians over phases.
@@ -328,6 +333,52 @@ ${
         .join('\n\n')}\n`
     : ''
 }`;
+  if (plotted.length) await writeFile(path.join(outDir, svgName), cellsSvg(plotted));
   await writeFile(path.join(outDir, 'matrix-report.md'), report);
   await writeFile(path.join(outDir, `matrix-${startedAt.toISOString().replace(/[:.]/g, '-')}.json`), JSON.stringify({ startedAt, values, cells }, null, 1));
+}
+
+const xmlEsc = (x: string) => x.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+
+/** One panel per cell: its last round's guest and copy speeds over time (see the report's caption). */
+function cellsSvg(plotted: readonly (Cell & { series: CellSeries })[]): string {
+  const W = 960;
+  const L = 50;
+  const R = 20;
+  const PH = 110;
+  const GAP = 34;
+  const H = 40 + plotted.length * (PH + GAP);
+  const spanS = Math.max(1, ...plotted.map((c) => c.series.spanS));
+  const x = (t: number) => L + ((W - L - R) * Math.max(0, Math.min(spanS, t))) / spanS;
+  const out = [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`,
+    `<rect width="${W}" height="${H}" fill="white"/>`,
+    `<text x="${L}" y="20" font-size="14" font-weight="bold">${xmlEsc(`Issue 9's matrix, each cell's last round: MiB/s over seconds from the copy's start`)}</text>`,
+  ];
+  plotted.forEach((c, i) => {
+    const s = c.series;
+    const top = 44 + i * (PH + GAP);
+    const all = [...s.modGuest, ...s.refGuest, ...s.copy, ...s.unthrottled].filter((v): v is number => v !== null);
+    const yMax = Math.max(10, ...all);
+    const y = (v: number) => top + PH - (PH * Math.min(Math.max(v, 0), yMax)) / yMax;
+    const band = (b: { from: number; to: number }, fill: string) =>
+      out.push(`<rect x="${x(b.from).toFixed(1)}" y="${top}" width="${Math.max(0, x(b.to) - x(b.from)).toFixed(1)}" height="${PH}" fill="${fill}"/>`);
+    s.busy.forEach((b) => band(b, '#f3e3c8'));
+    if (s.keys) band(s.keys, '#d8f0d8');
+    out.push(`<rect x="${L}" y="${top}" width="${W - L - R}" height="${PH}" fill="none" stroke="#999"/>`);
+    out.push(`<text x="${L}" y="${top - 6}" font-weight="bold">${xmlEsc(`${c.disk}, cache=${c.cache}, ${c.workload}: kept ${pct(c.kept)}, idle copy ${pct(c.idle)} of unthrottled`)}</text>`);
+    out.push(`<text x="${L - 6}" y="${top + 10}" text-anchor="end">${yMax.toFixed(0)}</text><text x="${L - 6}" y="${top + PH}" text-anchor="end">0</text>`);
+    out.push(`<text x="${x(s.spanS)}" y="${top + PH + 12}" text-anchor="end" fill="#666">${s.spanS.toFixed(0)} s</text>`);
+    const line = (vals: readonly (number | null)[], colour: string, dash = '') => {
+      const segs: string[][] = [[]];
+      vals.forEach((v, k) => (v === null ? segs.push([]) : segs.at(-1)!.push(`${x((k + 0.5) * s.binS).toFixed(1)},${y(v).toFixed(1)}`)));
+      for (const seg of segs.filter((g) => g.length > 1)) out.push(`<polyline points="${seg.join(' ')}" fill="none" stroke="${colour}" stroke-width="1.5"${dash ? ` stroke-dasharray="${dash}"` : ''}/>`);
+    };
+    line(s.refGuest, '#999');
+    line(s.modGuest, '#1f77b4');
+    line(s.copy, '#d62728');
+    line(s.unthrottled, '#d62728', '5,3');
+  });
+  out.push('</svg>');
+  return out.join('\n');
 }

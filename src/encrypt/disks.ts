@@ -18,6 +18,12 @@ export interface DiskInfo {
   /** the format driver of the root node: raw, qcow2, luks, ... */
   readonly driver: string;
   readonly virtualSize: number;
+  /**
+   * What the image occupies on the host, bytes (QEMU's `actual-size`), where that measures
+   * what the copy will read as data: a regular file (a block device reports 0) with no
+   * backing image (whose data the copy reads too but `actual-size` leaves out). Else null.
+   */
+  readonly allocatedBytes: number | null;
   readonly encrypted: boolean;
   /** How QEMU opened the image file (its protocol node): what the target inherits. */
   readonly cache: DiskCache;
@@ -51,7 +57,7 @@ export async function listDisks(client: QmpClient): Promise<DiskInfo[]> {
   for (const b of blocks) {
     const ins = b.inserted;
     if (!ins) continue; // empty CD-ROM drives and the like
-    const image = ins.image as { 'virtual-size'?: number; format?: string; 'format-specific'?: { type?: string; data?: { encrypt?: unknown } } } | undefined;
+    const image = ins.image as { 'virtual-size'?: number; 'actual-size'?: number; 'backing-image'?: unknown; format?: string; 'format-specific'?: { type?: string; data?: { encrypt?: unknown } } } | undefined;
     const driver = ins.drv;
     const file = imagePath(ins.file);
     // With -blockdev, each node has its own cache options and the format node (the root)
@@ -66,6 +72,7 @@ export async function listDisks(client: QmpClient): Promise<DiskInfo[]> {
       file,
       driver,
       virtualSize: image?.['virtual-size'] ?? 0,
+      allocatedBytes: protocol?.drv === 'file' && image?.['backing-image'] === undefined && ins.backing_file === undefined ? (image?.['actual-size'] ?? null) : null,
       // `encrypted` is set by qcow2's built-in encryption; a luks node is encrypted by its driver.
       encrypted: driver === 'luks' || ins.encrypted === true || image?.['format-specific']?.data?.encrypt !== undefined,
       cache: { direct: cache.direct, noFlush: cache['no-flush'] },

@@ -124,9 +124,31 @@ export const HELD_SPEED = 1;
  * Issue 4 asks that the job slow within 250 ms of the guest's first busy request and run at
  * >= 80% of an unthrottled mirror while the guest is idle. A copy at a fixed speed or none
  * (--speed, --no-moderation) keeps QEMU's default, as libvirt's blockcopy does.
+ *
+ * 2 MiB, whatever the cache, for a source that occupies under half its size on the host
+ * (`allocatedShare`): the mirror copies its holes as zero writes, each as large as the
+ * buffer, and LUKS has no write-zeroes of its own, so QEMU zeroes a bounce buffer of that
+ * size and encrypts it in the main loop; at 2 MiB those buffers are reused from the heap
+ * rather than faulted in afresh. Six cache=none cells of issue 9's matrix, two rounds
+ * interleaved (docs/starvation.md, 2026-12-03): a sparse source's idle copy 91-108% of an
+ * unthrottled mirror against 70-101% with 8 MiB, its slowest reaction 19-261 ms against
+ * 150-798 ms, a key's pause at most 96 ms against 576; an allocated one's copy about 6%
+ * slower with 2 MiB (its reads are 1 MiB operations, fewer in flight), so it keeps 8 MiB.
  */
-export function moderatedBufSize(cache: DiskCache): number {
+export function moderatedBufSize(cache: DiskCache, allocatedShare: number | null = null): number {
+  if (allocatedShare !== null && allocatedShare < MOSTLY_UNALLOCATED) return 2 * 1024 * 1024;
   return (cache.direct ? 8 : 4) * 1024 * 1024;
+}
+
+/**
+ * Below this share of its size on the host, a source is copied with a 2 MiB buffer
+ * (moderatedBufSize): mostly holes, which the mirror copies as zero writes.
+ */
+export const MOSTLY_UNALLOCATED = 0.5;
+
+/** The share of a disk's size that its image occupies on the host, or null where that says nothing (disks.ts). */
+export function allocatedShare(disk: Pick<DiskInfo, 'allocatedBytes' | 'virtualSize'>): number | null {
+  return disk.allocatedBytes === null || disk.virtualSize <= 0 ? null : disk.allocatedBytes / disk.virtualSize;
 }
 
 export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
@@ -245,7 +267,11 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         record = { ...record, phase: 'copying', copyStartedAt: Date.now() };
         await store.save(record);
       }
-      log.info({ job: job.id, source: disk.nodeName, target: target.node, speed: o.speed, moderated: !!mod, adopted: !!adopt }, adopt ? 'mirror adopted' : 'mirror started');
+      const share = allocatedShare(disk);
+      log.info(
+        { job: job.id, source: disk.nodeName, target: target.node, speed: o.speed, moderated: !!mod, adopted: !!adopt, ...(adopt ? {} : { bufSize: mirrorBufSize(disk, o) ?? 'qemu-default' }), ...(share === null ? {} : { allocatedShare: Number(share.toFixed(3)) }) },
+        adopt ? 'mirror adopted' : 'mirror started',
+      );
       o.onPhase?.('copying', disk);
       mod?.moderation.steer(job, record.copyStartedAt, { path: targetPath, direct: disk.cache.direct });
       o.onJob?.(job, client);
@@ -344,8 +370,13 @@ async function refuseIfBusy(client: QmpClient, disk: DiskInfo, asked: string): P
   }
 }
 
+/** The mirror's buffer: the caller's, or for a moderated copy moderatedBufSize's; undefined: QEMU's default. */
+function mirrorBufSize(disk: DiskInfo, o: EncryptOptions): number | undefined {
+  return o.bufSize ?? (o.moderation ? moderatedBufSize(disk.cache, allocatedShare(disk)) : undefined);
+}
+
 async function startMirror(client: QmpClient, disk: DiskInfo, target: EncryptedTarget, o: EncryptOptions, tag: string) {
-  const bufSize = o.bufSize ?? (o.moderation ? moderatedBufSize(disk.cache) : undefined);
+  const bufSize = mirrorBufSize(disk, o);
   try {
     return await QmpMirrorJob.start(client, {
       jobId: `idlecrypt-${tag}`,

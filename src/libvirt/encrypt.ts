@@ -32,7 +32,7 @@ import { writeImageWithQemuImg, type TargetFormat } from '../encrypt/target.ts';
 import { ProgressMeter, type Progress } from '../encrypt/progress.ts';
 import { RunModeration, type ModerationOptions } from '../encrypt/moderation.ts';
 import { RunMetrics } from '../encrypt/metrics.ts';
-import { HELD_SPEED, moderatedBufSize, mustSnapshot, untilAborted, waitForQuiet, waitUntilReady } from '../encrypt/encrypt.ts';
+import { allocatedShare, HELD_SPEED, moderatedBufSize, mustSnapshot, untilAborted, waitForQuiet, waitUntilReady } from '../encrypt/encrypt.ts';
 import { ownerAlive, RunStore, selfOwner, stateDir } from '../encrypt/runs.ts';
 import type { MetricsSink } from '../metrics/sink.ts';
 import { hostTag } from '../metrics/index.ts';
@@ -208,7 +208,11 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       }
       await checkTargetPath(targetPath, disk.source ?? undefined);
     }
-    const size = (await client.call<{ capacity: number }>('block-info', { domain: o.domain, disk: o.disk })).capacity;
+    const info = await client.call<{ capacity: number; allocation: number }>('block-info', { domain: o.domain, disk: o.disk });
+    const size = info.capacity;
+    // What the image holds on the host (virDomainGetBlockInfo's allocation), where that is
+    // what the copy reads as data: a file with no backing image (as disks.ts for QMP).
+    const share = disk.type === 'file' && !disk.backing ? allocatedShare({ allocatedBytes: info.allocation, virtualSize: info.capacity }) : null;
     if (!adopting) await checkSpace(targetPath, targetBytesNeeded(size, o.format));
 
     // Observation starts now, so that bpftrace attaches while the LUKS header is written.
@@ -287,7 +291,8 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         if (mod) await untilAborted(mod.attached, o.signal, o.detach);
         if (o.signal?.aborted) throw new IdlecryptError('CANCELLED', `cancelled before the copy started; ${targetPath} and its secret were removed, nothing else was changed`);
         if (o.detach?.aborted) throw detached(targetPath, false);
-        const bufSize = o.bufSize ?? (mod ? moderatedBufSize({ direct: directCache(disk.cache), noFlush: false }) : undefined);
+        const bufSize = o.bufSize ?? (mod ? moderatedBufSize({ direct: directCache(disk.cache), noFlush: false }, share) : undefined);
+        log.info({ bufSize: bufSize ?? 'qemu-default', ...(share === null ? {} : { allocatedShare: Number(share.toFixed(3)) }) }, 'block copy buffer');
         await startCopy(client, { ...o, speed: mod ? HELD_SPEED : o.speed }, dom.persistent, destinationXml(targetPath, o.format, record.secret), reuse, bufSize);
         record = { ...record, phase: 'copying', copyStartedAt: Date.now() };
         await store.save(record);

@@ -76,6 +76,9 @@ def disk_info(el):
         "format": driver.get("type") if driver is not None else None,
         "cache": driver.get("cache") if driver is not None else None,
         "readonly": el.find("readonly") is not None,
+        # A backing image (libvirt's live XML names the chain under <backingStore>; an
+        # empty <backingStore/> ends it): its data is copied too, outside the top's allocation.
+        "backing": el.find("backingStore/source") is not None,
         "encryption": None
         if enc is None
         else {

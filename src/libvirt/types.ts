@@ -28,6 +28,8 @@ export interface DomainDisk {
   readonly format: string | null;
   readonly cache: string | null;
   readonly readonly: boolean;
+  /** The image has a backing image (`<backingStore>` with a `<source>`). */
+  readonly backing: boolean;
   readonly encryption: { readonly format: string | null; readonly engine: string | null; readonly secret: string | null } | null;
   /** A block copy in progress (`<mirror>`): its job type and destination. */
   readonly mirror: { readonly job: string | null; readonly ready: string | null; readonly source: string | null } | null;

@@ -70,7 +70,9 @@ describe('encrypt', () => {
     await makeDiskImage(src, { sizeMiB: 128, format: 'raw', fill: 'pattern' });
     // cache=unsafe: the target must inherit the host-cache mode (here: no flushes).
     const vm = await boot({ name: 'writer', disk: src, diskStyle: 'drive', cache: 'unsafe', workload: 'writer', params: { wps: 40 } });
-    assert.deepEqual((await diskNow(vm)).cache, { direct: false, noFlush: true });
+    const d0 = await diskNow(vm);
+    assert.deepEqual(d0.cache, { direct: false, noFlush: true });
+    assert.equal(d0.allocatedBytes, 128 * MiB, 'a written raw file occupies its whole size on the host');
     await vm.waitForLine(/^WROTE seq=20 /, 30_000); // writes before the copy
 
     // 128 MiB at 16 MiB/s: ~8 s of copying while the guest writes 40 blocks/s.
@@ -143,10 +145,18 @@ describe('encrypt', () => {
     await makeDiskImage(src, { sizeMiB: 256, format: 'qcow2', fill: 'sparse' });
     // cache.direct on the file node only: listDisks must read it there, not at the root.
     const vm = await boot({ name: 'sparse', disk: src, diskStyle: 'blockdev', cache: 'none', workload: 'idle' });
-    assert.deepEqual((await diskNow(vm)).cache, { direct: true, noFlush: false });
+    const d0 = await diskNow(vm);
+    assert.deepEqual(d0.cache, { direct: true, noFlush: false });
+    assert.ok(d0.allocatedBytes !== null && d0.allocatedBytes < d0.virtualSize / 100, `a sparse image occupies almost nothing on the host: ${d0.allocatedBytes} of ${d0.virtualSize} bytes`);
     const before = await sha256(src);
     const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0-fmt', '--target', target, '--key-file', path.join(dir, 'key'), '--format', 'qcow2', '--iter-time', '50']);
     assert.equal(run.code, 0, run.stderr);
+    const started = run.stderr
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as { msg?: string; bufSize?: number })
+      .find((l) => l.msg === 'mirror started');
+    assert.equal(started?.bufSize, 2 * MiB, 'the moderated copy of a mostly unallocated source has the 2 MiB buffer');
     assert.match(run.stdout, /now runs on the encrypted image .*sparse-enc\.qcow2 \(qcow2/);
     const disk = await diskNow(vm);
     assert.equal(disk.file, target);

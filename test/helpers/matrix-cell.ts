@@ -38,6 +38,7 @@ import {
   typeKeys,
   type Phase,
   type Reaction,
+  type Sample,
 } from './moderation-lab.ts';
 
 export const CELL_DISKS = {
@@ -92,9 +93,29 @@ export interface CellFigures {
   /** The host's dirty + writeback memory, MiB: most over the copy, and at each busy phase's start (median). */
   readonly dirtyMaxMiB: number | null;
   readonly dirtyAtBusyMiB: number | null;
+  /** Over time, for a report's plot. */
+  readonly series: CellSeries;
   /** Everything above as lines, for a failure's message or a report. */
   readonly lines: readonly string[];
 }
+
+/**
+ * A cell over time, from the moderated job's start to its cancel, in bins of `binS`: MiB/s
+ * of mod's guest, ref's guest (its reference), mod's copy and the unthrottled mirror (in
+ * its window only; null elsewhere); mod's busy phases and its keys, seconds from the start.
+ */
+export interface CellSeries {
+  readonly binS: number;
+  readonly spanS: number;
+  readonly modGuest: readonly (number | null)[];
+  readonly refGuest: readonly (number | null)[];
+  readonly copy: readonly (number | null)[];
+  readonly unthrottled: readonly (number | null)[];
+  readonly busy: readonly { readonly from: number; readonly to: number }[];
+  readonly keys: { readonly from: number; readonly to: number } | null;
+}
+
+const SERIES_BIN_MS = 500;
 
 const POLL_MS = 100;
 const AFTER_HOLDOFF_MS = 1500;
@@ -259,6 +280,25 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   const keyReaction = keys.length ? reactionAt(mod.rec.samples, mod.rec.jobEvents, keys[0]!) : undefined;
   if (keyReaction) note(`keys: ${keys.length} keystrokes in an idle phase; job ${keyReaction.before} at the first key; paused after ${keyReaction.ms?.toFixed(0)} ms`);
 
+  const sec = (t: number) => (t - jobStart) / 1000;
+  const binned = (rec: GuestRecorder, get: (x: Sample) => number | undefined, from = jobStart, to = cancelAt): (number | null)[] =>
+    Array.from({ length: Math.floor((cancelAt - jobStart) / SERIES_BIN_MS) }, (_, i) => {
+      const a = jobStart + i * SERIES_BIN_MS;
+      const b = a + SERIES_BIN_MS;
+      const r = a >= from && b <= to ? rateOver(rec.samples, a, b, get) : undefined;
+      return r === undefined ? null : r / MiB;
+    });
+  const series: CellSeries = {
+    binS: SERIES_BIN_MS / 1000,
+    spanS: sec(cancelAt),
+    modGuest: binned(mod.rec, guestBytes),
+    refGuest: binned(ref.rec, guestBytes),
+    copy: binned(mod.rec, jobOffset),
+    unthrottled: binned(cmp.rec, jobOffset, cmpRunning, cmpPauseSent),
+    busy: mp.filter((p) => p.kind === 'busy' && p.end > jobStart && p.start < cancelAt).map((p) => ({ from: Math.max(0, sec(p.start)), to: sec(Math.min(p.end, cancelAt)) })),
+    keys: keys.length ? { from: sec(keys[0]!), to: sec(keys.at(-1)!) } : null,
+  };
+
   const copyDirty = dirtyIn(jobStart, cancelAt);
   const atBusy = busy.map((b) => dirtyIn(b.p.start - 250, b.p.start + 250)[0]).filter((x): x is number => x !== undefined);
   return {
@@ -277,6 +317,7 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
     keyReaction,
     dirtyMaxMiB: copyDirty.length ? Math.max(...copyDirty) : null,
     dirtyAtBusyMiB: atBusy.length ? median(atBusy) : null,
+    series,
     lines,
   };
 }

@@ -6,6 +6,9 @@ import { ProgressMeter } from '../../src/encrypt/progress.ts';
 import { findDisk, imagePath, qdevIdOf, type DiskInfo } from '../../src/encrypt/disks.ts';
 import { fmtBytes, targetBytesNeeded } from '../../src/encrypt/preflight.ts';
 import { fmtEta } from '../../src/cli/progress-view.ts';
+import { allocatedShare, moderatedBufSize } from '../../src/encrypt/encrypt.ts';
+
+const MiB = 1024 * 1024;
 import { IdlecryptError } from '../../src/errors.ts';
 
 describe('option parsing', () => {
@@ -67,8 +70,8 @@ describe('progress', () => {
 
 describe('finding a disk', () => {
   const disks: DiskInfo[] = [
-    { qdevId: 'disk0', device: '', nodeName: 'disk0-fmt', file: '/a.raw', driver: 'raw', virtualSize: 1, encrypted: false, cache: { direct: false, noFlush: false } },
-    { qdevId: 'disk1', device: 'drive1', nodeName: '#block123', file: '/b.qcow2', driver: 'qcow2', virtualSize: 1, encrypted: false, cache: { direct: false, noFlush: false } },
+    { qdevId: 'disk0', device: '', nodeName: 'disk0-fmt', file: '/a.raw', driver: 'raw', virtualSize: 1, allocatedBytes: null, encrypted: false, cache: { direct: false, noFlush: false } },
+    { qdevId: 'disk1', device: 'drive1', nodeName: '#block123', file: '/b.qcow2', driver: 'qcow2', virtualSize: 1, allocatedBytes: null, encrypted: false, cache: { direct: false, noFlush: false } },
   ];
   test('by qdev id, drive name or node name', () => {
     assert.equal(findDisk(disks, 'disk0').file, '/a.raw');
@@ -95,5 +98,27 @@ describe('finding a disk', () => {
   test('the target needs the whole virtual size plus metadata', () => {
     assert.equal(targetBytesNeeded(64 * 1024 * 1024, 'luks'), 80 * 1024 * 1024);
     assert.ok(targetBytesNeeded(1024 ** 3, 'qcow2') > 1024 ** 3 + 16 * 1024 * 1024);
+  });
+});
+
+describe("the moderated mirror's buffer", () => {
+  const direct = { direct: true, noFlush: false };
+  const cached = { direct: false, noFlush: false };
+  test('8 MiB with O_DIRECT, 4 MiB through the page cache, for an allocated source or one whose allocation is unknown', () => {
+    assert.equal(moderatedBufSize(direct, 1), 8 * MiB);
+    assert.equal(moderatedBufSize(cached, 0.5), 4 * MiB);
+    assert.equal(moderatedBufSize(direct, null), 8 * MiB);
+    assert.equal(moderatedBufSize(cached), 4 * MiB);
+  });
+
+  test('2 MiB for a source that occupies under half its size on the host, whatever the cache', () => {
+    assert.equal(moderatedBufSize(direct, 0.49), 2 * MiB);
+    assert.equal(moderatedBufSize(cached, 0), 2 * MiB);
+  });
+
+  test('the share is known only where QEMU could say what the image holds', () => {
+    assert.equal(allocatedShare({ allocatedBytes: 16 * MiB, virtualSize: 64 * MiB }), 0.25);
+    assert.equal(allocatedShare({ allocatedBytes: null, virtualSize: 64 * MiB }), null);
+    assert.equal(allocatedShare({ allocatedBytes: 0, virtualSize: 0 }), null);
   });
 });
