@@ -338,7 +338,10 @@ ${
   await writeFile(path.join(outDir, `matrix-${startedAt.toISOString().replace(/[:.]/g, '-')}.json`), JSON.stringify({ startedAt, values, cells }, null, 1));
 }
 
-const xmlEsc = (x: string) => x.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+// A declaration, not a const: the top-level loop above calls the report before this line runs.
+function xmlEsc(x: string): string {
+  return x.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+}
 
 /** One panel per cell: its last round's guest and copy speeds over time (see the report's caption). */
 function cellsSvg(plotted: readonly (Cell & { series: CellSeries })[]): string {
