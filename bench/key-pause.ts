@@ -7,9 +7,9 @@
  *
  * The guest is idle on a 64 GiB sparse raw disk opened with cache=none (the matrix's cell
  * whose key pauses were slowest: each zero write of a sparse source is encrypted in QEMU's
- * main loop, which the pause waits for); with `--neighbour` (default) a second guest beside
- * it runs the matrix's one-at-a-time workload (8 s idle / 8 s busy), as the matrix's
- * reference guest loads the host.
+ * main loop, which the pause waits for); beside it (unless `--no-neighbour`) a second guest
+ * runs the matrix's one-at-a-time workload (8 s idle / 8 s busy), as the matrix's reference
+ * guest loads the host.
  *
  * A key: `input-send-event` down, held `--hold` ms (people hold one 80-120 ms), then up. The
  * pause is measured from the press's reply (QEMU injects the event as it runs the command)
@@ -19,7 +19,7 @@
  *   node --import tsx bench/key-pause.ts [--keys 24] [--hold 100] [--thresholds 5,0] [--no-neighbour]
  *
  * Prints a table per threshold (keys measured, median, 90th percentile and most, how many
- * within 250 ms) and writes bench/results/key-pause-<time>.json, the run's debug log beside it.
+ * within 250 ms, the press to idlecrypt's decision, the copy's speed before the key) and writes bench/results/key-pause-<time>.json, the run's debug log beside it.
  */
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';

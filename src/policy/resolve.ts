@@ -61,14 +61,14 @@ function describeModeration(m: Moderation): string[] {
   ];
 }
 
-/**
- * Issue 4 asks that a single stray request at idle not stop the job for long. A threshold
- * at or under one event per window makes a single event count as busy: say so. Not for
- * input: a key or pointer event is a person at the console, never a stray (the shipped
- * keyboard threshold is 0 on purpose).
- */
+/** A person at the console: never a stray event (the shipped keyboard threshold is 0 on purpose). */
 const INPUT: ReadonlySet<Signal> = new Set(['keyboard', 'pointer']);
 
+/**
+ * Issue 4 asks that a single stray request at idle not stop the job for long. A threshold
+ * at or under one event per window makes a single event count as busy: say so, except for
+ * input (INPUT).
+ */
 function strayNotes(policy: Policy): string[] {
   const perWindow = 1000 / policy.sampling.window;
   const notes: string[] = [];

@@ -65,6 +65,8 @@ export interface CellSpec {
   readonly rawMiB?: number;
   /** More arguments of mod's `idlecrypt encrypt` (a --policy). */
   readonly modArgs?: readonly string[];
+  /** A run with modArgs for this long before the measured one, cancelled: what it learnt of the guest is there at the start (startSideBySide). */
+  readonly warmUpMs?: number;
   /** Each figure as it is measured, as a line. */
   readonly note?: (line: string) => void;
 }
@@ -150,6 +152,7 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
     pollMs: POLL_MS,
     runTimeoutMs: 400_000,
     ...(spec.modArgs ? { modArgs: [...spec.modArgs] } : {}),
+    ...(spec.warmUpMs ? { warmUpMs: spec.warmUpMs } : {}),
   });
 
   // The host's dirty and under-writeback memory: what a writeback copy leaves for the kernel.

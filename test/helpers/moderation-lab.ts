@@ -218,11 +218,11 @@ export class GuestRecorder {
     );
   }
 
-  /** Waits until a poll shows a job, and returns that sample. */
-  async jobAppears(timeoutMs = 60_000): Promise<Sample & { job: JobState }> {
+  /** Waits until a poll sent after `after` shows a job, and returns that sample. */
+  async jobAppears(timeoutMs = 60_000, after = 0): Promise<Sample & { job: JobState }> {
     const deadline = now() + timeoutMs;
     for (;;) {
-      const s = this.samples.find((x) => x.job);
+      const s = this.samples.find((x) => x.job && x.sent > after);
       if (s) return s as Sample & { job: JobState };
       if (now() > deadline) throw new Error(`${this.vm.name}: no copy job within ${timeoutMs} ms`);
       await sleep(10);
@@ -679,7 +679,22 @@ export async function untilNoShortfall(
 export async function startSideBySide(
   lab: GuestLab,
   base: string,
-  o: { mod: TestVmOptions; ref: TestVmOptions; cmp: TestVmOptions; keyFile: string; pollMs: number; runTimeoutMs: number; /** more arguments of mod's run (a --policy) */ modArgs?: string[] },
+  o: {
+    mod: TestVmOptions;
+    ref: TestVmOptions;
+    cmp: TestVmOptions;
+    keyFile: string;
+    pollMs: number;
+    runTimeoutMs: number;
+    /** more arguments of mod's run (a --policy) */
+    modArgs?: string[];
+    /**
+     * Before the measured run, one of the same arguments for this long, then cancelled (its
+     * target removed): what it learnt of the guest (`thresholds: auto`, kept per guest) is
+     * there when the measured run starts, as for a guest the agent has watched.
+     */
+    warmUpMs?: number;
+  },
 ): Promise<{
   mod: Booted;
   ref: Booted;
@@ -707,12 +722,25 @@ export async function startSideBySide(
   await cmp.rec.client.execute('job-pause', { id: cmpJob });
   // The moderated run, 2 s into mod's first idle phase: the job starts 3-6 s later
   // (bpftrace compiles and attaches meanwhile), before or at the first busy phase.
-  const idle0 = await mod.rec.nextPhase('idle', 0);
+  // With a warm-up, both runs keep their state (what was learnt) in this cell's directory:
+  // not in the suite's, where the next cell's guest of the same name would find it.
+  const modEnv: Record<string, string> = o.warmUpMs ? { IDLECRYPT_STATE_DIR: path.join(base, 'state') } : {};
+  if (o.warmUpMs) {
+    const warm = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(base, 'warm-up.luks'), '--key-file', o.keyFile, '--iter-time', '50', ...(o.modArgs ?? [])], path.join(base, 'warm-up.lp'), modEnv);
+    const warmDone = warm.result(o.warmUpMs + 120_000);
+    await sleepUntil(warm.startedAt + o.warmUpMs);
+    warm.cli.child.kill('SIGINT');
+    const r = await warmDone;
+    if (r.code !== 130) throw new Error(`the warm-up run ended with ${r.code}, not as cancelled:\n${r.stderr.slice(-2000)}`);
+  }
+  // After a warm-up, the next idle phase's start (the first one is long past).
+  const idle0 = await mod.rec.nextPhase('idle', o.warmUpMs ? now() : 0);
   await sleepUntil(idle0 + 2000);
   const target = path.join(base, 'mod.luks');
-  const run = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50', ...(o.modArgs ?? [])], path.join(base, 'mod.lp'));
+  const run = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50', ...(o.modArgs ?? [])], path.join(base, 'mod.lp'), modEnv);
   const done = run.result(o.runTimeoutMs);
-  const jobStart = (await withRunOutput(run, mod.rec.jobAppears())).sent;
+  // (not the warm-up's job, which earlier polls saw)
+  const jobStart = (await withRunOutput(run, mod.rec.jobAppears(60_000, run.startedAt))).sent;
   return { mod, ref, cmp, others, cmpRun, cmpJob, idle0, run, target, done, jobStart };
 }
 
