@@ -60,6 +60,7 @@ import { fileURLToPath } from 'node:url';
 import { copyDebianDisk, debianManifest, startDebianVm, type DebianVm } from '../vm-images/debian.ts';
 import { EncryptRun, mdTable, medianOf as med, now, percentile, textTable } from '../test/helpers/moderation-lab.ts';
 import { startCli } from '../test/helpers/cli.ts';
+import { xmlEscape } from './svg.ts';
 
 const { values } = parseArgs({
   options: {
@@ -483,7 +484,6 @@ function rowsFor(w: Workload, runs: Run[]): string[][] {
 }
 
 const COLORS: Record<string, string> = { none: '#444', observed: '#1f77b4', unthrottled: '#d62728', cap30: '#9467bd', cap100: '#ff7f0e', idlecrypt: '#2ca02c', held: '#8c564b', cap3: '#e377c2', nodeadline: '#17becf' };
-const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 
 /** The workload's throughput per second in each mode (last round), and each copy's progress. */
 function svg(w: Workload, runs: Run[]): string {
@@ -497,11 +497,11 @@ function svg(w: Workload, runs: Run[]): string {
     const lines = series
       .map((s) => `<polyline fill="none" stroke="${COLORS[s.mode]}" stroke-width="1.5" points="${s.ys.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(' ')}"/>`)
       .join('');
-    const legend = series.map((s, i) => `<text x="${W - 120}" y="${y0 + 14 + 16 * i}" fill="${COLORS[s.mode]}" font-size="12">${esc(s.mode)}</text>`).join('');
+    const legend = series.map((s, i) => `<text x="${W - 120}" y="${y0 + 14 + 16 * i}" fill="${COLORS[s.mode]}" font-size="12">${xmlEscape(s.mode)}</text>`).join('');
     return (
-      `<text x="${L}" y="${y0 - 6}" font-size="13">${esc(title)}</text>` +
+      `<text x="${L}" y="${y0 - 6}" font-size="13">${xmlEscape(title)}</text>` +
       `<rect x="${L}" y="${y0}" width="${W - L - 130}" height="${H}" fill="none" stroke="#ccc"/>` +
-      `<text x="4" y="${y0 + 10}" font-size="11">${f(yMax)} ${esc(unit)}</text><text x="4" y="${y0 + H}" font-size="11">0</text>` +
+      `<text x="4" y="${y0 + 10}" font-size="11">${f(yMax)} ${xmlEscape(unit)}</text><text x="4" y="${y0 + H}" font-size="11">0</text>` +
       `<text x="${W - 150}" y="${y0 + H + 14}" font-size="11">${seconds} s</text>` +
       lines +
       legend

@@ -46,6 +46,7 @@ import { parseArgs } from 'node:util';
 import { GuestLab, measurable, median, medianOf as med, type Reaction } from '../test/helpers/moderation-lab.ts';
 import { CELL_DISKS, CELL_WORKLOADS, measureCell, type CellDisk, type CellFigures, type CellSeries, type CellWorkload } from '../test/helpers/matrix-cell.ts';
 import { writeKey } from '../test/helpers/images.ts';
+import { binnedSegments, polyline, xmlEscape } from './svg.ts';
 import { ensureImage } from '../vm-images/launch.ts';
 
 const { values } = parseArgs({
@@ -343,11 +344,6 @@ ${
   await writeFile(path.join(outDir, `matrix-${startedAt.toISOString().replace(/[:.]/g, '-')}.json`), JSON.stringify({ startedAt, values, cells }, null, 1));
 }
 
-// A declaration, not a const: the top-level loop above calls the report before this line runs.
-function xmlEsc(x: string): string {
-  return x.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
-}
-
 /** One panel per cell: its last round's guest and copy speeds over time (see the report's caption). */
 function cellsSvg(plotted: readonly (Cell & { series: CellSeries })[]): string {
   const W = 960;
@@ -361,7 +357,7 @@ function cellsSvg(plotted: readonly (Cell & { series: CellSeries })[]): string {
   const out = [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`,
     `<rect width="${W}" height="${H}" fill="white"/>`,
-    `<text x="${L}" y="20" font-size="14" font-weight="bold">${xmlEsc(`Issue 9's matrix, each cell's last round: MiB/s over seconds from the copy's start`)}</text>`,
+    `<text x="${L}" y="20" font-size="14" font-weight="bold">${xmlEscape(`Issue 9's matrix, each cell's last round: MiB/s over seconds from the copy's start`)}</text>`,
   ];
   plotted.forEach((c, i) => {
     const s = c.series;
@@ -374,13 +370,11 @@ function cellsSvg(plotted: readonly (Cell & { series: CellSeries })[]): string {
     s.busy.forEach((b) => band(b, '#f3e3c8'));
     if (s.keys) band(s.keys, '#d8f0d8');
     out.push(`<rect x="${L}" y="${top}" width="${W - L - R}" height="${PH}" fill="none" stroke="#999"/>`);
-    out.push(`<text x="${L}" y="${top - 6}" font-weight="bold">${xmlEsc(`${c.disk}, cache=${c.cache}, ${c.workload}: kept ${pct(c.kept)}, idle copy ${pct(c.idle)} of unthrottled`)}</text>`);
+    out.push(`<text x="${L}" y="${top - 6}" font-weight="bold">${xmlEscape(`${c.disk}, cache=${c.cache}, ${c.workload}: kept ${pct(c.kept)}, idle copy ${pct(c.idle)} of unthrottled`)}</text>`);
     out.push(`<text x="${L - 6}" y="${top + 10}" text-anchor="end">${yMax.toFixed(0)}</text><text x="${L - 6}" y="${top + PH}" text-anchor="end">0</text>`);
     out.push(`<text x="${x(s.spanS)}" y="${top + PH + 12}" text-anchor="end" fill="#666">${s.spanS.toFixed(0)} s</text>`);
     const line = (vals: readonly (number | null)[], colour: string, dash = '') => {
-      const segs: string[][] = [[]];
-      vals.forEach((v, k) => (v === null ? segs.push([]) : segs.at(-1)!.push(`${x((k + 0.5) * s.binS).toFixed(1)},${y(v).toFixed(1)}`)));
-      for (const seg of segs.filter((g) => g.length > 1)) out.push(`<polyline points="${seg.join(' ')}" fill="none" stroke="${colour}" stroke-width="1.5"${dash ? ` stroke-dasharray="${dash}"` : ''}/>`);
+      for (const seg of binnedSegments(vals, s.binS)) if (seg.length > 1) out.push(polyline(seg, x, y, colour, dash));
     };
     line(s.refGuest, '#999');
     line(s.modGuest, '#1f77b4');

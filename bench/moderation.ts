@@ -84,6 +84,7 @@ import {
   type Phase,
   type Sample,
 } from '../test/helpers/moderation-lab.ts';
+import { xmlEscape } from './svg.ts';
 
 const { values } = parseArgs({
   options: {
@@ -466,7 +467,6 @@ function table(rows: Row[]): string[][] {
 
 // ---------------------------------------------------------------- SVG, by hand
 
-const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 
 /** Stacked panels, one per run: busy phases shaded, guest throughput and job speed as lines. */
 function timelineSvg(runs: Run[], title: string): string {
@@ -484,7 +484,7 @@ function timelineSvg(runs: Run[], title: string): string {
   const out: string[] = [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`,
     `<rect width="${W}" height="${H}" fill="white"/>`,
-    `<text x="${L}" y="20" font-size="14" font-weight="bold">${esc(title)}</text>`,
+    `<text x="${L}" y="20" font-size="14" font-weight="bold">${xmlEscape(title)}</text>`,
     `<rect x="${W - 390}" y="10" width="12" height="12" fill="#f3d9b1"/><text x="${W - 374}" y="20">busy phase</text>`,
     `<line x1="${W - 300}" y1="16" x2="${W - 280}" y2="16" stroke="#1f77b4" stroke-width="2"/><text x="${W - 276}" y="20">guest disk MiB/s</text>`,
     `<line x1="${W - 170}" y1="16" x2="${W - 150}" y2="16" stroke="#d62728" stroke-width="2"/><text x="${W - 146}" y="20">copy job MiB/s</text>`,
@@ -493,7 +493,7 @@ function timelineSvg(runs: Run[], title: string): string {
     const top = T + i * (PH + GAP) + 14;
     const y = (v: number) => top + PH - (PH * Math.min(v, yTop)) / yTop;
     const label = ALL_MODES.find((m) => m.id === r.mode)!.label;
-    out.push(`<text x="${L}" y="${top - 6}" font-weight="bold">${esc(label)}${r.totalS !== null ? esc(`: encrypted in ${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)} s`) : ''}</text>`);
+    out.push(`<text x="${L}" y="${top - 6}" font-weight="bold">${xmlEscape(label)}${r.totalS !== null ? xmlEscape(`: encrypted in ${r.extrapolated ? '≈' : ''}${r.totalS.toFixed(0)} s`) : ''}</text>`);
     for (const p of r.series.phases) {
       if (p.kind !== 'busy') continue;
       const a = Math.max(0, p.from / 1000);
@@ -526,7 +526,7 @@ function timelineSvg(runs: Run[], title: string): string {
       const px = x(m.at / 1000);
       if (px < L || px > W - R) return;
       const right = px > W - R - 70; // near the right edge: label to the left of the line
-      out.push(`<line x1="${px.toFixed(1)}" y1="${top}" x2="${px.toFixed(1)}" y2="${top + PH}" stroke="#555" stroke-dasharray="3,3"/><text x="${(right ? px - 3 : px + 3).toFixed(1)}" y="${top + 11 + 12 * (k % 3)}" fill="#555"${right ? ' text-anchor="end"' : ''}>${esc(m.what)}</text>`);
+      out.push(`<line x1="${px.toFixed(1)}" y1="${top}" x2="${px.toFixed(1)}" y2="${top + PH}" stroke="#555" stroke-dasharray="3,3"/><text x="${(right ? px - 3 : px + 3).toFixed(1)}" y="${top + 11 + 12 * (k % 3)}" fill="#555"${right ? ' text-anchor="end"' : ''}>${xmlEscape(m.what)}</text>`);
     });
   });
   out.push(`<text x="${(W / 2).toFixed(0)}" y="${H - 6}" text-anchor="middle">seconds since the guest's first idle phase (MiB/s over 0.5 s)</text>`);
@@ -544,16 +544,16 @@ function summarySvg(rows: Row[]): string {
     `<rect width="${W}" height="${H}" fill="white"/>`,
   ];
   const bars = (x0: number, title: string, vals: { label: string; v: number | null; text: string }[], max: number) => {
-    out.push(`<text x="${x0}" y="20" font-size="13" font-weight="bold">${esc(title)}</text>`);
+    out.push(`<text x="${x0}" y="20" font-size="13" font-weight="bold">${xmlEscape(title)}</text>`);
     const top = 35;
     const bh = (H - top - 20) / vals.length;
     const lw = 250;
     vals.forEach((b, i) => {
       const y0 = top + i * bh;
-      out.push(`<text x="${x0}" y="${(y0 + bh / 2 + 4).toFixed(1)}">${esc(b.label)}</text>`);
+      out.push(`<text x="${x0}" y="${(y0 + bh / 2 + 4).toFixed(1)}">${xmlEscape(b.label)}</text>`);
       const w = b.v === null ? 0 : ((panelW - lw - 50) * Math.min(b.v, max)) / max;
       out.push(`<rect x="${x0 + lw}" y="${(y0 + 4).toFixed(1)}" width="${w.toFixed(1)}" height="${(bh - 8).toFixed(1)}" fill="#4c78a8"/>`);
-      out.push(`<text x="${(x0 + lw + w + 4).toFixed(1)}" y="${(y0 + bh / 2 + 4).toFixed(1)}">${esc(b.text)}</text>`);
+      out.push(`<text x="${(x0 + lw + w + 4).toFixed(1)}" y="${(y0 + bh / 2 + 4).toFixed(1)}">${xmlEscape(b.text)}</text>`);
     });
   };
   bars(20, 'guest throughput in busy phases, % of no job', rows.map((r) => ({ label: r.mode.label, v: r.guestRel, text: r.guestRel === null ? '-' : `${(100 * r.guestRel).toFixed(0)}%` })), 1.1);

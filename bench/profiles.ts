@@ -66,6 +66,7 @@ import { parseArgs } from 'node:util';
 import { makeDiskImage, type Workload } from '../vm-images/launch.ts';
 import { histogramQuantile } from '../src/controller/latency.ts';
 import { parseDuration as parsePolicyDuration } from '../src/policy/units.ts';
+import { binnedSegments, polyline, xmlEscape } from './svg.ts';
 import { EncryptRun, GuestLab, MiB, guestBytes, histIn, jobOffset, parseActivity, mdTable, medianOf, now, phaseWindows, rateIn, textTable, type Phase, type Sample } from '../test/helpers/moderation-lab.ts';
 
 const { values: args } = parseArgs({
@@ -414,8 +415,6 @@ function seriesOf(samples: readonly Sample[], phases: readonly Phase[], lp: stri
   };
 }
 
-const esc = (x: string) => x.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
-
 /**
  * One profile's last round, a group of three panels per mode: the guest's and the copy's
  * MiB/s; the guest's write latency in QEMU (its median per second, and what the latency
@@ -436,7 +435,7 @@ function profileSvg(profile: ProfileName, runs: RunResult[]): string {
   const out: string[] = [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="11">`,
     `<rect width="${W}" height="${H}" fill="white"/>`,
-    `<text x="${L}" y="20" font-size="14" font-weight="bold">${esc(`${profile}: the last round, seconds from each window's start (busy phases shaded)`)}</text>`,
+    `<text x="${L}" y="20" font-size="14" font-weight="bold">${xmlEscape(`${profile}: the last round, seconds from each window's start (busy phases shaded)`)}</text>`,
   ];
   const finite = (xs: (number | null | undefined)[]) => xs.filter((v): v is number => typeof v === 'number' && Number.isFinite(v));
   const panel = (top: number, title: string, yMax: number, draw: (y: (v: number) => number) => void, r: RunResult) => {
@@ -444,16 +443,10 @@ function profileSvg(profile: ProfileName, runs: RunResult[]): string {
     for (const b of r.series!.busy) out.push(`<rect x="${x(b.from).toFixed(1)}" y="${top}" width="${(x(b.to) - x(b.from)).toFixed(1)}" height="${PH}" fill="#f3e3c8"/>`);
     out.push(`<rect x="${L}" y="${top}" width="${W - L - R}" height="${PH}" fill="none" stroke="#999"/>`);
     out.push(`<text x="${L - 6}" y="${top + 10}" text-anchor="end">${yMax.toFixed(yMax < 10 ? 1 : 0)}</text><text x="${L - 6}" y="${top + PH}" text-anchor="end">0</text>`);
-    out.push(`<text x="${W - R - 4}" y="${top + 12}" text-anchor="end" fill="#333">${esc(title)}</text>`);
+    out.push(`<text x="${W - R - 4}" y="${top + 12}" text-anchor="end" fill="#333">${xmlEscape(title)}</text>`);
     draw(y);
   };
-  const poly = (pts: [number, number][], colour: string, y: (v: number) => number, dash = '') =>
-    pts.length > 1 ? out.push(`<polyline points="${pts.map(([t, v]) => `${x(t).toFixed(1)},${y(v).toFixed(1)}`).join(' ')}" fill="none" stroke="${colour}" stroke-width="1.5"${dash ? ` stroke-dasharray="${dash}"` : ''}/>`) : 0;
-  const binned = (vals: (number | null)[], binS: number): [number, number][][] => {
-    const segs: [number, number][][] = [[]];
-    vals.forEach((v, i) => (v === null ? segs.push([]) : segs.at(-1)!.push([(i + 0.5) * binS, v])));
-    return segs;
-  };
+  const poly = (pts: [number, number][], colour: string, y: (v: number) => number, dash = '') => (pts.length > 1 ? out.push(polyline(pts, x, y, colour, dash)) : 0);
   const steps = (pts: { t: number; v: number | undefined }[]): [number, number][] => {
     const out2: [number, number][] = [];
     let last: number | undefined;
@@ -469,15 +462,15 @@ function profileSvg(profile: ProfileName, runs: RunResult[]): string {
   withSeries.forEach((r, i) => {
     const s = r.series!;
     const top = 40 + i * GROUP;
-    out.push(`<text x="${L}" y="${top + 10}" font-weight="bold">${esc(LABEL[r.mode])}</text>`);
+    out.push(`<text x="${L}" y="${top + 10}" font-weight="bold">${xmlEscape(LABEL[r.mode])}</text>`);
     const mbMax = Math.max(50, ...finite([...s.guest, ...s.copy]));
     panel(top + 16, 'MiB/s: guest (blue), copy (red)', mbMax, (y) => {
-      for (const seg of binned(s.guest, 0.5)) poly(seg, '#1f77b4', y);
-      for (const seg of binned(s.copy, 0.5)) poly(seg, '#d62728', y);
+      for (const seg of binnedSegments(s.guest, 0.5)) poly(seg, '#1f77b4', y);
+      for (const seg of binnedSegments(s.copy, 0.5)) poly(seg, '#d62728', y);
     }, r);
     const msMax = Math.max(1, ...finite([...s.writeP50, ...s.moderation.map((m) => m.latencyMs), ...s.moderation.map((m) => m.limitMs)]).map((v) => Math.min(v, 20)));
     panel(top + 16 + PH + GAP, 'ms: guest write p50 in QEMU (grey); judged latency (green), limit (red dashed)', msMax, (y) => {
-      for (const seg of binned(s.writeP50, 1)) poly(seg, '#888', y);
+      for (const seg of binnedSegments(s.writeP50, 1)) poly(seg, '#888', y);
       poly(steps(s.moderation.map((m) => ({ t: m.t, v: m.latencyMs }))), '#2ca02c', y);
       poly(steps(s.moderation.map((m) => ({ t: m.t, v: m.limitMs }))), '#d62728', y, '5,3');
     }, r);

@@ -717,7 +717,10 @@ export async function startSideBySide(
     ref.rec.poll({ intervalMs: o.pollMs, stats: true, jobs: false }),
     cmp.rec.poll({ intervalMs: o.pollMs, stats: false, jobs: true }),
   ]);
-  const cmpRun = new EncryptRun(['--qmp', cmp.vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(base, 'cmp.luks'), '--key-file', o.keyFile, '--iter-time', '50', '--no-moderation'], path.join(base, 'cmp.lp'));
+  /** `idlecrypt encrypt` of a guest's disk0 into `target` in this run's directory. */
+  const encrypt = (b: Booted, target: string, more: readonly string[], env: Record<string, string> = {}) =>
+    new EncryptRun(['--qmp', b.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50', ...more], path.join(base, `${path.basename(target, '.luks')}.lp`), env);
+  const cmpRun = encrypt(cmp, path.join(base, 'cmp.luks'), ['--no-moderation']);
   const cmpJob = (await withRunOutput(cmpRun, cmp.rec.jobAppears())).job.id;
   await cmp.rec.client.execute('job-pause', { id: cmpJob });
   // The moderated run, 2 s into mod's first idle phase: the job starts 3-6 s later
@@ -726,7 +729,7 @@ export async function startSideBySide(
   // not in the suite's, where the next cell's guest of the same name would find it.
   const modEnv: Record<string, string> = o.warmUpMs ? { IDLECRYPT_STATE_DIR: path.join(base, 'state') } : {};
   if (o.warmUpMs) {
-    const warm = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(base, 'warm-up.luks'), '--key-file', o.keyFile, '--iter-time', '50', ...(o.modArgs ?? [])], path.join(base, 'warm-up.lp'), modEnv);
+    const warm = encrypt(mod, path.join(base, 'warm-up.luks'), o.modArgs ?? [], modEnv);
     const warmDone = warm.result(o.warmUpMs + 120_000);
     await sleepUntil(warm.startedAt + o.warmUpMs);
     warm.cli.child.kill('SIGINT');
@@ -737,7 +740,7 @@ export async function startSideBySide(
   const idle0 = await mod.rec.nextPhase('idle', o.warmUpMs ? now() : 0);
   await sleepUntil(idle0 + 2000);
   const target = path.join(base, 'mod.luks');
-  const run = new EncryptRun(['--qmp', mod.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50', ...(o.modArgs ?? [])], path.join(base, 'mod.lp'), modEnv);
+  const run = encrypt(mod, target, o.modArgs ?? [], modEnv);
   const done = run.result(o.runTimeoutMs);
   // (not the warm-up's job, which earlier polls saw)
   const jobStart = (await withRunOutput(run, mod.rec.jobAppears(60_000, run.startedAt))).sent;
