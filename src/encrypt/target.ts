@@ -277,7 +277,7 @@ export async function writeImageWithQemuImg(
       } catch (e) {
         const err = e as NodeJS.ErrnoException & { stderr?: string };
         if (err.code === 'ENOENT') throw err;
-        const msg = (err.stderr ?? '').trim().split('\n').at(-1)?.replace(/^qemu-img: /, '') || err.message;
+        const msg = qemuImgError(err.stderr ?? '') || err.message;
         throw new IdlecryptError('JOB_FAILED', `creating the encrypted target failed: ${msg}`, { cause: e });
       }
     });
@@ -298,6 +298,22 @@ export async function writeImageWithQemuImg(
     ],
     openingKey,
   );
+}
+
+/**
+ * qemu-img's error from its stderr, in one line: the last `qemu-img: ` line, and what follows
+ * it in parentheses. QEMU prints an error's hint on the lines after it (error_report_err), and
+ * `amend` adds one to a key slot's failure: "qemu-img: Unable to get accurate CPU usage" then
+ * "Failed to write to keyslot 1". Taking the last line alone hid the cause, so the timing
+ * failure was not retried (CI, 2026-12-03). Empty when stderr is.
+ */
+export function qemuImgError(stderr: string): string {
+  const lines = stderr.split('\n').map((l) => l.trim()).filter(Boolean);
+  const at = lines.findLastIndex((l) => l.startsWith('qemu-img: '));
+  if (at < 0) return lines.at(-1) ?? '';
+  const hint = lines.slice(at + 1).join('; ');
+  const error = lines[at]!.slice('qemu-img: '.length);
+  return hint ? `${error} (${hint})` : error;
 }
 
 /**

@@ -12,7 +12,7 @@ import { chmod, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { EncryptedTarget } from '../../src/encrypt/target.ts';
+import { EncryptedTarget, qemuImgError } from '../../src/encrypt/target.ts';
 import { captureLogger, connectToFake, type FakeConnection } from '../helpers/fake-qmp.ts';
 
 /**
@@ -137,6 +137,32 @@ describe('the header written by qemu-img in its own process', () => {
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+  });
+
+  test('the timing failure of amend, under its hint ("Failed to write to keyslot 1" on the line after, as QEMU prints it), is retried too', async () => {
+    const dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-qimg-'));
+    try {
+      const bin = path.join(dir, 'qemu-img');
+      const once = path.join(dir, 'failed-once');
+      await writeFile(
+        bin,
+        `#!/bin/sh\ncat >/dev/null\nif [ "$1" = create ]; then printf 'LUKS\\272\\276' >"$9"; exit 0; fi\nif [ ! -e ${once} ]; then : >${once}; echo "qemu-img: Unable to get accurate CPU usage" >&2; printf 'Failed to write to keyslot 1' >&2; exit 1; fi\n`,
+      );
+      await chmod(bin, 0o755);
+      const r = await attempt(0, bin);
+      assert.equal(r.error, undefined);
+      assert.equal(r.retries, 1);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("qemu-img's error in one line: the last 'qemu-img:' line, with the hint QEMU prints after it", () => {
+    assert.equal(qemuImgError('qemu-img: Unable to get accurate CPU usage\nFailed to write to keyslot 1'), 'Unable to get accurate CPU usage (Failed to write to keyslot 1)');
+    assert.equal(qemuImgError('qemu-img: /x: Could not create: No space left on device\n'), '/x: Could not create: No space left on device');
+    assert.equal(qemuImgError('warning: something\nqemu-img: create did not finish within 122 s\n'), 'create did not finish within 122 s');
+    assert.equal(qemuImgError('Segmentation fault\n'), 'Segmentation fault');
+    assert.equal(qemuImgError(''), '');
   });
 
   test('a qemu-img error that is not the timing one fails at once with its message', async () => {
