@@ -37,6 +37,9 @@ export function ratesFromSample(s: CountSample, vmName: string): ActivityRates {
     pid: s.pid,
     ...(s.intervalS > 0 ? { intervalMs: s.intervalS * 1000 } : {}),
     diskPerS: perS(disk) ?? 0,
+    ...(s.intervalS > 0
+      ? { diskKindsPerS: { reads: perS(s.diskReads) ?? 0, writes: perS(s.diskWrites) ?? 0, flushes: perS(s.diskFlushes) ?? 0, discards: perS(s.diskDiscards ?? null) ?? 0 } }
+      : {}),
     keyPerS: perS(s.keyEvents),
     pointerPerS: perS(s.pointerEvents),
     interruptsPerS: perS(s.interrupts),

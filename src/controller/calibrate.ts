@@ -17,11 +17,25 @@
  * is not idle at that level: that is work, not background, and the latency-driven speed is
  * what protects it). Nothing is learnt before LEARN_MIN_SECONDS of samples.
  *
+ * The disk's requests are also learnt by kind (reads, writes, flushes, discards), each with
+ * the disk's floor and cap, and with `disk: auto` a kind over its own threshold makes the
+ * guest busy too. A background is a mix: a database's log is writes and flushes, and reads
+ * are not part of it. Beside a full-speed copy a one-at-a-time guest's busy phase was held
+ * to 40-52 requests/s, under the learnt 60/s of a trickle of 15 writes and 15 flushes a
+ * second, for 2 s; its reads were over the reads' 5/s within 175 ms (bench/README.md).
+ *
  * Keyboard and pointer input are never learnt: a person at the console comes first. Nor is
  * the vCPUs' stall, which the copy itself causes.
  */
 import { fixedThresholds, LEARN_FLOOR, LEARNABLE, type LearnableSignal, type Moderation, type Signal } from '../policy/schema.ts';
 import { formatRate } from '../policy/units.ts';
+import { DISK_KINDS, type DiskKind } from './types.ts';
+
+/** What is learnt: the learnable signals, and the disk's requests by kind. */
+export type LearnKey = LearnableSignal | DiskKind;
+export const LEARN_KEYS: readonly LearnKey[] = [...LEARNABLE, ...DISK_KINDS];
+/** The signal whose floor and cap a key has: a kind of disk request has the disk's. */
+const signalOf = (key: LearnKey): LearnableSignal => ((LEARNABLE as readonly string[]).includes(key) ? (key as LearnableSignal) : 'disk');
 
 /** Above these a level is the guest's work, not its background. */
 export const LEARN_CAP: Readonly<Record<LearnableSignal, number>> = { disk: 100, interrupts: 10_000 };
@@ -42,9 +56,9 @@ export interface Learnt {
 }
 
 export interface Calibration {
-  /** Whole seconds (epoch s) and each learnable signal's highest windowed rate in it; oldest first. */
-  readonly seconds: readonly { readonly s: number; readonly peak: Readonly<Partial<Record<LearnableSignal, number>>> }[];
-  readonly learnt: Readonly<Partial<Record<LearnableSignal, Learnt>>>;
+  /** Whole seconds (epoch s) and each learnable signal's (and disk kind's) highest windowed rate in it; oldest first. */
+  readonly seconds: readonly { readonly s: number; readonly peak: Readonly<Partial<Record<LearnKey, number>>> }[];
+  readonly learnt: Readonly<Partial<Record<LearnKey, Learnt>>>;
   /** When `learnt` was last computed (ms); 0 = never. */
   readonly learntAt: number;
 }
@@ -66,12 +80,13 @@ function round2(x: number): number {
 }
 
 /** The threshold a learnt background level makes: LEVEL_MARGIN over it, within the signal's floor and cap. */
-export function thresholdFor(signal: LearnableSignal, level: number): number {
+export function thresholdFor(key: LearnKey, level: number): number {
+  const signal = signalOf(key);
   return round2(Math.max(LEARN_FLOOR[signal], Math.min(LEARN_CAP[signal], level * LEVEL_MARGIN)));
 }
 
-/** The level and threshold of one signal from its per-second peaks; undefined before enough seconds. */
-export function learnLevel(peaks: readonly number[], signal: LearnableSignal): Learnt | undefined {
+/** The level and threshold of one signal (or disk kind) from its per-second peaks; undefined before enough seconds. */
+export function learnLevel(peaks: readonly number[], signal: LearnKey): Learnt | undefined {
   if (peaks.length < LEARN_MIN_SECONDS) return undefined;
   const sorted = [...peaks].sort((a, b) => a - b);
   const limit = BACKGROUND_SPREAD * percentile(sorted, BASE_PERCENTILE);
@@ -87,14 +102,14 @@ export function learnLevel(peaks: readonly number[], signal: LearnableSignal): L
  * One classified sample's windowed rates in; the calibration out. `time` in ms. Seconds older
  * than LEARN_SPAN_MS drop out; the thresholds are recomputed every RELEARN_MS.
  */
-export function calibrate(c: Calibration, time: number, rates: Readonly<Partial<Record<LearnableSignal, number | null>>>): Calibration {
+export function calibrate(c: Calibration, time: number, rates: Readonly<Partial<Record<LearnKey, number | null>>>): Calibration {
   const s = Math.floor(time / 1000);
   let seconds = c.seconds;
   const last = seconds.at(-1);
-  const values = Object.fromEntries(LEARNABLE.flatMap((sig) => (rates[sig] == null ? [] : [[sig, rates[sig]!]]))) as Partial<Record<LearnableSignal, number>>;
+  const values = Object.fromEntries(LEARN_KEYS.flatMap((k) => (rates[k] == null ? [] : [[k, rates[k]!]]))) as Partial<Record<LearnKey, number>>;
   if (last && last.s === s) {
     const peak = { ...last.peak };
-    for (const sig of LEARNABLE) if (values[sig] !== undefined) peak[sig] = Math.max(peak[sig] ?? 0, values[sig]!);
+    for (const k of LEARN_KEYS) if (values[k] !== undefined) peak[k] = Math.max(peak[k] ?? 0, values[k]!);
     seconds = [...seconds.slice(0, -1), { s, peak }];
   } else if (!last || s > last.s) {
     const from = s - LEARN_SPAN_MS / 1000;
@@ -103,10 +118,10 @@ export function calibrate(c: Calibration, time: number, rates: Readonly<Partial<
   if (time - c.learntAt < RELEARN_MS) return { ...c, seconds };
   // The second in progress is not whole yet: learn from the finished ones.
   const whole = seconds.slice(0, -1);
-  const learnt: Partial<Record<LearnableSignal, Learnt>> = {};
-  for (const sig of LEARNABLE) {
-    const l = learnLevel(whole.flatMap((x) => (x.peak[sig] === undefined ? [] : [x.peak[sig]!])), sig);
-    if (l) learnt[sig] = l;
+  const learnt: Partial<Record<LearnKey, Learnt>> = {};
+  for (const k of LEARN_KEYS) {
+    const l = learnLevel(whole.flatMap((x) => (x.peak[k] === undefined ? [] : [x.peak[k]!])), k);
+    if (l) learnt[k] = l;
   }
   return { seconds, learnt, learntAt: time };
 }
@@ -115,7 +130,10 @@ export function calibrate(c: Calibration, time: number, rates: Readonly<Partial<
  * The thresholds in force: the policy's fixed ones, and for `auto` the learnt threshold, or
  * the source design's value while nothing is learnt yet (fixedThresholds).
  */
-export function thresholdsInForce(policy: Moderation['thresholds'], c: Calibration): { thresholds: Record<Signal, number | null>; learnt: Signal[] } {
+export function thresholdsInForce(
+  policy: Moderation['thresholds'],
+  c: Calibration,
+): { thresholds: Record<Signal, number | null>; learnt: Signal[]; kinds: Partial<Record<DiskKind, Learnt>> } {
   const thresholds = fixedThresholds(policy);
   const learnt: Signal[] = [];
   for (const sig of LEARNABLE) {
@@ -124,15 +142,23 @@ export function thresholdsInForce(policy: Moderation['thresholds'], c: Calibrati
     thresholds[sig] = l.threshold;
     learnt.push(sig);
   }
-  return { thresholds, learnt };
+  // Each kind's threshold once the disk's own is learnt: until then the floor holds for the sum.
+  const kinds: Partial<Record<DiskKind, Learnt>> = {};
+  if (learnt.includes('disk')) for (const k of DISK_KINDS) if (c.learnt[k]) kinds[k] = c.learnt[k];
+  return { thresholds, learnt, kinds };
 }
 
-/** "disk level 18/s, busy above 27/s, interrupts learning" for status and logs. */
+/**
+ * "disk level 32/s, busy above 48/s (or reads above 5/s, writes above 24/s, flushes above
+ * 24/s, discards above 5/s), interrupts learning" for status and logs.
+ */
 export function describeCalibration(c: Calibration, signals: readonly LearnableSignal[]): string {
   return signals
     .map((sig) => {
       const l = c.learnt[sig];
-      return l ? `${sig} level ${formatRate(l.level)}/s, busy above ${formatRate(l.threshold)}/s` : `${sig} learning (busy above ${formatRate(LEARN_FLOOR[sig])}/s until ${LEARN_MIN_SECONDS} s are seen)`;
+      if (!l) return `${sig} learning (busy above ${formatRate(LEARN_FLOOR[sig])}/s until ${LEARN_MIN_SECONDS} s are seen)`;
+      const kinds = sig === 'disk' ? DISK_KINDS.flatMap((k) => (c.learnt[k] ? [`${k} above ${formatRate(c.learnt[k].threshold)}/s`] : [])) : [];
+      return `${sig} level ${formatRate(l.level)}/s, busy above ${formatRate(l.threshold)}/s${kinds.length ? ` (or ${kinds.join(', ')})` : ''}`;
     })
     .join(', ');
 }

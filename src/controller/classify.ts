@@ -8,7 +8,7 @@
  */
 import { SIGNALS } from '../policy/schema.ts';
 import { formatRate } from '../policy/units.ts';
-import type { ActivityRates, Classification, Reason, Signal } from './types.ts';
+import { DISK_KINDS, type ActivityRates, type Classification, type DiskKind, type Reason, type Signal } from './types.ts';
 
 const FIELD: Record<Signal, 'diskPerS' | 'keyPerS' | 'pointerPerS' | 'interruptsPerS' | 'stallMsPerS'> = {
   disk: 'diskPerS',
@@ -24,20 +24,39 @@ export function rateOf(rates: ActivityRates, signal: Signal): number | null {
 
 /**
  * `thresholds`: those in force (the policy's fixed ones, and for `auto` what calibrate.ts
- * learnt); `learnt`: the signals whose threshold was learnt, named so in the reasons.
+ * learnt); `learnt`: the signals whose threshold was learnt, named so in the reasons;
+ * `kinds`: with `disk: auto`, each kind of disk request's learnt threshold. A kind over its
+ * own makes the disk busy even when the sum is under the disk's (one reason, the kind
+ * furthest over: a guest whose background is writes starts reading).
  */
-export function classify(rates: ActivityRates, thresholds: Readonly<Record<Signal, number | null>>, learnt: readonly Signal[] = []): Classification {
+export function classify(
+  rates: ActivityRates,
+  thresholds: Readonly<Record<Signal, number | null>>,
+  learnt: readonly Signal[] = [],
+  kinds?: Readonly<Partial<Record<DiskKind, { readonly threshold: number }>>>,
+): Classification {
   const reasons: Reason[] = [];
   for (const signal of SIGNALS) {
     const threshold = thresholds[signal];
     const value = rateOf(rates, signal);
     if (threshold !== null && value !== null && value > threshold) reasons.push({ signal, value, threshold, ...(learnt.includes(signal) ? { learnt: true as const } : {}) });
+    else if (signal === 'disk' && threshold !== null && kinds && rates.diskKindsPerS) {
+      let over: Reason | undefined;
+      for (const kind of DISK_KINDS) {
+        const t = kinds[kind]?.threshold;
+        const v = rates.diskKindsPerS[kind];
+        if (t !== undefined && v > t && (!over || v / t > over.value / over.threshold)) over = { signal, kind, value: v, threshold: t, learnt: true };
+      }
+      if (over) reasons.push(over);
+    }
   }
   return { state: reasons.length > 0 ? 'busy' : 'idle', reasons };
 }
 
-/** "disk 37.5/s > 5/s, keyboard 8/s > 5/s", "stall 412ms/s > 600ms/s", "disk 90/s > 42/s (learnt)" */
+/** "disk 37.5/s > 5/s, keyboard 8/s > 5/s", "stall 412ms/s > 600ms/s", "disk 90/s > 42/s (learnt)", "disk reads 20/s > 5/s (learnt)" */
 export function describeReasons(reasons: readonly Reason[]): string {
   const unit = (sig: Signal) => (sig === 'stall' ? 'ms/s' : '/s');
-  return reasons.map((r) => `${r.signal} ${formatRate(r.value)}${unit(r.signal)} > ${formatRate(r.threshold)}${unit(r.signal)}${r.learnt ? ' (learnt)' : ''}`).join(', ');
+  return reasons
+    .map((r) => `${r.signal}${r.kind ? ` ${r.kind}` : ''} ${formatRate(r.value)}${unit(r.signal)} > ${formatRate(r.threshold)}${unit(r.signal)}${r.learnt ? ' (learnt)' : ''}`)
+    .join(', ');
 }

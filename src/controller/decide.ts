@@ -38,7 +38,7 @@ import { classify, describeReasons, rateOf } from './classify.ts';
 import { applyHeadroom } from './headroom.ts';
 import { calibrate, describeCalibration, EMPTY_CALIBRATION, thresholdsInForce, type Calibration } from './calibrate.ts';
 import { INITIAL_LATENCY, latencyStep, type LatencyMemory, type LatencySample, type LatencyView } from './latency.ts';
-import type { ActivityRates, Classified, Decision, Guarantee, JobProgress, LearntThresholds, Signal, StateChange } from './types.ts';
+import { DISK_KINDS, type ActivityRates, type Classified, type Decision, type DiskKind, type Guarantee, type JobProgress, type LearntThresholds, type Signal, type StateChange } from './types.ts';
 
 /** Structural equality, typed, for distinctUntilChanged. */
 export const same = <T>(a: T, b: T): boolean => isDeepStrictEqual(a, b);
@@ -50,6 +50,8 @@ interface WindowSample {
   readonly end: number;
   /** events in the sample per signal; null = unknown */
   readonly counts: Readonly<Record<Signal, number | null>>;
+  /** disk requests in the sample by kind, when the source counts them apart */
+  readonly kinds?: Readonly<Record<DiskKind, number>>;
 }
 
 export interface RateWindow {
@@ -79,25 +81,28 @@ export function pushSample(
       return [sig, r === null ? null : (r * length) / 1000];
     }),
   ) as Record<Signal, number | null>;
+  const kinds = s.diskKindsPerS ? (Object.fromEntries(DISK_KINDS.map((k) => [k, (s.diskKindsPerS![k] * length) / 1000])) as Record<DiskKind, number>) : undefined;
   const from = s.time - windowMs;
-  const samples = [...w.samples.filter((x) => x.end > from), { start: s.time - length, end: s.time, counts }];
-  const windowed = (sig: Signal): number | null => {
-    if (counts[sig] === null) return null; // unknown now: stays unknown
+  const samples = [...w.samples.filter((x) => x.end > from), { start: s.time - length, end: s.time, counts, ...(kinds ? { kinds } : {}) }];
+  const windowedOf = (count: (x: WindowSample) => number | null | undefined): number => {
     let n = 0;
     for (const x of samples) {
-      const c = x.counts[sig];
-      if (c === null) continue;
+      const c = count(x);
+      if (c == null) continue;
       const span = x.end - x.start;
       n += x.start >= from ? c : (c * (x.end - from)) / span;
     }
     return n / (windowMs / 1000);
   };
+  // unknown now: stays unknown
+  const windowed = (sig: Signal): number | null => (counts[sig] === null ? null : windowedOf((x) => x.counts[sig]));
   return {
     window: { samples },
     rates: {
       ...s,
       intervalMs: windowMs,
       diskPerS: windowed('disk') ?? 0,
+      ...(kinds ? { diskKindsPerS: Object.fromEntries(DISK_KINDS.map((k) => [k, windowedOf((x) => x.kinds?.[k])])) as Record<DiskKind, number> } : {}),
       keyPerS: windowed('keyboard'),
       pointerPerS: windowed('pointer'),
       interruptsPerS: windowed('interrupts'),
@@ -130,15 +135,16 @@ export function classifyActivity(policy$: Observable<EffectivePolicy>, learning:
           const { window, rates } = pushSample(acc.window, sample, p.sampling.window, p.sampling.interval);
           // Learnt whatever the policy says, so that switching to auto by a reload starts
           // from what was seen; what was learnt outlives reloads (it is not the policy's).
-          const calibration = calibrate(acc.calibration, sample.time, { disk: rates.diskPerS, interrupts: rates.interruptsPerS });
+          const calibration = calibrate(acc.calibration, sample.time, { disk: rates.diskPerS, interrupts: rates.interruptsPerS, ...rates.diskKindsPerS });
           const auto = LEARNABLE.filter((sig) => p.thresholds[sig] === 'auto');
           let learnt = acc.learnt;
           if (auto.length === 0) learnt = undefined;
           else if (!learnt || calibration.learntAt !== acc.calibration.learntAt || auto.join() !== acc.auto) {
-            const { thresholds, learnt: got } = thresholdsInForce(p.thresholds, calibration);
+            const { thresholds, learnt: got, kinds } = thresholdsInForce(p.thresholds, calibration);
             const next: LearntThresholds = {
               thresholds,
               levels: Object.fromEntries(got.map((sig) => [sig, calibration.learnt[sig as LearnableSignal]!])),
+              ...(Object.keys(kinds).length > 0 ? { kinds } : {}),
               summary: describeCalibration(calibration, auto),
             };
             learnt = learnt && same(learnt, next) ? learnt : next;
@@ -146,7 +152,7 @@ export function classifyActivity(policy$: Observable<EffectivePolicy>, learning:
           }
           const thresholds = learnt?.thresholds ?? fixedThresholds(p.thresholds);
           const learntSignals = learnt ? (Object.keys(learnt.levels) as Signal[]) : [];
-          const c = classify(rates, thresholds, learntSignals);
+          const c = classify(rates, thresholds, learntSignals, learnt?.kinds);
           return { window, calibration, learnt, auto: auto.join(), out: { time: sample.time, ...c, ...(learnt ? { learnt } : {}) } };
         },
         { window: EMPTY_WINDOW, calibration: learning.initial ?? EMPTY_CALIBRATION, learnt: undefined, auto: '', out: null },
@@ -204,6 +210,15 @@ const URGENT: ReadonlySet<Signal> = new Set(['keyboard', 'pointer', 'stall']);
  * the full hold-off after each such wait cost an idle phase 1.3 s of copying, twice in
  * some (sparse raw disk, cache=none: the idle copy at 58-65% of an unthrottled mirror's
  * speed; docs/starvation.md).
+ *
+ * A spell that the stall began, and in which the disk (or interrupts) then stayed over its
+ * threshold for no longer than two windows, is held off for one window too: once a copy that
+ * held the vCPU pauses, the requests the guest could not submit meanwhile reach QEMU at
+ * once, and a guest with a background (a trickle of log writes, `thresholds: auto`) is
+ * over its disk threshold for a window with them. That is the stall's catch-up, not work:
+ * a guest that works stays over it (the one-at-a-time guest frozen by the copy: seconds).
+ * The catch-up alone cost a sparse disk's idle phase 1.25 s of copying at a time (matrix,
+ * trickle cells under `thresholds: auto`, 2026-12-03). Input never counts as catch-up.
  */
 export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: SchedulerLike): OperatorFunction<Classified, StateChange> {
   return (source) =>
@@ -213,9 +228,30 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
       let urgent = false;
       // Every busy sample since the state was last idle had the stall as its only reason.
       let stallOnly = true;
+      // Since the state was last idle: a busy sample came (the spell began), the first had the
+      // stall alone, input came, and when the disk or interrupts were first over their
+      // threshold and when they last came under it again (-1: not yet).
+      let spell = false;
+      let stallBegan = false;
+      let input = false;
+      let workFrom = -1;
+      let workTo = -1;
+      let working = false;
       return source.pipe(
         tap((c) => {
-          if (c.state === 'busy' && c.reasons.some((r) => r.signal !== 'stall')) stallOnly = false;
+          const work = c.state === 'busy' && c.reasons.some((r) => r.signal === 'disk' || r.signal === 'interrupts');
+          if (work !== working) {
+            working = work;
+            if (work && workFrom < 0) workFrom = scheduler.now();
+            if (!work) workTo = scheduler.now();
+          }
+          if (c.state !== 'busy') return;
+          if (!spell) {
+            spell = true;
+            stallBegan = c.reasons.every((r) => r.signal === 'stall');
+          }
+          if (c.reasons.some((r) => r.signal !== 'stall')) stallOnly = false;
+          if (c.reasons.some((r) => r.signal === 'keyboard' || r.signal === 'pointer')) input = true;
         }),
         // Within a busy phase, input joining or leaving is a change too (urgent or not).
         distinctUntilChanged((a, b) => a.state === b.state && (a.state !== 'busy' || isUrgent(a) === isUrgent(b))),
@@ -243,11 +279,14 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
             return of({ state: 'busy', reason, ...(urgent ? { urgent: true as const } : {}) });
           }
           if (busyReason === null) return of({ state: 'idle', reason: c.note ?? 'quiet' });
-          const hold = stallOnly ? Math.min(p.holdoff, p.sampling.window) : p.holdoff;
+          const catchUp = stallBegan && !input && workFrom >= 0 && workTo - workFrom <= 2 * p.sampling.window;
+          const hold = stallOnly || catchUp ? Math.min(p.holdoff, p.sampling.window) : p.holdoff;
           const quiet: StateChange = { state: 'idle', reason: `quiet for ${formatDuration(hold)}` };
           const idleAgain = () => {
             // A new spell starts afresh: a disk busy later is not held for an earlier input.
             stallOnly = true;
+            spell = stallBegan = input = false;
+            workFrom = workTo = -1;
             urgent = false;
             return quiet;
           };
@@ -256,6 +295,7 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
             state: 'holdoff',
             reason: `${c.note ?? 'quiet'}; hold-off ${formatDuration(hold)} after ${busyReason}`,
             ...(urgent ? { urgent: true as const } : {}),
+            ...(stallBegan && (stallOnly || catchUp) ? { held: true as const } : {}),
           };
           return concat(of(holding), timer(hold, scheduler).pipe(map(idleAgain)));
         }),
@@ -457,6 +497,11 @@ export function convergence(policy$: Observable<EffectivePolicy>, scheduler: Sch
  * what the deadline asks for, whichever is fastest.
  */
 export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee, lat?: LatencyView, push?: Push | null): Decision {
+  const d = decisionFor(s, p, g, lat, push);
+  return s.held ? { ...d, held: true } : d;
+}
+
+function decisionFor(s: StateChange, p: EffectivePolicy, g: Guarantee, lat?: LatencyView, push?: Push | null): Decision {
   let speed = s.state === 'idle' ? p.speed.idle : p.speed.busy;
   const why = [s.reason];
   const shown = lat !== undefined && p.latency.margin !== null ? { latency: lat } : {};

@@ -25,11 +25,22 @@
  * lags behind. A new copy starts at 64 MiB/s and reaches 300 MiB/s within
  * seven steps (under two seconds) if the loop allows.
  * The cap learnt stays across busy phases: the next idle phase starts where the last ended.
+ *
+ * The guest's side of the same limit: a spell in which the copy held the guest (the stall
+ * began it, and no work followed but the requests it released: decide.ts holdOff) sets a
+ * ceiling at STALL_CUT of what the copy was let do just before, and the cap stays under it;
+ * the ceiling rises by CEILING_RISE per step at the idle speed, and is cut again by the next
+ * such spell. The main thread's busy share does not see what a vCPU waits for: beside a sparse
+ * disk's copy a guest trickling 15 synchronous writes a second waited for the big lock over
+ * 800 ms/s every half second, with the cap (250-300 MiB/s) far above the copy's 150, and
+ * each spell paused the copy (idle phases at 59-64% of an unthrottled mirror's speed).
  */
 import {
   combineLatest,
   distinctUntilChanged,
+  filter,
   map,
+  merge,
   scan,
   startWith,
   withLatestFrom,
@@ -58,6 +69,10 @@ const MAX_CUT = 0.75;
 const MAX_CUT_SATURATED = 0.5;
 /** Weight of the newest load sample (exponential smoothing over about two samples). */
 const SMOOTHING = 0.5;
+/** A spell that held the guest puts the ceiling at this share of what the copy was let do. */
+export const STALL_CUT = 0.85;
+/** Per step at the idle speed the ceiling rises by this factor (+4% a second). */
+export const CEILING_RISE = 1.01;
 
 /** One main-loop sample with what the job did up to it. */
 export interface HeadroomInput {
@@ -77,6 +92,10 @@ export interface HeadroomMemory {
   /** Last load measured while the job ran at the idle speed, for views. */
   readonly load: number | null;
   readonly prev: { readonly offset: number; readonly offsetAt: number; readonly full: boolean } | null;
+  /** What the copy was let do at the last step at the idle speed: the cap where it bound, else its rate. */
+  readonly base?: number;
+  /** Set by a spell that held the guest (heldStep): the cap stays under it. */
+  readonly ceilingBps?: number;
 }
 
 export const INITIAL_HEADROOM: HeadroomMemory = { capBps: HEADROOM_START_BPS, load: null, prev: null };
@@ -101,7 +120,20 @@ export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: nu
   if (load > target) cap = Math.max(cap * (load >= 1 ? MAX_CUT_SATURATED : MAX_CUT), (base * target) / load);
   // Raise only as far as the newest sample allows too: the smoothed load lags a rising one.
   else if (binding) cap = Math.min(cap * MAX_RAISE, (base * target) / Math.max(load, s.load, 0.05));
-  return { capBps: roundMiB(cap), load, prev };
+  if (mem.ceilingBps === undefined) return { capBps: roundMiB(cap), load, prev, base };
+  const ceilingBps = mem.ceilingBps * CEILING_RISE;
+  return { capBps: roundMiB(Math.min(cap, ceilingBps)), load, prev, base, ceilingBps };
+}
+
+/**
+ * A spell that held the guest ended (the copy paused for a stall, and the guest did no work
+ * after it): the ceiling goes to STALL_CUT of what the copy was let do before it, or lower
+ * where it already is, and the cap under it. Pure.
+ */
+export function heldStep(mem: HeadroomMemory): HeadroomMemory {
+  const before = Math.min(mem.base ?? mem.capBps, mem.capBps);
+  const ceilingBps = Math.max(HEADROOM_MIN_BPS, Math.min(mem.ceilingBps ?? Infinity, before * STALL_CUT));
+  return { ...mem, ceilingBps, capBps: roundMiB(Math.min(mem.capBps, ceilingBps)) };
 }
 
 /** The job's progress as the controller sees it, with the time it was read. */
@@ -120,18 +152,25 @@ export function headroomCap(
   progress$: Observable<TimedProgress>,
   policy$: Observable<EffectivePolicy>,
 ): OperatorFunction<{ time: number; load: number }, HeadroomMemory> {
-  return (load$) =>
-    load$.pipe(
-      withLatestFrom(base$, progress$, policy$),
-      scan(
-        (mem, [l, d, p, pol]) =>
-          pol.speed.headroom === null
-            ? { ...mem, prev: null }
-            : headroomStep(mem, { time: l.time, load: l.load, offset: p.offset, offsetAt: p.time, full: d.mode === 'full' && !p.paused }, pol.speed.headroom),
-        INITIAL_HEADROOM,
-      ),
+  return (load$) => {
+    // Each spell that held the guest, once: its decision is distinct from those around it.
+    const held$ = base$.pipe(
+      filter((d) => d.held === true),
+      withLatestFrom(policy$),
+      map(([, pol]) => ({ held: pol.speed.headroom !== null }) as const),
+    );
+    const sample$ = load$.pipe(withLatestFrom(base$, progress$, policy$));
+    return merge(sample$, held$).pipe(
+      scan((mem, e) => {
+        if (!Array.isArray(e)) return e.held ? heldStep(mem) : mem;
+        const [l, d, p, pol] = e;
+        return pol.speed.headroom === null
+          ? { ...mem, prev: null }
+          : headroomStep(mem, { time: l.time, load: l.load, offset: p.offset, offsetAt: p.time, full: d.mode === 'full' && !p.paused }, pol.speed.headroom);
+      }, INITIAL_HEADROOM),
       distinctUntilChanged((a, b) => a.capBps === b.capBps && a.load === b.load),
     );
+  };
 }
 
 /**

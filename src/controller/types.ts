@@ -9,6 +9,14 @@ import type { LatencyView } from './latency.ts';
 export type { Signal };
 
 /**
+ * The kinds of guest disk request. The disk signal is their sum; `thresholds: auto` also
+ * learns each kind's own level (calibrate.ts), so that a kind the guest's background never
+ * does (reads, beside a database's log writes) is seen at the source design's 5/s.
+ */
+export const DISK_KINDS = ['reads', 'writes', 'flushes', 'discards'] as const;
+export type DiskKind = (typeof DISK_KINDS)[number];
+
+/**
  * One activity sample of one VM: event rates per second over the sample's own interval
  * (count / measured interval), not yet averaged. The controller averages them over the
  * policy's `sampling.window` itself, so that the window is a policy setting.
@@ -23,8 +31,10 @@ export interface ActivityRates {
    * previous sample (and as `sampling.interval` for the first).
    */
   readonly intervalMs?: number;
-  /** Guest disk requests (read + write + flush) per second. */
+  /** Guest disk requests (read + write + flush + discard) per second. */
   readonly diskPerS: number;
+  /** The same by kind, where the source counts them apart (both do). */
+  readonly diskKindsPerS?: Readonly<Record<DiskKind, number>>;
   /** null = unknown (degraded mode, no eBPF): an unknown signal never makes the guest busy. */
   readonly keyPerS: number | null;
   readonly pointerPerS: number | null;
@@ -42,6 +52,8 @@ export interface LearntThresholds {
   readonly thresholds: Readonly<Record<Signal, number | null>>;
   /** Per learnt signal: its background level and threshold; a signal still learning is absent. */
   readonly levels: Readonly<Partial<Record<Signal, { readonly level: number; readonly threshold: number }>>>;
+  /** With `disk: auto`: each kind of request's level and threshold, once learnt. */
+  readonly kinds?: Readonly<Partial<Record<DiskKind, { readonly level: number; readonly threshold: number }>>>;
   /** "disk level 18/s, busy above 27/s, interrupts learning (busy above 1000/s until 60 s are seen)" */
   readonly summary: string;
 }
@@ -66,6 +78,8 @@ export interface Reason {
   readonly threshold: number;
   /** The threshold was learnt for this guest (`auto`), not the policy's number. */
   readonly learnt?: true;
+  /** A disk reason of one kind of request over that kind's learnt threshold (the sum was not over its own). */
+  readonly kind?: DiskKind;
 }
 
 export interface Classification {
@@ -98,6 +112,12 @@ export interface StateChange {
    * the guest's disk and interrupts: never graded by latency (latency.ts).
    */
   readonly urgent?: true;
+  /**
+   * The hold-off after a spell in which the copy held the guest: the stall began it and the
+   * guest did no work but what it had been kept from submitting (decide.ts holdOff). The
+   * headroom lowers its cap for it (headroom.ts).
+   */
+  readonly held?: true;
 }
 
 /** What the deadline asks for: the busy speed it needs, if it needs one. */
@@ -128,6 +148,8 @@ export interface Decision {
   readonly headroom?: { readonly capBps: number; readonly load: number | null };
   /** The learnt thresholds (`thresholds: auto`) in force when the state was judged. */
   readonly learnt?: LearntThresholds;
+  /** From the state: the hold-off after a spell in which the copy held the guest (StateChange.held). */
+  readonly held?: true;
   /** The latency control (`latency.margin`), when on: the guest's latency, its baseline, the graded speed. */
   readonly latency?: LatencyView;
 }

@@ -20,6 +20,7 @@ import {
   thresholdsInForce,
   type Calibration,
 } from '../../src/controller/calibrate.ts';
+import { describeReasons } from '../../src/controller/classify.ts';
 import { classifyActivity } from '../../src/controller/decide.ts';
 import type { ActivityRates, Classified } from '../../src/controller/types.ts';
 import { defaultPolicy, parsePolicy } from '../../src/policy/index.ts';
@@ -148,6 +149,35 @@ describe('classifyActivity with thresholds: auto', () => {
     const again = run(autoPolicy, r.saved.at(-1));
     again.in$.next(sample(t + 1000, 20));
     assert.equal(again.out.at(-1)!.state, 'idle', 'the new run knows the trickle from the first sample');
+  });
+
+  test("each kind of request is learnt too: a guest whose background is writes and flushes is busy on its first reads, although the sum stays under the disk's threshold", () => {
+    const r = run(autoPolicy);
+    // the trickle: 10 writes and 10 flushes a second, as a database's log
+    const mixed = (time: number, reads: number, writes: number, flushes: number): ActivityRates => ({
+      ...sample(time, reads + writes + flushes),
+      diskKindsPerS: { reads, writes, flushes, discards: 0 },
+    });
+    let t = T0;
+    for (; t < T0 + 120_000; t += 50) r.in$.next(mixed(t, 0, 10, 10));
+    const learnt = r.out.at(-1)!.learnt!;
+    assert.equal(r.out.at(-1)!.state, 'idle');
+    assert.equal(learnt.thresholds.disk, 30);
+    assert.deepEqual(learnt.kinds, { reads: { level: 0, threshold: 5 }, writes: { level: 10, threshold: 15 }, flushes: { level: 10, threshold: 15 }, discards: { level: 0, threshold: 5 } });
+    assert.match(learnt.summary, /^disk level 20\/s, busy above 30\/s \(or reads above 5\/s, writes above 15\/s, flushes above 15\/s, discards above 5\/s\), interrupts/);
+    // A busy phase held back by a copy: reads at 20 a second beside the trickle. Over the
+    // 250 ms window the sum is 24/s after one sample and 28/s after two, under the disk's 30;
+    // the reads are 4/s, then 8/s: over their own 5 at the second sample.
+    r.in$.next(mixed((t += 50), 20, 10, 10));
+    assert.equal(r.out.at(-1)!.state, 'idle');
+    r.in$.next(mixed((t += 50), 20, 10, 10));
+    const busy = r.out.at(-1)!;
+    assert.equal(busy.state, 'busy');
+    assert.deepEqual(busy.reasons, [{ signal: 'disk', kind: 'reads', value: 8, threshold: 5, learnt: true }]);
+    assert.equal(describeReasons(busy.reasons), 'disk reads 8/s > 5/s (learnt)');
+    // a burst of the guest's own kinds is judged by the sum, as before
+    r.in$.next(mixed((t += 50), 0, 400, 0));
+    assert.equal(r.out.at(-1)!.reasons[0]!.kind, undefined);
   });
 
   test('fixed thresholds: the same trickle is busy, and nothing learnt is shown', () => {

@@ -97,6 +97,15 @@ describe('rates over the window', () => {
     assert.equal(b.rates.diskPerS, 12);
   });
 
+  test('the disk requests by kind are averaged over the window as their sum is', () => {
+    let w: RateWindow = EMPTY_WINDOW;
+    const kinds = (reads: number, writes: number) => ({ reads, writes, flushes: 0, discards: 0 });
+    w = pushSample(w, rates({ time: 50, diskPerS: 20, diskKindsPerS: kinds(0, 20) }), 250, 50).window;
+    const r = pushSample(w, rates({ time: 100, diskPerS: 60, diskKindsPerS: kinds(40, 20) }), 250, 50).rates;
+    assert.equal(r.diskPerS, 16);
+    assert.deepEqual(r.diskKindsPerS, kinds(8, 8));
+  });
+
   test('a signal unknown now stays unknown; known ones are averaged', () => {
     const r = pushSample(EMPTY_WINDOW, rates({ time: 50, keyPerS: null, pointerPerS: 200 }), 250, 50);
     assert.equal(r.rates.keyPerS, null);
@@ -110,7 +119,18 @@ describe('ratesFromSample (from the observation streams)', () => {
       { time: 1000, pid: 42, vm: 'vm1', intervalS: 0.05, source: 'ebpf', diskReads: 1, diskWrites: 2, diskFlushes: 1, diskDiscards: 0, keyEvents: 2, pointerEvents: 0, interrupts: 10 },
       'vm1',
     );
-    assert.deepEqual(r, { time: 1000, vm: 'vm1', pid: 42, intervalMs: 50, diskPerS: 80, keyPerS: 40, pointerPerS: 0, interruptsPerS: 200, source: 'ebpf' });
+    assert.deepEqual(r, {
+      time: 1000,
+      vm: 'vm1',
+      pid: 42,
+      intervalMs: 50,
+      diskPerS: 80,
+      diskKindsPerS: { reads: 20, writes: 40, flushes: 20, discards: 0 },
+      keyPerS: 40,
+      pointerPerS: 0,
+      interruptsPerS: 200,
+      source: 'ebpf',
+    });
   });
 
   test('unknown stays unknown (degraded), and a VM without a name takes the one moderated', () => {
@@ -118,6 +138,17 @@ describe('ratesFromSample (from the observation streams)', () => {
       { time: 1000, pid: 42, vm: null, intervalS: 0.25, source: 'qmp', diskReads: 1, diskWrites: 0, diskFlushes: 0, keyEvents: null, pointerEvents: null, interrupts: null },
       'vm1',
     );
-    assert.deepEqual(r, { time: 1000, vm: 'vm1', pid: 42, intervalMs: 250, diskPerS: 4, keyPerS: null, pointerPerS: null, interruptsPerS: null, source: 'qmp' });
+    assert.deepEqual(r, {
+      time: 1000,
+      vm: 'vm1',
+      pid: 42,
+      intervalMs: 250,
+      diskPerS: 4,
+      diskKindsPerS: { reads: 4, writes: 0, flushes: 0, discards: 0 },
+      keyPerS: null,
+      pointerPerS: null,
+      interruptsPerS: null,
+      source: 'qmp',
+    });
   });
 });

@@ -80,7 +80,7 @@ describe('holdOff', () => {
       const src = cold('s 99ms i', { s: stalled, i: idle });
       expectObservable(src.pipe(holdOff(of(P), ts))).toBe('T 99ms t 249ms q', {
         T: { state: 'busy', reason: 'stall 900ms/s > 800ms/s', urgent: true },
-        t: { state: 'holdoff', reason: 'quiet; hold-off 250ms after stall 900ms/s > 800ms/s', urgent: true },
+        t: { state: 'holdoff', reason: 'quiet; hold-off 250ms after stall 900ms/s > 800ms/s', urgent: true, held: true },
         q: { state: 'idle', reason: 'quiet for 250ms' },
       });
     });
@@ -91,7 +91,7 @@ describe('holdOff', () => {
     ts.run(({ cold, expectObservable }) => {
       const both: Classified = { time: 0, state: 'busy', reasons: [{ signal: 'disk', value: 37.5, threshold: 5 }, stalled.reasons[0]!] };
       const T = { state: 'busy', reason: 'stall 900ms/s > 800ms/s', urgent: true };
-      const t = { state: 'holdoff', reason: 'quiet; hold-off 250ms after stall 900ms/s > 800ms/s', urgent: true };
+      const t = { state: 'holdoff', reason: 'quiet; hold-off 250ms after stall 900ms/s > 800ms/s', urgent: true, held: true };
       const q = { state: 'idle', reason: 'quiet for 250ms' };
       // disk and stall at once, then quiet: the full hold-off
       expectObservable(cold('d 99ms i', { d: both, i: idle }).pipe(holdOff(of(P), ts))).toBe('D 99ms H 999ms Q', {
@@ -106,6 +106,28 @@ describe('holdOff', () => {
         'T 99ms t 99ms U 999ms B 99ms H 999ms Q 99ms T 99ms t 249ms q',
         { ...S, T, t, q, U: { state: 'busy', reason: 'disk 37.5/s > 5/s; hold-off 1s after stall 900ms/s > 800ms/s', urgent: true } },
       );
+    });
+  });
+
+  test("the disk busy for at most two windows after a stall began the spell is the stall's catch-up: one window's hold-off, and the guest was held; longer is work: the full one", () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      const T = { state: 'busy', reason: 'stall 900ms/s > 800ms/s', urgent: true };
+      const U = { state: 'busy', reason: 'disk 37.5/s > 5/s; hold-off 1s after stall 900ms/s > 800ms/s', urgent: true };
+      // the requests the frozen guest could not submit, over its threshold for 200 ms once the copy paused
+      expectObservable(cold('s 49ms b 199ms i', { s: stalled, b: busy, i: idle }).pipe(holdOff(of(P), ts))).toBe('T 49ms U 199ms h 249ms q', {
+        T,
+        U,
+        h: { state: 'holdoff', reason: 'quiet; hold-off 250ms after stall 900ms/s > 800ms/s', urgent: true, held: true },
+        q: { state: 'idle', reason: 'quiet for 250ms' },
+      });
+      // a guest that works once the copy paused: 600 ms of it
+      expectObservable(cold('s 49ms b 599ms i', { s: stalled, b: busy, i: idle }).pipe(holdOff(of(P), ts))).toBe('T 49ms U 599ms h 999ms Q', {
+        ...S,
+        T,
+        U,
+        h: { state: 'holdoff', reason: 'quiet; hold-off 1s after stall 900ms/s > 800ms/s', urgent: true },
+      });
     });
   });
 

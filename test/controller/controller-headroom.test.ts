@@ -4,11 +4,16 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { BehaviorSubject, of, Subject } from 'rxjs';
 import {
+  CEILING_RISE,
   HEADROOM_MIN_BPS,
   HEADROOM_START_BPS,
   INITIAL_HEADROOM,
+  headroomCap,
   headroomStep,
+  heldStep,
+  STALL_CUT,
   withHeadroom,
   type HeadroomMemory,
 } from '../../src/controller/headroom.ts';
@@ -93,6 +98,50 @@ describe('headroomStep', () => {
     const mem: HeadroomMemory = { capBps: 10 * MiB, load: 1, prev: { offset: 0, offsetAt: 0, full: true } };
     const next = headroomStep(mem, { time: 250, load: 3, offset: 2 * MiB, offsetAt: 250, full: true }, 0.15);
     assert.equal(next.capBps, HEADROOM_MIN_BPS);
+  });
+});
+
+describe('a spell that held the guest (heldStep)', () => {
+  test('puts a ceiling at 85% of what the copy was let do (its rate where the cap did not bind), which then rises 1% a step at the idle speed', () => {
+    // the sparse disk's copy: the cap far above the copy's 150 MiB/s, the loop with room
+    let mem = simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem;
+    assert.ok(mem.capBps > 150 * MiB / 0.8, 'the cap does not bind');
+    assert.equal(mem.base, 150 * MiB);
+    mem = heldStep(mem);
+    assert.equal(mem.ceilingBps, 150 * MiB * STALL_CUT);
+    assert.equal(mem.capBps, 128 * MiB);
+    // at the idle speed again (the first sample only starts the measurement) the ceiling
+    // rises with each step, and the cap with it
+    const after = simulate(20, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }, 0.15, mem);
+    assert.ok(Math.abs(after.mem.ceilingBps! - 150 * MiB * STALL_CUT * CEILING_RISE ** 20) < 1);
+    assert.ok(after.caps.every((c, i) => c <= 150 * MiB * STALL_CUT * CEILING_RISE ** i + MiB / 2), 'the cap stays under the ceiling');
+    assert.ok(after.caps.at(-1)! > mem.capBps, 'and rises with it');
+  });
+
+  test('a second spell cuts from where the copy then was; never under the minimum', () => {
+    let mem: HeadroomMemory = { capBps: 120 * MiB, load: 0.5, prev: null, base: 120 * MiB, ceilingBps: 125 * MiB };
+    mem = heldStep(mem);
+    assert.equal(mem.ceilingBps, 120 * MiB * STALL_CUT);
+    assert.equal(mem.capBps, 102 * MiB);
+    for (let i = 0; i < 30; i++) mem = heldStep(mem);
+    assert.equal(mem.ceilingBps, HEADROOM_MIN_BPS);
+    assert.equal(mem.capBps, HEADROOM_MIN_BPS);
+  });
+
+  test('headroomCap: a decision marked held lowers the cap at once, once', () => {
+    const base$ = new Subject<Decision>();
+    const load$ = new Subject<{ time: number; load: number }>();
+    const progress$ = new BehaviorSubject({ offset: 0, time: 0 });
+    const caps: number[] = [];
+    load$.pipe(headroomCap(base$, progress$, of(P))).subscribe((m) => caps.push(m.capBps));
+    const full: Decision = { mode: 'full', speed: 0, state: 'idle', reason: 'quiet' };
+    base$.next(full);
+    load$.next({ time: 0, load: 0.2 });
+    assert.deepEqual(caps, [HEADROOM_START_BPS]);
+    base$.next({ mode: 'paused', speed: 0, state: 'holdoff', reason: 'quiet; hold-off 250ms after stall 900ms/s > 800ms/s', held: true });
+    assert.deepEqual(caps, [HEADROOM_START_BPS, Math.round((64 * STALL_CUT)) * MiB]);
+    base$.next(full);
+    assert.equal(caps.length, 2);
   });
 });
 
