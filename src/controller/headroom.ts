@@ -29,8 +29,8 @@
  * The guest's side of the same limit: a spell in which the copy held the guest (the stall
  * began it, and no work followed but the requests it released: decide.ts holdOff) sets a
  * ceiling at STALL_CUT of what the copy was let do just before, and the cap stays under it;
- * the ceiling rises by CEILING_RISE per step at the idle speed, and is cut again by the next
- * such spell. The main thread's busy share does not see what a vCPU waits for: beside a sparse
+ * the ceiling rises by CEILING_RISE per step at the idle speed, is cut again by the next such
+ * spell, and is gone after CEILING_STEPS steps at the idle speed without one. The main thread's busy share does not see what a vCPU waits for: beside a sparse
  * disk's copy a guest trickling 15 synchronous writes a second waited for the big lock over
  * 800 ms/s every half second, with the cap (250-300 MiB/s) far above the copy's 150, and
  * each spell paused the copy (idle phases at 59-64% of an unthrottled mirror's speed).
@@ -73,6 +73,12 @@ const SMOOTHING = 0.5;
 export const STALL_CUT = 0.85;
 /** Per step at the idle speed the ceiling rises by this factor (+4% a second). */
 export const CEILING_RISE = 1.01;
+/**
+ * After this many steps at the idle speed (5 s) without another spell the ceiling is gone:
+ * spells that come this seldom are not the copy's speed (one an idle phase was seen at any
+ * ceiling, and a ceiling cut once each phase only sank).
+ */
+export const CEILING_STEPS = 20;
 
 /** One main-loop sample with what the job did up to it. */
 export interface HeadroomInput {
@@ -96,6 +102,8 @@ export interface HeadroomMemory {
   readonly base?: number;
   /** Set by a spell that held the guest (heldStep): the cap stays under it. */
   readonly ceilingBps?: number;
+  /** Steps at the idle speed since the ceiling was set. */
+  readonly ceilingSteps?: number;
 }
 
 export const INITIAL_HEADROOM: HeadroomMemory = { capBps: HEADROOM_START_BPS, load: null, prev: null };
@@ -120,9 +128,10 @@ export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: nu
   if (load > target) cap = Math.max(cap * (load >= 1 ? MAX_CUT_SATURATED : MAX_CUT), (base * target) / load);
   // Raise only as far as the newest sample allows too: the smoothed load lags a rising one.
   else if (binding) cap = Math.min(cap * MAX_RAISE, (base * target) / Math.max(load, s.load, 0.05));
-  if (mem.ceilingBps === undefined) return { capBps: roundMiB(cap), load, prev, base };
+  const ceilingSteps = (mem.ceilingSteps ?? 0) + 1;
+  if (mem.ceilingBps === undefined || ceilingSteps >= CEILING_STEPS) return { capBps: roundMiB(cap), load, prev, base };
   const ceilingBps = mem.ceilingBps * CEILING_RISE;
-  return { capBps: roundMiB(Math.min(cap, ceilingBps)), load, prev, base, ceilingBps };
+  return { capBps: roundMiB(Math.min(cap, ceilingBps)), load, prev, base, ceilingBps, ceilingSteps };
 }
 
 /**
@@ -133,7 +142,7 @@ export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: nu
 export function heldStep(mem: HeadroomMemory): HeadroomMemory {
   const before = Math.min(mem.base ?? mem.capBps, mem.capBps);
   const ceilingBps = Math.max(HEADROOM_MIN_BPS, Math.min(mem.ceilingBps ?? Infinity, before * STALL_CUT));
-  return { ...mem, ceilingBps, capBps: roundMiB(Math.min(mem.capBps, ceilingBps)) };
+  return { ...mem, ceilingBps, ceilingSteps: 0, capBps: roundMiB(Math.min(mem.capBps, ceilingBps)) };
 }
 
 /** The job's progress as the controller sees it, with the time it was read. */

@@ -102,7 +102,7 @@ describe('headroomStep', () => {
 });
 
 describe('a spell that held the guest (heldStep)', () => {
-  test('puts a ceiling at 85% of what the copy was let do (its rate where the cap did not bind), which then rises 1% a step at the idle speed', () => {
+  test('puts a ceiling at 85% of what the copy was let do (its rate where the cap did not bind), which then rises 1% a step at the idle speed and is gone after 5 s without another spell', () => {
     // the sparse disk's copy: the cap far above the copy's 150 MiB/s, the loop with room
     let mem = simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem;
     assert.ok(mem.capBps > 150 * MiB / 0.8, 'the cap does not bind');
@@ -112,10 +112,14 @@ describe('a spell that held the guest (heldStep)', () => {
     assert.equal(mem.capBps, 128 * MiB);
     // at the idle speed again (the first sample only starts the measurement) the ceiling
     // rises with each step, and the cap with it
-    const after = simulate(20, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }, 0.15, mem);
-    assert.ok(Math.abs(after.mem.ceilingBps! - 150 * MiB * STALL_CUT * CEILING_RISE ** 20) < 1);
+    const after = simulate(15, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }, 0.15, mem);
+    assert.ok(Math.abs(after.mem.ceilingBps! - 150 * MiB * STALL_CUT * CEILING_RISE ** 15) < 1);
     assert.ok(after.caps.every((c, i) => c <= 150 * MiB * STALL_CUT * CEILING_RISE ** i + MiB / 2), 'the cap stays under the ceiling');
     assert.ok(after.caps.at(-1)! > mem.capBps, 'and rises with it');
+    // 5 s at the idle speed without another spell: the ceiling is gone, the loop's cap is back
+    const later = simulate(8, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }, 0.15, after.mem);
+    assert.equal(later.mem.ceilingBps, undefined);
+    assert.ok(later.mem.capBps > 150 * MiB / 0.8);
   });
 
   test('a second spell cuts from where the copy then was; never under the minimum', () => {
