@@ -74,6 +74,11 @@ export const STALL_CUT = 0.85;
 /** Per step at the idle speed the ceiling rises by this factor (+4% a second). */
 export const CEILING_RISE = 1.01;
 /**
+ * A spell's cut is from the most the copy was let do over this many steps (1 s): the stall
+ * that makes a spell freezes the loop, and with it the copy, in the step just before.
+ */
+const RECENT_STEPS = 4;
+/**
  * After this many steps at the idle speed (5 s) without another spell the ceiling is gone:
  * spells that come this seldom are not the copy's speed (one an idle phase was seen at any
  * ceiling, and a ceiling cut once each phase only sank).
@@ -98,8 +103,11 @@ export interface HeadroomMemory {
   /** Last load measured while the job ran at the idle speed, for views. */
   readonly load: number | null;
   readonly prev: { readonly offset: number; readonly offsetAt: number; readonly full: boolean } | null;
-  /** What the copy was let do at the last step at the idle speed: the cap where it bound, else its rate. */
-  readonly base?: number;
+  /**
+   * What the copy was let do at the last RECENT_STEPS steps at the idle speed (the cap where
+   * it bound, else its rate), newest last.
+   */
+  readonly recent?: readonly number[];
   /** Set by a spell that held the guest (heldStep): the cap stays under it. */
   readonly ceilingBps?: number;
   /** Steps at the idle speed since the ceiling was set. */
@@ -128,19 +136,20 @@ export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: nu
   if (load > target) cap = Math.max(cap * (load >= 1 ? MAX_CUT_SATURATED : MAX_CUT), (base * target) / load);
   // Raise only as far as the newest sample allows too: the smoothed load lags a rising one.
   else if (binding) cap = Math.min(cap * MAX_RAISE, (base * target) / Math.max(load, s.load, 0.05));
+  const recent = [...(mem.recent ?? []), base].slice(-RECENT_STEPS);
   const ceilingSteps = (mem.ceilingSteps ?? 0) + 1;
-  if (mem.ceilingBps === undefined || ceilingSteps >= CEILING_STEPS) return { capBps: roundMiB(cap), load, prev, base };
+  if (mem.ceilingBps === undefined || ceilingSteps >= CEILING_STEPS) return { capBps: roundMiB(cap), load, prev, recent };
   const ceilingBps = mem.ceilingBps * CEILING_RISE;
-  return { capBps: roundMiB(Math.min(cap, ceilingBps)), load, prev, base, ceilingBps, ceilingSteps };
+  return { capBps: roundMiB(Math.min(cap, ceilingBps)), load, prev, recent, ceilingBps, ceilingSteps };
 }
 
 /**
  * A spell that held the guest ended (the copy paused for a stall, and the guest did no work
- * after it): the ceiling goes to STALL_CUT of what the copy was let do before it, or lower
- * where it already is, and the cap under it. Pure.
+ * after it): the ceiling goes to STALL_CUT of the most the copy was let do in the second
+ * before it, or lower where it already is, and the cap under it. Pure.
  */
 export function heldStep(mem: HeadroomMemory): HeadroomMemory {
-  const before = Math.min(mem.base ?? mem.capBps, mem.capBps);
+  const before = Math.min(mem.recent?.length ? Math.max(...mem.recent) : mem.capBps, mem.capBps);
   const ceilingBps = Math.max(HEADROOM_MIN_BPS, Math.min(mem.ceilingBps ?? Infinity, before * STALL_CUT));
   return { ...mem, ceilingBps, ceilingSteps: 0, capBps: roundMiB(Math.min(mem.capBps, ceilingBps)) };
 }

@@ -106,7 +106,7 @@ describe('a spell that held the guest (heldStep)', () => {
     // the sparse disk's copy: the cap far above the copy's 150 MiB/s, the loop with room
     let mem = simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem;
     assert.ok(mem.capBps > 150 * MiB / 0.8, 'the cap does not bind');
-    assert.equal(mem.base, 150 * MiB);
+    assert.deepEqual(mem.recent, [150 * MiB, 150 * MiB, 150 * MiB, 150 * MiB]);
     mem = heldStep(mem);
     assert.equal(mem.ceilingBps, 150 * MiB * STALL_CUT);
     assert.equal(mem.capBps, 128 * MiB);
@@ -122,10 +122,11 @@ describe('a spell that held the guest (heldStep)', () => {
     assert.ok(later.mem.capBps > 150 * MiB / 0.8);
   });
 
-  test('a second spell cuts from where the copy then was; never under the minimum', () => {
-    let mem: HeadroomMemory = { capBps: 120 * MiB, load: 0.5, prev: null, base: 120 * MiB, ceilingBps: 125 * MiB };
+  test('a second spell cuts from the most the copy was let do in the second before it (not the step the stall froze); never under the minimum', () => {
+    // the step just before the spell: the stall froze the copy with the loop (4 MiB/s)
+    let mem: HeadroomMemory = { capBps: 120 * MiB, load: 0.5, prev: null, recent: [110 * MiB, 120 * MiB, 118 * MiB, 4 * MiB], ceilingBps: 125 * MiB };
     mem = heldStep(mem);
-    assert.equal(mem.ceilingBps, 120 * MiB * STALL_CUT);
+    assert.equal(mem.ceilingBps, 120 * MiB * STALL_CUT, 'from the most of the second before, not the frozen step');
     assert.equal(mem.capBps, 102 * MiB);
     for (let i = 0; i < 30; i++) mem = heldStep(mem);
     assert.equal(mem.ceilingBps, HEADROOM_MIN_BPS);
