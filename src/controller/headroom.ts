@@ -200,7 +200,8 @@ export function withHeadroom(d: Decision, mem: HeadroomMemory, p: EffectivePolic
   if (p.speed.headroom === null || d.mode === 'paused') return d;
   const cap = mem.capBps;
   if (d.mode === 'throttled' && d.speed <= cap) return d;
-  return { ...d, speed: cap, headroom: { capBps: cap, load: mem.load } };
+  const ceiling = mem.ceilingBps !== undefined && roundMiB(mem.ceilingBps) <= cap ? { ceiling: true as const } : {};
+  return { ...d, speed: cap, headroom: { capBps: cap, load: mem.load, ...ceiling } };
 }
 
 /** decide()'s last stage: base decisions, capped by what the main loop allows. */

@@ -202,7 +202,7 @@ export class Reconciler {
     if (prev && prev.state === d.state && prev.mode === d.mode && prev.speed === d.speed && prev.reason === d.reason) return;
     // The headroom retunes the cap every few hundred ms: that is not a change of state.
     if (prev && prev.state === d.state && prev.mode === d.mode && prev.reason === d.reason && d.headroom) {
-      this.log.debug({ capBps: d.headroom.capBps, load: d.headroom.load }, 'moderation: headroom cap');
+      this.log.debug({ capBps: d.headroom.capBps, load: d.headroom.load, ...(d.headroom.ceiling ? { ceiling: true } : {}) }, 'moderation: headroom cap');
       return;
     }
     // The latency control judges twice a second and moves a graded speed up or down by a
@@ -217,7 +217,7 @@ export class Reconciler {
   /** "paused", "unlimited", "15 MiB/s", or "paused (as 1 MiB/s)" where pause is emulated. */
   speedText(d: Decision): string {
     if (d.mode === 'paused') return this.caps.canPause ? 'paused' : `paused (as ${formatSpeed(this.caps.pausedSpeed)})`;
-    if (d.headroom) return `${d.mode === 'full' ? 'full' : formatSpeed(d.speed)}, headroom cap ${formatSpeed(d.headroom.capBps)}`;
+    if (d.headroom) return `${d.mode === 'full' ? 'full' : formatSpeed(d.speed)}, headroom cap ${formatSpeed(d.headroom.capBps)}${d.headroom.ceiling ? ' (ceiling after a stall)' : ''}`;
     return d.mode === 'full' ? 'unlimited' : formatSpeed(d.speed);
   }
 

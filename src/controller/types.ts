@@ -143,9 +143,10 @@ export interface Decision {
   readonly guaranteed?: true;
   /**
    * The speed is the headroom's cap (controller/headroom.ts): what keeps `speed.headroom` of
-   * QEMU's main loop free, and the loop's busy share last measured at the idle speed.
+   * QEMU's main loop free, and the loop's busy share last measured at the idle speed;
+   * `ceiling` when the cap is the ceiling set after a spell that held the guest.
    */
-  readonly headroom?: { readonly capBps: number; readonly load: number | null };
+  readonly headroom?: { readonly capBps: number; readonly load: number | null; readonly ceiling?: true };
   /** The learnt thresholds (`thresholds: auto`) in force when the state was judged. */
   readonly learnt?: LearntThresholds;
   /** From the state: the hold-off after a spell in which the copy held the guest (StateChange.held). */

@@ -158,6 +158,11 @@ describe('withHeadroom', () => {
     assert.deepEqual(withHeadroom(full, mem, P), { ...full, speed: 120 * MiB, headroom: { capBps: 120 * MiB, load: 0.84 } });
   });
 
+  test('a cap that is the ceiling after a held spell says so', () => {
+    assert.deepEqual(withHeadroom(full, { ...mem, ceilingBps: 120.2 * MiB }, P).headroom, { capBps: 120 * MiB, load: 0.84, ceiling: true });
+    assert.equal(withHeadroom(full, { ...mem, ceilingBps: 150 * MiB }, P).headroom?.ceiling, undefined, 'a ceiling above the cap is not what holds it');
+  });
+
   test('a pause, and a throttled speed under the cap, are left alone; a faster one is capped', () => {
     const paused: Decision = { mode: 'paused', speed: 0, state: 'busy', reason: 'disk 40/s > 5/s' };
     assert.equal(withHeadroom(paused, mem, P), paused);
