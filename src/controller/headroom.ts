@@ -28,12 +28,14 @@
  *
  * The guest's side of the same limit: a spell in which the copy held the guest (the stall
  * began it, and no work followed but the requests it released: decide.ts holdOff) sets a
- * ceiling at STALL_CUT of what the copy was let do just before, and the cap stays under it;
- * the ceiling rises by CEILING_RISE per step at the idle speed, is cut again by the next such
- * spell, and is gone after CEILING_STEPS steps at the idle speed without one. The main thread's busy share does not see what a vCPU waits for: beside a sparse
- * disk's copy a guest trickling 15 synchronous writes a second waited for the big lock over
- * 800 ms/s every half second, with the cap (250-300 MiB/s) far above the copy's 150, and
- * each spell paused the copy (idle phases at 59-64% of an unthrottled mirror's speed).
+ * ceiling at STALL_CUT of the most the copy was let do over the second before, and the cap
+ * stays under it; the ceiling rises by CEILING_RISE per step at the idle speed, is cut again
+ * by the next such spell, and is gone after CEILING_STEPS steps at the idle speed without one.
+ * The main thread's busy share does not see what a vCPU waits for: beside a sparse disk's
+ * copy a guest trickling 15 synchronous writes a second waited for the big lock over 800 ms/s
+ * every half second, with the cap (250-300 MiB/s) far above the copy's 150, and each spell
+ * paused the copy. With the ceiling its vCPUs were held so in 1% of the idle phases' samples
+ * instead of 9-12%, the copy as fast (docs/starvation.md).
  */
 import {
   combineLatest,
