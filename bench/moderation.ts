@@ -467,7 +467,6 @@ function table(rows: Row[]): string[][] {
 
 // ---------------------------------------------------------------- SVG, by hand
 
-
 /** Stacked panels, one per run: busy phases shaded, guest throughput and job speed as lines. */
 function timelineSvg(runs: Run[], title: string): string {
   const W = 960;

@@ -279,8 +279,9 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
             return of({ state: 'busy', reason, ...(urgent ? { urgent: true as const } : {}) });
           }
           if (busyReason === null) return of({ state: 'idle', reason: c.note ?? 'quiet' });
-          const catchUp = stallBegan && !input && workFrom >= 0 && workTo - workFrom <= 2 * p.sampling.window;
-          const hold = stallOnly || catchUp ? Math.min(p.holdoff, p.sampling.window) : p.holdoff;
+          // The copy held the guest: the stall alone (which began the spell), or its catch-up.
+          const held = stallOnly || (stallBegan && !input && workFrom >= 0 && workTo - workFrom <= 2 * p.sampling.window);
+          const hold = held ? Math.min(p.holdoff, p.sampling.window) : p.holdoff;
           const quiet: StateChange = { state: 'idle', reason: `quiet for ${formatDuration(hold)}` };
           const idleAgain = () => {
             // A new spell starts afresh: a disk busy later is not held for an earlier input.
@@ -295,7 +296,7 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
             state: 'holdoff',
             reason: `${c.note ?? 'quiet'}; hold-off ${formatDuration(hold)} after ${busyReason}`,
             ...(urgent ? { urgent: true as const } : {}),
-            ...(stallBegan && (stallOnly || catchUp) ? { held: true as const } : {}),
+            ...(held ? { held: true as const } : {}),
           };
           return concat(of(holding), timer(hold, scheduler).pipe(map(idleAgain)));
         }),

@@ -177,12 +177,13 @@ export function headroomCap(
     const held$ = base$.pipe(
       filter((d) => d.held === true),
       withLatestFrom(policy$),
-      map(([, pol]) => ({ held: pol.speed.headroom !== null }) as const),
+      filter(([, pol]) => pol.speed.headroom !== null),
+      map(() => 'held' as const),
     );
     const sample$ = load$.pipe(withLatestFrom(base$, progress$, policy$));
     return merge(sample$, held$).pipe(
       scan((mem, e) => {
-        if (!Array.isArray(e)) return e.held ? heldStep(mem) : mem;
+        if (e === 'held') return heldStep(mem);
         const [l, d, p, pol] = e;
         return pol.speed.headroom === null
           ? { ...mem, prev: null }
