@@ -158,7 +158,25 @@ interface RunResult {
 const WINDOW = { edgeMs: 1000, minMs: 500 };
 const mib = (bps: number | null): number | null => (bps === null ? null : bps / MiB);
 
-function measure(samples: readonly Sample[], phases: readonly Phase[], phased: boolean, from: number, to: number) {
+/** A job's copied bytes in a poll, that job's only (any idlecrypt job without an id). */
+const offsetOf =
+  (jobId?: string) =>
+  (s: Sample): number | undefined =>
+    jobId === undefined || s.job?.id === jobId ? jobOffset(s) : undefined;
+
+/** The job a run started (its log's "mirror started"). */
+function jobOf(run: EncryptRun): string | undefined {
+  const job = run.log().find((x) => x.msg === 'mirror started')?.job;
+  return typeof job === 'string' ? job : undefined;
+}
+
+/**
+ * `jobId`: the window's own job. The polls before a window's start still hold the previous
+ * window's job, and a copy's offset read at the start was interpolated between that job's
+ * last offset and this one's first: a copy that stood still read as -0.3 to -1.3 MiB/s.
+ */
+function measure(samples: readonly Sample[], phases: readonly Phase[], phased: boolean, from: number, to: number, jobId?: string) {
+  const offset = offsetOf(jobId);
   const busy = phased ? phaseWindows(phases, 'busy', from, to) : [{ from, to }];
   const idle = phased ? phaseWindows(phases, 'idle', from, to) : [];
   const quiet = phased ? phaseWindows(phases, 'idle', from, to, 1500) : [];
@@ -178,8 +196,8 @@ function measure(samples: readonly Sample[], phases: readonly Phase[], phased: b
     writeP50: q(wh, 0.5),
     writeP90: q(wh, 0.9),
     flushP50: q(fh, 0.5),
-    quietMiBs: phased ? mib(rateIn(samples, quiet, jobOffset, WINDOW)) : null,
-    copyMiBs: mib(rateIn(samples, [{ from, to }], jobOffset, WINDOW)),
+    quietMiBs: phased ? mib(rateIn(samples, quiet, offset, WINDOW)) : null,
+    copyMiBs: mib(rateIn(samples, [{ from, to }], offset, WINDOW)),
   };
 }
 
@@ -245,7 +263,7 @@ async function main(): Promise<void> {
         await writeFile(path.join(dir, `${tag}.log`), run.cli.stdout() + run.cli.stderr());
         process.stderr.write(`  ${tag}: exit ${r.code}\n`);
         const lp = await readFile(path.join(dir, `${tag}.lp`), 'utf8').catch(() => '');
-        return { from, to, decisions, lp };
+        return { from, to, decisions, lp, jobId: jobOf(run) };
       };
       const finish = async (deadline: string): Promise<Finish> => {
         const deadlineS = finishSeconds(deadline);
@@ -266,7 +284,7 @@ async function main(): Promise<void> {
         await rm(target, { force: true });
         await writeFile(path.join(dir, 'finish.log'), run.cli.stdout() + run.cli.stderr());
         await sleep(1000);
-        const m = measure(rec.samples, rec.phases(), prof.phased, from, to);
+        const m = measure(rec.samples, rec.phases(), prof.phased, from, to, jobOf(run));
         const decisions = decisionsOf(run);
         const r = refIn(from, to);
         return { profile, deadline, deadlineS, tookS: done ? (to - from) / 1000 : null, busyMiBs: m.busyMiBs, ...(r.ref ? { refBusyMiBs: r.ref.busyMiBs } : {}), copyMiBs: m.copyMiBs, decisions };
@@ -282,16 +300,17 @@ async function main(): Promise<void> {
           let to: number;
           let decisions: Record<string, number> | undefined;
           let lp = '';
+          let jobId: string | undefined;
           if (mode === 'none') {
             from = now();
             await sleep(windowMs);
             to = now();
           } else {
-            ({ from, to, decisions, lp } = await copy(mode, windowMs, tag));
+            ({ from, to, decisions, lp, jobId } = await copy(mode, windowMs, tag));
           }
           await sleep(1000); // the polls just after the window, which its end is read between
-          const m = measure(rec.samples, rec.phases(), prof.phased, from, to);
-          const series = round === rounds ? seriesOf(rec.samples, rec.phases(), lp, from, to) : undefined;
+          const m = measure(rec.samples, rec.phases(), prof.phased, from, to, jobId);
+          const series = round === rounds ? seriesOf(rec.samples, rec.phases(), lp, from, to, jobId) : undefined;
           const r = refIn(from, to);
           results.push({ profile, mode, round, from, to, ...m, ...r, ...(decisions ? { decisions } : {}), ...(series ? { series } : {}) });
           process.stderr.write(
@@ -386,7 +405,7 @@ function parseModeration(lp: string): { t: number; f: Record<string, number> }[]
   return out.sort((a, b) => a.t - b.t);
 }
 
-function seriesOf(samples: readonly Sample[], phases: readonly Phase[], lp: string, from: number, to: number): Series {
+function seriesOf(samples: readonly Sample[], phases: readonly Phase[], lp: string, from: number, to: number, jobId?: string): Series {
   const spanS = (to - from) / 1000;
   const bins = (ms: number) => Array.from({ length: Math.floor((to - from) / ms) }, (_, i) => ({ from: from + i * ms, to: from + (i + 1) * ms }));
   const rate = (ms: number, get: (s: Sample) => number | undefined) => bins(ms).map((b) => mib(rateIn(samples, [b], get, { edgeMs: 300, minMs: 200 })));
@@ -394,7 +413,7 @@ function seriesOf(samples: readonly Sample[], phases: readonly Phase[], lp: stri
     spanS,
     busy: phaseWindows(phases, 'busy', from, to).map((w) => ({ from: (w.from - from) / 1000, to: (w.to - from) / 1000 })),
     guest: rate(500, guestBytes),
-    copy: rate(500, jobOffset),
+    copy: rate(500, offsetOf(jobId)),
     writeP50: bins(1000).map((b) => {
       const h = histIn(samples, [b], 'write');
       const x = h ? histogramQuantile(h.boundaries, h.bins) : undefined;
