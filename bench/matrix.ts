@@ -24,7 +24,7 @@
  *
  *   node --import tsx bench/matrix.ts [--method side-by-side|sequential] [--rounds 1]
  *        [--disks sparse-raw,raw,sparse-qcow2] [--caches writeback,none]
- *        [--workloads oneatatime,bursty,trickle] [--policy FILE] [--warm-up-s 0] [--out bench/results/matrix]
+ *        [--workloads oneatatime,bursty,trickle] [--policy FILE] [--warm-up-s 0] [--iothread] [--out bench/results/matrix]
  *        sequential only: [--max-copy-s 48] [--raw-mib 6144] [--sparse-mib 65536]
  *
  * --policy runs idlecrypt under that policy file instead of the shipped default (side by side
@@ -32,6 +32,8 @@
  * --warm-up-s N runs the moderated command for N s before each measured run and cancels it,
  * so that what `thresholds: auto` learns of the guest (kept per guest) is there from the
  * measured run's start, as for a guest the agent has watched (learning needs a minute).
+ * --iothread gives every guest's disk an iothread (side by side only): QEMU then serves the
+ * guest's requests and runs the mirror in that thread, not in its main loop.
  * Writes <out>/matrix-report.md (the table, each cell's figures), <out>/matrix-<time>.svg (side by side: each cell's last round over time) and <out>/matrix-<time>.json;
  * each cell's directory <out>/<disk>-<cache>-<workload>/ keeps every round's moderated run:
  * its progress records (decisions, the headroom's cap, the main loop's load), log, metrics and
@@ -54,6 +56,7 @@ const { values } = parseArgs({
     method: { type: 'string', default: 'side-by-side' },
     policy: { type: 'string' },
     'warm-up-s': { type: 'string', default: '0' },
+    iothread: { type: 'boolean', default: false },
     rounds: { type: 'string', default: '1' },
     'max-copy-s': { type: 'string', default: '48' },
     'sparse-mib': { type: 'string', default: '65536' },
@@ -236,6 +239,7 @@ for (const disk of disks) {
                   keyFile,
                   ...(policy ? { modArgs: ['--policy', policy] } : {}),
                   ...(Number(values['warm-up-s']) > 0 ? { warmUpMs: Number(values['warm-up-s']) * 1000 } : {}),
+                  ...(values.iothread ? { iothread: true } : {}),
                   note: (l) => process.stderr.write(`   ${l}\n`),
                 }),
               );
@@ -297,7 +301,7 @@ async function writeReport(): Promise<void> {
   const report = `# Issue 9's matrix
 
 ${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB.
-Command: \`node --import tsx bench/matrix.ts --method ${method} --rounds ${values.rounds}${method === 'sequential' ? ` --max-copy-s ${values['max-copy-s']} --sparse-mib ${values['sparse-mib']} --raw-mib ${values['raw-mib']}` : ''}${policy ? ` --policy ${values.policy}` : ''}${Number(values['warm-up-s']) > 0 ? ` --warm-up-s ${values['warm-up-s']}` : ''} --disks ${values.disks} --caches ${values.caches} --workloads ${values.workloads}\`
+Command: \`node --import tsx bench/matrix.ts --method ${method} --rounds ${values.rounds}${method === 'sequential' ? ` --max-copy-s ${values['max-copy-s']} --sparse-mib ${values['sparse-mib']} --raw-mib ${values['raw-mib']}` : ''}${policy ? ` --policy ${values.policy}` : ''}${Number(values['warm-up-s']) > 0 ? ` --warm-up-s ${values['warm-up-s']}` : ''}${values.iothread ? ' --iothread' : ''} --disks ${values.disks} --caches ${values.caches} --workloads ${values.workloads}\`
 
 ${
   method === 'sequential'

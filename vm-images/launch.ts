@@ -87,6 +87,8 @@ export interface TestVmOptions {
    * with it.
    */
   boot?: GuestBoot;
+  /** More QEMU arguments, last (an iothread for the disks: `-object iothread,id=io0 -global virtio-blk-pci.iothread=io0`). */
+  qemuArgs?: readonly string[];
 }
 
 export type DiskFormat = 'raw' | 'qcow2' | 'luks';
@@ -319,6 +321,7 @@ export async function startTestVm(options: TestVmOptions): Promise<TestVm> {
       ? ['-device', 'virtio-keyboard-pci,id=keyboard0', '-device', 'virtio-tablet-pci,id=tablet0']
       : []),
     ...(boot?.extraArgs ?? []),
+    ...(options.qemuArgs ?? []),
   ];
 
   // setpriv --pdeathsig: QEMU gets SIGTERM if this process dies without stopping it

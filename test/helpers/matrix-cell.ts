@@ -52,6 +52,8 @@ export const CELL_WORKLOADS = {
   bursty: { workload: 'bursty', params: { idle: 8, busy: 8 } },
   trickle: { workload: 'trickle', params: { idle: 8, busy: 8, bs_kb: 64, chunk_kb: 1024, wps: 15 } },
 } as const;
+/** A guest's disks in one iothread, as libvirt's `<iothreads>1</iothreads>` with `<driver iothread='1'/>` gives (thread name `IO iothread1`). */
+export const IOTHREAD_ARGS = ['-object', 'iothread,id=iothread1', '-global', 'virtio-blk-pci.iothread=iothread1', '-name', 'debug-threads=on'] as const;
 export type CellDisk = keyof typeof CELL_DISKS;
 export type CellWorkload = keyof typeof CELL_WORKLOADS;
 
@@ -67,6 +69,8 @@ export interface CellSpec {
   readonly modArgs?: readonly string[];
   /** A run with modArgs for this long before the measured one, cancelled: what it learnt of the guest is there at the start (startSideBySide). */
   readonly warmUpMs?: number;
+  /** Every guest's disk in an iothread of its own (`-object iothread`, virtio-blk `iothread=`): QEMU then runs the disk's requests and the mirror there, not in the main loop. */
+  readonly iothread?: boolean;
   /** Each figure as it is measured, as a line. */
   readonly note?: (line: string) => void;
 }
@@ -143,11 +147,12 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   execFileSync('sync');
   await writeFile('/proc/sys/vm/drop_caches', '1').catch(() => note('could not drop the page cache (not root?)'));
   const w = CELL_WORKLOADS[spec.workload];
-  const guest = (name: string, disk: string) => ({ name, disk, cache: spec.cache, workload: w.workload, params: w.params });
+  const qemuArgs = spec.iothread ? { qemuArgs: IOTHREAD_ARGS } : {};
+  const guest = (name: string, disk: string) => ({ name, disk, cache: spec.cache, workload: w.workload, params: w.params, ...qemuArgs });
   const { mod, ref, cmp, cmpRun, cmpJob, run, target, done, jobStart } = await startSideBySide(lab, base, {
     mod: guest('mod', images.mod),
     ref: guest('ref', images.ref),
-    cmp: { name: 'cmp', disk: images.cmp, cache: spec.cache, workload: 'idle' },
+    cmp: { name: 'cmp', disk: images.cmp, cache: spec.cache, workload: 'idle', ...qemuArgs },
     keyFile: spec.keyFile,
     pollMs: POLL_MS,
     runTimeoutMs: 400_000,
