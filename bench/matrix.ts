@@ -122,6 +122,7 @@ interface Cell {
 const method = values.method === 'sequential' ? 'sequential' : values.method === 'side-by-side' ? 'side-by-side' : null;
 if (!method) throw new Error('--method side-by-side|sequential');
 if (values.policy && method === 'sequential') throw new Error('--policy is for --method side-by-side (bench/moderation.ts takes its own --policy)');
+if (values.iothread && method === 'sequential') throw new Error('--iothread is for --method side-by-side');
 const policy = values.policy ? path.resolve(values.policy) : undefined;
 const disks = values.disks!.split(',');
 const caches = values.caches!.split(',');
