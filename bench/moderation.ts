@@ -258,7 +258,9 @@ async function runOne(mode: Mode, round: number, src: string, work: string, keyF
         await obs.result;
       }
     } else {
-      run = new EncryptRun([...guest.args, '--target', target, '--key-file', keyFile, '--iter-time', '50', ...mode.args], path.join(work, `${name}.lp`));
+      // Raw LUKS for every disk: a sparse qcow2 disk's holes are then encrypted as a raw one's
+      // (--format auto would make its target qcow2, whose holes cost no copy to measure).
+      run = new EncryptRun([...guest.args, '--target', target, '--key-file', keyFile, '--iter-time', '50', '--format', 'luks', ...mode.args], path.join(work, `${name}.lp`));
       const limitMs = mode.capped || values.bounded ? maxCopyMs : SAFETY_LIMIT_MS;
       const result = run.result(limitMs + 120_000);
       const copying = await waitFor(() => run!.phaseAt('copying'), 60_000, `${name}: the copy did not start:\n${run.cli.stderr().slice(-2000)}${run.cli.stdout().slice(-1000)}`);

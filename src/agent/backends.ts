@@ -21,7 +21,7 @@ import type { Policy } from '../policy/schema.ts';
 import type { JobControl } from '../jobs/types.ts';
 import type { MetricsSink } from '../metrics/sink.ts';
 import type { Progress } from '../encrypt/progress.ts';
-import type { TargetFormat } from '../encrypt/target.ts';
+import type { FormatChoice } from '../encrypt/target.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { diskLabel, listDisks, type DiskInfo } from '../encrypt/disks.ts';
 import { encryptDisk } from '../encrypt/encrypt.ts';
@@ -50,7 +50,7 @@ export interface RunParams {
   readonly disk: AgentDisk;
   readonly target: string;
   readonly keyFile: string;
-  readonly format: TargetFormat;
+  readonly format: FormatChoice;
   readonly speed: number;
   readonly iterTimeMs: number;
   readonly logger: Logger;

@@ -17,7 +17,7 @@
  *       disks: [vd0]                           # qdev ids, drive or node names; or all
  *       target: /var/lib/idlecrypt/{vm}-{disk}.luks
  *       key-file: /etc/idlecrypt/keys/{vm}.key
- *       format: luks                           # or qcow2
+ *       format: auto                           # luks, qcow2, or auto: qcow2 for a qcow2 disk
  *       qmp: /run/qemu/{vm}.qmp                # optional; else the VM's first -qmp socket
  */
 import { readFileSync } from 'node:fs';
@@ -29,7 +29,7 @@ import { parseInfluxUrl } from '../metrics/influx-url.ts';
 import { formatIssue, isPlainObject, loadPolicy, locate, lowerFirst, parsePolicy, pathAt, unknownKeyMessage, type PolicyIssue } from '../policy/load.ts';
 import { scalar, type Policy } from '../policy/schema.ts';
 import { parseByteRate, show } from '../policy/units.ts';
-import type { TargetFormat } from '../encrypt/target.ts';
+import { FORMAT_CHOICES, type FormatChoice } from '../encrypt/target.ts';
 import type { LibvirtPauseMode } from '../libvirt/copy-job.ts';
 
 export const DEFAULT_AGENT_CONFIG = '/etc/idlecrypt/agent.yaml';
@@ -44,7 +44,8 @@ export interface EncryptEntry {
   /** Path template with {vm} and {disk}. */
   readonly target: string;
   readonly keyFile: string;
-  readonly format: TargetFormat;
+  /** The target's format; `auto`: the disk's (targetFormatFor). */
+  readonly format: FormatChoice;
   /** Path template with {vm}: the VM's QMP socket, when not the first on its command line. */
   readonly qmp?: string;
 }
@@ -90,7 +91,7 @@ const entrySchema = z
       }),
       target: template('the target image path'),
       'key-file': template('the key file path'),
-      format: z.enum(['luks', 'qcow2'], { error: (iss) => `expected luks or qcow2, got ${show(iss.input)}` }).default('luks'),
+      format: z.enum(FORMAT_CHOICES, { error: (iss) => `expected auto, luks or qcow2, got ${show(iss.input)}` }).default('auto'),
       qmp: template('the QMP socket path').optional(),
     },
     mapping,

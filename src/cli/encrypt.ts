@@ -2,6 +2,7 @@
 import { Command, Option } from 'commander';
 import { encryptDisk, type EncryptResult } from '../encrypt/encrypt.ts';
 import { fmtBytes } from '../encrypt/preflight.ts';
+import { FORMAT_CHOICES } from '../encrypt/target.ts';
 import { IdlecryptError } from '../errors.ts';
 import { createLogger } from '../log.ts';
 import { openMetricsSink, parseInfluxUrl } from '../metrics/index.ts';
@@ -47,7 +48,7 @@ export function encryptCommand(): Command {
     .addOption(
       new Option('--pause <how>', "with --domain, how moderation pauses the copy: speed (1 byte/s through libvirt) or qemu (QEMU's job-pause through libvirt's monitor pass-through; libvirt then marks the domain tainted)").choices(['speed', 'qemu']),
     )
-    .addOption(new Option('--format <format>', 'luks (raw LUKS, as cryptsetup) or qcow2 (qcow2 with LUKS encryption)').default('luks'))
+    .addOption(new Option('--format <format>', "the target's format: luks (raw LUKS, as cryptsetup), qcow2 (qcow2 with LUKS encryption: a thin disk stays thin), or auto (qcow2 for a qcow2 disk, else luks)").default('auto'))
     .option('--policy <file>', 'moderation policy (YAML, hot-reloaded on change and SIGHUP); default: the shipped policy/default.yaml')
     .option('--speed <bytes/s>', 'no moderation: a fixed copy speed, bytes/s with optional K/M/G suffix; 0 = unlimited')
     .option('--no-moderation', 'no moderation: copy at full speed')
@@ -77,7 +78,7 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
     throw new IdlecryptError('USAGE', `--secret: '${flags.secret}' is not a UUID (virsh secret-list)`);
   }
   const device = (libvirt ? flags.disk : flags.device)!;
-  const format = parseChoice('--format', flags.format, ['luks', 'qcow2'] as const);
+  const format = parseChoice('--format', flags.format, FORMAT_CHOICES);
   if (flags.speed !== undefined && !flags.moderation) throw new IdlecryptError('USAGE', '--speed and --no-moderation: choose one');
   if (flags.policy !== undefined && (flags.speed !== undefined || !flags.moderation)) {
     throw new IdlecryptError('USAGE', `--policy moderates the copy; it cannot go with ${flags.speed !== undefined ? '--speed' : '--no-moderation'}`);

@@ -19,7 +19,7 @@ import type { JobControl, JobSnapshot } from '../jobs/types.ts';
 import { QmpMirrorJob } from '../jobs/qmp-mirror.ts';
 import { diskLabel, findDisk, imagePath, listDisks, type DiskCache, type DiskInfo } from './disks.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded } from './preflight.ts';
-import { EncryptedTarget, type TargetFormat } from './target.ts';
+import { EncryptedTarget, targetFormatFor, type FormatChoice, type TargetFormat } from './target.ts';
 import { ProgressMeter, type Progress } from './progress.ts';
 import { RunModeration, type ModerationOptions } from './moderation.ts';
 import { RunMetrics } from './metrics.ts';
@@ -50,7 +50,8 @@ export interface EncryptOptions {
   readonly device: string;
   readonly target: string;
   readonly keyFile: string;
-  readonly format: TargetFormat;
+  /** The target's format; `auto`: the source's (targetFormatFor). */
+  readonly format: FormatChoice;
   /** Initial speed limit, bytes/s; 0 = unlimited. */
   readonly speed: number;
   readonly iterTimeMs: number;
@@ -188,8 +189,10 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         throw new IdlecryptError('USAGE', `device '${o.device}' already runs on an encrypted image (${disk.file})`);
       }
       await refuseIfBusy(client, disk, o.device);
-      await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, o.format));
     }
+    // An adopted run keeps the format it was started with (recoverForRerun checked it).
+    const format = adopt ? adopt.record.format : targetFormatFor(o.format, disk.driver);
+    if (!adopt) await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, format, disk.allocatedBytes));
     // Observation starts now, so that bpftrace attaches while the LUKS header is written.
     let rec: RunMetrics | undefined;
     const mod = o.moderation
@@ -210,7 +213,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     };
 
     const tag = adopt?.record.tag ?? randomBytes(4).toString('hex');
-    const spec = { path: targetPath, format: o.format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag, cache: disk.cache };
+    const spec = { path: targetPath, format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag, cache: disk.cache };
     const l = adopt?.leftovers;
     const target = l ? EncryptedTarget.adopt(client, spec, log, { file: true, node: l.hasNode, fileNode: l.hasFileNode, secret: l.hasSecret }) : new EncryptedTarget(client, spec, log);
     // The record goes to disk before anything is made: whatever happens next, the next run
@@ -224,7 +227,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         device: o.device,
         source: disk.file,
         target: targetPath,
-        format: o.format,
+        format,
         keyFile,
         phase: 'creating-target' as const,
         createdAt: Date.now(),
@@ -325,7 +328,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         source: disk.file,
         target: targetPath,
         targetNode: target.node,
-        format: o.format,
+        format,
         virtualSize: disk.virtualSize,
         bytesCopied: snap.offset,
         elapsedS: (performance.now() - started) / 1000,

@@ -52,14 +52,20 @@ export async function checkTargetPath(target: string, sourceFile: string | undef
   return abs;
 }
 
-/** Room the target can take: the whole virtual size (the copy writes every block, sparse or
- * not, because encrypted zeros are not zeros) plus the format's metadata. */
-export function targetBytesNeeded(virtualSize: number, format: 'luks' | 'qcow2'): number {
+/**
+ * Room the target takes when the copy is done, plus the format's metadata. Raw LUKS: the
+ * whole virtual size, sparse or not (encrypted zeros are not zeros). qcow2: what the source
+ * occupies on the host (`allocatedBytes`, where known): its unallocated and zero areas
+ * become zero clusters, which take no room; from then on it grows as the source would
+ * have. Where the allocation is unknown (a block device, a backing chain), the virtual size.
+ */
+export function targetBytesNeeded(virtualSize: number, format: 'luks' | 'qcow2', allocatedBytes: number | null = null): number {
   const MiB = 1024 * 1024;
   // LUKS1 header with 8 key slots of 4000 AF stripes is ~2 MiB; qcow2 adds L1/L2 tables and
   // refcounts (~0.2% at 64 KiB clusters). Round up generously.
   const meta = format === 'luks' ? 16 * MiB : 16 * MiB + Math.ceil(virtualSize / 256);
-  return virtualSize + meta;
+  const data = format === 'qcow2' && allocatedBytes !== null ? Math.min(allocatedBytes, virtualSize) : virtualSize;
+  return data + meta;
 }
 
 export async function checkSpace(target: string, needed: number): Promise<void> {

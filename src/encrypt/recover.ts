@@ -19,7 +19,7 @@ import type { Logger } from '../log.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { findDisk, listDisks, type DiskInfo } from './disks.ts';
 import { continuable, findLeftovers, ownerAlive, RunStore, runNames, type Leftovers, type RunRecord } from './runs.ts';
-import { EncryptedTarget, type TargetFormat } from './target.ts';
+import { EncryptedTarget, type FormatChoice } from './target.ts';
 
 export type Recovery =
   | { readonly kind: 'done'; readonly record: RunRecord; readonly leftovers: Leftovers }
@@ -32,7 +32,7 @@ export async function recoverForRerun(
   store: RunStore,
   rec: RunRecord,
   disk: DiskInfo,
-  asked: { readonly format: TargetFormat; readonly keyFile: string },
+  asked: { readonly format: FormatChoice; readonly keyFile: string },
   log: Logger,
 ): Promise<Recovery> {
   if (disk.file !== rec.source && disk.file !== rec.target) {
@@ -41,7 +41,8 @@ export async function recoverForRerun(
       `target ${rec.target} belongs to an unfinished run for VM '${rec.vm}' disk ${rec.device} (${rec.source}); finish it with its own command, or remove it with: idlecrypt cancel --target ${rec.target}`,
     );
   }
-  if (rec.format !== asked.format) {
+  // `auto` takes the run's own: the disk may already be on the target, of another format.
+  if (asked.format !== 'auto' && rec.format !== asked.format) {
     throw new IdlecryptError('USAGE', `the unfinished run into ${rec.target} was started with --format ${rec.format}; run it again with that, or remove it with: idlecrypt cancel --target ${rec.target}`);
   }
   if (rec.keyFile !== path.resolve(asked.keyFile)) {

@@ -55,6 +55,23 @@ export const OPENING_SLOT_ITER_TIME_MS = 10;
 const OPENING_SLOT = 0;
 
 export type TargetFormat = 'luks' | 'qcow2';
+/** What the operator asks for: a format, or `auto`, the source's (targetFormatFor). */
+export type FormatChoice = TargetFormat | 'auto';
+export const FORMAT_CHOICES = ['auto', 'luks', 'qcow2'] as const satisfies readonly FormatChoice[];
+
+/**
+ * The target's format for a source whose format driver is `sourceDriver` (raw, qcow2, ...):
+ * `auto` keeps a qcow2 disk qcow2 (with LUKS encryption) and makes everything else raw
+ * LUKS, as cryptsetup would. A qcow2 target keeps a thin disk thin: the copy writes the
+ * source's unallocated areas as zero clusters (metadata, no encryption, not counted by the
+ * speed limit), where a raw LUKS target must hold every byte encrypted. Measured on QEMU 7.2,
+ * a 64 GiB qcow2 holding 768 MiB, unthrottled: 5.9 s and 779 MiB on the host into qcow2,
+ * against 336 s and 64 GiB into raw LUKS (docs/starvation.md).
+ */
+export function targetFormatFor(choice: FormatChoice, sourceDriver: string): TargetFormat {
+  if (choice !== 'auto') return choice;
+  return sourceDriver === 'qcow2' ? 'qcow2' : 'luks';
+}
 
 export interface TargetSpec {
   readonly path: string;

@@ -28,7 +28,7 @@ import { IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { JobControl } from '../jobs/types.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded } from '../encrypt/preflight.ts';
-import { writeImageWithQemuImg, type TargetFormat } from '../encrypt/target.ts';
+import { targetFormatFor, writeImageWithQemuImg, type FormatChoice, type TargetFormat } from '../encrypt/target.ts';
 import { ProgressMeter, type Progress } from '../encrypt/progress.ts';
 import { RunModeration, type ModerationOptions } from '../encrypt/moderation.ts';
 import { RunMetrics } from '../encrypt/metrics.ts';
@@ -56,7 +56,8 @@ export interface DomainEncryptOptions {
   readonly keyFile?: string;
   /** Or an existing libvirt secret (UUID) holding the passphrase: libvirt then makes the image. */
   readonly secret?: string;
-  readonly format: TargetFormat;
+  /** The target's format; `auto`: the disk's (targetFormatFor). */
+  readonly format: FormatChoice;
   /** Initial speed limit, bytes/s; 0 = unlimited. */
   readonly speed: number;
   readonly iterTimeMs: number;
@@ -213,7 +214,9 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
     // What the image holds on the host (virDomainGetBlockInfo's allocation), where that is
     // what the copy reads as data: a file with no backing image (as disks.ts for QMP).
     const share = disk.type === 'file' && !disk.backing ? allocatedShare({ allocatedBytes: info.allocation, virtualSize: info.capacity }) : null;
-    if (!adopting) await checkSpace(targetPath, targetBytesNeeded(size, o.format));
+    // An adopted run keeps the format it was started with.
+    const format = adopting ? adopting.format : targetFormatFor(o.format, disk.format ?? 'raw');
+    if (!adopting) await checkSpace(targetPath, targetBytesNeeded(size, format, share === null ? null : info.allocation));
 
     // Observation starts now, so that bpftrace attaches while the LUKS header is written.
     let rec: RunMetrics | undefined;
@@ -246,7 +249,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         disk: o.disk,
         source: disk.source!,
         target: targetPath,
-        format: o.format,
+        format,
         secret: o.secret ?? randomUUID(),
         secretOurs: o.secret === undefined,
         phase: 'creating-target' as const,
@@ -283,7 +286,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         if (keyFile !== undefined) {
           // Ours alone from the start (O_EXCL), then the header written into it.
           await (await fs.open(targetPath, 'wx', 0o600)).close();
-          await writeImageWithQemuImg(o.qemuImg ?? 'qemu-img', { path: targetPath, format: o.format, size, keyFile, iterTimeMs: o.iterTimeMs }, log);
+          await writeImageWithQemuImg(o.qemuImg ?? 'qemu-img', { path: targetPath, format, size, keyFile, iterTimeMs: o.iterTimeMs }, log);
           await client.defineSecret(secretXml(record.secret, o.domain, o.disk, targetPath), await fs.readFile(keyFile));
         } else {
           log.warn({ secret: record.secret }, "the key is a libvirt secret idlecrypt cannot read: libvirt makes the LUKS image inside the guest's QEMU, which stalls the guest while it derives the key");
@@ -293,7 +296,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         if (o.detach?.aborted) throw detached(targetPath, false);
         const bufSize = o.bufSize ?? (mod ? moderatedBufSize({ direct: directCache(disk.cache), noFlush: false }, share) : undefined);
         log.info({ bufSize: bufSize ?? 'qemu-default', ...(share === null ? {} : { allocatedShare: Number(share.toFixed(3)) }) }, 'block copy buffer');
-        await startCopy(client, { ...o, speed: mod ? HELD_SPEED : o.speed }, dom.persistent, destinationXml(targetPath, o.format, record.secret), reuse, bufSize);
+        await startCopy(client, { ...o, speed: mod ? HELD_SPEED : o.speed }, dom.persistent, destinationXml(targetPath, format, record.secret), reuse, bufSize);
         record = { ...record, phase: 'copying', copyStartedAt: Date.now() };
         await store.save(record);
       }

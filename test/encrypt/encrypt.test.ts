@@ -6,7 +6,7 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdir, mkdtemp, open, rm, readFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, rm, readFile, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { makeDiskImage, startTestVm, ensureImage, writerBlock, type TestVm } from '../../vm-images/launch.ts';
@@ -139,7 +139,7 @@ describe('encrypt', () => {
     assert.deepEqual((await activeKeySlots(target)).map((k) => k.slot), [1]);
   });
 
-  test('a sparse qcow2 disk with cache.direct (cache=none) is encrypted into qcow2 with LUKS encryption, identical to the source, and keeps O_DIRECT', async () => {
+  test('a sparse qcow2 disk with cache.direct (cache=none) is encrypted by default into qcow2 with LUKS encryption that stays as thin, identical to the source, and keeps O_DIRECT', async () => {
     const src = path.join(dir, 'sparse.qcow2');
     const target = path.join(dir, 'sparse-enc.qcow2');
     await makeDiskImage(src, { sizeMiB: 256, format: 'qcow2', fill: 'sparse' });
@@ -149,7 +149,7 @@ describe('encrypt', () => {
     assert.deepEqual(d0.cache, { direct: true, noFlush: false });
     assert.ok(d0.allocatedBytes !== null && d0.allocatedBytes < d0.virtualSize / 100, `a sparse image occupies almost nothing on the host: ${d0.allocatedBytes} of ${d0.virtualSize} bytes`);
     const before = await sha256(src);
-    const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0-fmt', '--target', target, '--key-file', path.join(dir, 'key'), '--format', 'qcow2', '--iter-time', '50']);
+    const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0-fmt', '--target', target, '--key-file', path.join(dir, 'key'), '--iter-time', '50']);
     assert.equal(run.code, 0, run.stderr);
     const started = run.stderr
       .split('\n')
@@ -166,8 +166,12 @@ describe('encrypt', () => {
     await vm.stop();
     assert.equal(await sha256(src), before, 'the source is unmodified');
     const info = await imageInfo(target);
-    assert.equal(info.format, 'qcow2');
+    assert.equal(info.format, 'qcow2', '--format auto: a qcow2 disk stays qcow2');
     assert.equal(info.encrypted, true);
+    // Its holes became zero clusters, not encrypted zeros: the LUKS header (~2 MiB) and the
+    // tables, where a raw LUKS target would hold all 256 MiB.
+    const held = (await stat(target)).blocks * 512;
+    assert.ok(held < 16 * MiB, `the encrypted image occupies ${(held / MiB).toFixed(1)} MiB of its 256 MiB on the host`);
     assert.deepEqual((await activeKeySlots(target)).map((k) => k.slot), [1], 'the key file\'s slot alone: the opening key\'s is erased');
     const plainSrc = path.join(dir, 'sparse.src.raw');
     await (await import('node:child_process')).execFileSync('qemu-img', ['convert', '-O', 'raw', src, plainSrc]);

@@ -153,7 +153,7 @@ describe('bad input', () => {
   });
 
   test('bad flag values get a usage error (exit 2)', async () => {
-    await assertRefused(await runCli(encrypt({ '--format': 'zip' })), /--format: 'zip' is not one of luks, qcow2/, 2);
+    await assertRefused(await runCli(encrypt({ '--format': 'zip' })), /--format: 'zip' is not one of auto, luks, qcow2/, 2);
     await assertRefused(await runCli(encrypt({ '--speed': 'fast' })), /--speed: 'fast' is not a byte count/, 2);
     const r = await runCli(['encrypt', '--qmp', vm.toolQmpSocket]);
     assert.equal(r.code, 2);

@@ -717,9 +717,13 @@ export async function startSideBySide(
     ref.rec.poll({ intervalMs: o.pollMs, stats: true, jobs: false }),
     cmp.rec.poll({ intervalMs: o.pollMs, stats: false, jobs: true }),
   ]);
-  /** `idlecrypt encrypt` of a guest's disk0 into `target` in this run's directory. */
+  /**
+   * `idlecrypt encrypt` of a guest's disk0 into `target` in this run's directory: raw LUKS
+   * for every source, so that a sparse qcow2 disk's copy encrypts its holes as a raw one's
+   * does (`--format auto` would make it qcow2, whose holes cost nothing: no copy to measure).
+   */
   const encrypt = (b: Booted, target: string, more: readonly string[], env: Record<string, string> = {}) =>
-    new EncryptRun(['--qmp', b.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50', ...more], path.join(base, `${path.basename(target, '.luks')}.lp`), env);
+    new EncryptRun(['--qmp', b.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50', '--format', 'luks', ...more], path.join(base, `${path.basename(target, '.luks')}.lp`), env);
   const cmpRun = encrypt(cmp, path.join(base, 'cmp.luks'), ['--no-moderation']);
   const cmpJob = (await withRunOutput(cmpRun, cmp.rec.jobAppears())).job.id;
   await cmp.rec.client.execute('job-pause', { id: cmpJob });

@@ -179,6 +179,30 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
     equal((await readdir(join(cliStateDir(), 'libvirt-runs')).catch(() => [])).length, 0, 'no run record left');
   });
 
+  it('a thin qcow2 disk is copied into qcow2 with LUKS encryption (--format auto), as thin, and its definition says so', async () => {
+    const name = `ic-lv-q-${process.pid}`;
+    const disk = join(dir, `${name}.qcow2`);
+    // 1 GiB with 32 MiB written: a raw LUKS target would hold the whole GiB encrypted.
+    await makeDiskImage(disk, { sizeMiB: 1024, format: 'qcow2', fill: 'sparse' });
+    await execFileP('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 100M 32M', disk]);
+    const d = await TestDomain.start({ name, dir, disk, format: 'qcow2', workload: 'idle', persistent: true });
+    domains.push(d);
+    const target = join(dir, 'q.img');
+    const r = await runCli(['encrypt', '--domain', name, '--disk', 'vda', '--target', target, '--key-file', keyFile, '--iter-time', '100', '--json']);
+    equal(r.code, 0, r.stderr.slice(-2000));
+    const done = jsonLines(r.stdout).find((l) => l.event === 'completed')!;
+    equal(done.format, 'qcow2');
+    const inactive = await virsh('dumpxml', '--inactive', name);
+    const vda = /<disk [^>]*>(?:(?!<\/disk>)[\s\S])*<target dev='vda'[\s\S]*?<\/disk>/.exec(inactive)?.[0] ?? '';
+    match(vda, /<driver name='qemu' type='qcow2'/, inactive);
+    ok(vda.includes(`<source file='${target}'`), vda);
+    match(vda, /<encryption format='luks' engine='qemu'>/);
+    const held = (await stat(target)).blocks * 512;
+    ok(held < 64 * MiB, `the encrypted image occupies ${(held / MiB).toFixed(1)} MiB of its 1024 MiB on the host`);
+    await virsh('destroy', name);
+    await execFileP('qemu-img', ['compare', '-U', '--object', `secret,id=k,format=raw,file=${keyFile}`, '--image-opts', `driver=qcow2,file.filename=${disk}`, `driver=qcow2,encrypt.key-secret=k,file.filename=${target}`]);
+  });
+
   it("reads the guest's request latency as libvirt accounts it (latency.margin's input): requests and their time grow while it works", async () => {
     const name = `ic-lv-a-${process.pid}`; // runs its bursty workload on the encrypted image now
     const client = await LibvirtClient.connect();

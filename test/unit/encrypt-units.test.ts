@@ -5,6 +5,7 @@ import { parseBytes, parseChoice, parsePositiveInt } from '../../src/cli/options
 import { ProgressMeter } from '../../src/encrypt/progress.ts';
 import { findDisk, imagePath, qdevIdOf, type DiskInfo } from '../../src/encrypt/disks.ts';
 import { fmtBytes, targetBytesNeeded } from '../../src/encrypt/preflight.ts';
+import { targetFormatFor } from '../../src/encrypt/target.ts';
 import { fmtEta } from '../../src/cli/progress-view.ts';
 import { allocatedShare, moderatedBufSize } from '../../src/encrypt/encrypt.ts';
 
@@ -95,9 +96,21 @@ describe('finding a disk', () => {
     assert.equal(imagePath('json:{"driver": "qcow2", "encrypt.key-secret": "k", "file": {"driver": "file", "filename": "/t/b.qcow2"}}'), '/t/b.qcow2');
     assert.equal(imagePath('json:{broken'), 'json:{broken');
   });
-  test('the target needs the whole virtual size plus metadata', () => {
-    assert.equal(targetBytesNeeded(64 * 1024 * 1024, 'luks'), 80 * 1024 * 1024);
-    assert.ok(targetBytesNeeded(1024 ** 3, 'qcow2') > 1024 ** 3 + 16 * 1024 * 1024);
+  test('a raw LUKS target needs the whole virtual size plus metadata; a qcow2 one what the source occupies', () => {
+    const MiB = 1024 * 1024;
+    assert.equal(targetBytesNeeded(64 * MiB, 'luks'), 80 * MiB);
+    assert.equal(targetBytesNeeded(64 * MiB, 'luks', 1 * MiB), 80 * MiB, 'encrypted zeros are not zeros: a sparse source is no smaller');
+    assert.ok(targetBytesNeeded(1024 ** 3, 'qcow2') > 1024 ** 3 + 16 * MiB, 'allocation unknown: the virtual size');
+    const thin = targetBytesNeeded(64 * 1024 ** 3, 'qcow2', 768 * MiB);
+    assert.ok(thin >= 768 * MiB + 16 * MiB && thin < 1100 * MiB, `a 64 GiB qcow2 holding 768 MiB: ${thin / MiB} MiB`);
+    assert.equal(targetBytesNeeded(64 * MiB, 'qcow2', 1024 * MiB), targetBytesNeeded(64 * MiB, 'qcow2'), 'never more than the virtual size');
+  });
+  test("--format auto: a qcow2 disk's target is qcow2 (it stays thin), any other's raw LUKS; a format named is kept", () => {
+    assert.equal(targetFormatFor('auto', 'qcow2'), 'qcow2');
+    assert.equal(targetFormatFor('auto', 'raw'), 'luks');
+    assert.equal(targetFormatFor('auto', 'host_device'), 'luks');
+    assert.equal(targetFormatFor('luks', 'qcow2'), 'luks');
+    assert.equal(targetFormatFor('qcow2', 'raw'), 'qcow2');
   });
 });
 
