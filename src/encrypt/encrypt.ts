@@ -18,7 +18,7 @@ import type { Logger } from '../log.ts';
 import type { JobControl, JobSnapshot } from '../jobs/types.ts';
 import { QmpMirrorJob } from '../jobs/qmp-mirror.ts';
 import { diskLabel, findDisk, imagePath, listDisks, type DiskCache, type DiskInfo } from './disks.ts';
-import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded } from './preflight.ts';
+import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded, thinDiskNote } from './preflight.ts';
 import { EncryptedTarget, targetFormatFor, type FormatChoice, type TargetFormat } from './target.ts';
 import { ProgressMeter, type Progress } from './progress.ts';
 import { RunModeration, type ModerationOptions } from './moderation.ts';
@@ -192,7 +192,11 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     }
     // An adopted run keeps the format it was started with (recoverForRerun checked it).
     const format = adopt ? adopt.record.format : targetFormatFor(o.format, disk.driver);
-    if (!adopt) await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, format, disk.allocatedBytes));
+    if (!adopt) {
+      await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, format, disk.allocatedBytes));
+      const thin = thinDiskNote(o.format, format, disk.virtualSize, disk.allocatedBytes);
+      if (thin) o.onNote?.(thin.text, thin.record);
+    }
     // Observation starts now, so that bpftrace attaches while the LUKS header is written.
     let rec: RunMetrics | undefined;
     const mod = o.moderation

@@ -68,6 +68,19 @@ export function targetBytesNeeded(virtualSize: number, format: 'luks' | 'qcow2',
   return data + meta;
 }
 
+/**
+ * What to tell an operator whose mostly unallocated disk goes into raw LUKS by default (a raw
+ * disk under `--format auto`): the image will hold the whole virtual size, and the copy
+ * encrypts every hole. Named formats are the operator's choice: nothing to say then.
+ */
+export function thinDiskNote(choice: 'auto' | 'luks' | 'qcow2', format: 'luks' | 'qcow2', virtualSize: number, allocatedBytes: number | null): { text: string; record: Record<string, unknown> } | null {
+  if (choice !== 'auto' || format !== 'luks' || allocatedBytes === null || virtualSize <= 0 || allocatedBytes >= virtualSize / 2) return null;
+  return {
+    text: `the disk occupies ${fmtBytes(allocatedBytes)} of its ${fmtBytes(virtualSize)}; the raw LUKS image will hold all ${fmtBytes(virtualSize)}, its holes as encrypted zeros, which the copy encrypts too: --format qcow2 keeps it as thin`,
+    record: { hint: 'format', allocated: allocatedBytes, virtual_size: virtualSize },
+  };
+}
+
 export async function checkSpace(target: string, needed: number): Promise<void> {
   const dir = path.dirname(target);
   const st = await fs.statfs(dir);

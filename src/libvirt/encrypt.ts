@@ -27,7 +27,7 @@ import { firstValueFrom, filter, merge, take, timer, type Observable } from 'rxj
 import { IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { JobControl } from '../jobs/types.ts';
-import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded } from '../encrypt/preflight.ts';
+import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded, thinDiskNote } from '../encrypt/preflight.ts';
 import { targetFormatFor, writeImageWithQemuImg, type FormatChoice, type TargetFormat } from '../encrypt/target.ts';
 import { ProgressMeter, type Progress } from '../encrypt/progress.ts';
 import { RunModeration, type ModerationOptions } from '../encrypt/moderation.ts';
@@ -216,7 +216,12 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
     const share = disk.type === 'file' && !disk.backing ? allocatedShare({ allocatedBytes: info.allocation, virtualSize: info.capacity }) : null;
     // An adopted run keeps the format it was started with.
     const format = adopting ? adopting.format : targetFormatFor(o.format, disk.format ?? 'raw');
-    if (!adopting) await checkSpace(targetPath, targetBytesNeeded(size, format, share === null ? null : info.allocation));
+    const allocated = share === null ? null : info.allocation;
+    if (!adopting) {
+      await checkSpace(targetPath, targetBytesNeeded(size, format, allocated));
+      const thin = thinDiskNote(o.format, format, size, allocated);
+      if (thin) o.onNote?.(thin.text, thin.record);
+    }
 
     // Observation starts now, so that bpftrace attaches while the LUKS header is written.
     let rec: RunMetrics | undefined;

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { parseBytes, parseChoice, parsePositiveInt } from '../../src/cli/options.ts';
 import { ProgressMeter } from '../../src/encrypt/progress.ts';
 import { findDisk, imagePath, qdevIdOf, type DiskInfo } from '../../src/encrypt/disks.ts';
-import { fmtBytes, targetBytesNeeded } from '../../src/encrypt/preflight.ts';
+import { fmtBytes, targetBytesNeeded, thinDiskNote } from '../../src/encrypt/preflight.ts';
 import { targetFormatFor } from '../../src/encrypt/target.ts';
 import { fmtEta } from '../../src/cli/progress-view.ts';
 import { allocatedShare, moderatedBufSize } from '../../src/encrypt/encrypt.ts';
@@ -104,6 +104,16 @@ describe('finding a disk', () => {
     const thin = targetBytesNeeded(64 * 1024 ** 3, 'qcow2', 768 * MiB);
     assert.ok(thin >= 768 * MiB + 16 * MiB && thin < 1100 * MiB, `a 64 GiB qcow2 holding 768 MiB: ${thin / MiB} MiB`);
     assert.equal(targetBytesNeeded(64 * MiB, 'qcow2', 1024 * MiB), targetBytesNeeded(64 * MiB, 'qcow2'), 'never more than the virtual size');
+  });
+  test('a mostly unallocated disk going into raw LUKS by default gets a note naming --format qcow2; a format named, a qcow2 target or a full disk none', () => {
+    const GiB = 1024 ** 3;
+    const n = thinDiskNote('auto', 'luks', 64 * GiB, 3 * GiB);
+    assert.match(n?.text ?? '', /occupies 3\.0 GiB of its 64\.0 GiB; the raw LUKS image will hold all 64\.0 GiB.*--format qcow2 keeps it as thin/);
+    assert.deepEqual(n?.record, { hint: 'format', allocated: 3 * GiB, virtual_size: 64 * GiB });
+    assert.equal(thinDiskNote('luks', 'luks', 64 * GiB, 3 * GiB), null, 'luks named: the operator chose it');
+    assert.equal(thinDiskNote('auto', 'qcow2', 64 * GiB, 3 * GiB), null);
+    assert.equal(thinDiskNote('auto', 'luks', 64 * GiB, 40 * GiB), null, 'mostly allocated');
+    assert.equal(thinDiskNote('auto', 'luks', 64 * GiB, null), null, 'allocation unknown (a block device)');
   });
   test("--format auto: a qcow2 disk's target is qcow2 (it stays thin), any other's raw LUKS; a format named is kept", () => {
     assert.equal(targetFormatFor('auto', 'qcow2'), 'qcow2');
