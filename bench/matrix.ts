@@ -23,7 +23,7 @@
  *   (marked ~). About 3.5 minutes a cell and round. Kept for comparison with the first run.
  *
  *   node --import tsx bench/matrix.ts [--method side-by-side|sequential] [--rounds 1]
- *        [--disks sparse-raw,raw,sparse-qcow2] [--caches writeback,none]
+ *        [--disks sparse-raw,raw,sparse-qcow2[,thin-qcow2]] [--caches writeback,none]
  *        [--workloads oneatatime,bursty,trickle] [--policy FILE] [--warm-up-s 0] [--iothread] [--out bench/results/matrix]
  *        sequential only: [--max-copy-s 48] [--raw-mib 6144] [--sparse-mib 65536]
  *
@@ -34,6 +34,10 @@
  * measured run's start, as for a guest the agent has watched (learning needs a minute).
  * --iothread gives every guest's disk an iothread (side by side only): QEMU then serves the
  * guest's requests and runs the mirror in that thread, not in its main loop.
+ * Every disk is copied into raw LUKS (--format luks): the sparse qcow2 one too, whose holes
+ * are then encrypted as a sparse raw disk's are. The disk thin-qcow2 (side by side only) is
+ * what `--format auto`, the default, makes of a qcow2 disk: 64 GiB holding the allocated
+ * disk's 4 GiB at its start, copied into qcow2 with LUKS encryption (holes cost nothing).
  * Writes <out>/matrix-report.md (the table, each cell's figures), <out>/matrix-<time>.svg (side by side: each cell's last round over time) and <out>/matrix-<time>.json;
  * each cell's directory <out>/<disk>-<cache>-<workload>/ keeps every round's moderated run:
  * its progress records (decisions, the headroom's cap, the main loop's load), log, metrics and
@@ -123,6 +127,7 @@ const method = values.method === 'sequential' ? 'sequential' : values.method ===
 if (!method) throw new Error('--method side-by-side|sequential');
 if (values.policy && method === 'sequential') throw new Error('--policy is for --method side-by-side (bench/moderation.ts takes its own --policy)');
 if (values.iothread && method === 'sequential') throw new Error('--iothread is for --method side-by-side');
+if (method === 'sequential' && String(values.disks).split(',').includes('thin-qcow2')) throw new Error('the disk thin-qcow2 is for --method side-by-side');
 const policy = values.policy ? path.resolve(values.policy) : undefined;
 const disks = values.disks!.split(',');
 const caches = values.caches!.split(',');

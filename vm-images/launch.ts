@@ -500,14 +500,16 @@ export function patternMiB(mib: number): Buffer {
  * fill 'sparse': all zeros, nothing allocated (raw: a hole; qcow2: no clusters).
  * fill 'pattern': MiB n is the 32-byte line `IDLECRYPT-DATA mib=<n, 8 digits>    \n`
  * repeated, so every 512-byte sector holds readable plaintext and says where it came from
- * (see patternMiB); fully allocated.
+ * (see patternMiB); fully allocated. With `dataMiB`, the pattern fills only the first
+ * dataMiB and the rest is unallocated (a thin disk holding data).
  */
 export async function makeDiskImage(
   path: string,
-  opts: { sizeMiB: number; format: 'raw' | 'qcow2'; fill: 'sparse' | 'pattern' },
+  opts: { sizeMiB: number; format: 'raw' | 'qcow2'; fill: 'sparse' | 'pattern'; dataMiB?: number },
 ): Promise<void> {
   const { sizeMiB, format, fill } = opts;
   if (!Number.isInteger(sizeMiB) || sizeMiB < 1) throw new Error(`sizeMiB must be a positive integer, not ${sizeMiB}`);
+  const dataMiB = Math.min(sizeMiB, opts.dataMiB ?? sizeMiB);
   // Claim the path first ('wx' fails if it exists), so we never clobber someone's file.
   let fh: FileHandle;
   try {
@@ -519,8 +521,8 @@ export async function makeDiskImage(
   let tmp: string | undefined;
   try {
     if (format === 'raw') {
-      if (fill === 'sparse') await fh.truncate(sizeMiB * MiB);
-      else for (let i = 0; i < sizeMiB; i++) await fh.write(patternMiB(i), 0, MiB, i * MiB);
+      if (fill === 'pattern') for (let i = 0; i < dataMiB; i++) await fh.write(patternMiB(i), 0, MiB, i * MiB);
+      await fh.truncate(sizeMiB * MiB);
       await fh.close();
       return;
     }
@@ -533,7 +535,8 @@ export async function makeDiskImage(
     tmp = `${path}.tmp-${process.pid}.raw`;
     const th = await open(tmp, 'wx', 0o600);
     try {
-      for (let i = 0; i < sizeMiB; i++) await th.write(patternMiB(i), 0, MiB, i * MiB);
+      for (let i = 0; i < dataMiB; i++) await th.write(patternMiB(i), 0, MiB, i * MiB);
+      await th.truncate(sizeMiB * MiB);
     } finally {
       await th.close();
     }

@@ -41,10 +41,16 @@ import {
   type Sample,
 } from './moderation-lab.ts';
 
+/**
+ * The disks, all copied into raw LUKS (`--format luks`) but the thin qcow2 one: 64 GiB with
+ * the allocated disk's data at its start (`rawMiB`), copied as `--format auto` copies a
+ * qcow2 disk, into qcow2 with LUKS encryption, whose holes cost nothing (docs/starvation.md).
+ */
 export const CELL_DISKS = {
-  'sparse-raw': { format: 'raw', fill: 'sparse' },
-  raw: { format: 'raw', fill: 'pattern' },
-  'sparse-qcow2': { format: 'qcow2', fill: 'sparse' },
+  'sparse-raw': { format: 'raw', fill: 'sparse', target: 'luks' },
+  raw: { format: 'raw', fill: 'pattern', target: 'luks' },
+  'sparse-qcow2': { format: 'qcow2', fill: 'sparse', target: 'luks' },
+  'thin-qcow2': { format: 'qcow2', fill: 'thin', target: 'auto' },
 } as const;
 /** 8 s idle / 8 s busy; busy: 1 MiB O_DIRECT requests (bursty) or 64 KiB ones, one at a time; trickle: 15 flushed 4 KiB writes a second on top, all the time. */
 export const CELL_WORKLOADS = {
@@ -62,7 +68,7 @@ export interface CellSpec {
   readonly cache: 'writeback' | 'none';
   readonly workload: CellWorkload;
   readonly keyFile: string;
-  /** Sparse disks' size (default 64 GiB); the allocated raw disk is `rawMiB` (default 4 GiB: the copy is cancelled after ~50 s). */
+  /** Sparse and thin disks' size (default 64 GiB); the allocated raw disk is `rawMiB` (default 4 GiB: the copy is cancelled after ~50 s), and so is the thin qcow2's data. */
   readonly sparseMiB?: number;
   readonly rawMiB?: number;
   /** More arguments of mod's `idlecrypt encrypt` (a --policy). */
@@ -140,8 +146,14 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   const images = { mod: path.join(base, `mod.${ext}`), ref: path.join(base, `ref.${ext}`), cmp: path.join(base, `cmp.${ext}`) };
   // Allocated disks hold what the copy reaches in ~50 s (mod), in its 5 s window (cmp), and
   // the region the workload touches (ref); sparse ones cost nothing at any size.
-  const sizes = kind.fill === 'sparse' ? { mod: spec.sparseMiB ?? 65536, ref: spec.sparseMiB ?? 65536, cmp: spec.sparseMiB ?? 65536 } : { mod: spec.rawMiB ?? 4096, ref: 256, cmp: 2048 };
-  await Promise.all((['mod', 'ref', 'cmp'] as const).map((k) => makeDiskImage(images[k], { sizeMiB: sizes[k], format: kind.format, fill: kind.fill })));
+  const data = { mod: spec.rawMiB ?? 4096, ref: 256, cmp: 2048 };
+  const sparse = spec.sparseMiB ?? 65536;
+  const sizes = kind.fill === 'pattern' ? data : { mod: sparse, ref: sparse, cmp: sparse };
+  await Promise.all(
+    (['mod', 'ref', 'cmp'] as const).map((k) =>
+      makeDiskImage(images[k], { sizeMiB: sizes[k], format: kind.format, ...(kind.fill === 'thin' ? { fill: 'pattern', dataMiB: data[k] } : { fill: kind.fill }) }),
+    ),
+  );
   // Images just written, and earlier work's page cache: flush and drop it now, or reclaiming
   // it during a busy phase stalls QEMU.
   execFileSync('sync');
@@ -156,6 +168,7 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
     keyFile: spec.keyFile,
     pollMs: POLL_MS,
     runTimeoutMs: 400_000,
+    format: kind.target,
     ...(spec.modArgs ? { modArgs: [...spec.modArgs] } : {}),
     ...(spec.warmUpMs ? { warmUpMs: spec.warmUpMs } : {}),
   });

@@ -688,6 +688,8 @@ export async function startSideBySide(
     runTimeoutMs: number;
     /** more arguments of mod's run (a --policy) */
     modArgs?: string[];
+    /** The target format of every run (default luks: see encrypt below). */
+    format?: 'auto' | 'luks' | 'qcow2';
     /**
      * Before the measured run, one of the same arguments for this long, then cancelled (its
      * target removed): what it learnt of the guest (`thresholds: auto`, kept per guest) is
@@ -719,11 +721,12 @@ export async function startSideBySide(
   ]);
   /**
    * `idlecrypt encrypt` of a guest's disk0 into `target` in this run's directory: raw LUKS
-   * for every source, so that a sparse qcow2 disk's copy encrypts its holes as a raw one's
-   * does (`--format auto` would make it qcow2, whose holes cost nothing: no copy to measure).
+   * for every source unless `o.format` says otherwise, so that a sparse qcow2 disk's copy
+   * encrypts its holes as a raw one's does (`--format auto` would make it qcow2, whose holes
+   * cost nothing: no copy to measure).
    */
   const encrypt = (b: Booted, target: string, more: readonly string[], env: Record<string, string> = {}) =>
-    new EncryptRun(['--qmp', b.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50', '--format', 'luks', ...more], path.join(base, `${path.basename(target, '.luks')}.lp`), env);
+    new EncryptRun(['--qmp', b.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50', '--format', o.format ?? 'luks', ...more], path.join(base, `${path.basename(target, '.luks')}.lp`), env);
   const cmpRun = encrypt(cmp, path.join(base, 'cmp.luks'), ['--no-moderation']);
   const cmpJob = (await withRunOutput(cmpRun, cmp.rec.jobAppears())).job.id;
   await cmp.rec.client.execute('job-pause', { id: cmpJob });

@@ -161,6 +161,22 @@ describe('makeDiskImage', () => {
     assert.deepEqual((await execFileP('ls', [work])).stdout.split('\n').filter((f) => f.includes('.tmp-')), []);
   });
 
+  test('a thin disk (dataMiB): the pattern in its first MiBs, nothing allocated after them, raw and qcow2 alike', async () => {
+    for (const format of ['raw', 'qcow2'] as const) {
+      const p = join(work, `thin.${format}`);
+      await makeDiskImage(p, { sizeMiB: 64, format, fill: 'pattern', dataMiB: 4 });
+      const map = JSON.parse((await execFileP('qemu-img', ['map', '--output=json', '-f', format, p])).stdout) as { start: number; length: number; data: boolean }[];
+      const data = map.filter((e) => e.data);
+      assert.deepEqual([data.at(0)?.start, data.reduce((n, e) => n + e.length, 0)], [0, 4 * MiB], `${format}: ${JSON.stringify(map)}`);
+      const plain = join(work, `thin-${format}.raw`);
+      await execFileP('qemu-img', ['convert', '-f', format, '-O', 'raw', p, plain]);
+      const bytes = await readFile(plain);
+      assert.equal(bytes.length, 64 * MiB);
+      for (let i = 0; i < 4; i++) assert.ok(bytes.subarray(i * MiB, (i + 1) * MiB).equals(patternMiB(i)), `${format}: MiB ${i}`);
+      assert.ok(bytes.subarray(4 * MiB).every((b) => b === 0), `${format}: zeros after the data`);
+    }
+  });
+
   test('refuses to overwrite an existing file and leaves it alone', async () => {
     const p = join(work, 'pattern.raw');
     const before = await stat(p);
