@@ -36,8 +36,9 @@
  * guest's requests and runs the mirror in that thread, not in its main loop.
  * Every disk is copied into raw LUKS (--format luks): the sparse qcow2 one too, whose holes
  * are then encrypted as a sparse raw disk's are. The disk thin-qcow2 (side by side only) is
- * what `--format auto`, the default, makes of a qcow2 disk: 64 GiB holding the allocated
- * disk's 4 GiB at its start, copied into qcow2 with LUKS encryption (holes cost nothing).
+ * what `--format auto`, the default, makes of a qcow2 disk: 64 GiB holding 8 GiB of the
+ * allocated disk's pattern at its start, copied into qcow2 with LUKS encryption (holes cost
+ * nothing; the copy is cancelled before it reaches them).
  * Writes <out>/matrix-report.md (the table, each cell's figures), <out>/matrix-<time>.svg (side by side: each cell's last round over time) and <out>/matrix-<time>.json;
  * each cell's directory <out>/<disk>-<cache>-<workload>/ keeps every round's moderated run:
  * its progress records (decisions, the headroom's cap, the main loop's load), log, metrics and

@@ -299,7 +299,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         if (mod) await untilAborted(mod.attached, o.signal, o.detach);
         if (o.signal?.aborted) throw new IdlecryptError('CANCELLED', `cancelled before the copy started; ${targetPath} and its secret were removed, nothing else was changed`);
         if (o.detach?.aborted) throw detached(targetPath, false);
-        const bufSize = o.bufSize ?? (mod ? moderatedBufSize({ direct: directCache(disk.cache), noFlush: false }, share) : undefined);
+        const bufSize = o.bufSize ?? (mod ? moderatedBufSize({ direct: directCache(disk.cache), noFlush: false }, share, format) : undefined);
         log.info({ bufSize: bufSize ?? 'qemu-default', ...(share === null ? {} : { allocatedShare: Number(share.toFixed(3)) }) }, 'block copy buffer');
         await startCopy(client, { ...o, speed: mod ? HELD_SPEED : o.speed }, dom.persistent, destinationXml(targetPath, format, record.secret), reuse, bufSize);
         record = { ...record, phase: 'copying', copyStartedAt: Date.now() };

@@ -68,7 +68,7 @@ export interface CellSpec {
   readonly cache: 'writeback' | 'none';
   readonly workload: CellWorkload;
   readonly keyFile: string;
-  /** Sparse and thin disks' size (default 64 GiB); the allocated raw disk is `rawMiB` (default 4 GiB: the copy is cancelled after ~50 s), and so is the thin qcow2's data. */
+  /** Sparse and thin disks' size (default 64 GiB); the allocated raw disk is `rawMiB` (default 4 GiB: the copy is cancelled after ~50 s), and so is the thin qcow2's data (default 8 GiB: trickle cells run longer). */
   readonly sparseMiB?: number;
   readonly rawMiB?: number;
   /** More arguments of mod's `idlecrypt encrypt` (a --policy). */
@@ -146,7 +146,9 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   const images = { mod: path.join(base, `mod.${ext}`), ref: path.join(base, `ref.${ext}`), cmp: path.join(base, `cmp.${ext}`) };
   // Allocated disks hold what the copy reaches in ~50 s (mod), in its 5 s window (cmp), and
   // the region the workload touches (ref); sparse ones cost nothing at any size.
-  const data = { mod: spec.rawMiB ?? 4096, ref: 256, cmp: 2048 };
+  // A thin disk's data lasts longer than the allocated raw disk: past it the copy's offset
+  // runs through zero clusters, and the idle phases' speed would be the holes'.
+  const data = { mod: spec.rawMiB ?? (kind.fill === 'thin' ? 8192 : 4096), ref: 256, cmp: 2048 };
   const sparse = spec.sparseMiB ?? 65536;
   const sizes = kind.fill === 'pattern' ? data : { mod: sparse, ref: sparse, cmp: sparse };
   await Promise.all(
@@ -255,6 +257,12 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   const idleBps = median(idle.map((x) => x.bps).filter((b): b is number => b !== undefined));
   const idleRel = cmpBps ? idleBps / cmpBps : NaN;
   idleWindows.forEach((x, i) => note(`idle phase ${x.p.n}: job ${mibps(idle[i]!.bps)} MiB/s = ${pct(idle[i]!.bps! / cmpBps!)} of unthrottled over ${s(x.to - x.from)} s (from +${s(AFTER_HOLDOFF_MS)} s), ${dirtyOver(x.from, x.to)}`));
+  if (kind.fill === 'thin') {
+    // Past the data, a qcow2 target's copy runs through zero clusters: not the data's speed.
+    const last = mod.rec.samples.filter((x) => x.t <= cancelAt && jobOffset(x) !== undefined).at(-1);
+    const reached = last ? jobOffset(last)! / MiB : NaN;
+    note(`the copy reached ${reached.toFixed(0)} MiB of the ${data.mod} MiB of data${reached > data.mod ? ': past it, so the idle speeds include zero clusters' : ''}`);
+  }
 
   const tput = (rec: GuestRecorder, p: Phase) => rateOver(rec.samples, p.start, p.end, guestBytes);
   /** ref's throughput over its phase of p's kind that began nearest to p. */

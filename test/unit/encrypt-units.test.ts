@@ -134,9 +134,12 @@ describe("the moderated mirror's buffer", () => {
     assert.equal(moderatedBufSize(cached), 4 * MiB);
   });
 
-  test('2 MiB for a source that occupies under half its size on the host, whatever the cache', () => {
+  test('2 MiB for a source that occupies under half its size on the host into raw LUKS, whatever the cache; into qcow2 the data decides', () => {
     assert.equal(moderatedBufSize(direct, 0.49), 2 * MiB);
     assert.equal(moderatedBufSize(cached, 0), 2 * MiB);
+    assert.equal(moderatedBufSize(direct, 0.06, 'qcow2'), 8 * MiB, 'into qcow2 the holes are zero clusters: the data decides');
+    assert.equal(moderatedBufSize(cached, 0, 'qcow2'), 4 * MiB);
+    assert.equal(moderatedBufSize(direct, 0.06, 'luks'), 2 * MiB);
   });
 
   test('the share is known only where QEMU could say what the image holds', () => {
