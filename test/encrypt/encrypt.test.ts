@@ -12,7 +12,7 @@ import path from 'node:path';
 import { makeDiskImage, startTestVm, ensureImage, writerBlock, type TestVm } from '../../vm-images/launch.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
-import { runCli, startCli } from '../helpers/cli.ts';
+import { loggedBufSize, runCli, startCli } from '../helpers/cli.ts';
 import { activeKeySlots, compareWithEncrypted, decryptToRaw, fileContains, imageInfo, sha256, writeKey } from '../helpers/images.ts';
 
 const KEY = 'correct horse battery staple 42';
@@ -151,12 +151,7 @@ describe('encrypt', () => {
     const before = await sha256(src);
     const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0-fmt', '--target', target, '--key-file', path.join(dir, 'key'), '--iter-time', '50']);
     assert.equal(run.code, 0, run.stderr);
-    const started = run.stderr
-      .split('\n')
-      .filter((l) => l.startsWith('{'))
-      .map((l) => JSON.parse(l) as { msg?: string; bufSize?: number })
-      .find((l) => l.msg === 'mirror started');
-    assert.equal(started?.bufSize, 8 * MiB, 'into qcow2 the holes are zero clusters: the data decides the buffer (8 MiB with O_DIRECT), not the 2 MiB of a sparse source into raw LUKS');
+    assert.equal(loggedBufSize(run.stderr), 8 * MiB, 'into qcow2 the holes are zero clusters: the data decides the buffer (8 MiB with O_DIRECT), not the 2 MiB of a sparse source into raw LUKS');
     assert.match(run.stdout, /now runs on the encrypted image .*sparse-enc\.qcow2 \(qcow2/);
     const disk = await diskNow(vm);
     assert.equal(disk.file, target);

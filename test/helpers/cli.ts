@@ -103,3 +103,12 @@ export function runCli(args: string[], env: Record<string, string> = {}): Promis
 export function humanLines(stderr: string): string[] {
   return stderr.split('\n').filter((l) => l.trim() !== '' && !l.startsWith('{'));
 }
+
+/** The mirror's buffer as the run logged it (its `mirror started` record on stderr), or undefined. */
+export function loggedBufSize(stderr: string): number | undefined {
+  return stderr
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as { msg?: string; bufSize?: number })
+    .find((l) => l.msg === 'mirror started')?.bufSize;
+}

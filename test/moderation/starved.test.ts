@@ -49,6 +49,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { ensureImage } from '../../vm-images/launch.ts';
 import { writeKey } from '../helpers/images.ts';
+import { loggedBufSize } from '../helpers/cli.ts';
 import { GuestLab, MiB, measurable, mibps, untilNoShortfall } from '../helpers/moderation-lab.ts';
 import { issue9Bounds, measureCell } from '../helpers/matrix-cell.ts';
 
@@ -83,12 +84,7 @@ async function sideBySide(t: TestContext, base: string, cache: 'writeback' | 'no
   assert.equal(f.code, 130, `idlecrypt encrypt should have been cancelled:\n${f.stderr.slice(-3000)}`);
   assert.ok(f.targetGone, 'the cancelled run removed its target');
   assert.ok(f.guestOnSource, 'the guest still runs on its source');
-  const started = f.stderr
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as { msg?: string; bufSize?: number })
-    .find((l) => l.msg === 'mirror started');
-  assert.equal(started?.bufSize, 2 * MiB, 'a mostly unallocated source copied into raw LUKS has the 2 MiB buffer');
+  assert.equal(loggedBufSize(f.stderr), 2 * MiB, 'a mostly unallocated source copied into raw LUKS has the 2 MiB buffer');
   assert.ok(f.cmpBps !== undefined && f.cmpBps > 30 * MiB, `the comparison mirror ran: ${mibps(f.cmpBps)} MiB/s`);
   assert.ok(f.busy.length >= 3, `the copy spanned ${f.busy.length} whole busy phases; 3 expected`);
   assert.ok(f.idle.length === 2 && f.idle.every((x) => x.bps !== undefined), 'both measured idle phases were long enough, and polled');
