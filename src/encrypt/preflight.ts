@@ -6,6 +6,7 @@
 import { constants, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { IdlecryptError } from '../errors.ts';
+import type { FormatChoice, TargetFormat } from './target.ts';
 
 export async function checkKeyFile(keyFile: string): Promise<string> {
   const abs = path.resolve(keyFile);
@@ -59,7 +60,7 @@ export async function checkTargetPath(target: string, sourceFile: string | undef
  * become zero clusters, which take no room; from then on it grows as the source would
  * have. Where the allocation is unknown (a block device, a backing chain), the virtual size.
  */
-export function targetBytesNeeded(virtualSize: number, format: 'luks' | 'qcow2', allocatedBytes: number | null = null): number {
+export function targetBytesNeeded(virtualSize: number, format: TargetFormat, allocatedBytes: number | null = null): number {
   const MiB = 1024 * 1024;
   // LUKS1 header with 8 key slots of 4000 AF stripes is ~2 MiB; qcow2 adds L1/L2 tables and
   // refcounts (~0.2% at 64 KiB clusters). Round up generously.
@@ -73,7 +74,7 @@ export function targetBytesNeeded(virtualSize: number, format: 'luks' | 'qcow2',
  * disk under `--format auto`): the image will hold the whole virtual size, and the copy
  * encrypts every hole. Named formats are the operator's choice: nothing to say then.
  */
-export function thinDiskNote(choice: 'auto' | 'luks' | 'qcow2', format: 'luks' | 'qcow2', virtualSize: number, allocatedBytes: number | null): { text: string; record: Record<string, unknown> } | null {
+export function thinDiskNote(choice: FormatChoice, format: TargetFormat, virtualSize: number, allocatedBytes: number | null): { text: string; record: Record<string, unknown> } | null {
   if (choice !== 'auto' || format !== 'luks' || allocatedBytes === null || virtualSize <= 0 || allocatedBytes >= virtualSize / 2) return null;
   return {
     text: `the disk occupies ${fmtBytes(allocatedBytes)} of its ${fmtBytes(virtualSize)}; the raw LUKS image will hold all ${fmtBytes(virtualSize)}, its holes as encrypted zeros, which the copy encrypts too: --format qcow2 keeps it as thin`,
