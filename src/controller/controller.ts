@@ -10,7 +10,7 @@
  */
 import { asyncScheduler, catchError, distinctUntilChanged, EMPTY, exhaustMap, filter, from, interval, map, ReplaySubject, shareReplay, switchMap, tap, type Observable, type SchedulerLike } from 'rxjs';
 import { describeError } from '../errors.ts';
-import type { JobControl } from '../jobs/types.ts';
+import type { JobControl, JobSnapshot } from '../jobs/types.ts';
 import type { Logger } from '../log.ts';
 import { resolvePolicy } from '../policy/resolve.ts';
 import type { Policy } from '../policy/schema.ts';
@@ -56,6 +56,11 @@ const LATENCY_POLL_MS = 250;
 export interface ModerationRun {
   /** The current desired state: replays the latest to new subscribers; completes when moderation ends. */
   readonly decisions$: Observable<Decision>;
+  /**
+   * Every reading of the job the reconciler takes (at least one per resync tick), for a
+   * caller that would otherwise read the job itself: see RunModeration.snapshotSince.
+   */
+  readonly snapshots$: Observable<JobSnapshot>;
   /** Settles (never rejects) when moderation ends: stopped, the job ended or is gone, or an error. */
   readonly done: Promise<ModerationEnd>;
   /**
@@ -136,6 +141,7 @@ export function moderate(o: ModerateOptions): ModerationRun {
 
   return {
     decisions$: decisions.asObservable(),
+    snapshots$: reconciler.snapshots$,
     done,
     stop: (options) => reconciler.stop(options),
   };

@@ -424,12 +424,15 @@ export async function waitUntilReady(job: WaitableJob, wake$: Observable<unknown
   const abort$ = merge(
     ...[o.signal, o.detach].filter((s): s is AbortSignal => s !== undefined).map((s) => fromEvent(s, 'abort').pipe(map(() => 'abort' as const))),
   );
+  let woke: 'tick' | 'event' | 'abort' = 'event';
+  let last = -Infinity;
   for (;;) {
     if (o.signal?.aborted) return 'cancel';
     if (o.detach?.aborted) return 'detach';
-    const snap = await runningSnapshot(job, meter, o, mod);
+    const { snap, at } = await runningSnapshot(job, meter, o, mod, woke === 'tick' ? last : undefined);
+    last = at;
     if (snap.ready) return 'ready';
-    await firstValueFrom(merge(timer(pollMs).pipe(map(() => 'tick' as const)), wake$, abort$).pipe(take(1)));
+    woke = await firstValueFrom(merge(timer(pollMs).pipe(map(() => 'tick' as const)), wake$.pipe(map(() => 'event' as const)), abort$).pipe(take(1)));
   }
 }
 
@@ -455,10 +458,13 @@ export async function waitForQuiet(job: WaitableJob, closed$: Observable<unknown
   const pollMs = o.pollMs ?? 250;
   const until = performance.now() + (mod.policy?.pivot['quiet-wait'] ?? 30_000);
   const readyAt = Date.now();
+  let woke: 'tick' | 'event' = 'event';
+  let last = -Infinity;
   for (;;) {
     if (o.signal?.aborted) return 'cancel';
     if (o.detach?.aborted) return 'detach';
-    const snap = await runningSnapshot(job, meter, o, mod);
+    const { snap, at } = await runningSnapshot(job, meter, o, mod, woke === 'tick' ? last : undefined);
+    last = at;
     const left = snap.len - snap.offset;
     // idle, not mode 'full': a policy may cap the idle speed (mode 'throttled').
     if (mod.decision?.state === 'idle' && left === 0) return 'ready';
@@ -479,7 +485,7 @@ export async function waitForQuiet(job: WaitableJob, closed$: Observable<unknown
       return 'ready';
     }
     const stop$ = o.detach ? fromEvent(o.detach, 'abort') : merge();
-    await firstValueFrom(merge(timer(pollMs), closed$, stop$).pipe(take(1)));
+    woke = await firstValueFrom(merge(timer(pollMs).pipe(map(() => 'tick' as const)), closed$.pipe(map(() => 'event' as const)), stop$.pipe(map(() => 'event' as const))).pipe(take(1)));
   }
 }
 
@@ -498,14 +504,18 @@ export async function untilAborted(p: Promise<void>, ...signals: (AbortSignal | 
 
 /** One reading of a job that should be running: reported as progress; a job that ended
  * on its own (an I/O error on the target, say) fails the run with QEMU's error. */
-async function runningSnapshot(job: WaitableJob, meter: ProgressMeter, o: WaitOptions, mod: RunModeration | undefined): Promise<JobSnapshot> {
-  const snap = await mustSnapshot(job);
-  o.onProgress?.(withModeration(meter.sample(snap, performance.now()), mod));
+async function runningSnapshot(job: WaitableJob, meter: ProgressMeter, o: WaitOptions, mod: RunModeration | undefined, reuseAfter?: number): Promise<{ snap: JobSnapshot; at: number }> {
+  // On a timer tick, a reading the controller took since the last one here will do (see
+  // snapshotSince); after an event of the job's, or at the start, read it: a reading from
+  // before the event is stale.
+  const reading = (reuseAfter !== undefined ? mod?.snapshotSince(reuseAfter) : undefined) ?? { snap: await mustSnapshot(job), at: performance.now() };
+  const snap = reading.snap;
+  o.onProgress?.(withModeration(meter.sample(snap, reading.at), mod));
   if (snap.status === 'concluded' || snap.status === 'aborting') {
     const err = await job.dismiss?.();
     throw new IdlecryptError('JOB_FAILED', `the copy failed: ${err ?? snap.error ?? snap.status}`);
   }
-  return snap;
+  return reading;
 }
 
 export async function mustSnapshot(job: JobControl): Promise<JobSnapshot> {

@@ -14,7 +14,7 @@ import { firstValueFrom, filter, share, shareReplay, Subject, take, takeUntil, t
 import { IdlecryptError, describeError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { QmpClient } from '../qmp/client.ts';
-import type { JobControl } from '../jobs/types.ts';
+import type { JobControl, JobSnapshot } from '../jobs/types.ts';
 import { ProcfsDiscovery } from '../discovery/procfs.ts';
 import type { VmDiscovery, VmInfo } from '../discovery/types.ts';
 import { activity$, type SourceChoice } from '../streams/activity.ts';
@@ -70,6 +70,8 @@ export interface SteeredTarget {
 export class RunModeration {
   private run?: ModerationRun;
   private last?: Decision;
+  /** The controller's newest reading of the job, with when it came (performance.now()). */
+  private reading?: { readonly snap: JobSnapshot; readonly at: number };
   private lastSource?: 'ebpf' | 'qmp';
   private effective?: EffectivePolicy;
   /** When steering began (epoch ms): what a deadline such as `4h` counts from. */
@@ -174,7 +176,23 @@ export class RunModeration {
         this.last = d;
         if (d.guaranteed) this.guaranteeEngaged = true;
       }),
+      this.run.snapshots$.subscribe((snap) => (this.reading = { snap, at: performance.now() })),
     );
+  }
+
+  /**
+   * The controller's newest reading of the job, with when it came (performance.now()), if
+   * that was after `after` (a caller's own last reading); else undefined. The reconciler
+   * reads the job at least once per resync tick (250 ms): a progress loop that polls at
+   * that period takes its readings instead of sending QEMU a second stream of
+   * query-block-jobs. Every command queued in QEMU ahead of a `job-pause` delays the pause
+   * by a pass of a main loop that the copy keeps 90% busy (test/moderation, 2026-12-03:
+   * block-job-set-speed answered in 25 ms by the median while the copy ran; job-pause in
+   * 72-101 ms as a busy phase began).
+   */
+  snapshotSince(after: number): { readonly snap: JobSnapshot; readonly at: number } | undefined {
+    const r = this.reading;
+    return r && r.at > after ? r : undefined;
   }
 
   get decision(): Decision | undefined {

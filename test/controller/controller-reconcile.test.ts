@@ -304,6 +304,30 @@ describe('Reconciler run loop', () => {
     assert.equal(records.filter((x) => x.level >= 40).length, 0, 'nothing failed');
   });
 
+  test('a pause decided while a lower speed is still on its way is sent at once, behind it, and once', async () => {
+    const job = new FakeJob();
+    const { logger, records } = captureLog();
+    const r = new Reconciler(job, { logger });
+    const decisions = new Subject<Decision>();
+    r.start(decisions, new Subject<void>());
+    decisions.next(FULL);
+    await eventually(() => job.calls.length === 1);
+    await sleep(5);
+    job.delayMs = 60; // QEMU's main loop is busy: every reply takes 60 ms
+    decisions.next(SLOW); // held back at once
+    await eventually(() => job.calls.includes(`setSpeed ${20 * MiB}`), 500);
+    await sleep(5);
+    decisions.next(PAUSE); // the guest turns busy before QEMU has answered the speed
+    await sleep(20);
+    assert.ok(job.calls.includes('pause'), `sent before the speed's reply: ${job.calls.join(', ')}`);
+    assert.equal(job.state.speed, 0, 'the speed is not answered yet');
+    await eventually(() => job.state.paused, 1000);
+    await sleep(200); // the passes those decisions started read the job and find it paused
+    await r.stop({ release: false });
+    assert.deepEqual(job.actions(), [`setSpeed ${20 * MiB}`, 'pause'], 'each command once');
+    assert.equal(records.filter((x) => x.level >= 40).length, 0, 'nothing failed');
+  });
+
   test('a plan made stale by a newer decision is not finished: no resume once the guest is busy again', async () => {
     const job = new FakeJob();
     job.delayMs = 20;

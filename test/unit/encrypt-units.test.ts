@@ -7,7 +7,12 @@ import { findDisk, imagePath, qdevIdOf, type DiskInfo } from '../../src/encrypt/
 import { fmtBytes, targetBytesNeeded, thinDiskNote } from '../../src/encrypt/preflight.ts';
 import { targetFormatFor } from '../../src/encrypt/target.ts';
 import { fmtEta } from '../../src/cli/progress-view.ts';
-import { allocatedShare, moderatedBufSize } from '../../src/encrypt/encrypt.ts';
+import { allocatedShare, moderatedBufSize, waitUntilReady } from '../../src/encrypt/encrypt.ts';
+import type { RunModeration } from '../../src/encrypt/moderation.ts';
+import type { JobSnapshot } from '../../src/jobs/types.ts';
+import { Subject } from 'rxjs';
+import { FakeJob, sleep } from '../controller/fake-job.ts';
+import { pino } from 'pino';
 
 const MiB = 1024 * 1024;
 import { IdlecryptError } from '../../src/errors.ts';
@@ -146,5 +151,63 @@ describe("the moderated mirror's buffer", () => {
     assert.equal(allocatedShare({ allocatedBytes: 16 * MiB, virtualSize: 64 * MiB }), 0.25);
     assert.equal(allocatedShare({ allocatedBytes: null, virtualSize: 64 * MiB }), null);
     assert.equal(allocatedShare({ allocatedBytes: 0, virtualSize: 0 }), null);
+  });
+});
+
+describe("a moderated run's progress loop takes the controller's readings", () => {
+  /** A stand-in for RunModeration: only what the wait reads of it. */
+  function controller() {
+    return {
+      decision: undefined,
+      source: 'ebpf',
+      reading: undefined as { snap: JobSnapshot; at: number } | undefined,
+      taken: 0,
+      /** The controller read the job: `snap`, now. */
+      read(snap: JobSnapshot) {
+        this.reading = { snap, at: performance.now() };
+      },
+      snapshotSince(after: number) {
+        const r = this.reading;
+        if (!r || r.at <= after) return undefined;
+        this.taken++;
+        return r;
+      },
+    };
+  }
+  const running = (offset: number, ready = false): JobSnapshot => ({ id: 'idlecrypt-vda', status: ready ? 'ready' : 'running', offset, len: 100 * MiB, speed: 0, paused: false, ready });
+  const reads = (job: FakeJob) => job.calls.filter((c) => c === 'snapshot').length;
+
+  test('on a timer tick it reads the job only when the controller has not since its last reading; after an event of the job it always reads', async () => {
+    const job = new FakeJob(true, { offset: 0, len: 100 * MiB });
+    const mod = controller();
+    const wake$ = new Subject<unknown>();
+    const seen: number[] = [];
+    const done = waitUntilReady(job, wake$, new ProgressMeter(), { pollMs: 50, logger: pino({ level: 'silent' }), onProgress: (p) => seen.push(p.offset) }, mod as unknown as RunModeration);
+    // the first reading is the loop's own
+    await sleep(5);
+    assert.equal(reads(job), 1);
+    // ticks: the controller's readings are taken, the job is not read
+    for (let i = 1; i <= 3; i++) {
+      mod.read(running(i * MiB));
+      while (mod.taken < i) await sleep(2);
+    }
+    assert.equal(reads(job), 1, 'no reading of its own while the controller reads');
+    assert.deepEqual(seen, [0, MiB, 2 * MiB, 3 * MiB]);
+    // an event (READY, a status change): the loop reads the job, though the controller's
+    // newest reading has not been taken yet (it may be from before the event)
+    mod.read(running(4 * MiB));
+    job.state.offset = 50 * MiB;
+    wake$.next('JOB_STATUS_CHANGE');
+    while (reads(job) < 2) await sleep(2);
+    assert.equal(seen.at(-1), 50 * MiB);
+    // the controller's reading from before that read is not taken on the next tick: the loop reads again
+    while (reads(job) < 3) await sleep(2);
+    assert.equal(mod.taken, 3);
+    assert.ok(!seen.includes(4 * MiB), 'a reading older than the loop\'s own is never shown');
+    // the controller's reading shows READY: done without another read of the loop's
+    const before = reads(job);
+    mod.read(running(100 * MiB, true));
+    assert.equal(await done, 'ready');
+    assert.equal(reads(job), before);
   });
 });
