@@ -313,7 +313,7 @@ describe('Reconciler run loop', () => {
     decisions.next(FULL);
     await eventually(() => job.calls.length === 1);
     await sleep(5);
-    job.delayMs = 60; // QEMU's main loop is busy: every reply takes 60 ms
+    job.delayMs = 150; // QEMU's main loop is busy: every reply takes 150 ms
     decisions.next(SLOW); // held back at once
     await eventually(() => job.calls.includes(`setSpeed ${20 * MiB}`), 500);
     await sleep(5);
@@ -321,8 +321,8 @@ describe('Reconciler run loop', () => {
     await sleep(20);
     assert.ok(job.calls.includes('pause'), `sent before the speed's reply: ${job.calls.join(', ')}`);
     assert.equal(job.state.speed, 0, 'the speed is not answered yet');
-    await eventually(() => job.state.paused, 1000);
-    await sleep(200); // the passes those decisions started read the job and find it paused
+    await eventually(() => job.state.paused, 2000);
+    await sleep(500); // the passes those decisions started read the job and find it paused
     await r.stop({ release: false });
     assert.deepEqual(job.actions(), [`setSpeed ${20 * MiB}`, 'pause'], 'each command once');
     assert.equal(records.filter((x) => x.level >= 40).length, 0, 'nothing failed');

@@ -177,7 +177,7 @@ describe("a moderated run's progress loop takes the controller's readings", () =
   const running = (offset: number, ready = false): JobSnapshot => ({ id: 'idlecrypt-vda', status: ready ? 'ready' : 'running', offset, len: 100 * MiB, speed: 0, paused: false, ready });
   const reads = (job: FakeJob) => job.calls.filter((c) => c === 'snapshot').length;
 
-  test('on a timer tick it reads the job only when the controller has not since its last reading; after an event of the job it always reads', async () => {
+  test('on a timer tick it reads the job only when the controller has not since its last reading; after an event of the job it always reads', { timeout: 20_000 }, async () => {
     const job = new FakeJob(true, { offset: 0, len: 100 * MiB });
     const mod = controller();
     const wake$ = new Subject<unknown>();
