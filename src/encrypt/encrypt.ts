@@ -424,15 +424,14 @@ export async function waitUntilReady(job: WaitableJob, wake$: Observable<unknown
   const abort$ = merge(
     ...[o.signal, o.detach].filter((s): s is AbortSignal => s !== undefined).map((s) => fromEvent(s, 'abort').pipe(map(() => 'abort' as const))),
   );
-  let woke: 'tick' | 'event' | 'abort' = 'event';
-  let last = -Infinity;
+  const read = progressReadings(job, meter, o, mod);
+  let tick = false;
   for (;;) {
     if (o.signal?.aborted) return 'cancel';
     if (o.detach?.aborted) return 'detach';
-    const { snap, at } = await runningSnapshot(job, meter, o, mod, woke === 'tick' ? last : undefined);
-    last = at;
+    const snap = await read(tick);
     if (snap.ready) return 'ready';
-    woke = await firstValueFrom(merge(timer(pollMs).pipe(map(() => 'tick' as const)), wake$.pipe(map(() => 'event' as const)), abort$).pipe(take(1)));
+    tick = await firstValueFrom(merge(timer(pollMs).pipe(map(() => true)), wake$.pipe(map(() => false)), abort$.pipe(map(() => false))).pipe(take(1)));
   }
 }
 
@@ -458,13 +457,12 @@ export async function waitForQuiet(job: WaitableJob, closed$: Observable<unknown
   const pollMs = o.pollMs ?? 250;
   const until = performance.now() + (mod.policy?.pivot['quiet-wait'] ?? 30_000);
   const readyAt = Date.now();
-  let woke: 'tick' | 'event' = 'event';
-  let last = -Infinity;
+  const read = progressReadings(job, meter, o, mod);
+  let tick = false;
   for (;;) {
     if (o.signal?.aborted) return 'cancel';
     if (o.detach?.aborted) return 'detach';
-    const { snap, at } = await runningSnapshot(job, meter, o, mod, woke === 'tick' ? last : undefined);
-    last = at;
+    const snap = await read(tick);
     const left = snap.len - snap.offset;
     // idle, not mode 'full': a policy may cap the idle speed (mode 'throttled').
     if (mod.decision?.state === 'idle' && left === 0) return 'ready';
@@ -485,7 +483,7 @@ export async function waitForQuiet(job: WaitableJob, closed$: Observable<unknown
       return 'ready';
     }
     const stop$ = o.detach ? fromEvent(o.detach, 'abort') : merge();
-    woke = await firstValueFrom(merge(timer(pollMs).pipe(map(() => 'tick' as const)), closed$.pipe(map(() => 'event' as const)), stop$.pipe(map(() => 'event' as const))).pipe(take(1)));
+    tick = await firstValueFrom(merge(timer(pollMs).pipe(map(() => true)), closed$.pipe(map(() => false)), stop$.pipe(map(() => false))).pipe(take(1)));
   }
 }
 
@@ -502,20 +500,26 @@ export async function untilAborted(p: Promise<void>, ...signals: (AbortSignal | 
   await Promise.race([p, ...live.map((s) => new Promise<void>((resolve) => s.addEventListener('abort', () => resolve(), { once: true })))]);
 }
 
-/** One reading of a job that should be running: reported as progress; a job that ended
- * on its own (an I/O error on the target, say) fails the run with QEMU's error. */
-async function runningSnapshot(job: WaitableJob, meter: ProgressMeter, o: WaitOptions, mod: RunModeration | undefined, reuseAfter?: number): Promise<{ snap: JobSnapshot; at: number }> {
-  // On a timer tick, a reading the controller took since the last one here will do (see
-  // snapshotSince); after an event of the job's, or at the start, read it: a reading from
-  // before the event is stale.
-  const reading = (reuseAfter !== undefined ? mod?.snapshotSince(reuseAfter) : undefined) ?? { snap: await mustSnapshot(job), at: performance.now() };
-  const snap = reading.snap;
-  o.onProgress?.(withModeration(meter.sample(snap, reading.at), mod));
-  if (snap.status === 'concluded' || snap.status === 'aborting') {
-    const err = await job.dismiss?.();
-    throw new IdlecryptError('JOB_FAILED', `the copy failed: ${err ?? snap.error ?? snap.status}`);
-  }
-  return reading;
+/**
+ * A wait's readings of a job that should be running, each reported as progress; a job that
+ * ended on its own (an I/O error on the target, say) fails the run with QEMU's error. On a
+ * timer tick (`tick`), a reading the controller took since the last one here will do (see
+ * snapshotSince); at the start and after an event of the job's, the job is read: a reading
+ * from before the event is stale.
+ */
+function progressReadings(job: WaitableJob, meter: ProgressMeter, o: WaitOptions, mod: RunModeration | undefined): (tick: boolean) => Promise<JobSnapshot> {
+  let last = -Infinity;
+  return async (tick) => {
+    const reading = (tick ? mod?.snapshotSince(last) : undefined) ?? { snap: await mustSnapshot(job), at: performance.now() };
+    last = reading.at;
+    const snap = reading.snap;
+    o.onProgress?.(withModeration(meter.sample(snap, reading.at), mod));
+    if (snap.status === 'concluded' || snap.status === 'aborting') {
+      const err = await job.dismiss?.();
+      throw new IdlecryptError('JOB_FAILED', `the copy failed: ${err ?? snap.error ?? snap.status}`);
+    }
+    return snap;
+  };
 }
 
 export async function mustSnapshot(job: JobControl): Promise<JobSnapshot> {
