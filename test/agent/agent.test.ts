@@ -17,7 +17,7 @@ import path from 'node:path';
 import { ensureImage, makeDiskImage, startTestVm, type TestVm } from '../../vm-images/launch.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
-import { cliStateDir, humanLines, runCli, startCli, type RunningCli } from '../helpers/cli.ts';
+import { cliStateDir, humanLines, jsonLines, runCli, startCli, type RunningCli } from '../helpers/cli.ts';
 import { checkWriterBlocks, compareWithEncrypted, writeKey } from '../helpers/images.ts';
 import type { AgentStatus } from '../../src/agent/agent.ts';
 import { tagsInQemu } from '../../src/agent/orphans.ts';
@@ -120,10 +120,6 @@ async function until<T>(what: string, fn: () => Promise<T | undefined>, timeoutM
   }
 }
 
-function logsOf(stderr: string): Record<string, unknown>[] {
-  return stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
-}
-
 async function jobsOf(vm: TestVm): Promise<{ device: string; status: string; paused: boolean; offset: number; len: number; ready: boolean }[]> {
   const c = await QmpClient.connect(vm.qmpSocket);
   try {
@@ -211,7 +207,7 @@ describe('idlecrypt agent', () => {
     const r = await agent.result;
     assert.equal(r.code, 0, r.stderr.slice(-2000));
     assert.ok(!r.stderr.includes('key of web-'), 'no key in the logs');
-    const logs = logsOf(r.stderr);
+    const logs = jsonLines(r.stderr);
     assert.ok(logs.some((l) => l.msg === 'web-a/disk0: encrypted'), 'JSON logs name each disk\'s state');
     assert.equal(existsSync(path.join(runDir, 'agent.sock')), false, 'the socket is removed at exit');
     // Its own points (idlecrypt_agent), in the state directory without influx:.
@@ -290,7 +286,7 @@ describe('idlecrypt agent', () => {
         // agent left it at, the guest is not disturbed from here), then steers it once the
         // probes are attached.
         await agent.waitForStderr(/"msg":"mirror adopted"/, 30_000);
-        const logs = logsOf(agent.stderr());
+        const logs = jsonLines(agent.stderr());
         entry.heldMs = (logs.find((l) => l.msg === 'mirror held until the probes attach')!.time as number) - startedAt;
         entry.adoptedMs = (logs.find((l) => l.msg === 'mirror adopted')!.time as number) - startedAt;
       }

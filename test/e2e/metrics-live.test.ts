@@ -13,7 +13,7 @@ import { ensureImage, makeDiskImage, startTestVm, type TestVm } from '../../vm-i
 import { HISTOGRAM_BOUNDARIES } from '../../src/controller/latency.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { hostTag } from '../../src/metrics/index.ts';
-import { runCli, startCli } from '../helpers/cli.ts';
+import { jsonLines, runCli, startCli } from '../helpers/cli.ts';
 import { startInfluxd, type Influxd } from '../helpers/influxd.ts';
 import { assertEveryPanelReturnsData, loadDashboard } from '../dashboards/assert-panels.ts';
 
@@ -118,7 +118,7 @@ describe('metrics', () => {
     await writeFile(file, 'thresholds:\n  disk: 100000\n  interrupts: 100000000\nspeed:\n  idle: 64MiB\nlatency:\n  margin: 15%\n');
     const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(dir, 'trickle.luks'), '--key-file', path.join(dir, 'key'), '--iter-time', '50', '--policy', file, '--influx', db.influxUrl('idlecrypt'), '--json']);
     assert.equal(run.code, 0, run.stderr);
-    const records = run.stdout.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+    const records = jsonLines(run.stdout);
     assert.equal(records.at(-1)!.event, 'completed');
     const judged = records.filter((r) => r.event === 'progress' && r.state === 'idle' && r.latency_scope === 'idle');
     const seen = [...new Set(judged.map((r) => `${String(r.mode)} ${String(r.latency_phase)}`))];

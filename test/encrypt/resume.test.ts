@@ -14,7 +14,7 @@ import path from 'node:path';
 import { makeDiskImage, startTestVm, ensureImage, writerBlock, writerOffset, type TestVm } from '../../vm-images/launch.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
-import { cliStateDir, humanLines, runCli, startCli, type RunningCli } from '../helpers/cli.ts';
+import { cliStateDir, humanLines, jsonLines, runCli, startCli, type RunningCli } from '../helpers/cli.ts';
 import { checkWriterBlocks, compareWithEncrypted, decryptToRaw, sha256, writeKey } from '../helpers/images.ts';
 
 const KEY = 'resume-test-key 7';
@@ -84,10 +84,6 @@ async function records(): Promise<string[]> {
   return existsSync(d) ? (await readdir(d)).filter((f) => f.endsWith('.json')) : [];
 }
 
-function events(stdout: string): Record<string, unknown>[] {
-  return stdout.trim().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
-}
-
 describe('a run killed with kill -9', () => {
   test('run again, it adopts the job its dead run left paused, resumes it, and pivots with every guest write kept', async (t) => {
     const src = path.join(dir, 'w.raw');
@@ -98,7 +94,7 @@ describe('a run killed with kill -9', () => {
 
     // 128 MiB at 8 MiB/s: the copy is mid-way when the run dies.
     const first = await killMidCopy(vm, target, ['--speed', '8M']);
-    const copyStart = Date.parse(String(events(first.stdout()).find((e) => e.phase === 'copying')!.time));
+    const copyStart = Date.parse(String(jsonLines(first.stdout()).find((e) => e.phase === 'copying')!.time));
     const left = await inQemu(vm);
     assert.equal(left.jobs.length, 1, 'the dead run left its job in QEMU');
     assert.ok(left.jobs[0]!.offset < left.jobs[0]!.len, 'mid-copy');
@@ -118,7 +114,7 @@ describe('a run killed with kill -9', () => {
     const seqBefore = Number(/seq=(\d+)/.exec(vm.lines.filter((l) => l.startsWith('WROTE')).at(-1)!)![1]);
     const again = await runCli(encryptArgs(vm, target, ['--policy', policy]));
     assert.equal(again.code, 0, again.stderr);
-    const ev = events(again.stdout);
+    const ev = jsonLines(again.stdout);
     const note = ev.find((e) => e.event === 'note');
     assert.equal(note?.resumed, 'adopted', JSON.stringify(note));
     assert.equal(note?.job, left.jobs[0]!.device);
@@ -227,7 +223,7 @@ describe('a run killed with kill -9', () => {
     });
     const again = await runCli(encryptArgs(vm, target, ['--speed', '0']));
     assert.equal(again.code, 0, again.stderr);
-    const note = events(again.stdout).find((e) => e.event === 'note');
+    const note = jsonLines(again.stdout).find((e) => e.event === 'note');
     assert.equal(note?.resumed, 'rolled-back', JSON.stringify(note));
     const oldTag = jobId.slice('idlecrypt-'.length);
     assert.deepEqual(note?.removed, [`node idlecrypt-${oldTag}`, `node idlecrypt-file-${oldTag}`, `secret idlecrypt-key-${oldTag}`, `file ${target}`]);
@@ -286,10 +282,10 @@ describe('a run killed with kill -9', () => {
     // 4. The same command again finishes: adopts a job at READY, or finds the pivot done.
     const last = await runCli(args);
     assert.equal(last.code, 0, last.stderr);
-    const ev = events(last.stdout);
+    const ev = jsonLines(last.stdout);
     assert.equal(ev.at(-1)?.event, 'completed', last.stdout.slice(-500));
     for (const f of found) t.diagnostic(`kill -9 ${f}`);
-    const notes = [third, { stdout: () => last.stdout }].flatMap((r) => events(r.stdout()).filter((e) => e.event === 'note').map((e) => String(e.resumed)));
+    const notes = [third, { stdout: () => last.stdout }].flatMap((r) => jsonLines(r.stdout()).filter((e) => e.event === 'note').map((e) => String(e.resumed)));
     t.diagnostic(`the runs after the kills: ${notes.join(', ')}`);
 
     const done = await inQemu(vm);

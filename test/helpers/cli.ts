@@ -104,11 +104,15 @@ export function humanLines(stderr: string): string[] {
   return stderr.split('\n').filter((l) => l.trim() !== '' && !l.startsWith('{'));
 }
 
-/** The mirror's buffer as the run logged it (its `mirror started` record on stderr), or undefined. */
-export function loggedBufSize(stderr: string): number | undefined {
-  return stderr
+/** The JSON lines of a run's output: `--json` records on stdout, log records on stderr. */
+export function jsonLines<T = Record<string, unknown>>(out: string): T[] {
+  return out
     .split('\n')
     .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as { msg?: string; bufSize?: number })
-    .find((l) => l.msg === 'mirror started')?.bufSize;
+    .map((l) => JSON.parse(l) as T);
+}
+
+/** The mirror's buffer as the run logged it (its `mirror started` record on stderr), or undefined. */
+export function loggedBufSize(stderr: string): number | undefined {
+  return jsonLines<{ msg?: string; bufSize?: number }>(stderr).find((l) => l.msg === 'mirror started')?.bufSize;
 }

@@ -25,7 +25,7 @@ import type { Subscription } from 'rxjs';
 import { keepLatencyHistograms } from '../../src/probes/qmp-blockstats.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { startTestVm, type TestVm, type TestVmOptions } from '../../vm-images/launch.ts';
-import { startCli, type RunningCli } from './cli.ts';
+import { jsonLines, startCli, type RunningCli } from './cli.ts';
 
 /** Epoch milliseconds with sub-millisecond resolution: one clock for every record. */
 export const now = (): number => performance.timeOrigin + performance.now();
@@ -532,11 +532,7 @@ export class EncryptRun {
   }
 
   records(): CliRecord[] {
-    return this.cli
-      .stdout()
-      .split('\n')
-      .filter((l) => l.startsWith('{'))
-      .map((l) => JSON.parse(l) as CliRecord);
+    return jsonLines<CliRecord>(this.cli.stdout());
   }
 
   /** Epoch ms of a phase record ({"event":"phase","phase":...}), if seen. */
@@ -551,11 +547,7 @@ export class EncryptRun {
 
   /** The log records on stderr (JSON lines). */
   log(): Record<string, unknown>[] {
-    return this.cli
-      .stderr()
-      .split('\n')
-      .filter((l) => l.startsWith('{'))
-      .map((l) => JSON.parse(l) as Record<string, unknown>);
+    return jsonLines(this.cli.stderr());
   }
 
   async result(timeoutMs: number) {

@@ -16,7 +16,7 @@ import { promisify } from 'node:util';
 import { after, before, describe, it } from 'node:test';
 import { ensureImage, makeDiskImage, patternMiB } from '../../vm-images/launch.ts';
 import { ensureLibvirtd, TestDomain, virsh } from '../../vm-images/libvirt.ts';
-import { cliStateDir, runCli, startCli } from '../helpers/cli.ts';
+import { cliStateDir, jsonLines, runCli, startCli } from '../helpers/cli.ts';
 import type { AgentStatus } from '../../src/agent/agent.ts';
 import { LibvirtClient } from '../../src/libvirt/client.ts';
 import { LibvirtCopyJob } from '../../src/libvirt/copy-job.ts';
@@ -31,13 +31,6 @@ const domains: TestDomain[] = [];
 
 async function sha(file: string): Promise<string> {
   return createHash('sha256').update(await readFile(file)).digest('hex');
-}
-
-function jsonLines(stdout: string): Record<string, unknown>[] {
-  return stdout
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
 }
 
 /** The image decrypted with the key, as raw bytes (qemu-img in its own process; -U: QEMU may hold it). */

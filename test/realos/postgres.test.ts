@@ -17,7 +17,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { copyDebianDisk, debianImage, startDebianVm, type DebianVm } from '../../vm-images/debian.ts';
-import { startCli } from '../helpers/cli.ts';
+import { jsonLines, startCli } from '../helpers/cli.ts';
 import { fileContains, imageInfo, writeKey } from '../helpers/images.ts';
 
 /** pgbench's scale: 2 x 100,000 accounts, about 30 MiB, initialised in ~7 s under TCG. */
@@ -103,7 +103,7 @@ describe('a real OS: PostgreSQL under pgbench, encrypted live (issue 13)', () =>
     assert.notEqual(res, 'timeout', `idlecrypt encrypt finished within 5 min of pgbench's end:\n${run.stderr().slice(-3000)}`);
     if (res === 'timeout') return;
     assert.equal(res.code, 0, `idlecrypt encrypt succeeded:\n${res.stderr.slice(-3000)}`);
-    const records = res.stdout.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+    const records = jsonLines(res.stdout);
     const paused = records.some((r) => r.event === 'progress' && (r.paused === true || r.mode === 'paused'));
     t.diagnostic(`encrypt: ${((Date.now() - t0) / 1000).toFixed(1)} s from boot; job seen paused while busy: ${paused}`);
     assert.equal((await imageInfo(target)).format, 'luks');
