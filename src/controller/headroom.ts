@@ -114,6 +114,20 @@ export interface HeadroomMemory {
   readonly ceilingBps?: number;
   /** Steps at the idle speed since the ceiling was set. */
   readonly ceilingSteps?: number;
+  /**
+   * The copy's current stretch at the idle speed (steps since it last ran otherwise), and
+   * whether it began after a spell that held the guest; `lastRun` is the stretch before, once
+   * this one ended. A spell's ceiling is judged by the stretch it ended (heldStep).
+   */
+  readonly run?: RunStretch;
+  readonly lastRun?: RunStretch;
+  /** The next stretch begins after a held spell (set by heldStep, cleared when a stretch ends). */
+  readonly resumeAfterHeld?: boolean;
+}
+
+export interface RunStretch {
+  readonly steps: number;
+  readonly afterHeld: boolean;
 }
 
 export const INITIAL_HEADROOM: HeadroomMemory = { capBps: HEADROOM_START_BPS, load: null, prev: null };
@@ -124,7 +138,15 @@ const roundMiB = (bps: number) => Math.max(HEADROOM_MIN_BPS, Math.round(bps / Mi
 export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: number): HeadroomMemory {
   const prev = { offset: s.offset, offsetAt: s.offsetAt, full: s.full };
   const p = mem.prev;
-  if (!s.full || !p || !p.full || !(s.offsetAt > p.offsetAt)) return { ...mem, prev };
+  // The stretch at the idle speed ends where the copy runs otherwise (paused, throttled);
+  // one too short to hold a step (a single reading) is a stretch of none.
+  if (!s.full) {
+    if (!p?.full) return { ...mem, prev };
+    const { run: _ended, ...rest } = mem;
+    return { ...rest, prev, lastRun: mem.run ?? { steps: 0, afterHeld: mem.resumeAfterHeld ?? false }, resumeAfterHeld: false };
+  }
+  if (!p || !p.full || !(s.offsetAt > p.offsetAt)) return { ...mem, prev };
+  const run: RunStretch = { steps: (mem.run?.steps ?? 0) + 1, afterHeld: mem.run?.afterHeld ?? mem.resumeAfterHeld ?? false };
   const target = 1 - headroom;
   // One 250 ms sample holds two or three of QEMU's 100 ms rate-limit slices: smooth it.
   const load = mem.load === null ? s.load : SMOOTHING * s.load + (1 - SMOOTHING) * mem.load;
@@ -140,9 +162,10 @@ export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: nu
   else if (binding) cap = Math.min(cap * MAX_RAISE, (base * target) / Math.max(load, s.load, 0.05));
   const recent = [...(mem.recent ?? []), base].slice(-RECENT_STEPS);
   const ceilingSteps = (mem.ceilingSteps ?? 0) + 1;
-  if (mem.ceilingBps === undefined || ceilingSteps >= CEILING_STEPS) return { capBps: roundMiB(cap), load, prev, recent };
+  const stretch = { run, ...(mem.lastRun ? { lastRun: mem.lastRun } : {}) };
+  if (mem.ceilingBps === undefined || ceilingSteps >= CEILING_STEPS) return { capBps: roundMiB(cap), load, prev, recent, ...stretch };
   const ceilingBps = mem.ceilingBps * CEILING_RISE;
-  return { capBps: roundMiB(Math.min(cap, ceilingBps)), load, prev, recent, ceilingBps, ceilingSteps };
+  return { capBps: roundMiB(Math.min(cap, ceilingBps)), load, prev, recent, ceilingBps, ceilingSteps, ...stretch };
 }
 
 /**
@@ -151,9 +174,16 @@ export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: nu
  * before it, or lower where it already is, and the cap under it. Pure.
  */
 export function heldStep(mem: HeadroomMemory): HeadroomMemory {
+  // The stretch the spell ended: a copy back at its idle speed for under a second after a
+  // pause of the guest's (a busy phase, not a held spell) is not what held the guest; the
+  // spell is the tail of the guest's own busy phase, and the rates before it are the copy's
+  // ramp, no measure of what it can do (cuts from them set ceilings of 8-65 MiB/s that whole
+  // idle phases then kept: docs/starvation.md). The spell is still held off; the next one cuts.
+  const ended = mem.run ?? mem.lastRun;
+  if (ended && !ended.afterHeld && ended.steps < RECENT_STEPS) return { ...mem, resumeAfterHeld: true };
   const before = Math.min(mem.recent?.length ? Math.max(...mem.recent) : mem.capBps, mem.capBps);
   const ceilingBps = Math.max(HEADROOM_MIN_BPS, Math.min(mem.ceilingBps ?? Infinity, before * STALL_CUT));
-  return { ...mem, ceilingBps, ceilingSteps: 0, capBps: roundMiB(Math.min(mem.capBps, ceilingBps)) };
+  return { ...mem, ceilingBps, ceilingSteps: 0, capBps: roundMiB(Math.min(mem.capBps, ceilingBps)), resumeAfterHeld: true };
 }
 
 /** The job's progress as the controller sees it, with the time it was read. */

@@ -133,6 +133,48 @@ describe('a spell that held the guest (heldStep)', () => {
     assert.equal(mem.capBps, HEADROOM_MIN_BPS);
   });
 
+  test('a spell within a second of the copy resuming after a busy phase of the guest\'s sets no ceiling; the next spell, after that one, does', () => {
+    let mem = simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem;
+    const capBefore = mem.capBps;
+    let t = 10_000;
+    let offset = 1e10;
+    const sample = (full: boolean, bps = 0) => {
+      t += 250;
+      offset += bps / 4;
+      mem = headroomStep(mem, { time: t, load: 0.3, offset, offsetAt: t, full }, 0.15);
+    };
+    // the guest's busy phase: the copy paused for 8 s
+    for (let i = 0; i < 32; i++) sample(false);
+    // back at the idle speed: the first sample starts the measurement, then two steps at the ramp's rates
+    sample(true);
+    sample(true, 20 * MiB);
+    sample(true, 40 * MiB);
+    // the spell (the end of the guest's own busy phase) pauses the copy, and ends held
+    sample(false);
+    mem = heldStep(mem);
+    assert.equal(mem.ceilingBps, undefined, 'no ceiling from a copy that had run half a second');
+    assert.equal(mem.capBps, capBefore);
+    // the copy runs again, for a single reading (no step), and another spell holds the guest: the copy's this time
+    sample(true);
+    sample(false);
+    mem = heldStep(mem);
+    assert.equal(mem.ceilingBps, 150 * MiB * STALL_CUT, 'a spell after a held one is the copy\'s, however short the stretch');
+    // spells every half second: the copy back for a single reading (no step) between them; each cuts
+    for (let i = 0; i < 3; i++) {
+      const before = mem.ceilingBps!;
+      sample(true);
+      sample(false);
+      mem = heldStep(mem);
+      assert.ok(mem.ceilingBps! < before, `spell ${i + 2} after a held one cuts the ceiling again (${mem.ceilingBps! / MiB} MiB/s)`);
+    }
+    // and a spell after a second at the idle speed is the copy's too, whatever paused it before
+    let again = simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem;
+    for (const full of [false, true]) again = headroomStep(again, { time: 20_000 + (full ? 250 : 0), load: 0.3, offset: 0, offsetAt: 20_000 + (full ? 250 : 0), full }, 0.15);
+    for (let i = 1; i <= 4; i++) again = headroomStep(again, { time: 20_250 + i * 250, load: 0.3, offset: i * 37.5 * MiB, offsetAt: 20_250 + i * 250, full: true }, 0.15);
+    again = heldStep(again);
+    assert.equal(again.ceilingBps, 150 * MiB * STALL_CUT);
+  });
+
   test('headroomCap: a decision marked held lowers the cap at once, once', () => {
     const base$ = new Subject<Decision>();
     const load$ = new Subject<{ time: number; load: number }>();
