@@ -116,18 +116,23 @@ export interface HeadroomMemory {
   readonly ceilingSteps?: number;
   /**
    * The copy's current stretch at the idle speed (steps since it last ran otherwise), and
-   * whether it began after a spell that held the guest; `lastRun` is the stretch before, once
-   * this one ended. A spell's ceiling is judged by the stretch it ended (heldStep).
+   * whether it began as the guest's own busy phase ended (not at the copy's start, not after a
+   * spell that held the guest); `lastRun` is the stretch before, once this one ended. A
+   * spell's ceiling is judged by the stretch it ended (heldStep).
    */
   readonly run?: RunStretch;
   readonly lastRun?: RunStretch;
-  /** The next stretch begins after a held spell (set by heldStep, cleared when a stretch ends). */
+  /**
+   * The next stretch begins after a held spell: set by heldStep, taken by the stretch that
+   * begins next (the held decision may come before or after the readings that see the copy
+   * stop, when the spell is shorter than a reading).
+   */
   readonly resumeAfterHeld?: boolean;
 }
 
 export interface RunStretch {
   readonly steps: number;
-  readonly afterHeld: boolean;
+  readonly afterBusy: boolean;
 }
 
 export const INITIAL_HEADROOM: HeadroomMemory = { capBps: HEADROOM_START_BPS, load: null, prev: null };
@@ -138,15 +143,19 @@ const roundMiB = (bps: number) => Math.max(HEADROOM_MIN_BPS, Math.round(bps / Mi
 export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: number): HeadroomMemory {
   const prev = { offset: s.offset, offsetAt: s.offsetAt, full: s.full };
   const p = mem.prev;
-  // The stretch at the idle speed ends where the copy runs otherwise (paused, throttled);
-  // one too short to hold a step (a single reading) is a stretch of none.
+  // A stretch at the idle speed begins at its first reading (which holds no step yet) and
+  // ends where the copy runs otherwise (paused, throttled).
   if (!s.full) {
     if (!p?.full) return { ...mem, prev };
-    const { run: _ended, ...rest } = mem;
-    return { ...rest, prev, lastRun: mem.run ?? { steps: 0, afterHeld: mem.resumeAfterHeld ?? false }, resumeAfterHeld: false };
+    const { run: ended, ...rest } = mem;
+    return { ...rest, prev, lastRun: ended ?? { steps: 0, afterBusy: false } };
   }
-  if (!p || !p.full || !(s.offsetAt > p.offsetAt)) return { ...mem, prev };
-  const run: RunStretch = { steps: (mem.run?.steps ?? 0) + 1, afterHeld: mem.run?.afterHeld ?? mem.resumeAfterHeld ?? false };
+  if (!p?.full) {
+    const afterBusy = p !== null && !mem.resumeAfterHeld;
+    return { ...mem, prev, run: { steps: 0, afterBusy }, resumeAfterHeld: false };
+  }
+  if (!(s.offsetAt > p.offsetAt)) return { ...mem, prev };
+  const run: RunStretch = { steps: (mem.run?.steps ?? 0) + 1, afterBusy: mem.run?.afterBusy ?? false };
   const target = 1 - headroom;
   // One 250 ms sample holds two or three of QEMU's 100 ms rate-limit slices: smooth it.
   const load = mem.load === null ? s.load : SMOOTHING * s.load + (1 - SMOOTHING) * mem.load;
@@ -180,7 +189,7 @@ export function heldStep(mem: HeadroomMemory): HeadroomMemory {
   // ramp, no measure of what it can do (cuts from them set ceilings of 8-65 MiB/s that whole
   // idle phases then kept: docs/starvation.md). The spell is still held off; the next one cuts.
   const ended = mem.run ?? mem.lastRun;
-  if (ended && !ended.afterHeld && ended.steps < RECENT_STEPS) return { ...mem, resumeAfterHeld: true };
+  if (ended?.afterBusy && ended.steps < RECENT_STEPS) return { ...mem, resumeAfterHeld: true };
   const before = Math.min(mem.recent?.length ? Math.max(...mem.recent) : mem.capBps, mem.capBps);
   const ceilingBps = Math.max(HEADROOM_MIN_BPS, Math.min(mem.ceilingBps ?? Infinity, before * STALL_CUT));
   return { ...mem, ceilingBps, ceilingSteps: 0, capBps: roundMiB(Math.min(mem.capBps, ceilingBps)), resumeAfterHeld: true };

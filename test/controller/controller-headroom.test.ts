@@ -175,6 +175,28 @@ describe('a spell that held the guest (heldStep)', () => {
     assert.equal(again.ceilingBps, 150 * MiB * STALL_CUT);
   });
 
+  test('a short spell whose held decision comes before the copy is seen paused still makes the next spell the copy\'s', () => {
+    let mem = simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem;
+    let t = 10_000;
+    let offset = 1e10;
+    const sample = (full: boolean, bps = 0) => {
+      t += 250;
+      offset += bps / 4;
+      mem = headroomStep(mem, { time: t, load: 0.3, offset, offsetAt: t, full }, 0.15);
+    };
+    for (let i = 0; i < 32; i++) sample(false);
+    sample(true);
+    sample(true, 20 * MiB);
+    // a spell shorter than a load sample: its held decision arrives while the last sample still saw the copy run
+    mem = heldStep(mem);
+    assert.equal(mem.ceilingBps, undefined);
+    sample(false); // the hold-off after it
+    sample(true);
+    sample(false);
+    mem = heldStep(mem);
+    assert.equal(mem.ceilingBps, 150 * MiB * STALL_CUT, 'the spell after a held one is the copy\'s, in either order');
+  });
+
   test('headroomCap: a decision marked held lowers the cap at once, once', () => {
     const base$ = new Subject<Decision>();
     const load$ = new Subject<{ time: number; load: number }>();
