@@ -133,39 +133,48 @@ describe('a spell that held the guest (heldStep)', () => {
     assert.equal(mem.capBps, HEADROOM_MIN_BPS);
   });
 
-  test('a spell within a second of the copy resuming after a busy phase of the guest\'s sets no ceiling; the next spell, after that one, does', () => {
-    let mem = simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem;
-    const capBefore = mem.capBps;
-    let t = 10_000;
-    let offset = 1e10;
-    const sample = (full: boolean, bps = 0) => {
-      t += 250;
-      offset += bps / 4;
-      mem = headroomStep(mem, { time: t, load: 0.3, offset, offsetAt: t, full }, 0.15);
+  /** A copy (the simulated one) right after the guest's busy phase paused it for 8 s; sample() adds a 250 ms reading. */
+  const afterBusyPhase = () => {
+    const copy = {
+      mem: simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem,
+      t: 10_000,
+      offset: 1e10,
+      sample(full: boolean, bps = 0) {
+        copy.t += 250;
+        copy.offset += bps / 4;
+        copy.mem = headroomStep(copy.mem, { time: copy.t, load: 0.3, offset: copy.offset, offsetAt: copy.t, full }, 0.15);
+      },
     };
-    // the guest's busy phase: the copy paused for 8 s
-    for (let i = 0; i < 32; i++) sample(false);
+    for (let i = 0; i < 32; i++) copy.sample(false);
+    return copy;
+  };
+
+  test('a spell within a second of the copy resuming after a busy phase of the guest\'s sets no ceiling; the next spell, after that one, does', () => {
+    const copy = afterBusyPhase();
+    const capBefore = copy.mem.capBps;
+    const sample = copy.sample;
+    const held = () => (copy.mem = heldStep(copy.mem));
     // back at the idle speed: the first sample starts the measurement, then two steps at the ramp's rates
     sample(true);
     sample(true, 20 * MiB);
     sample(true, 40 * MiB);
     // the spell (the end of the guest's own busy phase) pauses the copy, and ends held
     sample(false);
-    mem = heldStep(mem);
-    assert.equal(mem.ceilingBps, undefined, 'no ceiling from a copy that had run half a second');
-    assert.equal(mem.capBps, capBefore);
+    held();
+    assert.equal(copy.mem.ceilingBps, undefined, 'no ceiling from a copy that had run half a second');
+    assert.equal(copy.mem.capBps, capBefore);
     // the copy runs again, for a single reading (no step), and another spell holds the guest: the copy's this time
     sample(true);
     sample(false);
-    mem = heldStep(mem);
-    assert.equal(mem.ceilingBps, 150 * MiB * STALL_CUT, 'a spell after a held one is the copy\'s, however short the stretch');
+    held();
+    assert.equal(copy.mem.ceilingBps, 150 * MiB * STALL_CUT, 'a spell after a held one is the copy\'s, however short the stretch');
     // spells every half second: the copy back for a single reading (no step) between them; each cuts
     for (let i = 0; i < 3; i++) {
-      const before = mem.ceilingBps!;
+      const before = copy.mem.ceilingBps!;
       sample(true);
       sample(false);
-      mem = heldStep(mem);
-      assert.ok(mem.ceilingBps! < before, `spell ${i + 2} after a held one cuts the ceiling again (${mem.ceilingBps! / MiB} MiB/s)`);
+      held();
+      assert.ok(copy.mem.ceilingBps! < before, `spell ${i + 2} after a held one cuts the ceiling again (${copy.mem.ceilingBps! / MiB} MiB/s)`);
     }
     // and a spell after a second at the idle speed is the copy's too, whatever paused it before
     let again = simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem;
@@ -176,25 +185,19 @@ describe('a spell that held the guest (heldStep)', () => {
   });
 
   test('a short spell whose held decision comes before the copy is seen paused still makes the next spell the copy\'s', () => {
-    let mem = simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem;
-    let t = 10_000;
-    let offset = 1e10;
-    const sample = (full: boolean, bps = 0) => {
-      t += 250;
-      offset += bps / 4;
-      mem = headroomStep(mem, { time: t, load: 0.3, offset, offsetAt: t, full }, 0.15);
-    };
-    for (let i = 0; i < 32; i++) sample(false);
+    const copy = afterBusyPhase();
+    const sample = copy.sample;
+    const held = () => (copy.mem = heldStep(copy.mem));
     sample(true);
     sample(true, 20 * MiB);
     // a spell shorter than a load sample: its held decision arrives while the last sample still saw the copy run
-    mem = heldStep(mem);
-    assert.equal(mem.ceilingBps, undefined);
+    held();
+    assert.equal(copy.mem.ceilingBps, undefined);
     sample(false); // the hold-off after it
     sample(true);
     sample(false);
-    mem = heldStep(mem);
-    assert.equal(mem.ceilingBps, 150 * MiB * STALL_CUT, 'the spell after a held one is the copy\'s, in either order');
+    held();
+    assert.equal(copy.mem.ceilingBps, 150 * MiB * STALL_CUT, 'the spell after a held one is the copy\'s, in either order');
   });
 
   test('headroomCap: a decision marked held lowers the cap at once, once', () => {
