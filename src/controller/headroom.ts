@@ -171,7 +171,7 @@ export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: nu
   else if (binding) cap = Math.min(cap * MAX_RAISE, (base * target) / Math.max(load, s.load, 0.05));
   const recent = [...(mem.recent ?? []), base].slice(-RECENT_STEPS);
   const ceilingSteps = (mem.ceilingSteps ?? 0) + 1;
-  const stretch = { run, ...(mem.lastRun ? { lastRun: mem.lastRun } : {}) };
+  const stretch = { run, ...(mem.lastRun ? { lastRun: mem.lastRun } : {}), ...(mem.resumeAfterHeld ? { resumeAfterHeld: true } : {}) };
   if (mem.ceilingBps === undefined || ceilingSteps >= CEILING_STEPS) return { capBps: roundMiB(cap), load, prev, recent, ...stretch };
   const ceilingBps = mem.ceilingBps * CEILING_RISE;
   return { capBps: roundMiB(Math.min(cap, ceilingBps)), load, prev, recent, ceilingBps, ceilingSteps, ...stretch };
