@@ -115,13 +115,12 @@ export interface HeadroomMemory {
   /** Steps at the idle speed since the ceiling was set. */
   readonly ceilingSteps?: number;
   /**
-   * The copy's current stretch at the idle speed (steps since it last ran otherwise), and
-   * whether it began as the guest's own busy phase ended (not at the copy's start, not after a
-   * spell that held the guest); `lastRun` is the stretch before, once this one ended. A
-   * spell's ceiling is judged by the stretch it ended (heldStep).
+   * The copy's current stretch at the idle speed, or its last once the copy runs otherwise
+   * (steps at the idle speed), and whether it began as the guest's own busy phase ended (not
+   * at the copy's start, not after a spell that held the guest). A spell's ceiling is judged
+   * by the stretch it ended (heldStep).
    */
   readonly run?: RunStretch;
-  readonly lastRun?: RunStretch;
   /**
    * The next stretch begins after a held spell: set by heldStep, taken by the stretch that
    * begins next (the held decision may come before or after the readings that see the copy
@@ -144,12 +143,8 @@ export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: nu
   const prev = { offset: s.offset, offsetAt: s.offsetAt, full: s.full };
   const p = mem.prev;
   // A stretch at the idle speed begins at its first reading (which holds no step yet) and
-  // ends where the copy runs otherwise (paused, throttled).
-  if (!s.full) {
-    if (!p?.full) return { ...mem, prev };
-    const { run: ended, ...rest } = mem;
-    return { ...rest, prev, lastRun: ended ?? { steps: 0, afterBusy: false } };
-  }
+  // ends where the copy runs otherwise (paused, throttled); it stays in `run` until the next.
+  if (!s.full) return { ...mem, prev };
   if (!p?.full) {
     const afterBusy = p !== null && !mem.resumeAfterHeld;
     return { ...mem, prev, run: { steps: 0, afterBusy }, resumeAfterHeld: false };
@@ -171,7 +166,7 @@ export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: nu
   else if (binding) cap = Math.min(cap * MAX_RAISE, (base * target) / Math.max(load, s.load, 0.05));
   const recent = [...(mem.recent ?? []), base].slice(-RECENT_STEPS);
   const ceilingSteps = (mem.ceilingSteps ?? 0) + 1;
-  const stretch = { run, ...(mem.lastRun ? { lastRun: mem.lastRun } : {}), ...(mem.resumeAfterHeld ? { resumeAfterHeld: true } : {}) };
+  const stretch = { run, ...(mem.resumeAfterHeld ? { resumeAfterHeld: true } : {}) };
   if (mem.ceilingBps === undefined || ceilingSteps >= CEILING_STEPS) return { capBps: roundMiB(cap), load, prev, recent, ...stretch };
   const ceilingBps = mem.ceilingBps * CEILING_RISE;
   return { capBps: roundMiB(Math.min(cap, ceilingBps)), load, prev, recent, ceilingBps, ceilingSteps, ...stretch };
@@ -188,8 +183,7 @@ export function heldStep(mem: HeadroomMemory): HeadroomMemory {
   // spell is the tail of the guest's own busy phase, and the rates before it are the copy's
   // ramp, no measure of what it can do (cuts from them set ceilings of 8-65 MiB/s that whole
   // idle phases then kept: docs/starvation.md). The spell is still held off; the next one cuts.
-  const ended = mem.run ?? mem.lastRun;
-  if (ended?.afterBusy && ended.steps < RECENT_STEPS) return { ...mem, resumeAfterHeld: true };
+  if (mem.run?.afterBusy && mem.run.steps < RECENT_STEPS) return { ...mem, resumeAfterHeld: true };
   const before = Math.min(mem.recent?.length ? Math.max(...mem.recent) : mem.capBps, mem.capBps);
   const ceilingBps = Math.max(HEADROOM_MIN_BPS, Math.min(mem.ceilingBps ?? Infinity, before * STALL_CUT));
   return { ...mem, ceilingBps, ceilingSteps: 0, capBps: roundMiB(Math.min(mem.capBps, ceilingBps)), resumeAfterHeld: true };

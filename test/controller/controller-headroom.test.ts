@@ -133,7 +133,7 @@ describe('a spell that held the guest (heldStep)', () => {
     assert.equal(mem.capBps, HEADROOM_MIN_BPS);
   });
 
-  /** A copy (the simulated one) right after the guest's busy phase paused it for 8 s; sample() adds a 250 ms reading. */
+  /** A copy (the simulated one) right after the guest's busy phase paused it for 8 s; sample() adds a 250 ms reading, held() a held spell's end. */
   const afterBusyPhase = () => {
     const copy = {
       mem: simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem,
@@ -144,6 +144,9 @@ describe('a spell that held the guest (heldStep)', () => {
         copy.offset += bps / 4;
         copy.mem = headroomStep(copy.mem, { time: copy.t, load: 0.3, offset: copy.offset, offsetAt: copy.t, full }, 0.15);
       },
+      held() {
+        copy.mem = heldStep(copy.mem);
+      },
     };
     for (let i = 0; i < 32; i++) copy.sample(false);
     return copy;
@@ -152,8 +155,7 @@ describe('a spell that held the guest (heldStep)', () => {
   test('a spell within a second of the copy resuming after a busy phase of the guest\'s sets no ceiling; the next spell, after that one, does', () => {
     const copy = afterBusyPhase();
     const capBefore = copy.mem.capBps;
-    const sample = copy.sample;
-    const held = () => (copy.mem = heldStep(copy.mem));
+    const { sample, held } = copy;
     // back at the idle speed: the first sample starts the measurement, then two steps at the ramp's rates
     sample(true);
     sample(true, 20 * MiB);
@@ -186,8 +188,7 @@ describe('a spell that held the guest (heldStep)', () => {
 
   test('a short spell whose held decision comes before the copy is seen paused still makes the next spell the copy\'s', () => {
     const copy = afterBusyPhase();
-    const sample = copy.sample;
-    const held = () => (copy.mem = heldStep(copy.mem));
+    const { sample, held } = copy;
     sample(true);
     sample(true, 20 * MiB);
     // a spell shorter than a load sample: its held decision arrives while the last sample still saw the copy run
