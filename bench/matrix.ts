@@ -25,7 +25,8 @@
  *
  *   node --import tsx bench/matrix.ts [--method side-by-side|sequential] [--rounds 1]
  *        [--disks sparse-raw,raw,sparse-qcow2[,thin-qcow2]] [--caches writeback,none]
- *        [--workloads oneatatime,bursty,trickle] [--policy FILE] [--warm-up-s 0] [--iothread] [--out bench/results/matrix]
+ *        [--workloads oneatatime,bursty,trickle] [--policy FILE] [--warm-up-s 0] [--iothread] [--cmp-beside idle|background]
+ *        [--out bench/results/matrix]
  *        sequential only: [--max-copy-s 48] [--raw-mib 6144] [--sparse-mib 65536]
  *
  * --policy runs idlecrypt under that policy file instead of the shipped default (side by side
@@ -35,6 +36,9 @@
  * measured run's start, as for a guest the agent has watched (learning needs a minute).
  * --iothread gives every guest's disk an iothread (side by side only): QEMU then serves the
  * guest's requests and runs the mirror in that thread, not in its main loop.
+ * --cmp-beside background (side by side only) gives the unthrottled mirror's guest the trickle's
+ * background (its writes and flushes, no busy phases) in trickle cells, instead of nothing:
+ * the mirror then runs beside what mod's idle phases hold, as an unthrottled copy of mod would.
  * Every disk is copied into raw LUKS (--format luks): the sparse qcow2 one too, whose holes
  * are then encrypted as a sparse raw disk's are. The disk thin-qcow2 (side by side only) is
  * what `--format auto`, the default, makes of a qcow2 disk: 64 GiB holding 8 GiB of the
@@ -63,6 +67,7 @@ const { values } = parseArgs({
     policy: { type: 'string' },
     'warm-up-s': { type: 'string', default: '0' },
     iothread: { type: 'boolean', default: false },
+    'cmp-beside': { type: 'string', default: 'idle' },
     rounds: { type: 'string', default: '1' },
     'max-copy-s': { type: 'string', default: '48' },
     'sparse-mib': { type: 'string', default: '65536' },
@@ -131,6 +136,9 @@ const method = values.method === 'sequential' ? 'sequential' : values.method ===
 if (!method) throw new Error('--method side-by-side|sequential');
 if (values.policy && method === 'sequential') throw new Error('--policy is for --method side-by-side (bench/moderation.ts takes its own --policy)');
 if (values.iothread && method === 'sequential') throw new Error('--iothread is for --method side-by-side');
+const cmpBeside = values['cmp-beside'];
+if (cmpBeside !== 'idle' && cmpBeside !== 'background') throw new Error('--cmp-beside idle|background');
+if (cmpBeside === 'background' && method === 'sequential') throw new Error('--cmp-beside is for --method side-by-side');
 if (method === 'sequential' && String(values.disks).split(',').includes('thin-qcow2')) throw new Error('the disk thin-qcow2 is for --method side-by-side');
 const policy = values.policy ? path.resolve(values.policy) : undefined;
 const disks = values.disks!.split(',');
@@ -259,6 +267,7 @@ for (const disk of disks) {
                   ...(policy ? { modArgs: ['--policy', policy] } : {}),
                   ...(Number(values['warm-up-s']) > 0 ? { warmUpMs: Number(values['warm-up-s']) * 1000 } : {}),
                   ...(values.iothread ? { iothread: true } : {}),
+                  ...(cmpBeside === 'background' ? { cmpBeside } : {}),
                   note: (l) => process.stderr.write(`   ${l}\n`),
                 }),
               );
@@ -322,7 +331,7 @@ async function writeReport(): Promise<void> {
   const report = `# Issue 9's matrix
 
 ${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB.
-Command: \`node --import tsx bench/matrix.ts --method ${method} --rounds ${values.rounds}${method === 'sequential' ? ` --max-copy-s ${values['max-copy-s']} --sparse-mib ${values['sparse-mib']} --raw-mib ${values['raw-mib']}` : ''}${policy ? ` --policy ${values.policy}` : ''}${Number(values['warm-up-s']) > 0 ? ` --warm-up-s ${values['warm-up-s']}` : ''}${values.iothread ? ' --iothread' : ''} --disks ${values.disks} --caches ${values.caches} --workloads ${values.workloads}\`
+Command: \`node --import tsx bench/matrix.ts --method ${method} --rounds ${values.rounds}${method === 'sequential' ? ` --max-copy-s ${values['max-copy-s']} --sparse-mib ${values['sparse-mib']} --raw-mib ${values['raw-mib']}` : ''}${policy ? ` --policy ${values.policy}` : ''}${Number(values['warm-up-s']) > 0 ? ` --warm-up-s ${values['warm-up-s']}` : ''}${values.iothread ? ' --iothread' : ''}${cmpBeside === 'background' ? ' --cmp-beside background' : ''} --disks ${values.disks} --caches ${values.caches} --workloads ${values.workloads}\`
 
 ${
   method === 'sequential'
@@ -330,9 +339,9 @@ ${
 policy, one guest at a time, ${values.rounds} round(s), every copy stopped after ${values['max-copy-s']} s. Sparse disks are
 ${Number(values['sparse-mib']) / 1024} GiB, the allocated raw disk ${Number(values['raw-mib']) / 1024} GiB.`
     : `Each cell, side by side (test/helpers/matrix-cell.ts): the guest encrypted by idlecrypt (${policy ? `policy ${values.policy}` : 'the shipped default policy'}), the same
-guest without a copy, and an idle guest whose unthrottled mirror runs in one idle phase of the first
+guest without a copy, and ${cmpBeside === 'background' ? "a guest doing the trickle's background alone (in trickle cells; else idle)" : 'an idle guest'} whose unthrottled mirror runs in one idle phase of the first
 (keys typed into it hold its copy meanwhile), all at once; ${values.rounds} round(s), medians over rounds,
-the copy cancelled after three busy phases. Sparse disks are 64 GiB, the allocated raw disk 4 GiB.`
+the copy cancelled after three busy phases. Sparse disks are 64 GiB, the allocated raw disk 4 GiB (8 GiB with the trickle).`
 } Workloads (8 s idle / 8 s busy): oneatatime, 64 KiB
 O_DIRECT requests one at a time; bursty, 1 MiB O_DIRECT requests; trickle, oneatatime's phases over 15
 4 KiB O_DIRECT writes a second, each flushed. ✗: outside issue 9's bound.${

@@ -75,6 +75,12 @@ export interface CellSpec {
   readonly modArgs?: readonly string[];
   /** A run with modArgs for this long before the measured one, cancelled: what it learnt of the guest is there at the start (startSideBySide). */
   readonly warmUpMs?: number;
+  /**
+   * What cmp, the guest of the unthrottled mirror, does meanwhile: nothing (default), or with
+   * the trickle its background alone (the same writes and flushes, no busy phases): the
+   * mirror then runs beside what mod's idle phases hold, as an unthrottled copy of mod would.
+   */
+  readonly cmpBeside?: 'idle' | 'background';
   /** Every guest's disk in an iothread of its own (`-object iothread`, virtio-blk `iothread=`): QEMU then runs the disk's requests and the mirror there, not in the main loop. */
   readonly iothread?: boolean;
   /** Each figure as it is measured, as a line. */
@@ -170,7 +176,10 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   const { mod, ref, cmp, cmpRun, cmpJob, run, target, done, jobStart } = await startSideBySide(lab, base, {
     mod: guest('mod', images.mod),
     ref: guest('ref', images.ref),
-    cmp: { name: 'cmp', disk: images.cmp, cache: spec.cache, workload: 'idle', ...qemuArgs },
+    cmp:
+      spec.cmpBeside === 'background' && spec.workload === 'trickle'
+        ? { name: 'cmp', disk: images.cmp, cache: spec.cache, workload: 'writer', params: { wps: CELL_WORKLOADS.trickle.params.wps }, ...qemuArgs }
+        : { name: 'cmp', disk: images.cmp, cache: spec.cache, workload: 'idle', ...qemuArgs },
     keyFile: spec.keyFile,
     pollMs: POLL_MS,
     runTimeoutMs: 400_000,
