@@ -4,8 +4,9 @@
  *   mod  the cell's disk and workload, encrypted by `idlecrypt encrypt` (the shipped default
  *        policy unless `modArgs` names another);
  *   ref  the same guest and workload with no job: the reference for its throughput;
- *   cmp  an idle guest on the same kind of disk, copied by `--no-moderation`: the unthrottled
- *        mirror the idle-phase speed is compared with, held paused by the harness except in
+ *   cmp  an idle guest on the same kind of disk (or one doing the trickle's background alone:
+ *        `cmpBeside`), copied by `--no-moderation`: the unthrottled mirror the idle-phase speed
+ *        is compared with, held paused by the harness except in
  *        one idle phase of mod's, during which keys typed into mod hold mod's job paused
  *        instead, so that the two copies never compete.
  * mod's phases from the job's start: idle A (measured), busy, idle C (keys from +1.8 s, the
@@ -156,7 +157,7 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   // the region the workload touches (ref); sparse ones cost nothing at any size.
   // A thin disk's data lasts longer than the allocated raw disk: past it the copy's offset
   // runs through zero clusters, and the idle phases' speed would be the holes'. So does the
-  // trickle's allocated disk: beside it the copy ran at 200-310 MiB/s and finished 4 GiB
+  // trickle's allocated disk: beside it the copy ran at 200-370 MiB/s and finished 4 GiB
   // before the last idle phase, which then had no copy to measure.
   const data = { mod: spec.rawMiB ?? (kind.fill === 'thin' || spec.workload === 'trickle' ? 8192 : 4096), ref: 256, cmp: 2048 };
   const sparse = spec.sparseMiB ?? 65536;
