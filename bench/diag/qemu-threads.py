@@ -37,6 +37,10 @@ def main(out_path, interval=0.05):
                 if not pid.isdigit():
                     continue
                 try:
+                    # By the process's name first: a QEMU started by a program is that program
+                    # for a moment (forked, not yet exec'd), and must not be taken for it.
+                    if not open(f'/proc/{pid}/comm').read().startswith('qemu-system'):
+                        continue
                     if pid not in names:
                         names[pid] = name_of(pid)
                     if names[pid] is None:
