@@ -13,6 +13,7 @@ the stall idlecrypt counted (the vCPUs' wait for the big lock, ms/s, and the sha
 samples over 800 ms/s) and the copy's speed from its progress records.
 """
 import collections
+import functools
 import json
 import re
 import sys
@@ -70,6 +71,7 @@ def thread_rates(pid, a, b):
     return {tid: ((v[1] - first[tid][1]) / 1000 / dt, (v[2] - first[tid][2]) / 1000 / dt) for tid, v in last.items() if tid in first}
 
 
+@functools.cache
 def vcpu_of(pid):
     """The thread other than the main one that ran most over the cell: the (single) vCPU."""
     r = thread_rates(pid, t0, t1)

@@ -17,7 +17,7 @@
 import { execFileSync } from 'node:child_process';
 import { access, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { makeDiskImage } from '../../vm-images/launch.ts';
+import { makeDiskImage, type Workload } from '../../vm-images/launch.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import {
   GuestLab,
@@ -173,14 +173,14 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   await writeFile('/proc/sys/vm/drop_caches', '1').catch(() => note('could not drop the page cache (not root?)'));
   const w = CELL_WORKLOADS[spec.workload];
   const qemuArgs = spec.iothread ? { qemuArgs: IOTHREAD_ARGS } : {};
-  const guest = (name: string, disk: string) => ({ name, disk, cache: spec.cache, workload: w.workload, params: w.params, ...qemuArgs });
+  type Work = { readonly workload: Workload; readonly params?: Readonly<Record<string, number>> };
+  const guest = (name: string, disk: string, work: Work) => ({ name, disk, cache: spec.cache, ...work, ...qemuArgs });
+  const cmpWork: Work =
+    spec.cmpBeside === 'background' && spec.workload === 'trickle' ? { workload: 'writer', params: { wps: CELL_WORKLOADS.trickle.params.wps } } : { workload: 'idle' };
   const { mod, ref, cmp, cmpRun, cmpJob, run, target, done, jobStart } = await startSideBySide(lab, base, {
-    mod: guest('mod', images.mod),
-    ref: guest('ref', images.ref),
-    cmp:
-      spec.cmpBeside === 'background' && spec.workload === 'trickle'
-        ? { name: 'cmp', disk: images.cmp, cache: spec.cache, workload: 'writer', params: { wps: CELL_WORKLOADS.trickle.params.wps }, ...qemuArgs }
-        : { name: 'cmp', disk: images.cmp, cache: spec.cache, workload: 'idle', ...qemuArgs },
+    mod: guest('mod', images.mod, w),
+    ref: guest('ref', images.ref, w),
+    cmp: guest('cmp', images.cmp, cmpWork),
     keyFile: spec.keyFile,
     pollMs: POLL_MS,
     runTimeoutMs: 400_000,
