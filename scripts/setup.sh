@@ -20,6 +20,7 @@ declare -A NEED=(
   [virsh]=libvirt-clients
   [mmdebstrap]=mmdebstrap
   [mkfs.ext4]=e2fsprogs
+  [gcc]=gcc
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
@@ -31,6 +32,8 @@ done
 if command -v busybox >/dev/null 2>&1 && ! file -L "$(command -v busybox)" 2>/dev/null | grep -q static; then
   dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 fi
+# The guest's icwriter (vm-images/guest/icwriter.c) is linked static: it needs libc.a.
+[[ -f /usr/lib/x86_64-linux-gnu/libc.a ]] || missing+=(libc6-dev)
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "idlecrypt setup: missing packages ${missing[*]}; run as root or install them" >&2

@@ -3,7 +3,8 @@
 #
 #   kernel     Debian's linux-image-cloud-amd64 (the smallest Debian kernel that boots under
 #              QEMU), fetched with `apt-get download` and cached in vm-images/cache/.
-#   initramfs  busybox-static, the guest scripts in vm-images/guest/, and only the kernel
+#   initramfs  busybox-static, the guest scripts in vm-images/guest/, icwriter (guest/icwriter.c,
+#              built static with the host's gcc), and only the kernel
 #              modules the guest needs (virtio-pci, virtio-blk, virtio-input and their
 #              dependencies), packed reproducibly (fixed order, owner and mtimes, gzip -n).
 #
@@ -44,6 +45,8 @@ recipe_hash() {
     find guest -type f | sort | xargs -r sha256sum
     # The busybox binary is copied into the image: a different build is a different image.
     if [[ -n $busybox_bin ]]; then sha256sum "$busybox_bin" | cut -d' ' -f1; fi
+    # So is the compiler icwriter is built with.
+    gcc --version 2>/dev/null | head -1
   ) | sha256sum | cut -d' ' -f1
 }
 
@@ -59,7 +62,7 @@ fi
 
 die() { echo "vm-images/build.sh: $*" >&2; exit 1; }
 
-for cmd in dpkg-deb cpio depmod modprobe gzip sha256sum apt-get apt-cache; do
+for cmd in dpkg-deb cpio depmod modprobe gzip sha256sum apt-get apt-cache gcc; do
   command -v "$cmd" >/dev/null 2>&1 || die "missing command '$cmd' (run scripts/setup.sh as root)"
 done
 [[ -n $busybox_bin ]] || die "busybox not found (apt-get install busybox-static)"
@@ -137,6 +140,9 @@ while read -r applet; do
 done < <("$busybox_bin" --list-full | sort)
 
 install -m 0755 "$guest/init" "$root/init"
+# The writer workload's long-lived process (idlecrypt.writer=proc): static, as busybox is.
+gcc -static -O2 -Wall -Werror -s -o "$root/bin/icwriter" "$guest/icwriter.c" ||
+  die "could not build icwriter (apt-get install gcc libc6-dev)"
 install -m 0644 "$guest/workloads.sh" "$root/etc/idlecrypt/workloads.sh"
 
 # Only the modules we load and what they depend on, at their usual paths, then a

@@ -82,6 +82,13 @@ export interface CellSpec {
    * mirror then runs beside what mod's idle phases hold, as an unthrottled copy of mod would.
    */
   readonly cmpBeside?: 'idle' | 'background';
+  /**
+   * How the trickle's writes are made (trickle cells): 'shell' (default) forks a `dd` for
+   * each, which under TCG costs its vCPU about 16 ms a write (a guest a quarter busy on a
+   * CPU as well); 'proc' writes the same blocks from one long-lived process
+   * (vm-images/guest/icwriter.c), as a database's log writer does.
+   */
+  readonly writer?: 'shell' | 'proc';
   /** Every guest's disk in an iothread of its own (`-object iothread`, virtio-blk `iothread=`): QEMU then runs the disk's requests and the mirror there, not in the main loop. */
   readonly iothread?: boolean;
   /** Each figure as it is measured, as a line. */
@@ -171,12 +178,13 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   // it during a busy phase stalls QEMU.
   execFileSync('sync');
   await writeFile('/proc/sys/vm/drop_caches', '1').catch(() => note('could not drop the page cache (not root?)'));
-  const w = CELL_WORKLOADS[spec.workload];
+  const writer: Record<string, string> = spec.workload === 'trickle' && spec.writer === 'proc' ? { writer: 'proc' } : {};
+  const w = { workload: CELL_WORKLOADS[spec.workload].workload, params: { ...CELL_WORKLOADS[spec.workload].params, ...writer } };
   const qemuArgs = spec.iothread ? { qemuArgs: IOTHREAD_ARGS } : {};
-  type Work = { readonly workload: Workload; readonly params?: Readonly<Record<string, number>> };
+  type Work = { readonly workload: Workload; readonly params?: Readonly<Record<string, number | string>> };
   const guest = (name: string, disk: string, work: Work) => ({ name, disk, cache: spec.cache, ...work, ...qemuArgs });
   const cmpWork: Work =
-    spec.cmpBeside === 'background' && spec.workload === 'trickle' ? { workload: 'writer', params: { wps: CELL_WORKLOADS.trickle.params.wps } } : { workload: 'idle' };
+    spec.cmpBeside === 'background' && spec.workload === 'trickle' ? { workload: 'writer', params: { wps: CELL_WORKLOADS.trickle.params.wps, ...writer } } : { workload: 'idle' };
   const { mod, ref, cmp, cmpRun, cmpJob, run, target, done, jobStart } = await startSideBySide(lab, base, {
     mod: guest('mod', images.mod, w),
     ref: guest('ref', images.ref, w),

@@ -318,10 +318,13 @@ describe('test guest', () => {
     await vm.stop();
   });
 
-  test('writer (drive, qcow2): WROTE lines in seq order at the documented offsets, and each block is in the image', async () => {
-    const disk = join(work, 'writer.qcow2');
+  // writer=shell forks dd for each block; writer=proc is vm-images/guest/icwriter.c, one
+  // process: the same blocks at the same offsets, paced alike.
+  for (const writer of ['shell', 'proc'] as const)
+  test(`writer=${writer} (drive, qcow2): WROTE lines in seq order at the documented offsets, and each block is in the image`, async () => {
+    const disk = join(work, `writer-${writer}.qcow2`);
     await makeDiskImage(disk, { sizeMiB: 16, format: 'qcow2', fill: 'pattern' });
-    const vm = await boot({ name: 'writer', disk, diskStyle: 'drive', workload: 'writer', params: { wps: 40, count: 60 } });
+    const vm = await boot({ name: 'writer', disk, diskStyle: 'drive', workload: 'writer', params: { wps: 40, count: 60, writer } });
     const seen: number[] = []; // host time of each WROTE line
     vm.lines$.subscribe((l) => l.startsWith('WROTE ') && seen.push(Date.now()));
     await vm.ready;
@@ -345,7 +348,7 @@ describe('test guest', () => {
     assert.ok(latest.get(writerOffset(1, 16 * MiB))! >= 3);
     assert.ok(latest.size <= 45, `${latest.size} distinct offsets for 60 blocks`);
 
-    const raw = join(work, 'writer-after.raw');
+    const raw = join(work, `writer-${writer}-after.raw`);
     await execFileP('qemu-img', ['convert', '-O', 'raw', disk, raw]);
     const image = await readFile(raw);
     for (let off = 0; off < image.length; off += 4096) {
@@ -362,6 +365,9 @@ describe('test guest', () => {
     await assert.rejects(vm.ready, /IDLECRYPT-GUEST ERROR reason=bad-param workload=disk key=bs_kb value=6 multiple_of=4/);
     assert.equal(await vm.exited, 0); // guest poweroff with -no-reboot
     await vm.stop();
+    const vm2 = await boot({ name: 'bad2', disk, workload: 'writer', params: { writer: 'fork' } });
+    await assert.rejects(vm2.ready, /IDLECRYPT-GUEST ERROR reason=bad-param workload=writer key=writer value=fork/);
+    await vm2.stop();
     await assert.rejects(startTestVm({ name: 'x', disk, params: { 'Bad Key': 1 } }), /bad guest parameter name/);
     await assert.rejects(startTestVm({ name: 'x', disk, params: { region_mb: '1 2' } }), /bad value/);
   });
