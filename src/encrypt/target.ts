@@ -52,7 +52,7 @@ const LUKS_TIMING_ATTEMPTS = 12;
 /** PBKDF time of the opening key's slot (see the file comment): QEMU opens the image this fast. */
 export const OPENING_SLOT_ITER_TIME_MS = 10;
 /** The key slot the opening key is written to, and erased from once the image is open. */
-const OPENING_SLOT = 0;
+export const OPENING_SLOT = 0;
 
 export type TargetFormat = 'luks' | 'qcow2';
 /** What the operator asks for: a format, or `auto`, the source's (targetFormatFor). */

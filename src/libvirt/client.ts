@@ -191,6 +191,11 @@ export class LibvirtClient {
     return this.call('secret-define', { xml, value: value.toString('base64') });
   }
 
+  /** A new value for an existing secret (virSecretSetValue), through the helper's stdin; the secret stays defined either way. */
+  setSecretValue(uuid: string, value: Buffer): Promise<boolean> {
+    return this.call('secret-set-value', { uuid, value: value.toString('base64') });
+  }
+
   /** Removes a secret; false when there was none. */
   undefineSecret(uuid: string): Promise<boolean> {
     return this.call('secret-undefine', { uuid });

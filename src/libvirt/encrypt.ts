@@ -4,11 +4,20 @@
  *
  *   preflight              the domain, its disk, the key, the target path and its room
  *   qemu-img create        the LUKS header, in a process of its own (the guest's QEMU would
- *                          stall its guest while deriving the key: src/encrypt/target.ts)
+ *                          stall its guest while deriving the key: src/encrypt/target.ts):
+ *                          slot 0 this run's random opening key (a 10 ms PBKDF), slot 1 the
+ *                          key file's (the full iter-time)
  *   virSecretDefineXML     a private libvirt secret (usage volume = the target) holding the
- *                          key, its value passed through the helper's stdin, never a file
+ *                          opening key, its value passed through the helper's stdin, never a file
  *   virDomainBlockCopy     REUSE_EXT (+ TRANSIENT_JOB for a persistent domain), the source's
- *                          cache mode, bandwidth in bytes/s; moderated by speed (copy-job.ts)
+ *                          cache mode, bandwidth in bytes/s; moderated by speed (copy-job.ts).
+ *                          libvirt's QEMU opens the target with the secret, in its main loop:
+ *                          with the opening key in ~10 ms, where the key file's slot stalled
+ *                          the guest for the iter-time (2 s by default)
+ *   virSecretSetValue      the secret's value becomes the key file's key (rekeySecret): what
+ *                          the domain's next boot unlocks slot 1 with. Slot 0 stays in the
+ *                          header, its key forgotten (libvirt has no call to erase a key slot
+ *                          of an open image; the operator may, with the domain off)
  *   virDomainBlockJobAbort PIVOT as soon as the copy is READY (a READY mirror ignores its
  *                          speed in QEMU, so waiting for a quiet guest would not hold it)
  *   persistence            the persistent definition names the encrypted image after the
@@ -28,7 +37,7 @@ import { IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { JobControl } from '../jobs/types.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded, thinDiskNote } from '../encrypt/preflight.ts';
-import { targetFormatFor, writeImageWithQemuImg, type FormatChoice, type TargetFormat } from '../encrypt/target.ts';
+import { OPENING_SLOT, targetFormatFor, writeImageWithQemuImg, type FormatChoice, type TargetFormat } from '../encrypt/target.ts';
 import { ProgressMeter, type Progress } from '../encrypt/progress.ts';
 import { RunModeration, type ModerationOptions } from '../encrypt/moderation.ts';
 import { RunMetrics } from '../encrypt/metrics.ts';
@@ -134,6 +143,34 @@ export function destinationXml(target: string, format: TargetFormat, secret: str
   );
 }
 
+/**
+ * The secret's value becomes the key file's key (virSecretSetValue; the value crosses the
+ * helper's stdin): the domain's next boot unlocks
+ * the target's slot 1 with it. The running QEMU opened the target with the opening key
+ * already and does not read the secret again. Idempotent: a later run that adopts a copy
+ * (or finds the pivot done) calls it again, in case the run before died in between. With
+ * `onNote` (the run that made the target) the operator is told about slot 0.
+ */
+async function rekeySecret(
+  client: LibvirtClient,
+  rec: Pick<LibvirtRunRecord, 'secret' | 'target' | 'format'>,
+  keyFile: string,
+  log: Logger,
+  onNote?: DomainEncryptOptions['onNote'],
+): Promise<void> {
+  await client.setSecretValue(rec.secret, await fs.readFile(keyFile));
+  log.info({ secret: rec.secret }, "libvirt's secret holds the key file's key now (the next boot's)");
+  if (!onNote) return;
+  const erase =
+    rec.format === 'luks'
+      ? `cryptsetup luksKillSlot --key-file KEYFILE ${rec.target} ${OPENING_SLOT}`
+      : `qemu-img amend --object secret,id=k,file=KEYFILE -o encrypt.state=inactive,encrypt.keyslot=${OPENING_SLOT} --image-opts driver=qcow2,encrypt.key-secret=k,file.filename=${rec.target}`;
+  onNote(
+    `key slot ${OPENING_SLOT} of ${rec.target} holds this run's random opening key, which nothing keeps (it let libvirt open the image without stalling the guest); the key file's key is in slot ${OPENING_SLOT + 1}. To erase slot ${OPENING_SLOT}, with the domain shut off: ${erase}`,
+    { openingSlot: OPENING_SLOT },
+  );
+}
+
 /** A private, persistent secret whose usage is the target volume (virsh secret-list shows it). */
 function secretXml(uuid: string, domain: string, disk: string, target: string): string {
   return (
@@ -183,6 +220,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         throw new IdlecryptError('TARGET_EXISTS', `${prior.target} belongs to an earlier run on domain '${prior.domain}' disk ${prior.disk}; choose another target`);
       }
       if (disk.source === prior.target) {
+        if (keyFile !== undefined && prior.secretOurs) await rekeySecret(client, prior, keyFile, log);
         const persistence = await persist(client, dom.persistent, prior, log, o.onNote);
         await store.remove(prior.tag);
         o.onNote?.(`the earlier run into ${prior.target} had already switched the guest onto it; nothing left to do`, { resumed: 'done', tag: prior.tag });
@@ -275,6 +313,8 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       if (adopting) {
         // A moderated copy is held at once (see src/encrypt/encrypt.ts): the probes take a second or more to attach.
         await job.setSpeed(mod ? HELD_SPEED : o.speed);
+        // The run before may have died between the copy's start and the secret's rekey.
+        if (keyFile !== undefined && adopting.secretOurs) await rekeySecret(client, adopting, keyFile, log);
         if (mod) {
           log.info({ domain: o.domain, disk: o.disk }, 'copy held until the probes attach');
           await untilAborted(mod.attached, o.signal, o.detach);
@@ -291,8 +331,10 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         if (keyFile !== undefined) {
           // Ours alone from the start (O_EXCL), then the header written into it.
           await (await fs.open(targetPath, 'wx', 0o600)).close();
-          await writeImageWithQemuImg(o.qemuImg ?? 'qemu-img', { path: targetPath, format, size, keyFile, iterTimeMs: o.iterTimeMs }, log);
-          await client.defineSecret(secretXml(record.secret, o.domain, o.disk, targetPath), await fs.readFile(keyFile));
+          const openingKey = randomBytes(32).toString('hex');
+          await writeImageWithQemuImg(o.qemuImg ?? 'qemu-img', { path: targetPath, format, size, keyFile, iterTimeMs: o.iterTimeMs }, log, openingKey);
+          await client.defineSecret(secretXml(record.secret, o.domain, o.disk, targetPath), Buffer.from(openingKey));
+          log.info({ secret: record.secret }, `target header written by qemu-img: key slot ${OPENING_SLOT} this run's opening key (libvirt's secret until the copy starts), slot ${OPENING_SLOT + 1} the key file's`);
         } else {
           log.warn({ secret: record.secret }, "the key is a libvirt secret idlecrypt cannot read: libvirt makes the LUKS image inside the guest's QEMU, which stalls the guest while it derives the key");
         }
@@ -302,6 +344,8 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         const bufSize = o.bufSize ?? (mod ? moderatedBufSize({ direct: directCache(disk.cache), noFlush: false }, share, format) : undefined);
         log.info({ bufSize: bufSize ?? 'qemu-default', ...(share === null ? {} : { allocatedShare: Number(share.toFixed(3)) }) }, 'block copy buffer');
         await startCopy(client, { ...o, speed: mod ? HELD_SPEED : o.speed }, dom.persistent, destinationXml(targetPath, format, record.secret), reuse, bufSize);
+        // QEMU holds the target open now: the secret becomes the key file's key, for the next boot.
+        if (keyFile !== undefined) await rekeySecret(client, record, keyFile, log, o.onNote);
         record = { ...record, phase: 'copying', copyStartedAt: Date.now() };
         await store.save(record);
       }

@@ -237,6 +237,11 @@ class Helper:
             raise
         return s.UUIDString()
 
+    def op_secret_set_value(self, a):
+        # A new value for a secret that exists (virSecretSetValue); it stays defined whatever happens.
+        self.c.secretLookupByUUIDString(a["uuid"]).setValue(base64.b64decode(a["value"]))
+        return True
+
     def op_secret_undefine(self, a):
         try:
             self.c.secretLookupByUUIDString(a["uuid"]).undefine()

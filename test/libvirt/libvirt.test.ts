@@ -5,7 +5,7 @@
  * encrypted image, so the next `virsh start` boots on it. Failures and cancels leave the
  * guest on its disk with nothing of ours behind; a killed run is adopted by the next.
  */
-import { ok, equal, match } from 'node:assert/strict';
+import { ok, equal, match, deepEqual } from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { createHash, randomBytes } from 'node:crypto';
@@ -165,6 +165,14 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
     const plain = await decrypt(target, join(dir, 'a-decrypted.raw'));
     equal(plain.length, 512 * MiB);
     for (const i of [0, 15, 16, 511]) ok(plain.subarray(i * MiB, (i + 1) * MiB).equals(patternMiB(i)), `MiB ${i} of the decrypted image`);
+    // libvirt opened the target with the run's opening key (slot 0), and the secret holds the
+    // key file's key (slot 1) since: slot 0 erased as the note says, the next boot still opens it.
+    const note = lines.find((l) => l.event === 'note' && l.openingSlot === 0);
+    ok(note && String(note.message).includes(`cryptsetup luksKillSlot --key-file KEYFILE ${target} 0`), JSON.stringify(lines.filter((l) => l.event === 'note')));
+    const slots = async () => ((JSON.parse((await execFileP('qemu-img', ['info', '--output=json', target])).stdout) as { 'format-specific': { data: { slots: { active: boolean }[] } } })['format-specific'].data.slots.map((x) => x.active));
+    deepEqual((await slots()).slice(0, 3), [true, true, false], 'slot 0 the opening key, slot 1 the key file');
+    await execFileP('qemu-img', ['amend', '--object', `secret,id=k,format=raw,file=${keyFile}`, '-o', 'state=inactive,keyslot=0', '--image-opts', `driver=luks,key-secret=k,file.filename=${target}`]);
+    deepEqual((await slots()).slice(0, 3), [false, true, false]);
     await virsh('start', name);
     await d.waitForLine(/^IDLECRYPT-GUEST READY/, 60_000);
     await d.waitForLine(/^IO t=/, 30_000);
