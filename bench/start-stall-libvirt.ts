@@ -30,6 +30,7 @@ import { ensureImage, makeDiskImage } from '../vm-images/launch.ts';
 import { ensureLibvirtd, TestDomain } from '../vm-images/libvirt.ts';
 import { LibvirtClient } from '../src/libvirt/client.ts';
 import { median, now, percentile } from '../test/helpers/moderation-lab.ts';
+import { requestGaps } from './gaps.ts';
 
 const { values } = parseArgs({
   options: {
@@ -58,29 +59,12 @@ interface Result {
   readonly requestsPerS: number;
 }
 
-/** Reads the disk's request count until `until()` says stop; the gaps between reads that saw it move. */
-async function gaps(client: LibvirtClient, domain: string, until: () => boolean): Promise<{ gaps: number[]; spanMs: number; requests: number }> {
-  const ops = async () => {
+/** The gaps in the guest's requests (bench/gaps.ts), its count read through libvirt (virDomainBlockStats). */
+function gaps(client: LibvirtClient, domain: string, until: () => boolean): Promise<{ gaps: number[]; spanMs: number; requests: number }> {
+  return requestGaps(async () => {
     const s = await client.call<{ rd_req: number; wr_req: number }>('block-stats', { domain, disk: 'vda' });
     return s.rd_req + s.wr_req;
-  };
-  const out: number[] = [];
-  const t0 = now();
-  const n0 = await ops();
-  let lastMove = t0;
-  let last = n0;
-  while (!until()) {
-    await sleep(POLL_MS);
-    const n = await ops();
-    const t = now();
-    if (n !== last) {
-      out.push(t - lastMove);
-      lastMove = t;
-      last = n;
-    }
-  }
-  out.push(now() - lastMove); // a gap still open at the end counts too
-  return { gaps: out, spanMs: now() - t0, requests: last - n0 };
+  }, until, POLL_MS);
 }
 
 /** A fresh domain on a 64 GiB sparse raw disk doing one-at-a-time I/O; removed by `fn`'s end. */

@@ -34,6 +34,7 @@ import { parseArgs } from 'node:util';
 import { ensureImage, makeDiskImage, startTestVm } from '../vm-images/launch.ts';
 import { QmpClient } from '../src/qmp/client.ts';
 import { EncryptRun, median, now, percentile } from '../test/helpers/moderation-lab.ts';
+import { requestGaps } from './gaps.ts';
 
 const { values } = parseArgs({ options: { rounds: { type: 'string', default: '3' }, 'iter-time': { type: 'string', default: '2000' }, out: { type: 'string', default: 'bench/results' } } });
 const rounds = Number(values.rounds);
@@ -49,29 +50,12 @@ interface Result {
   requestsPerS: number;
 }
 
-/** Polls the guest's request count until `until()` says stop; returns the gaps between polls that saw it move. */
-async function gaps(q: QmpClient, until: () => boolean): Promise<{ gaps: number[]; spanMs: number; requests: number }> {
-  const ops = async () => {
+/** The gaps in the guest's requests (bench/gaps.ts), its count read from QMP query-blockstats. */
+function gaps(q: QmpClient, until: () => boolean): Promise<{ gaps: number[]; spanMs: number; requests: number }> {
+  return requestGaps(async () => {
     const s = (await q.execute('query-blockstats')).find((x) => x.qdev?.includes('/disk0/'))!;
     return s.stats.rd_operations + s.stats.wr_operations + s.stats.flush_operations;
-  };
-  const out: number[] = [];
-  const t0 = now();
-  const n0 = await ops();
-  let lastMove = t0;
-  let last = n0;
-  while (!until()) {
-    await sleep(POLL_MS);
-    const n = await ops();
-    const t = now();
-    if (n !== last) {
-      out.push(t - lastMove);
-      lastMove = t;
-      last = n;
-    }
-  }
-  out.push(now() - lastMove); // a gap still open at the end counts too
-  return { gaps: out, spanMs: now() - t0, requests: last - n0 };
+  }, until, POLL_MS);
 }
 
 ensureImage();

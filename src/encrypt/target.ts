@@ -318,6 +318,34 @@ export async function writeImageWithQemuImg(
 }
 
 /**
+ * Whether the key file's key opens the encrypted image at `path`: `qemu-io` (qemu-utils, with
+ * qemu-img) reads its first sector through it, read-only and without image locking, in its
+ * own process (a running QEMU may hold the image, as the target of a copy). `qemu-img info` would not do: it opens an image without I/O, and
+ * the LUKS driver then unlocks no key slot (any key passes). It costs one key slot's PBKDF (up
+ * to the iter-time). For a run that takes over an earlier run's image and must not hand libvirt
+ * a key that does not open it. False only for a key that opens no slot; any other failure
+ * throws. An error with code ENOENT means there is no qemu-io.
+ */
+export async function keyFileOpens(path: string, format: TargetFormat, keyFile: string, timeoutMs = 120_000): Promise<boolean> {
+  const q = (s: string) => s.replaceAll(',', ',,');
+  const exe = await findExecutable('qemu-io');
+  if (exe === undefined) throw Object.assign(new Error('qemu-io: not found'), { code: 'ENOENT' });
+  // file.locking=off: a mirror's target is held without "consistent read" shared, which -U
+  // alone does not get past; read-only, the header is all this reads.
+  const file = `file.filename=${q(path)},file.locking=off`;
+  const opts = format === 'luks' ? `driver=luks,key-secret=k,${file}` : `driver=qcow2,encrypt.key-secret=k,${file}`;
+  try {
+    await runQemuImg(exe, ['-r', '-U', '--object', `secret,id=k,format=raw,file=${q(keyFile)}`, '--image-opts', '-c', 'read 0 512', opts], timeoutMs);
+    return true;
+  } catch (e) {
+    const stderr = (e as { stderr?: string }).stderr ?? '';
+    // crypto/block-luks.c: "Invalid password, cannot unlock any keyslot".
+    if (/Invalid password/.test(stderr)) return false;
+    throw new IdlecryptError('JOB_FAILED', `could not check the key against ${path}: ${qemuImgError(stderr.replaceAll('qemu-io: ', 'qemu-img: ')) || (e as Error).message}`, { cause: e });
+  }
+}
+
+/**
  * qemu-img's error from its stderr, in one line: the last `qemu-img: ` line, and what follows
  * it in parentheses. QEMU prints an error's hint on the lines after it (error_report_err), and
  * `amend` adds one to a key slot's failure: "qemu-img: Unable to get accurate CPU usage" then

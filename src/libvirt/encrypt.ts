@@ -37,7 +37,7 @@ import { IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { JobControl } from '../jobs/types.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded, thinDiskNote } from '../encrypt/preflight.ts';
-import { OPENING_SLOT, targetFormatFor, writeImageWithQemuImg, type FormatChoice, type TargetFormat } from '../encrypt/target.ts';
+import { keyFileOpens, OPENING_SLOT, targetFormatFor, writeImageWithQemuImg, type FormatChoice, type TargetFormat } from '../encrypt/target.ts';
 import { ProgressMeter, type Progress } from '../encrypt/progress.ts';
 import { RunModeration, type ModerationOptions } from '../encrypt/moderation.ts';
 import { RunMetrics } from '../encrypt/metrics.ts';
@@ -147,8 +147,9 @@ export function destinationXml(target: string, format: TargetFormat, secret: str
  * The secret's value becomes the key file's key (virSecretSetValue; the value crosses the
  * helper's stdin): the domain's next boot unlocks
  * the target's slot 1 with it. The running QEMU opened the target with the opening key
- * already and does not read the secret again. Idempotent: a later run that adopts a copy
- * (or finds the pivot done) calls it again, in case the run before died in between. With
+ * already and does not read the secret again. A later run that adopts the copy of a run
+ * that died before it saved the phase 'copying' calls it again, with a key file it has
+ * checked opens the image (keyFileOpens). With
  * `onNote` (the run that made the target) the operator is told about slot 0.
  */
 async function rekeySecret(
@@ -220,7 +221,6 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
         throw new IdlecryptError('TARGET_EXISTS', `${prior.target} belongs to an earlier run on domain '${prior.domain}' disk ${prior.disk}; choose another target`);
       }
       if (disk.source === prior.target) {
-        if (keyFile !== undefined && prior.secretOurs) await rekeySecret(client, prior, keyFile, log);
         const persistence = await persist(client, dom.persistent, prior, log, o.onNote);
         await store.remove(prior.tag);
         o.onNote?.(`the earlier run into ${prior.target} had already switched the guest onto it; nothing left to do`, { resumed: 'done', tag: prior.tag });
@@ -230,6 +230,11 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       }
       const info = await client.jobInfo(o.domain, o.disk);
       if (info && disk.mirror?.source === prior.target) {
+        // A run that died before it saved 'copying' may have left libvirt's secret with its
+        // opening key (rekeySecret): this run sets the key file's, and only one that opens the image.
+        if (keyFile !== undefined && prior.secretOurs && prior.phase === 'creating-target' && !(await keyFileOpens(prior.target, prior.format, keyFile))) {
+          throw new IdlecryptError('KEY_FILE', `${o.keyFile} does not open ${prior.target}, which an earlier run made with another key and whose copy is still running; give that run's key file`);
+        }
         adopting = prior;
         job.ready = disk.mirror.ready === 'yes';
       } else {
@@ -313,8 +318,8 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       if (adopting) {
         // A moderated copy is held at once (see src/encrypt/encrypt.ts): the probes take a second or more to attach.
         await job.setSpeed(mod ? HELD_SPEED : o.speed);
-        // The run before may have died between the copy's start and the secret's rekey.
-        if (keyFile !== undefined && adopting.secretOurs) await rekeySecret(client, adopting, keyFile, log);
+        // The run before may have died between the copy's start and the secret's rekey (checked above).
+        if (keyFile !== undefined && adopting.secretOurs && adopting.phase === 'creating-target') await rekeySecret(client, adopting, keyFile, log);
         if (mod) {
           log.info({ domain: o.domain, disk: o.disk }, 'copy held until the probes attach');
           await untilAborted(mod.attached, o.signal, o.detach);

@@ -16,7 +16,7 @@ import { promisify } from 'node:util';
 import { after, before, describe, it } from 'node:test';
 import { ensureImage, makeDiskImage, patternMiB } from '../../vm-images/launch.ts';
 import { ensureLibvirtd, TestDomain, virsh } from '../../vm-images/libvirt.ts';
-import { cliStateDir, jsonLines, runCli, startCli } from '../helpers/cli.ts';
+import { cliStateDir, humanLines, jsonLines, runCli, startCli } from '../helpers/cli.ts';
 import type { AgentStatus } from '../../src/agent/agent.ts';
 import { LibvirtClient } from '../../src/libvirt/client.ts';
 import { LibvirtCopyJob } from '../../src/libvirt/copy-job.ts';
@@ -288,7 +288,7 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
     await domains.find((x) => x.name === name)?.remove();
   });
 
-  it('Ctrl-C mid-copy: the guest stays on its disk, and the target, our secret and the run record are gone; a kill -9 mid-copy is adopted by the next run, which finishes', async () => {
+  it('Ctrl-C mid-copy: the guest stays on its disk, and the target, our secret and the run record are gone; a kill -9 mid-copy is adopted by the next run, which finishes (and refuses a key file that does not open the target)', async () => {
     const name = `ic-lv-b-${process.pid}`;
     const { disk } = await domain(name, { persistent: false }); // transient: no next boot to fix
     const before = await secrets();
@@ -311,6 +311,22 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
     run.child.kill('SIGKILL');
     await run.result;
     // libvirt keeps the job; the record names it. The next run adopts and finishes it.
+    match(await virsh('blockjob', name, 'vda', '--raw'), /type=Block Copy/);
+    // As if killed between virDomainBlockCopy and the secret's new value (a moment too short
+    // to hit): the record still says creating-target, so the adopting run must set the key
+    // file's key, and refuses a key file that does not open the image, touching nothing.
+    const runsDir = join(cliStateDir(), 'libvirt-runs');
+    const [recFile] = (await readdir(runsDir)).filter((f) => f.endsWith('.json'));
+    const rec = JSON.parse(await readFile(join(runsDir, recFile!), 'utf8')) as Record<string, unknown>;
+    equal(rec.phase, 'copying');
+    await writeFile(join(runsDir, recFile!), JSON.stringify({ ...rec, phase: 'creating-target' }));
+    const wrongKey = join(dir, 'wrong-key');
+    await writeFile(wrongKey, 'not the key', { mode: 0o600 });
+    r = await runCli(copyArgs.map((a) => (a === keyFile ? wrongKey : a)));
+    equal(r.code, 1, r.stderr);
+    const said = humanLines(r.stderr);
+    equal(said.length, 1, r.stderr);
+    match(said[0]!, /^idlecrypt: .*wrong-key does not open .*b\.luks, which an earlier run made with another key and whose copy is still running; give that run's key file$/);
     match(await virsh('blockjob', name, 'vda', '--raw'), /type=Block Copy/);
     r = await runCli(copyArgs);
     equal(r.code, 0, r.stderr.slice(-2000));
