@@ -320,11 +320,12 @@ export async function writeImageWithQemuImg(
 /**
  * Whether the key file's key opens the encrypted image at `path`: `qemu-io` (qemu-utils, with
  * qemu-img) reads its first sector through it, read-only and without image locking, in its
- * own process (a running QEMU may hold the image, as the target of a copy). `qemu-img info` would not do: it opens an image without I/O, and
- * the LUKS driver then unlocks no key slot (any key passes). It costs one key slot's PBKDF (up
- * to the iter-time). For a run that takes over an earlier run's image and must not hand libvirt
- * a key that does not open it. False only for a key that opens no slot; any other failure
- * throws. An error with code ENOENT means there is no qemu-io.
+ * own process (a running QEMU may hold the image, as the target of a copy). `qemu-img info`
+ * would not do: it opens an image without I/O, and the LUKS driver then unlocks no key slot
+ * (any key passes). It costs one key slot's PBKDF (up to the iter-time). For a run that takes
+ * over an earlier run's image and must not hand libvirt a key that does not open it. False
+ * only for a key that opens no slot; any other failure throws. An error with code ENOENT
+ * means there is no qemu-io.
  */
 export async function keyFileOpens(path: string, format: TargetFormat, keyFile: string, timeoutMs = 120_000): Promise<boolean> {
   const q = (s: string) => s.replaceAll(',', ',,');
@@ -341,23 +342,23 @@ export async function keyFileOpens(path: string, format: TargetFormat, keyFile: 
     const stderr = (e as { stderr?: string }).stderr ?? '';
     // crypto/block-luks.c: "Invalid password, cannot unlock any keyslot".
     if (/Invalid password/.test(stderr)) return false;
-    throw new IdlecryptError('JOB_FAILED', `could not check the key against ${path}: ${qemuImgError(stderr.replaceAll('qemu-io: ', 'qemu-img: ')) || (e as Error).message}`, { cause: e });
+    throw new IdlecryptError('JOB_FAILED', `could not check the key against ${path}: ${qemuImgError(stderr, 'qemu-io') || (e as Error).message}`, { cause: e });
   }
 }
 
 /**
- * qemu-img's error from its stderr, in one line: the last `qemu-img: ` line, and what follows
- * it in parentheses. QEMU prints an error's hint on the lines after it (error_report_err), and
+ * qemu-img's (or `tool`'s) error from its stderr, in one line: the last `qemu-img: ` line,
+ * and what follows it in parentheses. QEMU prints an error's hint on the lines after it (error_report_err), and
  * `amend` adds one to a key slot's failure: "qemu-img: Unable to get accurate CPU usage" then
  * "Failed to write to keyslot 1". Taking the last line alone hid the cause, so the timing
  * failure was not retried (CI, 2026-12-03). Empty when stderr is.
  */
-export function qemuImgError(stderr: string): string {
+export function qemuImgError(stderr: string, tool = 'qemu-img'): string {
   const lines = stderr.split('\n').map((l) => l.trim()).filter(Boolean);
-  const at = lines.findLastIndex((l) => l.startsWith('qemu-img: '));
+  const at = lines.findLastIndex((l) => l.startsWith(`${tool}: `));
   if (at < 0) return lines.at(-1) ?? '';
   const hint = lines.slice(at + 1).join('; ');
-  const error = lines[at]!.slice('qemu-img: '.length);
+  const error = lines[at]!.slice(`${tool}: `.length);
   return hint ? `${error} (${hint})` : error;
 }
 

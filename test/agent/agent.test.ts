@@ -417,10 +417,14 @@ describe('idlecrypt agent', () => {
 
     // kill -9 of the agent while f-1 copies, and its run record corrupted.
     assert.equal((await jobsOf(f1.vm)).length, 1, 'f-1 still copying, the others did not disturb it');
+    // A failed run removes its target, then its record: wait for the records of f-2 and f-3
+    // to go too (the kill once came between the two for f-3, CI rehearsal 2026-12-04).
+    const runs = path.join(cliStateDir(), 'runs');
+    const records = async () => (await readdir(runs)).filter((f) => f.endsWith('.json'));
+    await until("only f-1's run record left", async () => ((await records()).length === 1 ? true : undefined), 30_000).catch(() => undefined);
     a.child.kill('SIGKILL');
     await a.result;
-    const runs = path.join(cliStateDir(), 'runs');
-    const recs = (await readdir(runs)).filter((f) => f.endsWith('.json'));
+    const recs = await records();
     assert.equal(recs.length, 1, `one record left, f-1's: ${recs.join(', ')}`);
     await writeFile(path.join(runs, recs[0]!), '{"version": 1, "tag": ');
     const b = startAgent(cfg);
