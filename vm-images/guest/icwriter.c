@@ -5,8 +5,9 @@
  *
  * The shell loop forks printf's subshell, dd and usleep for every write: under TCG that
  * costs its vCPU about 16 ms a write, so a trickle of 15 a second is also a guest that
- * keeps a vCPU a quarter busy. This process costs microseconds a write on a CPU, as any
- * guest's writer does on a KVM host; idlecrypt.writer=proc selects it.
+ * keeps a vCPU a quarter busy. This process makes a pwrite and an fsync a write and starts
+ * no process (its CPU time under TCG was not measured; on a KVM host either writer costs
+ * microseconds); idlecrypt.writer=proc selects it.
  *
  * Same blocks, offsets, pacing and serial lines as the shell's:
  *   block  "IDLECRYPT-BLOCK seq=N off=OFF\n" then the 0123456789abcdef pad, 4096 bytes
