@@ -264,6 +264,12 @@ export async function findExecutable(name: string): Promise<string | undefined> 
   return undefined;
 }
 
+/** An option value as QemuOpts reads it: a comma is written ",," (a key file's path may hold one). */
+const optValue = (v: string) => v.replaceAll(',', ',,');
+
+/** qemu-img's (and qemu-io's) arguments for a secret object `id` read from `file`: never the key itself on a command line. */
+const secretObject = (id: string, file: string) => ['--object', `secret,id=${id},format=raw,file=${optValue(file)}`];
+
 /**
  * Writes an encrypted image (LUKS, or qcow2 with LUKS encryption) with qemu-img, in its own
  * process, into `spec.path` (which may exist, empty). The key file's key reaches qemu-img as
@@ -281,9 +287,6 @@ export async function writeImageWithQemuImg(
   const { path, format, size, keyFile, iterTimeMs } = spec;
   // The PBKDF's iter-time (twice: timing, then the slot) and a generous margin.
   const timeoutMs = spec.qemuImgTimeoutMs ?? 120_000 + 2 * iterTimeMs;
-  // A comma in an option value is written ",," (QemuOpts); the key file's path is one.
-  const q = (s: string) => s.replaceAll(',', ',,');
-  const secret = (id: string, file: string) => ['--object', `secret,id=${id},format=raw,file=${q(file)}`];
   const luks = (o: string) => (format === 'luks' ? o : o.split(',').map((kv) => `encrypt.${kv}`).join(','));
   const exe = await findExecutable(bin);
   if (exe === undefined) throw Object.assign(new Error(`${bin}: not found`), { code: 'ENOENT' });
@@ -300,17 +303,17 @@ export async function writeImageWithQemuImg(
     });
   if (openingKey === undefined) {
     const opts = format === 'luks' ? `key-secret=sec0,iter-time=${iterTimeMs}` : `encrypt.format=luks,${luks(`key-secret=sec0,iter-time=${iterTimeMs}`)}`;
-    await run(['create', '-q', '-f', format, ...secret('sec0', keyFile), '-o', opts, path, String(size)]);
+    await run(['create', '-q', '-f', format, ...secretObject('sec0', keyFile), '-o', opts, path, String(size)]);
     return;
   }
   const createOpts = `${format === 'luks' ? '' : 'encrypt.format=luks,'}${luks(`key-secret=open,iter-time=${OPENING_SLOT_ITER_TIME_MS}`)}`;
-  await run(['create', '-q', '-f', format, ...secret('open', '/dev/stdin'), '-o', createOpts, path, String(size)], openingKey);
+  await run(['create', '-q', '-f', format, ...secretObject('open', '/dev/stdin'), '-o', createOpts, path, String(size)], openingKey);
   await run(
     [
       'amend', '-q',
-      ...secret('open', '/dev/stdin'),
-      ...secret('sec0', keyFile),
-      '--image-opts', `driver=${format},file.filename=${q(path)},${luks('key-secret=open')}`,
+      ...secretObject('open', '/dev/stdin'),
+      ...secretObject('sec0', keyFile),
+      '--image-opts', `driver=${format},file.filename=${optValue(path)},${luks('key-secret=open')}`,
       '-o', luks(`state=active,new-secret=sec0,keyslot=${OPENING_SLOT + 1},iter-time=${iterTimeMs}`),
     ],
     openingKey,
@@ -328,15 +331,14 @@ export async function writeImageWithQemuImg(
  * means there is no qemu-io.
  */
 export async function keyFileOpens(path: string, format: TargetFormat, keyFile: string, timeoutMs = 120_000): Promise<boolean> {
-  const q = (s: string) => s.replaceAll(',', ',,');
   const exe = await findExecutable('qemu-io');
   if (exe === undefined) throw Object.assign(new Error('qemu-io: not found'), { code: 'ENOENT' });
   // file.locking=off: a mirror's target is held without "consistent read" shared, which -U
   // alone does not get past; read-only, the header is all this reads.
-  const file = `file.filename=${q(path)},file.locking=off`;
+  const file = `file.filename=${optValue(path)},file.locking=off`;
   const opts = format === 'luks' ? `driver=luks,key-secret=k,${file}` : `driver=qcow2,encrypt.key-secret=k,${file}`;
   try {
-    await runQemuImg(exe, ['-r', '-U', '--object', `secret,id=k,format=raw,file=${q(keyFile)}`, '--image-opts', '-c', 'read 0 512', opts], timeoutMs);
+    await runQemuImg(exe, ['-r', '-U', ...secretObject('k', keyFile), '--image-opts', '-c', 'read 0 512', opts], timeoutMs);
     return true;
   } catch (e) {
     const stderr = (e as { stderr?: string }).stderr ?? '';
@@ -348,10 +350,10 @@ export async function keyFileOpens(path: string, format: TargetFormat, keyFile: 
 
 /**
  * qemu-img's (or `tool`'s) error from its stderr, in one line: the last `qemu-img: ` line,
- * and what follows it in parentheses. QEMU prints an error's hint on the lines after it (error_report_err), and
- * `amend` adds one to a key slot's failure: "qemu-img: Unable to get accurate CPU usage" then
- * "Failed to write to keyslot 1". Taking the last line alone hid the cause, so the timing
- * failure was not retried (CI, 2026-12-03). Empty when stderr is.
+ * and what follows it in parentheses. QEMU prints an error's hint on the lines after it
+ * (error_report_err), and `amend` adds one to a key slot's failure: "qemu-img: Unable to
+ * get accurate CPU usage" then "Failed to write to keyslot 1". Taking the last line alone
+ * hid the cause, so the timing failure was not retried (CI, 2026-12-03). Empty when stderr is.
  */
 export function qemuImgError(stderr: string, tool = 'qemu-img'): string {
   const lines = stderr.split('\n').map((l) => l.trim()).filter(Boolean);
