@@ -6,7 +6,7 @@
  * it; a second agent refuses; `kill -9` mid-copy and a restart: the copy is adopted and
  * finished. `idlecrypt status` asks the agent over its socket.
  */
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, execFileSync } from 'node:child_process';
 import { promisify } from 'node:util';
@@ -34,6 +34,16 @@ before(async () => {
   ensureImage();
   dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-agent-'));
   runDir = path.join(dir, 'run');
+});
+// Each test's agents and guests stop when it ends: a guest left running (a writer, a bursty
+// guest) would take the CPU from the next test's guests under TCG.
+afterEach(async () => {
+  await Promise.all(agents.map(async (a) => {
+    if (a.child.exitCode !== null || a.child.signalCode !== null) return;
+    a.child.kill('SIGKILL');
+    await a.result.catch(() => undefined);
+  }));
+  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
 });
 after(async () => {
   // IDLECRYPT_TEST_DUMP=DIR keeps each agent's log (JSON lines) for a post-mortem.

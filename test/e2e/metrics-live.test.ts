@@ -3,7 +3,7 @@
  * written to a real influxd, read back through every dashboard panel's query; InfluxDB
  * killed in the middle of a run; `observe --influx`.
  */
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -26,6 +26,11 @@ before(async () => {
   dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-live-'));
   await writeFile(path.join(dir, 'key'), 'live-metrics-key', { mode: 0o600 });
   db = await startInfluxd();
+});
+// Each test's guests stop when it ends: one left running (a writer, a bursty guest) would take
+// the CPU from the next test's guests under TCG (it tripled a later test's time).
+afterEach(async () => {
+  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
 });
 after(async () => {
   await Promise.all(vms.map((v) => v.stop()));
@@ -113,7 +118,7 @@ describe('metrics', () => {
   test('latency.margin also judges an idle guest that still writes: beside a trickle its thresholds let through, the idle copy is graded by the median, and completes', async () => {
     // 20 flushed 4 KiB writes a second, no busy phase in the test's time; thresholds high
     // enough that the trickle counts as idle (as `thresholds: auto` learns to call it)
-    const { vm } = await boot('trickle', 512, 'trickle', { wps: 20, idle: 1000, busy: 1 });
+    const { vm } = await boot('trickle', 256, 'trickle', { wps: 20, idle: 1000, busy: 1 });
     const file = path.join(dir, 'trickle.yaml');
     await writeFile(file, 'thresholds:\n  disk: 100000\n  interrupts: 100000000\nspeed:\n  idle: 64MiB\nlatency:\n  margin: 15%\n');
     const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(dir, 'trickle.luks'), '--key-file', path.join(dir, 'key'), '--iter-time', '50', '--policy', file, '--influx', db.influxUrl('idlecrypt'), '--json']);

@@ -4,7 +4,7 @@
  * image, and decrypting that image with the same key gives exactly the original data plus
  * every block the guest wrote before, during and after the copy.
  */
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, open, rm, readFile, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -25,6 +25,11 @@ before(async () => {
   ensureImage();
   dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-enc-'));
   await writeKey(path.join(dir, 'key'), KEY);
+});
+// Each test's guests stop when it ends: one left running (a writer, a bursty guest) would take
+// the CPU from the next test's guests under TCG (it tripled a later test's time).
+afterEach(async () => {
+  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
 });
 after(async () => {
   await Promise.all(vms.map((vm) => vm.stop()));

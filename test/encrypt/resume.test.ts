@@ -5,7 +5,7 @@
  * starts again; `idlecrypt cancel` removes a dead run's job, nodes, secret and target.
  * Real QEMU guests under TCG, the real command.
  */
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
@@ -29,6 +29,11 @@ before(async () => {
   dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-resume-'));
   key = path.join(dir, 'key');
   await writeKey(key, KEY);
+});
+// Each test's guests stop when it ends: one left running (a writer, a bursty guest) would take
+// the CPU from the next test's guests under TCG (it tripled a later test's time).
+afterEach(async () => {
+  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
 });
 after(async () => {
   await Promise.all(vms.map((vm) => vm.stop()));

@@ -10,7 +10,7 @@ import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { isAbsolute, join } from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import {
   IMAGE_DIR,
@@ -112,6 +112,11 @@ async function boot(opts: TestVmOptions): Promise<TestVm> {
 before(async () => {
   ensureImage();
   work = await mkdtemp(join(tmpdir(), 'idlecrypt-guest-test-'));
+});
+// Each test's guests stop when it ends: one left running (a writer, a bursty guest) would take
+// the CPU from the next test's guests under TCG (it tripled a later test's time).
+afterEach(async () => {
+  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
 });
 after(async () => {
   await Promise.all(vms.map((vm) => vm.stop()));
