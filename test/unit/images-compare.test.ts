@@ -1,0 +1,61 @@
+/**
+ * The suite's own check of an encrypted image against its source (test/helpers/images.ts
+ * compareWithEncrypted), which large images take in ranges at once: it must still see one
+ * changed sector in any range, say where, and see a size that differs.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { makeDiskImage } from '../../vm-images/launch.ts';
+import { compareWithEncrypted, writeKey } from '../helpers/images.ts';
+
+const pexec = promisify(execFile);
+const MiB = 1 << 20;
+let dir: string;
+let key: string;
+
+before(async () => {
+  dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-compare-'));
+  key = path.join(dir, 'key');
+  await writeKey(key, 'compare key');
+});
+after(() => rm(dir, { recursive: true, force: true }));
+
+async function encrypt(plain: string, out: string, format: 'luks' | 'qcow2'): Promise<void> {
+  const o = format === 'luks' ? 'key-secret=s,iter-time=10' : 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10';
+  await pexec('qemu-img', ['convert', '--object', `secret,id=s,file=${key}`, '-O', format, '-o', o, plain, out]);
+}
+
+async function overwrite(image: string, format: 'luks' | 'qcow2', offset: number): Promise<void> {
+  const opts = format === 'luks' ? `driver=luks,key-secret=s,file.filename=${image}` : `driver=qcow2,encrypt.format=luks,encrypt.key-secret=s,file.filename=${image}`;
+  await pexec('qemu-io', ['--object', `secret,id=s,file=${key}`, '--image-opts', opts, '-c', `write -P 0x41 ${offset} 512`]);
+}
+
+describe('compareWithEncrypted', () => {
+  for (const format of ['luks', 'qcow2'] as const) {
+    test(`${format}: whole and in ranges, identical images are the same; one changed sector in the third range is seen at its offset in the image; in ranges, a size that differs is seen`, async () => {
+      const plain = path.join(dir, `${format}.raw`);
+      const image = path.join(dir, `${format}.img`);
+      await makeDiskImage(plain, { sizeMiB: 10, format: 'raw', fill: 'pattern' });
+      await encrypt(plain, image, format);
+      for (const splitFrom of [undefined, 1]) assert.equal((await compareWithEncrypted(plain, image, format, key, { splitFrom })).same, true);
+      // in ranges, a source smaller than the image is not the same (whole, qemu-img says so)
+      const smaller = path.join(dir, `${format}-8.raw`);
+      await makeDiskImage(smaller, { sizeMiB: 8, format: 'raw', fill: 'pattern' });
+      const r8 = await compareWithEncrypted(smaller, image, format, key, { splitFrom: 1 });
+      assert.equal(r8.same, false);
+      assert.match(r8.output, /size mismatch/i);
+      const at = 7 * MiB + 4096; // ranges of 3 MiB: in the third
+      await overwrite(image, format, at);
+      for (const splitFrom of [undefined, 1]) {
+        const r = await compareWithEncrypted(plain, image, format, key, { splitFrom });
+        assert.equal(r.same, false, `splitFrom ${splitFrom}`);
+        assert.match(r.output, new RegExp(`offset ${at}\\b`), `splitFrom ${splitFrom}: ${r.output}`);
+      }
+    });
+  }
+});
