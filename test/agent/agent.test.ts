@@ -23,6 +23,7 @@ import type { AgentStatus } from '../../src/agent/agent.ts';
 import { tagsInQemu } from '../../src/agent/orphans.ts';
 import { askAgent } from '../../src/agent/status-server.ts';
 import { median } from '../helpers/moderation-lab.ts';
+import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
 
 const execFileP = promisify(execFile);
 let dir: string;
@@ -35,16 +36,9 @@ before(async () => {
   dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-agent-'));
   runDir = path.join(dir, 'run');
 });
-// Each test's agents and guests stop when it ends: a guest left running (a writer, a bursty
-// guest) would take the CPU from the next test's guests under TCG.
-afterEach(async () => {
-  await Promise.all(agents.map(async (a) => {
-    if (a.child.exitCode !== null || a.child.signalCode !== null) return;
-    a.child.kill('SIGKILL');
-    await a.result.catch(() => undefined);
-  }));
-  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
-});
+// Each test's agents, then its guests, stop when it ends.
+afterEach(killLeftAgents);
+stopGuestsAfterEachTest(vms);
 after(async () => {
   // IDLECRYPT_TEST_DUMP=DIR keeps each agent's log (JSON lines) for a post-mortem.
   const dump = process.env.IDLECRYPT_TEST_DUMP;
@@ -150,7 +144,6 @@ async function diskOf(vm: TestVm, id = 'disk0') {
 
 describe('idlecrypt agent', () => {
   test('encrypts every configured disk of every matching VM, never more than max-jobs at once; a VM whose key is missing fails alone; status asks the agent', async () => {
-    await killLeftAgents();
     const a = await boot('web-a', 96, 'writer', { wps: 30 });
     const b = await boot('web-b', 96, 'idle', undefined, [48]); // two disks
     const c = await boot('web-c', 32, 'idle');
@@ -239,7 +232,6 @@ describe('idlecrypt agent', () => {
   });
 
   test('kill -9 at 10 moments (target creation, copying, paused, READY, the pivot) and a restart after each: both disks of a two-disk guest end encrypted with every write kept, nothing of ours left in QEMU; SIGTERM leaves the copy paused and the next start resumes it; a second agent refuses', async (t) => {
-    await killLeftAgents();
     // A writer guest (30 writes/s) with a second disk. The policy calls it busy (30 > 5
     // requests/s) and copies at 8 MiB/s, busy or not (a killed agent leaves the copy at its
     // last speed), so each stretch lasts seconds; at READY the agent waits up to 4 s for a
@@ -390,7 +382,6 @@ describe('idlecrypt agent', () => {
   });
 
   test('faults: a full target filesystem fails that disk alone; a VM killed mid-copy loses only its partial target; a corrupt run record is said and its copy rolled back from QEMU alone, then done again', async (t) => {
-    await killLeftAgents();
     const full = path.join(dir, 'full');
     await mkdir(full);
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=80m', 'tmpfs', full]);
@@ -457,7 +448,6 @@ describe('idlecrypt agent', () => {
   });
 
   test('neighbours: with protect: storage a copy pauses while a guest on the same storage is busy; a reload to protect: vm lets it run', async (t) => {
-    await killLeftAgents();
     const a = await boot('nb-a', 1024, 'idle');
     const b = await boot('nb-b', 64, 'bursty', { idle: 3, busy: 3 });
     await writeKey(path.join(dir, 'nb-a.key'), 'key of nb-a');

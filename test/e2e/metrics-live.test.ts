@@ -3,7 +3,7 @@
  * written to a real influxd, read back through every dashboard panel's query; InfluxDB
  * killed in the middle of a run; `observe --influx`.
  */
-import { after, afterEach, before, describe, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -16,6 +16,7 @@ import { hostTag } from '../../src/metrics/index.ts';
 import { jsonLines, runCli, startCli } from '../helpers/cli.ts';
 import { startInfluxd, type Influxd } from '../helpers/influxd.ts';
 import { assertEveryPanelReturnsData, loadDashboard } from '../dashboards/assert-panels.ts';
+import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
 
 let dir: string;
 let db: Influxd;
@@ -27,11 +28,7 @@ before(async () => {
   await writeFile(path.join(dir, 'key'), 'live-metrics-key', { mode: 0o600 });
   db = await startInfluxd();
 });
-// Each test's guests stop when it ends: one left running (a writer, a bursty guest) would take
-// the CPU from the next test's guests under TCG (a later test took 97 s so, 35 s alone).
-afterEach(async () => {
-  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
-});
+stopGuestsAfterEachTest(vms);
 after(async () => {
   await Promise.all(vms.map((v) => v.stop()));
   await db?.stop();

@@ -4,7 +4,7 @@
  * image, and decrypting that image with the same key gives exactly the original data plus
  * every block the guest wrote before, during and after the copy.
  */
-import { after, afterEach, before, describe, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, open, rm, readFile, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -14,6 +14,7 @@ import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
 import { loggedBufSize, runCli, startCli } from '../helpers/cli.ts';
 import { activeKeySlots, compareWithEncrypted, decryptToRaw, fileContains, imageInfo, sha256, writeKey } from '../helpers/images.ts';
+import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
 
 const KEY = 'correct horse battery staple 42';
 const MiB = 1024 * 1024;
@@ -26,11 +27,7 @@ before(async () => {
   dir = await mkdtemp(path.join(tmpdir(), 'idlecrypt-enc-'));
   await writeKey(path.join(dir, 'key'), KEY);
 });
-// Each test's guests stop when it ends: one left running (a writer, a bursty guest) would take
-// the CPU from the next test's guests under TCG (a later test took 97 s so, 35 s alone).
-afterEach(async () => {
-  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
-});
+stopGuestsAfterEachTest(vms);
 after(async () => {
   await Promise.all(vms.map((vm) => vm.stop()));
   await rm(dir, { recursive: true, force: true });

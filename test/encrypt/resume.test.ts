@@ -5,7 +5,7 @@
  * starts again; `idlecrypt cancel` removes a dead run's job, nodes, secret and target.
  * Real QEMU guests under TCG, the real command.
  */
-import { after, afterEach, before, describe, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
@@ -16,6 +16,7 @@ import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
 import { cliStateDir, humanLines, jsonLines, runCli, startCli, type RunningCli } from '../helpers/cli.ts';
 import { checkWriterBlocks, compareWithEncrypted, decryptToRaw, sha256, writeKey } from '../helpers/images.ts';
+import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
 
 const KEY = 'resume-test-key 7';
 const MiB = 1024 * 1024;
@@ -30,11 +31,7 @@ before(async () => {
   key = path.join(dir, 'key');
   await writeKey(key, KEY);
 });
-// Each test's guests stop when it ends: one left running (a writer, a bursty guest) would take
-// the CPU from the next test's guests under TCG (a later test took 97 s so, 35 s alone).
-afterEach(async () => {
-  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
-});
+stopGuestsAfterEachTest(vms);
 after(async () => {
   await Promise.all(vms.map((vm) => vm.stop()));
   await rm(dir, { recursive: true, force: true });

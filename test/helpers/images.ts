@@ -14,8 +14,8 @@ export async function sha256(path: string): Promise<string> {
   return h.digest('hex');
 }
 
-/** `--image-opts` for an encrypted image, keyed through a secret that reads the key file. */
-function encryptedImageOpts(image: string, format: 'luks' | 'qcow2'): string {
+/** `--image-opts` for an encrypted image, keyed through the secret object `sec0` (the key file's). */
+export function encryptedImageOpts(image: string, format: 'luks' | 'qcow2'): string {
   return format === 'luks'
     ? `driver=luks,key-secret=sec0,file.filename=${image}`
     : `driver=qcow2,encrypt.format=luks,encrypt.key-secret=sec0,file.filename=${image}`;

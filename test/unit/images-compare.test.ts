@@ -11,7 +11,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { makeDiskImage } from '../../vm-images/launch.ts';
-import { compareWithEncrypted, writeKey } from '../helpers/images.ts';
+import { compareWithEncrypted, encryptedImageOpts, writeKey } from '../helpers/images.ts';
 
 const pexec = promisify(execFile);
 const MiB = 1 << 20;
@@ -31,8 +31,7 @@ async function encrypt(plain: string, out: string, format: 'luks' | 'qcow2'): Pr
 }
 
 async function overwrite(image: string, format: 'luks' | 'qcow2', offset: number): Promise<void> {
-  const opts = format === 'luks' ? `driver=luks,key-secret=s,file.filename=${image}` : `driver=qcow2,encrypt.format=luks,encrypt.key-secret=s,file.filename=${image}`;
-  await pexec('qemu-io', ['--object', `secret,id=s,file=${key}`, '--image-opts', opts, '-c', `write -P 0x41 ${offset} 512`]);
+  await pexec('qemu-io', ['--object', `secret,id=sec0,file=${key}`, '--image-opts', encryptedImageOpts(image, format), '-c', `write -P 0x41 ${offset} 512`]);
 }
 
 describe('compareWithEncrypted', () => {

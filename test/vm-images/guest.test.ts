@@ -10,7 +10,7 @@ import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { isAbsolute, join } from 'node:path';
-import { after, afterEach, before, describe, test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import {
   IMAGE_DIR,
@@ -26,6 +26,7 @@ import {
   type TestVm,
   type TestVmOptions,
 } from '../../vm-images/launch.ts';
+import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
 
 const execFileP = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -113,11 +114,7 @@ before(async () => {
   ensureImage();
   work = await mkdtemp(join(tmpdir(), 'idlecrypt-guest-test-'));
 });
-// Each test's guests stop when it ends: one left running (a writer, a bursty guest) would take
-// the CPU from the next test's guests under TCG (a later test took 97 s so, 35 s alone).
-afterEach(async () => {
-  await Promise.all(vms.splice(0).map((vm) => vm.stop()));
-});
+stopGuestsAfterEachTest(vms);
 after(async () => {
   await Promise.all(vms.map((vm) => vm.stop()));
   await rm(work, { recursive: true, force: true });
