@@ -27,6 +27,28 @@ export async function decryptToRaw(image: string, format: 'luks' | 'qcow2', keyF
 }
 
 /**
+ * Encrypts a plain image into a new LUKS or LUKS-encrypted qcow2 image with qemu-img. Key-slot
+ * creation first times the PBKDF by the thread's CPU time, sometimes read as 0 on these hosts:
+ * qemu-img then fails with "Unable to get accurate CPU usage" whatever the iter-time (the
+ * product retries the same way: src/encrypt/target.ts, retryLuksTiming). Tried again then.
+ */
+export async function encryptImage(plain: string, out: string, format: 'luks' | 'qcow2', keyFile: string, iterTimeMs = 10): Promise<void> {
+  const o = format === 'luks'
+    ? `key-secret=sec0,iter-time=${iterTimeMs}`
+    : `encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=${iterTimeMs}`;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await pexec('qemu-img', ['convert', '--object', `secret,id=sec0,file=${keyFile}`, '-O', format, '-o', o, plain, out]);
+      return;
+    } catch (e) {
+      const stderr = String((e as { stderr?: unknown }).stderr ?? '');
+      if (attempt >= 12 || !/accurate CPU usage/i.test(stderr)) throw e;
+      await new Promise((r) => setTimeout(r, 50 * attempt));
+    }
+  }
+}
+
+/**
  * Images from this size on are compared in COMPARE_PARTS ranges at once, each by its own
  * `qemu-img compare` through the raw driver's offset and size: qemu-img decrypts in one
  * thread (about 190 MiB/s on these hosts): a 4 GiB image took 22-28 s whole, 16 s in two

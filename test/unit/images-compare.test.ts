@@ -11,7 +11,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { makeDiskImage } from '../../vm-images/launch.ts';
-import { compareWithEncrypted, encryptedImageOpts, writeKey } from '../helpers/images.ts';
+import { compareWithEncrypted, encryptImage, encryptedImageOpts, writeKey } from '../helpers/images.ts';
 
 const pexec = promisify(execFile);
 const MiB = 1 << 20;
@@ -25,11 +25,6 @@ before(async () => {
 });
 after(() => rm(dir, { recursive: true, force: true }));
 
-async function encrypt(plain: string, out: string, format: 'luks' | 'qcow2'): Promise<void> {
-  const o = format === 'luks' ? 'key-secret=s,iter-time=10' : 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10';
-  await pexec('qemu-img', ['convert', '--object', `secret,id=s,file=${key}`, '-O', format, '-o', o, plain, out]);
-}
-
 async function overwrite(image: string, format: 'luks' | 'qcow2', offset: number): Promise<void> {
   await pexec('qemu-io', ['--object', `secret,id=sec0,file=${key}`, '--image-opts', encryptedImageOpts(image, format), '-c', `write -P 0x41 ${offset} 512`]);
 }
@@ -40,7 +35,7 @@ describe('compareWithEncrypted', () => {
       const plain = path.join(dir, `${format}.raw`);
       const image = path.join(dir, `${format}.img`);
       await makeDiskImage(plain, { sizeMiB: 10, format: 'raw', fill: 'pattern' });
-      await encrypt(plain, image, format);
+      await encryptImage(plain, image, format, key);
       for (const splitFrom of [undefined, 1]) assert.equal((await compareWithEncrypted(plain, image, format, key, { splitFrom })).same, true);
       // in ranges, a source smaller than the image is not the same (whole, qemu-img says so)
       const smaller = path.join(dir, `${format}-8.raw`);
