@@ -62,6 +62,8 @@ export interface TestDomainOptions {
   /** virsh define + start (default), or virsh create (a transient domain). */
   readonly persistent?: boolean;
   readonly memoryMiB?: number;
+  /** The disk in an iothread of its own (`<iothreads>1</iothreads>`, `<driver iothread='1'/>`). */
+  readonly iothread?: boolean;
 }
 
 function esc(s: string): string {
@@ -72,7 +74,7 @@ export function testDomainXml(o: TestDomainOptions): string {
   return `<domain type='qemu'>
   <name>${esc(o.name)}</name>
   <memory unit='MiB'>${o.memoryMiB ?? 256}</memory>
-  <vcpu>1</vcpu>
+  <vcpu>1</vcpu>${o.iothread ? '\n  <iothreads>1</iothreads>' : ''}
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>${esc(KERNEL_PATH)}</kernel>
@@ -84,7 +86,7 @@ export function testDomainXml(o: TestDomainOptions): string {
   <on_crash>destroy</on_crash>
   <devices>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='${o.format ?? 'raw'}' cache='${o.cache ?? 'writeback'}'/>
+      <driver name='qemu' type='${o.format ?? 'raw'}' cache='${o.cache ?? 'writeback'}'${o.iothread ? " iothread='1'" : ''}/>
       <source file='${esc(o.disk)}'/>
       <target dev='vda' bus='virtio'/>
     </disk>

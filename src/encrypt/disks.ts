@@ -9,6 +9,8 @@ import { IdlecryptError } from '../errors.ts';
 export interface DiskInfo {
   /** qdev id, e.g. `disk0` (from `/machine/peripheral/disk0/virtio-backend`), or '' */
   readonly qdevId: string;
+  /** The guest device's QOM path (query-block's `qdev`), or '' */
+  readonly qdev: string;
   /** legacy drive (BlockBackend) name; '' for -blockdev style disks */
   readonly device: string;
   /** the root node the guest writes through; what we mirror from */
@@ -67,6 +69,7 @@ export async function listDisks(client: QmpClient): Promise<DiskInfo[]> {
     const cache = (protocol ?? ins).cache;
     disks.push({
       qdevId: qdevIdOf(b.qdev),
+      qdev: b.qdev ?? '',
       device: b.device ?? '',
       nodeName: ins['node-name'] ?? '',
       file,
@@ -113,4 +116,33 @@ export function findDisk(disks: readonly DiskInfo[], id: string): DiskInfo {
   throw new IdlecryptError('UNKNOWN_DEVICE', `unknown device '${id}'; this VM's disks: ${known}`, {
     context: { device: id },
   });
+}
+
+/**
+ * The iothread that serves a disk, if it has one: its device's `iothread` link (virtio-blk),
+ * or for a device on a bus (a SCSI disk) its controller's (virtio-scsi), and that iothread's
+ * host thread (query-iothreads). A link reads as the iothread's QOM path
+ * (`/objects/io0`), or '' when unset. QEMU runs the disk's requests and any block job on it
+ * in that thread instead of the main loop (src/probes/mainloop.ts).
+ */
+export async function diskIothread(client: QmpClient, disk: Pick<DiskInfo, 'qdev'>): Promise<{ id: string; tid: number } | undefined> {
+  const threads = await client.execute('query-iothreads');
+  if (threads.length === 0 || !disk.qdev) return undefined;
+  const link = async (path: string): Promise<string | undefined> => {
+    const v = await client.execute('qom-get', { path, property: 'iothread' }).catch(() => undefined);
+    return typeof v === 'string' && v !== '' ? v : undefined;
+  };
+  // A SCSI disk (scsi-hd) has no link of its own: its bus (…/virtio-backend/scsi0.0) belongs to the controller.
+  const controllerOf = async (path: string): Promise<string | undefined> => {
+    const bus = await client.execute('qom-get', { path, property: 'parent_bus' }).catch(() => undefined);
+    return typeof bus === 'string' && bus.lastIndexOf('/') > 0 ? bus.slice(0, bus.lastIndexOf('/')) : undefined;
+  };
+  let path = await link(disk.qdev);
+  if (path === undefined) {
+    const controller = await controllerOf(disk.qdev);
+    if (controller !== undefined) path = await link(controller);
+  }
+  const id = path?.split('/').pop();
+  const t = threads.find((x) => x.id === id);
+  return t ? { id: t.id, tid: t['thread-id'] } : undefined;
 }

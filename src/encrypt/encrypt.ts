@@ -13,11 +13,12 @@ import path from 'node:path';
 import { firstValueFrom, fromEvent, merge, timer, filter, map, take, type Observable } from 'rxjs';
 import { QmpClient } from '../qmp/client.ts';
 import { QmpCommandError } from '../qmp/errors.ts';
-import { IdlecryptError } from '../errors.ts';
+import { IdlecryptError, describeError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { JobControl, JobSnapshot } from '../jobs/types.ts';
 import { QmpMirrorJob } from '../jobs/qmp-mirror.ts';
-import { diskLabel, findDisk, imagePath, listDisks, type DiskCache, type DiskInfo } from './disks.ts';
+import { diskIothread, diskLabel, findDisk, imagePath, listDisks, type DiskCache, type DiskInfo } from './disks.ts';
+import type { LoopThread } from '../probes/mainloop.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded, thinDiskNote } from './preflight.ts';
 import { EncryptedTarget, targetFormatFor, type FormatChoice, type TargetFormat } from './target.ts';
 import { ProgressMeter, type Progress } from './progress.ts';
@@ -286,7 +287,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         adopt ? 'mirror adopted' : 'mirror started',
       );
       o.onPhase?.('copying', disk);
-      mod?.moderation.steer(job, record.copyStartedAt, { path: targetPath, direct: disk.cache.direct });
+      mod?.moderation.steer(job, record.copyStartedAt, { path: targetPath, direct: disk.cache.direct }, await loopThread(client, disk, log));
       o.onJob?.(job, client);
 
       const meter = new ProgressMeter();
@@ -621,4 +622,19 @@ function detached(target: string, job: string | undefined): IdlecryptError {
 
 function cancelledBeforeStart(): IdlecryptError {
   return new IdlecryptError('CANCELLED', 'cancelled before the copy started; nothing was changed');
+}
+
+/**
+ * The thread the headroom reads for this disk: its iothread if it has one, else (undefined)
+ * the main loop. A QEMU that cannot say (an older one without query-iothreads) is read at
+ * its main loop, as before iothreads were looked for.
+ */
+async function loopThread(client: QmpClient, disk: DiskInfo, log: Logger): Promise<LoopThread | undefined> {
+  try {
+    const io = await diskIothread(client, disk);
+    return io && { tid: io.tid, iothread: io.id };
+  } catch (e) {
+    log.warn({ err: describeError(e) }, "could not tell whether the disk has an iothread: the headroom reads QEMU's main loop");
+    return undefined;
+  }
 }

@@ -3,7 +3,7 @@
  * run's mirror job.
  *
  *   activity$ (src/streams, eBPF or QMP) ─ this VM's samples ─┐
- *   mainLoop$ (src/probes/mainloop.ts) ─ mainLoopLoad ─────────┤
+ *   mainLoop$ (src/probes/mainloop.ts; the disk's iothread if any) ─ mainLoopLoad ─┤
  *   watchPolicy (src/policy, hot-reloaded) ───────────────────┼─ moderate (src/controller) ─ JobControl
  *
  * Observation starts before the mirror does (it overlaps LUKS key-slot creation), so that
@@ -18,7 +18,7 @@ import type { JobControl, JobSnapshot } from '../jobs/types.ts';
 import { ProcfsDiscovery } from '../discovery/procfs.ts';
 import type { VmDiscovery, VmInfo } from '../discovery/types.ts';
 import { activity$, type SourceChoice } from '../streams/activity.ts';
-import { mainLoop$ } from '../probes/mainloop.ts';
+import { mainLoop$, type LoopThread } from '../probes/mainloop.ts';
 import { mainLoopLoad } from '../streams/load.ts';
 import type { ActivitySample } from '../streams/types.ts';
 import { watchPolicy } from '../policy/watch.ts';
@@ -149,8 +149,12 @@ export class RunModeration {
    * Hands the running job to the controller. `startedAt` (epoch ms): when the copy first
    * started, for a job a dead run left (a deadline counts from the copy's start, not ours).
    */
-  steer(job: JobControl, startedAt = Date.now(), target?: SteeredTarget): void {
+  steer(job: JobControl, startedAt = Date.now(), target?: SteeredTarget, loop?: LoopThread): void {
     this.steeredAt = startedAt;
+    // The headroom reads the thread that serves the disk and runs the copy: the main loop,
+    // or the disk's iothread (src/probes/mainloop.ts).
+    const tid = loop?.tid ?? this.vm.pid;
+    if (loop?.iothread !== undefined) this.log.info({ iothread: loop.iothread, tid }, `the disk is served by iothread '${loop.iothread}' (thread ${tid}): the headroom reads its load there, not the main loop's`);
     // A target in the host's page cache is flushed as the copy goes (policy target.flush).
     if (target && !target.direct) {
       this.flusher = new TargetFlusher(target.path, () => this.effective?.target.flush ?? null, this.log);
@@ -168,8 +172,8 @@ export class RunModeration {
       logger: this.log,
       startedAt: this.steeredAt,
       ...(this.pausedSpeed !== undefined ? { pausedSpeed: this.pausedSpeed } : {}),
-      // The headroom's input: how busy this QEMU's main loop is, read every reconcile tick.
-      load$: mainLoop$({ pid: this.vm.pid, intervalMs: MAIN_LOOP_SAMPLE_MS }).pipe(mainLoopLoad(), takeUntil(this.stop$), share()),
+      // The headroom's input: how busy the loop that runs the copy is, read every reconcile tick.
+      load$: mainLoop$({ pid: this.vm.pid, tid, intervalMs: MAIN_LOOP_SAMPLE_MS }).pipe(mainLoopLoad(), takeUntil(this.stop$), share()),
     });
     this.subs.push(
       this.run.decisions$.subscribe((d) => {

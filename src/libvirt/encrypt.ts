@@ -35,6 +35,7 @@ import path from 'node:path';
 import { firstValueFrom, filter, merge, take, timer, type Observable } from 'rxjs';
 import { IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
+import { iothreadTidByName, type LoopThread } from '../probes/mainloop.ts';
 import type { JobControl } from '../jobs/types.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded, thinDiskNote } from '../encrypt/preflight.ts';
 import { keyFileOpens, OPENING_SLOT, targetFormatFor, writeImageWithQemuImg, type FormatChoice, type TargetFormat } from '../encrypt/target.ts';
@@ -356,7 +357,7 @@ export async function encryptDomainDisk(o: DomainEncryptOptions): Promise<Domain
       }
       log.info({ domain: o.domain, disk: o.disk, target: targetPath, speed: o.speed, moderated: !!mod, adopted: !!adopting }, adopting ? 'block copy adopted' : 'block copy started');
       o.onPhase?.('copying', { device: o.disk, source: disk.source! });
-      mod?.moderation.steer(job, record.copyStartedAt, { path: targetPath, direct: directCache(disk.cache) });
+      mod?.moderation.steer(job, record.copyStartedAt, { path: targetPath, direct: directCache(disk.cache) }, vm && (await domainLoopThread(vm.pid, disk, log)));
       o.onJob?.(job);
 
       const meter = new ProgressMeter();
@@ -529,4 +530,19 @@ async function persist(
   const old = await client.call<string | null>('retarget-inactive', { domain: rec.domain, disk: rec.disk, source: rec.target, format: rec.format === 'luks' ? 'raw' : 'qcow2', secret: rec.secret });
   onNote?.(`updated domain '${rec.domain}''s persistent definition: ${rec.disk} now names ${rec.target} (was ${old ?? 'nothing'}), so the next boot uses the encrypted image`, { persistence: 'updated', was: old, now: rec.target });
   return 'updated';
+}
+
+/**
+ * The thread the headroom reads for a domain's disk: its iothread (`<driver iothread='N'/>`,
+ * or its SCSI controller's), found by the name QEMU gives it under libvirt (`IO iothreadN`:
+ * libvirt starts QEMU with debug-threads=on), else (undefined) the main loop.
+ */
+async function domainLoopThread(pid: number, disk: DomainDisk, log: Logger): Promise<LoopThread | undefined> {
+  if (disk.iothread === null) return undefined;
+  const tid = await iothreadTidByName(pid, disk.iothread);
+  if (tid === undefined) {
+    log.warn({ iothread: disk.iothread, pid }, `the disk has iothread '${disk.iothread}', but QEMU (pid ${pid}) has no thread named 'IO ${disk.iothread}': the headroom reads its main loop`);
+    return undefined;
+  }
+  return { tid, iothread: disk.iothread };
 }

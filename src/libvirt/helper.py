@@ -54,7 +54,25 @@ def event_loop():
         libvirt.virEventRunDefaultImpl()
 
 
-def disk_info(el):
+def disk_iothread(el, root):
+    """The iothread that serves a disk: its own (virtio-blk, <driver iothread='N'/>) or, for a
+    SCSI disk, its virtio-scsi controller's; QEMU's object id is iothreadN. None without one."""
+    driver = el.find("driver")
+    if driver is not None and driver.get("iothread"):
+        return "iothread" + driver.get("iothread")
+    target = el.find("target")
+    if root is None or target is None or target.get("bus") != "scsi":
+        return None
+    address = el.find("address")
+    index = address.get("controller", "0") if address is not None else "0"
+    for c in root.findall("./devices/controller[@type='scsi']"):
+        cdriver = c.find("driver")
+        if c.get("index", "0") == index and cdriver is not None and cdriver.get("iothread"):
+            return "iothread" + cdriver.get("iothread")
+    return None
+
+
+def disk_info(el, root=None):
     """One <disk> element as the fields idlecrypt reads (virsh domblklist's and more)."""
     target = el.find("target")
     source = el.find("source")
@@ -75,6 +93,7 @@ def disk_info(el):
         "source": src,
         "format": driver.get("type") if driver is not None else None,
         "cache": driver.get("cache") if driver is not None else None,
+        "iothread": disk_iothread(el, root),
         "readonly": el.find("readonly") is not None,
         # A backing image (libvirt's live XML names the chain under <backingStore>; an
         # empty <backingStore/> ends it): its data is copied too, outside the top's allocation.
@@ -182,7 +201,7 @@ class Helper:
     def op_disks(self, a):
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if a.get("inactive") else 0
         root = ET.fromstring(self.dom(a).XMLDesc(flags))
-        return [disk_info(el) for el in root.findall("./devices/disk")]
+        return [disk_info(el, root) for el in root.findall("./devices/disk")]
 
     def op_block_info(self, a):
         capacity, allocation, physical = self.dom(a).blockInfo(a["disk"])

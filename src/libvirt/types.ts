@@ -27,6 +27,11 @@ export interface DomainDisk {
   /** `<driver type>`: raw, qcow2, ... */
   readonly format: string | null;
   readonly cache: string | null;
+  /**
+   * QEMU's id of the iothread that serves the disk (libvirt names them `iothreadN`): the disk's
+   * `<driver iothread='N'/>`, or for a SCSI disk its virtio-scsi controller's. null without one.
+   */
+  readonly iothread: string | null;
   readonly readonly: boolean;
   /** The image has a backing image (`<backingStore>` with a `<source>`). */
   readonly backing: boolean;

@@ -22,19 +22,47 @@
  * and counting that as the loop's work held a writeback copy at half its speed while the
  * loop itself had room (test/moderation/starved.test.ts, 2026-11-30).
  *
- * The thread id of the main thread is the process id. A QEMU with an iothread for the disk
- * runs the mirror in that thread instead; this module does not look there (noted in
- * docs/starvation.md).
+ * The thread id of the main thread is the process id.
+ *
+ * A disk with an iothread (`-object iothread,id=io0` and `iothread=io0` on its virtio-blk
+ * device or virtio-scsi controller; libvirt's `<driver iothread='1'/>`) is served by that
+ * thread's event loop instead, and a block job on it runs there too (the mirror's coroutines
+ * run in the source node's AioContext, block/mirror.c; the target is moved into it). Then
+ * that thread is the one to read (LoopThread): the main thread no longer sees the copy.
  */
-import { readFile } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { defer, from, map, filter, type Observable, type SchedulerLike, asyncScheduler } from 'rxjs';
 import { pollEvery } from '../streams/poll.ts';
 
-/** Cumulative busy time of one QEMU's main thread at `time`. */
+/** The thread that serves a disk and runs its block jobs: QEMU's main thread, or the disk's iothread. */
+export interface LoopThread {
+  readonly tid: number;
+  /** The iothread's id (QEMU's object id) when the disk has one. */
+  readonly iothread?: string;
+}
+
+/**
+ * An iothread's host thread by its name: QEMU names it `IO <id>` (iothread.c) when it runs
+ * with `-name ...,debug-threads=on`, as libvirt starts every domain; without it every thread
+ * is `qemu-system-x86` and this finds nothing. The kernel keeps 15 bytes of a name.
+ */
+export async function iothreadTidByName(pid: number, id: string, procRoot = '/proc'): Promise<number | undefined> {
+  const want = `IO ${id}`.slice(0, 15);
+  const tids = await readdir(`${procRoot}/${pid}/task`).catch(() => [] as string[]);
+  for (const t of tids) {
+    const comm = await readFile(`${procRoot}/${pid}/task/${t}/comm`, 'utf8').catch(() => '');
+    if (comm.replace(/\n$/, '') === want) return Number(t);
+  }
+  return undefined;
+}
+
+/** Cumulative busy time of one QEMU's main thread (or the disk's iothread) at `time`. */
 export interface MainLoopReading {
   /** Epoch ms at the read (the clock the controller runs on). */
   readonly time: number;
   readonly pid: number;
+  /** The thread read: the main thread (= pid) or the disk's iothread. */
+  readonly tid: number;
   /** On-CPU nanoseconds since the thread started. */
   readonly busyNs: number;
 }
@@ -46,15 +74,17 @@ export function parseSchedstat(text: string): { runNs: number; waitNs: number } 
   return { runNs: Number(m[1]), waitNs: Number(m[2]) };
 }
 
-/** The main thread's on-CPU nanoseconds, or undefined when the process is gone or unreadable. */
-export async function readMainLoopNs(pid: number, procRoot = '/proc'): Promise<number | undefined> {
-  const text = await readFile(`${procRoot}/${pid}/task/${pid}/schedstat`, 'utf8').catch(() => undefined);
+/** The main thread's (or thread `tid`'s) on-CPU nanoseconds, or undefined when it is gone or unreadable. */
+export async function readMainLoopNs(pid: number, procRoot = '/proc', tid = pid): Promise<number | undefined> {
+  const text = await readFile(`${procRoot}/${pid}/task/${tid}/schedstat`, 'utf8').catch(() => undefined);
   const s = text === undefined ? undefined : parseSchedstat(text);
   return s ? s.runNs : undefined;
 }
 
 export interface MainLoopOptions {
   readonly pid: number;
+  /** The thread to read, when not the main thread: the disk's iothread (LoopThread). */
+  readonly tid?: number;
   readonly intervalMs: number;
   readonly now?: () => number;
   readonly scheduler?: SchedulerLike;
@@ -64,9 +94,10 @@ export interface MainLoopOptions {
 /** Readings every `intervalMs` (a read that fails, e.g. the process has exited, is skipped). */
 export function mainLoop$(o: MainLoopOptions): Observable<MainLoopReading> {
   const now = o.now ?? Date.now;
+  const tid = o.tid ?? o.pid;
   return pollEvery(
     o.intervalMs,
-    () => defer(() => from(readMainLoopNs(o.pid, o.procRoot))).pipe(map((busyNs) => (busyNs === undefined ? undefined : { time: now(), pid: o.pid, busyNs }))),
+    () => defer(() => from(readMainLoopNs(o.pid, o.procRoot, tid))).pipe(map((busyNs) => (busyNs === undefined ? undefined : { time: now(), pid: o.pid, tid, busyNs }))),
     o.scheduler ?? asyncScheduler,
   ).pipe(filter((r): r is MainLoopReading => r !== undefined));
 }

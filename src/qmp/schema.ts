@@ -139,6 +139,12 @@ export interface BlockDeviceInfo {
   group?: string;
 }
 
+/** qapi/misc.json IOThreadInfo (the polling tunables left out). */
+export interface IOThreadInfo {
+  id: string;
+  'thread-id': number;
+}
+
 export interface BlockInfo {
   device: string;
   qdev?: string;
@@ -428,6 +434,10 @@ export interface QmpCommands {
   'query-qmp-schema': { args: undefined; ret: SchemaInfo[] };
   'query-block': { args: undefined; ret: BlockInfo[] };
   'query-named-block-nodes': { args: { flat?: boolean }; ret: BlockDeviceInfo[] };
+  /** Each `-object iothread`: its id and the host thread that runs its event loop. */
+  'query-iothreads': { args: undefined; ret: IOThreadInfo[] };
+  /** A QOM property; a link (a device's `iothread`) reads as the target's path, or '' when unset. */
+  'qom-get': { args: { path: string; property: string }; ret: unknown };
   'query-blockstats': { args: { 'query-nodes'?: boolean }; ret: BlockStats[] };
   /** Per-device latency histograms, in query-blockstats; no boundaries at all = none kept. */
   'block-latency-histogram-set': {

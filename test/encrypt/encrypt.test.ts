@@ -12,7 +12,8 @@ import path from 'node:path';
 import { makeDiskImage, startTestVm, ensureImage, writerBlock, type TestVm } from '../../vm-images/launch.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
-import { loggedBufSize, runCli, startCli } from '../helpers/cli.ts';
+import { jsonLines, loggedBufSize, runCli, startCli } from '../helpers/cli.ts';
+import { IOTHREAD_ARGS } from '../helpers/matrix-cell.ts';
 import { activeKeySlots, compareWithEncrypted, decryptToRaw, fileContains, imageInfo, sha256, writeKey } from '../helpers/images.ts';
 import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
 
@@ -199,6 +200,35 @@ describe('encrypt', () => {
     const cmp = await compareWithEncrypted(src, target, 'luks', path.join(dir, 'key'));
     assert.ok(cmp.same, cmp.output);
     assert.equal(await fileContains(target, 'IDLECRYPT-DATA'), false);
+  });
+
+  test('a disk with an iothread: the moderated copy runs in that thread, the headroom reads its load there, and the image decrypts to exactly the original', async (t) => {
+    // As libvirt's <driver iothread='1'/> gives: QEMU serves the disk and runs the mirror in
+    // the thread `IO iothread1`, and its main loop stays nearly idle (src/probes/mainloop.ts).
+    const src = path.join(dir, 'io.raw');
+    const target = path.join(dir, 'io.luks');
+    await makeDiskImage(src, { sizeMiB: 1024, format: 'raw', fill: 'pattern' });
+    const vm = await boot({ name: 'io', disk: src, cache: 'none', workload: 'idle', qemuArgs: IOTHREAD_ARGS });
+    const c = await QmpClient.connect(vm.qmpSocket);
+    const threads = await c.execute('query-iothreads').finally(() => c.close());
+    assert.equal(threads.length, 1);
+    const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', path.join(dir, 'key'), '--iter-time', '50', '--json']);
+    assert.equal(run.code, 0, run.stderr);
+    // The loads it read are the copy's: read at the main loop they were 0.00-0.01 throughout
+    // (measured before the iothread was looked for: the headroom never bound), while the
+    // iothread copying 1 GiB reached the headroom's 0.9.
+    const loads = jsonLines<{ event?: string; mode?: string; main_loop_load?: number | null }>(run.stdout)
+      .filter((r) => r.event === 'progress' && r.mode === 'full')
+      .map((r) => r.main_loop_load ?? 0);
+    t.diagnostic(`the headroom's loads at full speed: ${loads.map((l) => l.toFixed(2)).join(' ')}`);
+    assert.ok(loads.length >= 2 && Math.max(...loads) >= 0.25, `the headroom's loads while the copy ran at full speed: ${loads.map((l) => l.toFixed(2)).join(' ')}`);
+    const read = jsonLines<{ msg?: string; iothread?: string; tid?: number }>(run.stderr).find((l) => l.iothread !== undefined);
+    assert.deepEqual([read?.iothread, read?.tid], ['iothread1', threads[0]!['thread-id']], 'the headroom reads the disk\'s iothread');
+    assert.equal(jsonLines<{ event?: string }>(run.stdout).at(-1)?.event, 'completed');
+    assert.equal((await diskNow(vm)).file, target, 'the guest runs on the LUKS image');
+    await vm.stop();
+    const cmp = await compareWithEncrypted(src, target, 'luks', path.join(dir, 'key'));
+    assert.ok(cmp.same, cmp.output);
   });
 
   test('status shows the disks, their images and a running job with its progress', async () => {

@@ -76,8 +76,8 @@ describe('progress', () => {
 
 describe('finding a disk', () => {
   const disks: DiskInfo[] = [
-    { qdevId: 'disk0', device: '', nodeName: 'disk0-fmt', file: '/a.raw', driver: 'raw', virtualSize: 1, allocatedBytes: null, encrypted: false, cache: { direct: false, noFlush: false } },
-    { qdevId: 'disk1', device: 'drive1', nodeName: '#block123', file: '/b.qcow2', driver: 'qcow2', virtualSize: 1, allocatedBytes: null, encrypted: false, cache: { direct: false, noFlush: false } },
+    { qdevId: 'disk0', qdev: '/machine/peripheral/disk0/virtio-backend', device: '', nodeName: 'disk0-fmt', file: '/a.raw', driver: 'raw', virtualSize: 1, allocatedBytes: null, encrypted: false, cache: { direct: false, noFlush: false } },
+    { qdevId: 'disk1', qdev: '/machine/peripheral/disk1/virtio-backend', device: 'drive1', nodeName: '#block123', file: '/b.qcow2', driver: 'qcow2', virtualSize: 1, allocatedBytes: null, encrypted: false, cache: { direct: false, noFlush: false } },
   ];
   test('by qdev id, drive name or node name', () => {
     assert.equal(findDisk(disks, 'disk0').file, '/a.raw');
