@@ -9,6 +9,8 @@
  * (docs/starvation.md has the measurements). So the idle speed `unlimited` is run as a speed
  * limit that keeps the main loop's busy share (src/probes/mainloop.ts) at or under
  * 1 - `speed.headroom`: a speed just under the saturation point, measured as the copy runs.
+ * A disk with an iothread is served, and copied, in that thread's loop instead: then the
+ * load is that thread's (src/encrypt/moderation.ts steer), and the same rule keeps it.
  *
  * The rule, on every main-loop sample while the job runs at the idle speed (pure, below):
  *   load above the target   cap := base x target / load, at most -25% per step (-50% when

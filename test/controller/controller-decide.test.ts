@@ -293,6 +293,20 @@ describe('guaranteeStep', () => {
     assert.equal(out[2]!.finishBy, 48_600);
   });
 
+  test('a long deadline is first judged over 20 s of history, not on a first busy phase', () => {
+    // 4 h for 64 GiB with margin 1.25 asks 5.7 MiB/s. The copy ran 1 s before the guest's
+    // first busy phase (50 MiB: 5.0 MiB/s over 10 s, when it was first judged before),
+    // stood still through it, then ran in the next idle phase.
+    const g4h: Moderation['guarantee'] = { floor: 0, deadline: { after: 4 * 3600_000 }, margin: 1.25 };
+    const len = 64 * 1024 * MiB;
+    const mix = run([[0, 0], [1000, 50 * MiB], [9000, 50 * MiB], [10_000, 50 * MiB], [15_000, 1000 * MiB], [20_000, 1900 * MiB], [25_000, 1950 * MiB]], g4h, len);
+    assert.deepEqual(mix.map((m) => m.out.requiredBps), [0, 0, 0, 0, 0, 0, 0]);
+    assert.equal(mix.at(-1)!.finishBy, null);
+    // A guest that never lets it copy is still caught, at 20 s: 64 GiB by 0:20 + 3:59:40 / 1.25.
+    const still = run([[0, 0], [19_999, 0], [20_000, 0]], g4h, len);
+    assert.deepEqual(still.map((m) => m.out.requiredBps), [0, 0, 6 * MiB]);
+  });
+
   test('once engaged it stays, though the raised speed makes the progress look good', () => {
     const out = run([[0, 0], [3000, 0], [13_000, 300 * MiB]]);
     assert.equal(out[1]!.out.requiredBps, 14 * MiB);
