@@ -378,7 +378,7 @@ export function guaranteeStep(
     const span = now - oldest.time;
     // Judged over most of a window where the deadline allows (the history holds at most
     // the window): 10 s held one busy phase and the copy's first second (48-130 MiB), and
-    // a 4 h deadline on a 64 GiB disk, which asks 5.7 MiB/s, engaged on that in 15 of 21
+    // a 4 h deadline on a 64 GiB disk, which asks 5.7 MiB/s, engaged on that in 17 of 24
     // matrix runs and ran the copy at 6 MiB/s through every later busy phase, instead of
     // pausing it, in a copy that would have finished in minutes (docs/starvation.md, "The
     // guarantee's first judgement").
