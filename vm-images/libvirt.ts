@@ -64,6 +64,12 @@ export interface TestDomainOptions {
   readonly memoryMiB?: number;
   /** The disk in an iothread of its own (`<iothreads>1</iothreads>`, `<driver iothread='1'/>`). */
   readonly iothread?: boolean;
+  /**
+   * A second disk, `sda`, on a virtio-scsi controller that has an iothread of its own (the
+   * next after the first disk's): QEMU serves, and copies, a SCSI disk in its controller's
+   * iothread. The test guest has no SCSI driver and leaves it alone.
+   */
+  readonly scsiDisk?: string;
 }
 
 function esc(s: string): string {
@@ -71,10 +77,21 @@ function esc(s: string): string {
 }
 
 export function testDomainXml(o: TestDomainOptions): string {
+  const iothreads = (o.iothread ? 1 : 0) + (o.scsiDisk ? 1 : 0);
+  const scsi = o.scsiDisk
+    ? `
+    <controller type='scsi' index='0' model='virtio-scsi'><driver iothread='${iothreads}'/></controller>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source file='${esc(o.scsiDisk)}'/>
+      <target dev='sda' bus='scsi'/>
+      <address type='drive' controller='0' bus='0' target='0' unit='0'/>
+    </disk>`
+    : '';
   return `<domain type='qemu'>
   <name>${esc(o.name)}</name>
   <memory unit='MiB'>${o.memoryMiB ?? 256}</memory>
-  <vcpu>1</vcpu>${o.iothread ? '\n  <iothreads>1</iothreads>' : ''}
+  <vcpu>1</vcpu>${iothreads ? `\n  <iothreads>${iothreads}</iothreads>` : ''}
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>${esc(KERNEL_PATH)}</kernel>
@@ -89,7 +106,7 @@ export function testDomainXml(o: TestDomainOptions): string {
       <driver name='qemu' type='${o.format ?? 'raw'}' cache='${o.cache ?? 'writeback'}'${o.iothread ? " iothread='1'" : ''}/>
       <source file='${esc(o.disk)}'/>
       <target dev='vda' bus='virtio'/>
-    </disk>
+    </disk>${scsi}
     <serial type='file'><source path='${esc(join(o.dir, `${o.name}.serial`))}'/><target port='0'/></serial>
     <memballoon model='none'/>
   </devices>

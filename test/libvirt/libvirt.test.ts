@@ -186,14 +186,17 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
     equal((await readdir(join(cliStateDir(), 'libvirt-runs')).catch(() => [])).length, 0, 'no run record left');
   });
 
-  it('a thin qcow2 disk in an iothread is copied into qcow2 with LUKS encryption (--format auto), as thin, its definition says so and keeps the iothread, and the headroom read that thread', async () => {
+  it("a thin qcow2 disk in an iothread is copied into qcow2 with LUKS encryption (--format auto), as thin, its definition says so and keeps the iothread, and the headroom read that thread; a SCSI disk's copy reads its controller's iothread", async () => {
     const name = `ic-lv-q-${process.pid}`;
     const disk = join(dir, `${name}.qcow2`);
     // 1 GiB with 32 MiB written: a raw LUKS target would hold the whole GiB encrypted.
     await makeDiskImage(disk, { sizeMiB: 1024, format: 'qcow2', fill: 'sparse' });
     await execFileP('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 100M 32M', disk]);
     // In an iothread, as libvirt hosts often give a disk: QEMU runs its requests and the copy there.
-    const d = await TestDomain.start({ name, dir, disk, format: 'qcow2', workload: 'idle', persistent: true, iothread: true });
+    // And a SCSI disk, served in its virtio-scsi controller's iothread (iothread2).
+    const scsiDisk = join(dir, `${name}-sda.raw`);
+    await makeDiskImage(scsiDisk, { sizeMiB: 64, format: 'raw', fill: 'pattern' });
+    const d = await TestDomain.start({ name, dir, disk, format: 'qcow2', workload: 'idle', persistent: true, iothread: true, scsiDisk });
     domains.push(d);
     const target = join(dir, 'q.img');
     const r = await runCli(['encrypt', '--domain', name, '--disk', 'vda', '--target', target, '--key-file', keyFile, '--iter-time', '100', '--json']);
@@ -203,6 +206,12 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
     const iothreads = JSON.parse(await virsh('qemu-monitor-command', name, '{"execute":"query-iothreads"}')).return as { id: string; 'thread-id': number }[];
     const read = jsonLines(r.stderr).find((l) => l.iothread !== undefined);
     deepEqual([read?.iothread, read?.tid], ['iothread1', iothreads.find((x) => x.id === 'iothread1')?.['thread-id']], r.stderr.slice(-2000));
+    // The SCSI disk has no iothread of its own: its controller's serves it.
+    const scsiTarget = join(dir, 'sda.img');
+    const rs = await runCli(['encrypt', '--domain', name, '--disk', 'sda', '--target', scsiTarget, '--key-file', keyFile, '--iter-time', '100', '--json']);
+    equal(rs.code, 0, rs.stderr.slice(-2000));
+    const readScsi = jsonLines(rs.stderr).find((l) => l.iothread !== undefined);
+    deepEqual([readScsi?.iothread, readScsi?.tid], ['iothread2', iothreads.find((x) => x.id === 'iothread2')?.['thread-id']], rs.stderr.slice(-2000));
     const done = jsonLines(r.stdout).find((l) => l.event === 'completed')!;
     equal(done.format, 'qcow2');
     const inactive = await virsh('dumpxml', '--inactive', name);
@@ -214,6 +223,7 @@ describe('idlecrypt encrypt --domain (libvirt)', () => {
     ok(held < 64 * MiB, `the encrypted image occupies ${(held / MiB).toFixed(1)} MiB of its 1024 MiB on the host`);
     await virsh('destroy', name);
     await execFileP('qemu-img', ['compare', '-U', '--object', `secret,id=k,format=raw,file=${keyFile}`, '--image-opts', `driver=qcow2,file.filename=${disk}`, `driver=qcow2,encrypt.key-secret=k,file.filename=${target}`]);
+    ok((await decrypt(scsiTarget, join(dir, 'sda.plain'))).equals(await readFile(scsiDisk)), 'the SCSI disk decrypts to exactly its source');
   });
 
   it("reads the guest's request latency as libvirt accounts it (latency.margin's input): requests and their time grow while it works", async () => {
