@@ -42,6 +42,7 @@ import { parseArgs } from 'node:util';
 import { startTestVm, ensureImage } from '../vm-images/launch.ts';
 import { QmpClient } from '../src/qmp/client.ts';
 import { median } from '../test/helpers/moderation-lab.ts';
+import { createLuksImage } from '../test/helpers/images.ts';
 
 const { values } = parseArgs({
   options: {
@@ -70,7 +71,8 @@ execFileSync('truncate', ['-s', '64G', disk]);
 const key = path.join(dir, 'key');
 await writeFile(key, 'pacing bench key', { mode: 0o600 });
 const target = path.join(dir, 'target.luks');
-execFileSync('qemu-img', ['create', '-q', '-f', 'luks', '--object', `secret,id=s0,file=${key}`, '-o', 'key-secret=s0,iter-time=1000', target, '64G']);
+// Through the helper that retries qemu-img's spurious 'Unable to get accurate CPU usage'.
+await createLuksImage(target, '64G', key, 1000);
 const vm = await startTestVm({ name: 'pacing', disk, format: 'raw', cache, dir, workload: 'writer', params: { wps: Number(values.wps), flush: 1 } });
 const rows: { step: string; copy: number; writes: number; waitMean: number; waitMax: number }[] = [];
 const cycleRows: { mode: string; waitAfterResume: number; pauseMs: number; madeMiB: number }[] = [];

@@ -27,6 +27,23 @@ export async function decryptToRaw(image: string, format: 'luks' | 'qcow2', keyF
 }
 
 /**
+ * `qemu-img create -f luks` of an empty image of `size` (qemu-img's units), retried as encryptImage
+ * (below) is.
+ */
+export async function createLuksImage(out: string, size: string, keyFile: string, iterTimeMs = 10): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await pexec('qemu-img', ['create', '-q', '-f', 'luks', '--object', `secret,id=sec0,file=${keyFile}`, '-o', `key-secret=sec0,iter-time=${iterTimeMs}`, out, size]);
+      return;
+    } catch (e) {
+      const stderr = String((e as { stderr?: unknown }).stderr ?? '');
+      if (attempt >= 12 || !/accurate CPU usage/i.test(stderr)) throw e;
+      await new Promise((r) => setTimeout(r, 50 * attempt));
+    }
+  }
+}
+
+/**
  * Encrypts a plain image into a new LUKS or LUKS-encrypted qcow2 image with qemu-img. Key-slot
  * creation first times the PBKDF by the thread's CPU time, sometimes read as 0 on these hosts:
  * qemu-img then fails with "Unable to get accurate CPU usage" whatever the iter-time (the
