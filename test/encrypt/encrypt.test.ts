@@ -202,7 +202,7 @@ describe('encrypt', () => {
     assert.equal(await fileContains(target, 'IDLECRYPT-DATA'), false);
   });
 
-  test('a disk with an iothread: the moderated copy runs in that thread, the headroom reads its load there, and the image decrypts to exactly the original', async (t) => {
+  test("a disk with an iothread: the moderated copy runs in that thread, the headroom reads its load there, and the image decrypts to exactly the original; a SCSI disk's copy reads its controller's iothread", async (t) => {
     // As libvirt's <driver iothread='1'/> gives: QEMU serves the disk and runs the mirror in
     // the thread `IO iothread1`, and its main loop stays nearly idle (src/probes/mainloop.ts).
     const src = path.join(dir, 'io.raw');
@@ -226,9 +226,33 @@ describe('encrypt', () => {
     assert.deepEqual([read?.iothread, read?.tid], ['iothread1', threads[0]!['thread-id']], 'the headroom reads the disk\'s iothread');
     assert.equal(jsonLines<{ event?: string }>(run.stdout).at(-1)?.event, 'completed');
     assert.equal((await diskNow(vm)).file, target, 'the guest runs on the LUKS image');
+
+    // A SCSI disk (scsi-hd) has no iothread link of its own: its virtio-scsi controller's
+    // iothread serves it, found through the disk's parent_bus. Hot-plugged into the running
+    // guest, which has no SCSI driver and leaves it alone.
+    const scsiSrc = path.join(dir, 'io-sda.raw');
+    const scsiTarget = path.join(dir, 'io-sda.luks');
+    await makeDiskImage(scsiSrc, { sizeMiB: 64, format: 'raw', fill: 'pattern' });
+    const h = await QmpClient.connect(vm.qmpSocket);
+    let scsiTid: number | undefined;
+    try {
+      await h.executeRaw('object-add', { 'qom-type': 'iothread', id: 'iothread2' });
+      await h.executeRaw('device_add', { driver: 'virtio-scsi-pci', id: 'scsi0', iothread: 'iothread2' });
+      await h.executeRaw('blockdev-add', { driver: 'raw', 'node-name': 'sda-fmt', file: { driver: 'file', 'node-name': 'sda-file', filename: scsiSrc, cache: { direct: true } } });
+      await h.executeRaw('device_add', { driver: 'scsi-hd', id: 'sda', drive: 'sda-fmt', bus: 'scsi0.0' });
+      scsiTid = (await h.execute('query-iothreads')).find((x) => x.id === 'iothread2')?.['thread-id'];
+    } finally {
+      await h.close();
+    }
+    const scsiRun = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'sda', '--target', scsiTarget, '--key-file', path.join(dir, 'key'), '--iter-time', '50', '--json']);
+    assert.equal(scsiRun.code, 0, scsiRun.stderr);
+    const readScsi = jsonLines<{ iothread?: string; tid?: number }>(scsiRun.stderr).find((l) => l.iothread !== undefined);
+    assert.deepEqual([readScsi?.iothread, readScsi?.tid], ['iothread2', scsiTid], "the headroom reads the SCSI controller's iothread");
     await vm.stop();
-    const cmp = await compareWithEncrypted(src, target, 'luks', path.join(dir, 'key'));
-    assert.ok(cmp.same, cmp.output);
+    for (const [plain, image] of [[src, target], [scsiSrc, scsiTarget]] as const) {
+      const cmp = await compareWithEncrypted(plain, image, 'luks', path.join(dir, 'key'));
+      assert.ok(cmp.same, cmp.output);
+    }
   });
 
   test('status shows the disks, their images and a running job with its progress', async () => {
