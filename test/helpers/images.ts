@@ -27,13 +27,15 @@ export async function decryptToRaw(image: string, format: 'luks' | 'qcow2', keyF
 }
 
 /**
- * `qemu-img create -f luks` of an empty image of `size` (qemu-img's units), retried as encryptImage
- * (below) is.
+ * Runs a qemu-img command that writes a LUKS key slot. Key-slot creation first times the
+ * PBKDF by the thread's CPU time, sometimes read as 0 on these hosts: qemu-img then fails
+ * with "Unable to get accurate CPU usage" whatever the iter-time (the product retries the
+ * same way: src/encrypt/target.ts, retryLuksTiming). Tried again then, up to 12 times.
  */
-export async function createLuksImage(out: string, size: string, keyFile: string, iterTimeMs = 10): Promise<void> {
+async function qemuImgWritingKeySlot(args: string[]): Promise<void> {
   for (let attempt = 1; ; attempt++) {
     try {
-      await pexec('qemu-img', ['create', '-q', '-f', 'luks', '--object', `secret,id=sec0,file=${keyFile}`, '-o', `key-secret=sec0,iter-time=${iterTimeMs}`, out, size]);
+      await pexec('qemu-img', args);
       return;
     } catch (e) {
       const stderr = String((e as { stderr?: unknown }).stderr ?? '');
@@ -43,26 +45,17 @@ export async function createLuksImage(out: string, size: string, keyFile: string
   }
 }
 
-/**
- * Encrypts a plain image into a new LUKS or LUKS-encrypted qcow2 image with qemu-img. Key-slot
- * creation first times the PBKDF by the thread's CPU time, sometimes read as 0 on these hosts:
- * qemu-img then fails with "Unable to get accurate CPU usage" whatever the iter-time (the
- * product retries the same way: src/encrypt/target.ts, retryLuksTiming). Tried again then.
- */
+/** `qemu-img create -f luks` of an empty image of `size` (qemu-img's units). */
+export async function createLuksImage(out: string, size: string, keyFile: string, iterTimeMs = 10): Promise<void> {
+  await qemuImgWritingKeySlot(['create', '-q', '-f', 'luks', '--object', `secret,id=sec0,file=${keyFile}`, '-o', `key-secret=sec0,iter-time=${iterTimeMs}`, out, size]);
+}
+
+/** Encrypts a plain image into a new LUKS or LUKS-encrypted qcow2 image with qemu-img. */
 export async function encryptImage(plain: string, out: string, format: 'luks' | 'qcow2', keyFile: string, iterTimeMs = 10): Promise<void> {
   const o = format === 'luks'
     ? `key-secret=sec0,iter-time=${iterTimeMs}`
     : `encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=${iterTimeMs}`;
-  for (let attempt = 1; ; attempt++) {
-    try {
-      await pexec('qemu-img', ['convert', '--object', `secret,id=sec0,file=${keyFile}`, '-O', format, '-o', o, plain, out]);
-      return;
-    } catch (e) {
-      const stderr = String((e as { stderr?: unknown }).stderr ?? '');
-      if (attempt >= 12 || !/accurate CPU usage/i.test(stderr)) throw e;
-      await new Promise((r) => setTimeout(r, 50 * attempt));
-    }
-  }
+  await qemuImgWritingKeySlot(['convert', '--object', `secret,id=sec0,file=${keyFile}`, '-O', format, '-o', o, plain, out]);
 }
 
 /**
