@@ -155,12 +155,13 @@ async function sideBySide(t: TestContext, base: string, attempt: number): Promis
       makeDiskImage(images.ref, { sizeMiB: 256, format: 'raw', fill: 'pattern' }),
     ]);
   }
-  // 6 GiB just written (in the first attempt): flush it now, or the kernel writes it back during the measured
-  // phases and throttles whichever guest dirties pages at that moment. Then drop the page
-  // cache, which earlier test files and these images filled: reclaiming it during a busy
-  // phase stalled QEMU's main loop, and the guest's first request reached QEMU 0.6-1.4 s
-  // after the guest began (7-60 ms otherwise). The guests run with cache=none (O_DIRECT)
-  // and the targets inherit it, so the run itself adds next to nothing to the page cache.
+  // 6 GiB just written (by the first attempt): flush it now, or the kernel writes it back
+  // during the measured phases and throttles whichever guest dirties pages at that moment.
+  // Then drop the page cache, which earlier test files and these images filled: reclaiming
+  // it during a busy phase stalled QEMU's main loop, and the guest's first request reached
+  // QEMU 0.6-1.4 s after the guest began (7-60 ms otherwise). The guests run with
+  // cache=none (O_DIRECT) and the targets inherit it, so the run itself adds next to
+  // nothing to the page cache.
   execFileSync('sync');
   await writeFile('/proc/sys/vm/drop_caches', '1').catch(() => t.diagnostic('could not drop the page cache (not root?)'));
   // The unthrottled comparison job is started at once and held paused until its window;
