@@ -110,6 +110,9 @@ export async function activeKeySlots(path: string): Promise<{ slot: number; iter
   return slots.flatMap((s, slot) => (s.active ? [{ slot, iters: s.iters ?? 0 }] : []));
 }
 
+/** fileContains reads this much at a time (its unit test puts needles across the seams). */
+export const FILE_CONTAINS_READ_BYTES = 16 << 20;
+
 /**
  * Does the file contain `needle` anywhere? Read into one reused 16 MiB buffer whose first
  * bytes are the last needle-length-minus-one of the read before, so a needle across two
@@ -120,7 +123,7 @@ export async function fileContains(path: string, needle: string): Promise<boolea
   const n = Buffer.from(needle);
   const fh = await fs.open(path, 'r');
   try {
-    const buf = Buffer.allocUnsafe(Math.max(16 << 20, 2 * n.length));
+    const buf = Buffer.allocUnsafe(Math.max(FILE_CONTAINS_READ_BYTES, 2 * n.length));
     let kept = 0;
     let pos = 0;
     for (;;) {

@@ -11,7 +11,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { makeDiskImage } from '../../vm-images/launch.ts';
-import { compareWithEncrypted, encryptImage, encryptedImageOpts, fileContains, writeKey } from '../helpers/images.ts';
+import { FILE_CONTAINS_READ_BYTES, compareWithEncrypted, encryptImage, encryptedImageOpts, fileContains, writeKey } from '../helpers/images.ts';
 
 const pexec = promisify(execFile);
 const MiB = 1 << 20;
@@ -55,20 +55,21 @@ describe('compareWithEncrypted', () => {
 });
 
 describe('fileContains', () => {
-  // Its reads are 16 MiB: the needle at the start, the end, inside a read, and across the
-  // seam between two reads is found; a needle split apart, or only its first bytes, is not.
+  // The needle at the start, the end, inside a read, and across the seam between two reads
+  // is found; a needle split apart, or only its first bytes, is not.
   test('finds the needle anywhere, across the seam between two reads too, and nothing that only resembles it', async () => {
     const needle = 'IDLECRYPT-DATA';
     const file = path.join(dir, 'haystack');
-    const size = 3 * 16 * MiB + 7;
+    const R = FILE_CONTAINS_READ_BYTES;
+    const size = 3 * R + 7;
     const cases: [string, (b: Buffer) => void, boolean][] = [
       ['absent', () => {}, false],
       ['at 0', (b) => b.write(needle, 0, 'latin1'), true],
-      ['inside the second read', (b) => b.write(needle, 20 * MiB, 'latin1'), true],
-      ['across the first seam', (b) => b.write(needle, 16 * MiB - 5, 'latin1'), true],
-      ['one byte over the seam', (b) => b.write(needle, 16 * MiB - needle.length + 1, 'latin1'), true],
+      ['inside the second read', (b) => b.write(needle, R + 4 * MiB, 'latin1'), true],
+      ['across the first seam', (b) => b.write(needle, R - 5, 'latin1'), true],
+      ['one byte over the seam', (b) => b.write(needle, R - needle.length + 1, 'latin1'), true],
       ['ending at the file end', (b) => b.write(needle, size - needle.length, 'latin1'), true],
-      ['split apart at the seam', (b) => { b.write(needle.slice(0, -1), 16 * MiB - 13, 'latin1'); b.write(needle.slice(-1), 16 * MiB + 5, 'latin1'); }, false],
+      ['split apart at the seam', (b) => { b.write(needle.slice(0, -1), R - 13, 'latin1'); b.write(needle.slice(-1), R + 5, 'latin1'); }, false],
       ['all but its last byte, at the end', (b) => b.write(needle.slice(0, -1), size - needle.length + 1, 'latin1'), false],
     ];
     for (const [name, put, expected] of cases) {
