@@ -110,6 +110,11 @@ const SIGNAL_PANEL: Record<Signal, { title: string; unit: string; what: string }
   pointer: { title: 'Pointer events/s', unit: 'short', what: 'pointer events (buttons and moves); absent while the probes are degraded' },
   interrupts: { title: 'Interrupts/s', unit: 'short', what: 'interrupts delivered into the guest; absent while the probes are degraded' },
   stall: { title: 'vCPU stall, ms/s', unit: 'ms', what: "milliseconds per second the guest's vCPUs waited for QEMU's big lock, i.e. held back by QEMU's main loop; absent while the probes are degraded" },
+  inflight: {
+    title: 'Disk requests in flight, ms/s',
+    unit: 'ms',
+    what: "milliseconds per second the guest's disks had a request started and not yet completed (summed over its disks): a request the copy holds up counts while it waits; absent while the probes are degraded",
+  },
 };
 
 function signalPanel(signal: Signal, id: number) {

@@ -15,10 +15,12 @@ import type { ActivityRates } from './types.ts';
  * The fields of an ActivitySample the controller reads: the counters (one table in
  * src/probes/counters.ts) per interval, null = unknown. Discards may be absent.
  */
-export interface CountSample extends Readonly<Omit<Counts, 'diskDiscards' | 'vcpuWaitUs'>> {
+export interface CountSample extends Readonly<Omit<Counts, 'diskDiscards' | 'vcpuWaitUs' | 'diskBusyUs'>> {
   readonly diskDiscards?: number | null;
   /** µs the vCPUs waited for QEMU's big lock in the interval; absent or null = unknown. */
   readonly vcpuWaitUs?: number | null;
+  /** µs the guest's disks had a request in flight in the interval; absent or null = unknown. */
+  readonly diskBusyUs?: number | null;
   readonly time: number;
   readonly pid: number;
   readonly vm: string | null;
@@ -45,6 +47,7 @@ export function ratesFromSample(s: CountSample, vmName: string): ActivityRates {
     interruptsPerS: perS(s.interrupts),
     // µs per interval → ms per second; a source without the counter leaves it out
     ...(s.vcpuWaitUs !== undefined ? { stallMsPerS: s.vcpuWaitUs === null ? null : perS(s.vcpuWaitUs / 1000) } : {}),
+    ...(s.diskBusyUs !== undefined ? { inflightMsPerS: s.diskBusyUs === null ? null : perS(s.diskBusyUs / 1000) } : {}),
     source: s.source,
   };
 }

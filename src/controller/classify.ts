@@ -6,16 +6,17 @@
  * suppress as it suppresses the disk count: docs/starvation.md). A signal that is
  * unknown (null: degraded mode) or switched off (threshold null) never makes it busy.
  */
-import { SIGNALS } from '../policy/schema.ts';
+import { MS_PER_S, SIGNALS } from '../policy/schema.ts';
 import { formatRate } from '../policy/units.ts';
 import { DISK_KINDS, type ActivityRates, type Classification, type DiskKind, type Reason, type Signal } from './types.ts';
 
-const FIELD: Record<Signal, 'diskPerS' | 'keyPerS' | 'pointerPerS' | 'interruptsPerS' | 'stallMsPerS'> = {
+const FIELD: Record<Signal, 'diskPerS' | 'keyPerS' | 'pointerPerS' | 'interruptsPerS' | 'stallMsPerS' | 'inflightMsPerS'> = {
   disk: 'diskPerS',
   keyboard: 'keyPerS',
   pointer: 'pointerPerS',
   interrupts: 'interruptsPerS',
   stall: 'stallMsPerS',
+  inflight: 'inflightMsPerS',
 };
 
 export function rateOf(rates: ActivityRates, signal: Signal): number | null {
@@ -55,7 +56,7 @@ export function classify(
 
 /** "disk 37.5/s > 5/s, keyboard 8/s > 5/s", "stall 412ms/s > 600ms/s", "disk 90/s > 42/s (learnt)", "disk reads 20/s > 5/s (learnt)" */
 export function describeReasons(reasons: readonly Reason[]): string {
-  const unit = (sig: Signal) => (sig === 'stall' ? 'ms/s' : '/s');
+  const unit = (sig: Signal) => (MS_PER_S.has(sig) ? 'ms/s' : '/s');
   return reasons
     .map((r) => `${r.signal}${r.kind ? ` ${r.kind}` : ''} ${formatRate(r.value)}${unit(r.signal)} > ${formatRate(r.threshold)}${unit(r.signal)}${r.learnt ? ' (learnt)' : ''}`)
     .join(', ');

@@ -107,6 +107,7 @@ export function pushSample(
       pointerPerS: windowed('pointer'),
       interruptsPerS: windowed('interrupts'),
       stallMsPerS: windowed('stall'),
+      inflightMsPerS: windowed('inflight'),
     },
   };
 }
@@ -190,16 +191,29 @@ export function staleAfter(ms: number, scheduler: SchedulerLike): OperatorFuncti
 
 const isUrgent = (c: Classified): boolean => c.reasons.some((r) => URGENT.has(r.signal));
 
-/** Signals that pause the copy whatever its latency: a person at the console, a guest frozen by QEMU's loop. */
-const URGENT: ReadonlySet<Signal> = new Set(['keyboard', 'pointer', 'stall']);
+/**
+ * The signals of a guest the copy holds back: its vCPUs waiting for QEMU's loop (stall), its
+ * requests waiting to complete (inflight). Both grow because of the copy, and fall once it
+ * pauses, whether the guest works or not; the hold-off below treats them alike.
+ */
+export const HELD: ReadonlySet<Signal> = new Set(['stall', 'inflight']);
+
+/** Signals that pause the copy whatever its latency: a person at the console, a guest held back by the copy. */
+const URGENT: ReadonlySet<Signal> = new Set(['keyboard', 'pointer', ...HELD]);
 
 /**
  * Busy/idle samples → state changes with the hold-off: busy at once on the first busy
  * sample; when it turns quiet, 'holdoff' (the job keeps the busy speed) and, after
  * `holdoff` ms without a busy sample, 'idle'. A busy sample during the hold-off cancels it.
  * The very first state may be idle at once: there is nothing to hold off from. A busy state
- * is `urgent` while input or a stall is among its reasons and for `holdoff` after they
- * leave it (the latency control grades only a busy state that is not urgent).
+ * is `urgent` while input or a held signal (HELD) is among its reasons and for `holdoff`
+ * after they leave it (the latency control grades only a busy state that is not urgent).
+ *
+ * What is said of the stall below holds for `inflight` too (HELD: "the stall" is either or
+ * both): a guest's requests held up by the copy complete once it pauses, and a guest that
+ * does not work then shows nothing more. A trickle of flushes the copy slows to over the
+ * threshold is such a spell, and comes back whenever the copy runs: a full hold-off each
+ * time would cost the idle copy a second a time.
  *
  * A busy spell that only the stall made (no other signal since the state was last idle) is
  * held off for one window (`sampling.window`), not `holdoff`. The stall is a backstop
@@ -226,13 +240,13 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
       // what made the guest busy last; null until it first was (per subscription)
       let busyReason: string | null = null;
       let urgent = false;
-      // Every busy sample since the state was last idle had the stall as its only reason.
-      let stallOnly = true;
+      // Every busy sample since the state was last idle had held signals (HELD) as its only reasons.
+      let heldOnly = true;
       // Since the state was last idle: a busy sample came (the spell began), the first had the
-      // stall alone, input came, and when the disk or interrupts were first over their
+      // held signals alone, input came, and when the disk or interrupts were first over their
       // threshold and when they last came under it again (-1: not yet).
       let spell = false;
-      let stallBegan = false;
+      let heldBegan = false;
       let input = false;
       let workFrom = -1;
       let workTo = -1;
@@ -248,9 +262,9 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
           if (c.state !== 'busy') return;
           if (!spell) {
             spell = true;
-            stallBegan = c.reasons.every((r) => r.signal === 'stall');
+            heldBegan = c.reasons.every((r) => HELD.has(r.signal));
           }
-          if (c.reasons.some((r) => r.signal !== 'stall')) stallOnly = false;
+          if (c.reasons.some((r) => !HELD.has(r.signal))) heldOnly = false;
           if (c.reasons.some((r) => r.signal === 'keyboard' || r.signal === 'pointer')) input = true;
         }),
         // Within a busy phase, input joining or leaving is a change too (urgent or not).
@@ -280,13 +294,13 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
           }
           if (busyReason === null) return of({ state: 'idle', reason: c.note ?? 'quiet' });
           // The copy held the guest: the stall alone (which began the spell), or its catch-up.
-          const held = stallOnly || (stallBegan && !input && workFrom >= 0 && workTo - workFrom <= 2 * p.sampling.window);
+          const held = heldOnly || (heldBegan && !input && workFrom >= 0 && workTo - workFrom <= 2 * p.sampling.window);
           const hold = held ? Math.min(p.holdoff, p.sampling.window) : p.holdoff;
           const quiet: StateChange = { state: 'idle', reason: `quiet for ${formatDuration(hold)}` };
           const idleAgain = () => {
             // A new spell starts afresh: a disk busy later is not held for an earlier input.
-            stallOnly = true;
-            spell = stallBegan = input = false;
+            heldOnly = true;
+            spell = heldBegan = input = false;
             workFrom = workTo = -1;
             urgent = false;
             return quiet;

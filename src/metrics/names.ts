@@ -53,6 +53,7 @@ export const SIGNAL_RATE_FIELD = {
   pointer: 'pointer_events_per_s',
   interrupts: 'interrupts_per_s',
   stall: 'vcpu_wait_ms_per_s',
+  inflight: 'disk_busy_ms_per_s',
 } as const satisfies Record<Signal, string>;
 
 type RateField = (typeof SIGNAL_RATE_FIELD)[Signal];
@@ -94,12 +95,14 @@ export const MEASUREMENTS = {
       pointer_events: { type: 'integer', unit: 'count', description: 'pointer events (buttons and moves); absent under `qmp`' },
       interrupts: { type: 'integer', unit: 'count', description: 'interrupts delivered into the guest; absent under `qmp`' },
       vcpu_wait_us: { type: 'integer', unit: 'µs', description: "time the guest's vCPUs waited for QEMU's big lock in the interval (summed over vCPUs); absent under `qmp`" },
+      disk_busy_us: { type: 'integer', unit: 'µs', description: "time the guest's disks had a request in flight (started, not completed) in the interval, summed over its disks; absent under `qmp`" },
       interval_s: { type: 'float', unit: 's', description: 'the measured length of the interval' },
       disk_requests_per_s: { type: 'float', unit: 'requests/s', description: '(reads + writes + flushes + discards) / interval_s: what the `disk` threshold is compared with' },
       key_events_per_s: { type: 'float', unit: 'events/s', description: 'key_events / interval_s (`keyboard` threshold)' },
       pointer_events_per_s: { type: 'float', unit: 'events/s', description: 'pointer_events / interval_s (`pointer` threshold)' },
       interrupts_per_s: { type: 'float', unit: 'interrupts/s', description: 'interrupts / interval_s (`interrupts` threshold)' },
       vcpu_wait_ms_per_s: { type: 'float', unit: 'ms/s', description: 'vcpu_wait_us / 1000 / interval_s: the guest held back by QEMU\'s main loop (`stall` threshold)' },
+      disk_busy_ms_per_s: { type: 'float', unit: 'ms/s', description: 'disk_busy_us / 1000 / interval_s: the guest\'s requests waiting to complete (`inflight` threshold)' },
     },
   },
   moderation: {
@@ -122,6 +125,7 @@ export const MEASUREMENTS = {
       threshold_pointer_events_per_s: { type: 'float', unit: 'events/s', description: 'policy thresholds.pointer in force; absent when `off`' },
       threshold_interrupts_per_s: { type: 'float', unit: 'interrupts/s', description: 'policy thresholds.interrupts in force (with `auto`, the learnt one); absent when `off`' },
       threshold_vcpu_wait_ms_per_s: { type: 'float', unit: 'ms/s', description: 'policy thresholds.stall in force; absent when `off`' },
+      threshold_disk_busy_ms_per_s: { type: 'float', unit: 'ms/s', description: 'policy thresholds.inflight in force; absent when `off`' },
       holdoff_s: { type: 'float', unit: 's', description: 'policy holdoff in force' },
       learnt_disk_level_per_s: { type: 'float', unit: 'requests/s', description: "the guest's background disk rate learnt with `thresholds.disk: auto`; absent while learning or when not auto" },
       learnt_interrupts_level_per_s: { type: 'float', unit: 'interrupts/s', description: "the guest's background interrupt rate learnt with `thresholds.interrupts: auto`; absent while learning or when not auto" },
@@ -279,7 +283,11 @@ export interface VmIdentity {
 }
 
 /** Counts per interval as src/streams' ActivitySample carries them (src/probes/counters.ts); null = not measured. */
-export type ActivityCounts = Readonly<Omit<Counts, 'diskDiscards' | 'vcpuWaitUs'>> & { readonly diskDiscards?: number | null; readonly vcpuWaitUs?: number | null };
+export type ActivityCounts = Readonly<Omit<Counts, 'diskDiscards' | 'vcpuWaitUs' | 'diskBusyUs'>> & {
+  readonly diskDiscards?: number | null;
+  readonly vcpuWaitUs?: number | null;
+  readonly diskBusyUs?: number | null;
+};
 
 /**
  * One activity sample. The rates are count / interval, the same arithmetic as the
@@ -302,12 +310,14 @@ export function activityPoint(
     pointer_events: c.pointerEvents,
     interrupts: c.interrupts,
     vcpu_wait_us: c.vcpuWaitUs ?? null,
+    disk_busy_us: c.diskBusyUs ?? null,
     interval_s: id.intervalS,
     disk_requests_per_s: perS(disk),
     key_events_per_s: perS(c.keyEvents),
     pointer_events_per_s: perS(c.pointerEvents),
     interrupts_per_s: perS(c.interrupts),
     vcpu_wait_ms_per_s: perS(c.vcpuWaitUs === undefined || c.vcpuWaitUs === null ? null : c.vcpuWaitUs / 1000),
+    disk_busy_ms_per_s: perS(c.diskBusyUs === undefined || c.diskBusyUs === null ? null : c.diskBusyUs / 1000),
   });
 }
 
@@ -339,6 +349,7 @@ export function moderationPoint(
     threshold_pointer_events_per_s: t?.pointer ?? null,
     threshold_interrupts_per_s: t?.interrupts ?? null,
     threshold_vcpu_wait_ms_per_s: t?.stall ?? null,
+    threshold_disk_busy_ms_per_s: t?.inflight ?? null,
     holdoff_s: m.holdoffMs === undefined ? null : m.holdoffMs / 1000,
     learnt_disk_level_per_s: m.levels?.disk?.level ?? null,
     learnt_interrupts_level_per_s: m.levels?.interrupts?.level ?? null,

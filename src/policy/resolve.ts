@@ -1,5 +1,5 @@
 /** From a loaded policy to what one VM runs on, and how a policy reads to a person. */
-import { fixedThresholds, SIGNALS, type EffectivePolicy, type Moderation, type Policy, type Signal } from './schema.ts';
+import { fixedThresholds, MS_PER_S, SIGNALS, type EffectivePolicy, type Moderation, type Policy, type Signal } from './schema.ts';
 import { formatBytes, formatDuration, formatRate, formatSpeed } from './units.ts';
 
 /** The settings for the VM named `vm`: its override when the policy has one, else the top level. */
@@ -21,7 +21,7 @@ export function resolvePolicy(policy: Policy, vm: string): EffectivePolicy {
 }
 
 /** What one event of each signal is, for a threshold of 0 ("busy while: any keyboard event"). */
-const ONE_EVENT: Record<Signal, string> = { disk: 'disk request', keyboard: 'keyboard event', pointer: 'pointer event', interrupts: 'interrupt', stall: 'stall' };
+const ONE_EVENT: Record<Signal, string> = { disk: 'disk request', keyboard: 'keyboard event', pointer: 'pointer event', interrupts: 'interrupt', stall: 'stall', inflight: 'request in flight' };
 
 /** A few lines that say what a policy does, for `idlecrypt policy check`. */
 export function describePolicy(policy: Policy): string[] {
@@ -38,7 +38,7 @@ export function describePolicy(policy: Policy): string[] {
 function describeModeration(m: Moderation): string[] {
   const fixed = fixedThresholds(m.thresholds);
   const busy = SIGNALS.filter((s) => m.thresholds[s] !== null).map((s) => {
-    const unit = s === 'stall' ? 'ms/s' : '/s';
+    const unit = MS_PER_S.has(s) ? 'ms/s' : '/s';
     if (m.thresholds[s] === 'auto') return `${s} above the level learnt for each guest (never under ${formatRate(fixed[s]!)}${unit})`;
     return fixed[s] === 0 ? `any ${ONE_EVENT[s]}` : `${s} > ${formatRate(fixed[s]!)}${unit}`;
   });
@@ -46,7 +46,7 @@ function describeModeration(m: Moderation): string[] {
   const deadline = g.deadline === null ? 'no deadline' : 'after' in g.deadline ? `finish within ${formatDuration(g.deadline.after)} of the job's start` : `finish by ${new Date(g.deadline.at).toISOString()}`;
   return [
     `busy while: ${busy.length > 0 ? busy.join(', ') : 'never (every signal is off)'}`,
-    `speed: idle ${formatSpeed(m.speed.idle)}, busy ${formatSpeed(m.speed.busy)}; idle speed again after ${formatDuration(m.holdoff)} quiet${m.thresholds.stall === null ? '' : ' (after a stall alone, one sampling window)'}`,
+    `speed: idle ${formatSpeed(m.speed.idle)}, busy ${formatSpeed(m.speed.busy)}; idle speed again after ${formatDuration(m.holdoff)} quiet${m.thresholds.stall === null && m.thresholds.inflight === null ? '' : ' (after a stall or requests in flight alone, one sampling window)'}`,
     m.speed.headroom === null ? 'headroom: off (the idle speed may take all of QEMU\'s main loop)' : `headroom: the copy leaves ${Math.round(m.speed.headroom * 100)}% of QEMU's main loop free`,
     m.latency.margin === null
       ? 'latency: off (a guest busy with its disk gets the busy speed)'

@@ -46,6 +46,8 @@ export const moderationShape = {
     interrupts: learnable,
     /** ms per second the guest's vCPUs waited for QEMU's big lock (probes/qemu-stall.bt). */
     stall: threshold,
+    /** ms per second the guest's disks had a request in flight (probes/qemu-disk.bt). */
+    inflight: threshold,
   }),
   speed: section({
     idle: scalar(parseSpeed),
@@ -127,6 +129,8 @@ export type Moderation = z.output<typeof moderationSchema>;
 export type Sampling = z.output<typeof samplingSchema>;
 export type Signal = keyof Moderation['thresholds'];
 export const SIGNALS = Object.keys(moderationShape.thresholds.shape) as Signal[];
+/** The signals measured in ms per second (time, not events). */
+export const MS_PER_S: ReadonlySet<Signal> = new Set<Signal>(['stall', 'inflight']);
 /** The signals `auto` may learn per guest (src/controller/calibrate.ts). */
 export const LEARNABLE = ['disk', 'interrupts'] as const satisfies readonly Signal[];
 export type LearnableSignal = (typeof LEARNABLE)[number];

@@ -19,6 +19,10 @@ export const COUNTERS = [
   // Microseconds the VM's vCPU threads waited for QEMU's big lock (a sum, not a count):
   // the guest held back by QEMU's main loop (probes/qemu-stall.bt).
   { key: 'vcpuWaitUs', map: 'vcpu_wait_us', json: 'vcpu_wait_us' },
+  // Microseconds the VM's disks had a guest request in flight (started, not completed; a
+  // sum over its disks): 250 ms of it in one 250 ms report is one request that took that
+  // long, which the copy cannot hide as it hides the requests' count (probes/qemu-disk.bt).
+  { key: 'diskBusyUs', map: 'disk_busy_us', json: 'disk_busy_us' },
 ] as const;
 
 export type CounterKey = (typeof COUNTERS)[number]['key'];

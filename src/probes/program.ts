@@ -55,7 +55,7 @@ export interface ProbeScript {
  * counters, and the parser counts each open span up to the report's time (records.ts), so
  * a span that lasts seconds is seen while it lasts, not when it ends.
  */
-export const OPEN_SPAN_MAPS = { vcpu_waiting_since: 'vcpu_wait_us' } as const;
+export const OPEN_SPAN_MAPS = { vcpu_waiting_since: 'vcpu_wait_us', disk_busy_since: 'disk_busy_us' } as const;
 
 export interface ComposedProgram {
   text: string;
@@ -95,13 +95,14 @@ export function countingPart(script: ProbeScript, qemuBinaries: readonly string[
     .split('\n')
     .filter((l) => !l.startsWith('#!'))
     .map((line) => {
-      const m = /^(uprobe|uretprobe):(\S+?):(\w+)\s*$/.exec(line);
+      // One attach point per line; a probe with several lists them one per line, comma-ended.
+      const m = /^(uprobe|uretprobe):(\S+?):(\w+)(,?)\s*$/.exec(line);
       if (m) {
         if (m[2] !== SCRIPT_QEMU_BINARY) {
           throw new IdlecryptError('INTERNAL', `${script.file}: ${m[1]} on ${m[2]}, expected ${SCRIPT_QEMU_BINARY}`);
         }
         probes += qemuBinaries.length;
-        return qemuBinaries.map((b) => `${m[1]}:${b}:${m[3]}`).join(',\n');
+        return qemuBinaries.map((b) => `${m[1]}:${b}:${m[3]}`).join(',\n') + m[4];
       }
       // One attach point per probe header line, as the scripts are written.
       if (/^(tracepoint|kprobe|kretprobe|uretprobe|kfunc|kretfunc):\S+\s*$/.test(line)) probes += 1;

@@ -8,7 +8,7 @@ import { Subject, toArray, firstValueFrom } from 'rxjs';
 import { imageDevices, withNeighbours } from '../../src/agent/neighbours.ts';
 import type { ActivitySample } from '../../src/streams/types.ts';
 
-const zero = { diskReads: 0, diskWrites: 0, diskFlushes: 0, diskDiscards: 0, keyEvents: 0, pointerEvents: 0, interrupts: 0, vcpuWaitUs: 0 };
+const zero = { diskReads: 0, diskWrites: 0, diskFlushes: 0, diskDiscards: 0, keyEvents: 0, pointerEvents: 0, interrupts: 0, vcpuWaitUs: 0, diskBusyUs: 0 };
 const sample = (pid: number, time: number, counts: Partial<typeof zero> = {}, intervalS = 0.05): ActivitySample => ({ ...zero, ...counts, time, pid, vm: `vm${pid}`, intervalS, source: 'ebpf', final: false });
 
 describe('neighbour protection', () => {

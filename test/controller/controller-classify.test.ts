@@ -45,6 +45,23 @@ describe('classify', () => {
     assert.equal(classify(rates({ interruptsPerS: 2500 }), thresholds).reasons[0]!.signal, 'interrupts');
   });
 
+  test('requests in flight for more of the window than the threshold make the guest busy by themselves, whatever their count', () => {
+    // One read held 206 ms of the 250 ms window: 824 ms/s, with a single request counted.
+    const held = classify(rates({ diskPerS: 4, inflightMsPerS: 824 }), thresholds);
+    assert.deepEqual(held, { state: 'busy', reasons: [{ signal: 'inflight', value: 824, threshold: 600 }] });
+    assert.equal(describeReasons(held.reasons), 'inflight 824ms/s > 600ms/s');
+    assert.equal(classify(rates({ inflightMsPerS: 600 }), thresholds).state, 'idle');
+    assert.equal(classify(rates({ inflightMsPerS: null }), thresholds).state, 'idle');
+    assert.equal(classify(rates({ inflightMsPerS: 1000 }), { ...thresholds, inflight: null }).state, 'idle');
+  });
+
+  test('a per-interval time in flight becomes ms per second; a source without it leaves it out', () => {
+    const base = { time: 1000, pid: 42, vm: 'vm1', intervalS: 0.05, source: 'ebpf' as const, diskReads: 1, diskWrites: 0, diskFlushes: 0, keyEvents: 0, pointerEvents: 0, interrupts: 0 };
+    assert.equal(ratesFromSample({ ...base, diskBusyUs: 41_000 }, 'vm1').inflightMsPerS, 820);
+    assert.equal(ratesFromSample({ ...base, diskBusyUs: null }, 'vm1').inflightMsPerS, null);
+    assert.ok(!('inflightMsPerS' in ratesFromSample(base, 'vm1')));
+  });
+
   test('unknown signals (degraded mode) never make the guest busy', () => {
     const degraded = rates({ source: 'qmp', keyPerS: null, pointerPerS: null, interruptsPerS: null });
     assert.deepEqual(classify(degraded, thresholds), { state: 'idle', reasons: [] });

@@ -86,6 +86,32 @@ describe('holdOff', () => {
     });
   });
 
+  test('requests held in flight are a held signal like the stall: alone, or with the stall, one window and urgent; the disk working after them, the full hold-off', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      const waiting: Classified = { time: 0, state: 'busy', reasons: [{ signal: 'inflight', value: 820, threshold: 600 }] };
+      const both: Classified = { time: 0, state: 'busy', reasons: [...waiting.reasons, ...stalled.reasons] };
+      const W = { state: 'busy', reason: 'inflight 820ms/s > 600ms/s', urgent: true };
+      expectObservable(cold('w 99ms i', { w: waiting, i: idle }).pipe(holdOff(of(P), ts))).toBe('W 99ms w 249ms q', {
+        W,
+        w: { state: 'holdoff', reason: 'quiet; hold-off 250ms after inflight 820ms/s > 600ms/s', urgent: true, held: true },
+        q: { state: 'idle', reason: 'quiet for 250ms' },
+      });
+      expectObservable(cold('x 99ms i', { x: both, i: idle }).pipe(holdOff(of(P), ts))).toBe('X 99ms x 249ms q', {
+        X: { state: 'busy', reason: 'inflight 820ms/s > 600ms/s, stall 900ms/s > 800ms/s', urgent: true },
+        x: { state: 'holdoff', reason: 'quiet; hold-off 250ms after inflight 820ms/s > 600ms/s, stall 900ms/s > 800ms/s', urgent: true, held: true },
+        q: { state: 'idle', reason: 'quiet for 250ms' },
+      });
+      // the busy phase's first read held up by the copy, then the guest's reads once it pauses: work
+      expectObservable(cold('w 49ms b 599ms i', { w: waiting, b: busy, i: idle }).pipe(holdOff(of(P), ts))).toBe('W 49ms U 599ms h 999ms Q', {
+        ...S,
+        W,
+        U: { state: 'busy', reason: 'disk 37.5/s > 5/s; hold-off 1s after inflight 820ms/s > 600ms/s', urgent: true },
+        h: { state: 'holdoff', reason: 'quiet; hold-off 1s after inflight 820ms/s > 600ms/s', urgent: true },
+      });
+    });
+  });
+
   test('a stall with the disk busy in the same spell, before or during its short hold-off, gets the full hold-off; the next stall-only spell the short one again', () => {
     const ts = scheduler();
     ts.run(({ cold, expectObservable }) => {

@@ -7,10 +7,10 @@ import { activityPoint, agentPoint, jobPoint, moderationPoint, probePoint, type 
 
 const id = { host: 'hv1', vm: 'web1' };
 const t = Date.UTC(2026, 10, 25, 9, 17, 32, 200); // 2026-11-25T09:17:32.200Z
-const thresholds = { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600 };
+const thresholds = { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600, inflight: 600 };
 
 export const EXAMPLE_POINTS: MetricPoint[] = [
-  activityPoint({ ...id, time: t, intervalS: 0.05, source: 'ebpf' }, { diskReads: 3, diskWrites: 1, diskFlushes: 0, diskDiscards: 0, keyEvents: 0, pointerEvents: 0, interrupts: 131, vcpuWaitUs: 850 }),
+  activityPoint({ ...id, time: t, intervalS: 0.05, source: 'ebpf' }, { diskReads: 3, diskWrites: 1, diskFlushes: 0, diskDiscards: 0, keyEvents: 0, pointerEvents: 0, interrupts: 131, vcpuWaitUs: 850, diskBusyUs: 12000 }),
   activityPoint({ ...id, time: t + 50, intervalS: 0.05, source: 'qmp' }, { diskReads: 0, diskWrites: 2, diskFlushes: 1, diskDiscards: null, keyEvents: null, pointerEvents: null, interrupts: null }),
   moderationPoint({ ...id, time: t, device: 'disk0' }, { state: 'busy', reason: 'disk 80/s > 5/s', mode: 'paused', thresholds, holdoffMs: 1000 }),
   moderationPoint({ ...id, time: t + 1250, device: 'disk0' }, { state: 'idle', reason: 'quiet for 1s', mode: 'full', thresholds: { ...thresholds, pointer: null }, holdoffMs: 1000 }),

@@ -113,7 +113,7 @@ describe('point builders', () => {
 
   test('moderation: state_code idle 0, holdoff 1, busy 2; busy is 1 in busy and holdoff; an `off` threshold is absent', () => {
     const codes = (['idle', 'holdoff', 'busy'] as const).map((state) => {
-      const p = moderationPoint({ host: 'h', vm: 'v', time: 1 }, { state, reason: 'r', thresholds: { disk: 5, keyboard: null, pointer: 100, interrupts: 1000, stall: 600 } })!;
+      const p = moderationPoint({ host: 'h', vm: 'v', time: 1 }, { state, reason: 'r', thresholds: { disk: 5, keyboard: null, pointer: 100, interrupts: 1000, stall: 600, inflight: 600 } })!;
       assert.ok(!('threshold_key_events_per_s' in p.fields));
       assert.equal(p.fields.threshold_disk_requests_per_s, 5);
       assert.ok(!('device' in p.tags), 'device is optional');

@@ -36,7 +36,7 @@ export interface ScenarioOptions {
   latency?: { baselineMs: number; margin: number };
 }
 
-export const THRESHOLDS = { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600 };
+export const THRESHOLDS = { disk: 5, keyboard: 5, pointer: 100, interrupts: 1000, stall: 600, inflight: 600 };
 const MiB = 1024 * 1024;
 const GRADED_BPS = 8 * MiB;
 
@@ -81,6 +81,7 @@ export function scenario(o: ScenarioOptions = {}): MetricPoint[] {
           pointerEvents: degraded ? null : typing ? jitter : 0,
           interrupts: degraded ? null : diskBusy ? 250 + jitter : 2,
           vcpuWaitUs: degraded ? null : diskBusy ? 12_000 + 1000 * jitter : 150,
+          diskBusyUs: degraded ? null : diskBusy ? 15_000 + 1000 * jitter : 400,
         },
       ),
     );

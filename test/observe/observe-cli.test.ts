@@ -48,7 +48,7 @@ describe('idlecrypt observe', () => {
     for (const rec of recs) {
       deepStrictEqual(Object.keys(rec), [...JSON_FIELDS]);
       // issue 3's fields, and the vCPUs' wait for QEMU's big lock (issue 9), in µs
-      deepStrictEqual(JSON_FIELDS, ['time', 'pid', 'vm', 'interval_s', 'disk_reads', 'disk_writes', 'disk_flushes', 'key_events', 'pointer_events', 'interrupts', 'vcpu_wait_us', 'source']);
+      deepStrictEqual(JSON_FIELDS, ['time', 'pid', 'vm', 'interval_s', 'disk_reads', 'disk_writes', 'disk_flushes', 'key_events', 'pointer_events', 'interrupts', 'vcpu_wait_us', 'disk_busy_us', 'source']);
       match(rec.time as string, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
       equal(rec.pid, guest.vm.pid);
       equal(rec.vm, 'obs-cli');

@@ -46,7 +46,7 @@ describe('the shipped default policy', () => {
 
   test("has the source design's thresholds (any key event for the keyboard) and speeds, a hold-off of at most 2 s and a deadline", () => {
     const p = defaultPolicy();
-    assert.deepEqual(p.thresholds, { disk: 5, keyboard: 0, pointer: 100, interrupts: 1000, stall: 800 });
+    assert.deepEqual(p.thresholds, { disk: 5, keyboard: 0, pointer: 100, interrupts: 1000, stall: 800, inflight: 600 });
     assert.equal(p.speed.idle, UNLIMITED);
     assert.equal(p.speed.busy, PAUSED);
     assert.equal(p.holdoff, 1000);
@@ -87,8 +87,8 @@ describe('the shipped default policy', () => {
   test('reads as a short summary', () => {
     assert.deepEqual(describePolicy(defaultPolicy()), [
       'sampling: every 50ms, rates over 250ms',
-      'busy while: disk > 5/s, any keyboard event, pointer > 100/s, interrupts > 1000/s, stall > 800ms/s',
-      'speed: idle unlimited, busy paused; idle speed again after 1s quiet (after a stall alone, one sampling window)',
+      'busy while: disk > 5/s, any keyboard event, pointer > 100/s, interrupts > 1000/s, stall > 800ms/s, inflight > 600ms/s',
+      'speed: idle unlimited, busy paused; idle speed again after 1s quiet (after a stall or requests in flight alone, one sampling window)',
       "headroom: the copy leaves 10% of QEMU's main loop free",
       'latency: off (a guest busy with its disk gets the busy speed)',
       "guarantee: finish within 4h of the job's start (margin 1.25), floor none",
@@ -133,7 +133,7 @@ describe('values as people write them', () => {
   test('a file sets only what it changes; the rest comes from the defaults', () => {
     const p = parsePolicy('holdoff: 1500ms\nthresholds:\n  disk: 20\n', 'mine.yaml');
     assert.equal(p.holdoff, 1500);
-    assert.deepEqual(p.thresholds, { disk: 20, keyboard: 0, pointer: 100, interrupts: 1000, stall: 800 });
+    assert.deepEqual(p.thresholds, { disk: 20, keyboard: 0, pointer: 100, interrupts: 1000, stall: 800, inflight: 600 });
     assert.equal(p.speed.busy, PAUSED);
     assert.equal(p.source, 'mine.yaml');
   });
@@ -176,13 +176,13 @@ describe('values as people write them', () => {
 
   test('thresholds: auto learns disk and interrupts per guest; a signal can be auto alone; input never', () => {
     const p = parsePolicy('thresholds: auto\n', 'p.yaml');
-    assert.deepEqual(p.thresholds, { disk: 'auto', keyboard: 0, pointer: 100, interrupts: 'auto', stall: 800 });
-    assert.ok(describePolicy(p).includes('busy while: disk above the level learnt for each guest (never under 5/s), any keyboard event, pointer > 100/s, interrupts above the level learnt for each guest (never under 1000/s), stall > 800ms/s'));
-    assert.deepEqual(parsePolicy('thresholds:\n  disk: auto\n', 'p.yaml').thresholds, { disk: 'auto', keyboard: 0, pointer: 100, interrupts: 1000, stall: 800 });
+    assert.deepEqual(p.thresholds, { disk: 'auto', keyboard: 0, pointer: 100, interrupts: 'auto', stall: 800, inflight: 600 });
+    assert.ok(describePolicy(p).includes('busy while: disk above the level learnt for each guest (never under 5/s), any keyboard event, pointer > 100/s, interrupts above the level learnt for each guest (never under 1000/s), stall > 800ms/s, inflight > 600ms/s'));
+    assert.deepEqual(parsePolicy('thresholds:\n  disk: auto\n', 'p.yaml').thresholds, { disk: 'auto', keyboard: 0, pointer: 100, interrupts: 1000, stall: 800, inflight: 600 });
     // an override over a file that says auto, and auto in an override only
     const v = parsePolicy('thresholds: auto\nvms:\n  db:\n    thresholds: {disk: 50}\n  web:\n    thresholds: auto\n', 'p.yaml');
-    assert.deepEqual(resolvePolicy(v, 'db').thresholds, { disk: 50, keyboard: 0, pointer: 100, interrupts: 'auto', stall: 800 });
-    assert.deepEqual(parsePolicy('vms:\n  web:\n    thresholds: auto\n', 'p.yaml').vms.web!.thresholds, { disk: 'auto', keyboard: 0, pointer: 100, interrupts: 'auto', stall: 800 });
+    assert.deepEqual(resolvePolicy(v, 'db').thresholds, { disk: 50, keyboard: 0, pointer: 100, interrupts: 'auto', stall: 800, inflight: 600 });
+    assert.deepEqual(parsePolicy('vms:\n  web:\n    thresholds: auto\n', 'p.yaml').vms.web!.thresholds, { disk: 'auto', keyboard: 0, pointer: 100, interrupts: 'auto', stall: 800, inflight: 600 });
     assert.deepEqual(problems('thresholds:\n  keyboard: auto\n'), [
       'p.yaml:2:13: thresholds.keyboard: auto is for disk and interrupts only: input is never learnt (a person at the console comes first), nor the stall the copy itself causes',
     ]);
@@ -218,7 +218,7 @@ describe('per-VM overrides', () => {
     assert.equal(runner.holdoff, 2000); // the file's, not the default's
     assert.equal(runner.override, 'build-runner');
     const db = resolvePolicy(p, 'db');
-    assert.deepEqual(db.thresholds, { disk: 50, keyboard: 0, pointer: 100, interrupts: 1000, stall: 800 });
+    assert.deepEqual(db.thresholds, { disk: 50, keyboard: 0, pointer: 100, interrupts: 1000, stall: 800, inflight: 600 });
     assert.equal(db.speed.busy, PAUSED);
   });
 
@@ -252,7 +252,7 @@ describe('bad policy files are rejected with the file, line, column and key', ()
 
   test('an unknown key, with the likely one', () => {
     assert.deepEqual(problems('thresholds:\n  dsik: 5\n'), [
-      'p.yaml:2:3: thresholds.dsik: unknown key (did you mean disk?); expected one of disk, keyboard, pointer, interrupts, stall',
+      'p.yaml:2:3: thresholds.dsik: unknown key (did you mean disk?); expected one of disk, keyboard, pointer, interrupts, stall, inflight',
     ]);
     assert.deepEqual(problems('hold_off: 1s\n'), [
       'p.yaml:1:1: hold_off: unknown key (did you mean holdoff?); expected one of sampling, thresholds, speed, holdoff, guarantee, latency, pivot, target, vms',
@@ -317,7 +317,7 @@ describe('idlecrypt policy check', () => {
     const r = await check(DEFAULT_POLICY_FILE);
     assert.equal(r.error, undefined);
     assert.equal(r.out.split('\n')[0], `${DEFAULT_POLICY_FILE}: ok`);
-    assert.match(r.out, /^ {2}busy while: disk > 5\/s, any keyboard event, pointer > 100\/s, interrupts > 1000\/s, stall > 800ms\/s$/m);
+    assert.match(r.out, /^ {2}busy while: disk > 5\/s, any keyboard event, pointer > 100\/s, interrupts > 1000\/s, stall > 800ms\/s, inflight > 600ms\/s$/m);
   });
 
   test('a bad file: one line per problem, and a POLICY error', async () => {

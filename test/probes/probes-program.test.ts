@@ -80,8 +80,8 @@ describe('probe scripts', () => {
   it('name functions this host\'s QEMU exports (bpftrace -l finds each uprobe)', async () => {
     // A dry run does not resolve uprobe symbols, and bpftrace 0.17 silently drops a probe
     // whose symbol is missing (the runner catches that at run time by counting probes).
-    const fns = [...new Set(scripts.flatMap((s) => [...s.text.matchAll(/^u(?:ret)?probe:\S+?:(\w+)$/gm)].map((m) => m[1]!)))];
-    deepStrictEqual(fns.sort(), ['apic_deliver_irq', 'block_acct_start', 'qemu_input_event_send_impl']);
+    const fns = [...new Set(scripts.flatMap((s) => [...s.text.matchAll(/^u(?:ret)?probe:\S+?:(\w+),?$/gm)].map((m) => m[1]!)))];
+    deepStrictEqual(fns.sort(), ['apic_deliver_irq', 'block_acct_done', 'block_acct_failed', 'block_acct_start', 'qemu_input_event_send_impl']);
     for (const fn of fns) {
       const { stdout } = await execFileP('bpftrace', ['-l', `uprobe:${SCRIPT_QEMU_BINARY}:${fn}`]);
       equal(stdout.trim(), `uprobe:${SCRIPT_QEMU_BINARY}:${fn}`);
@@ -109,9 +109,17 @@ describe('composeProgram', () => {
     match(report, /printf\("idlecrypt-report %llu\\n", nsecs\);/);
     // The stall probe is host-wide (tracepoints): once, whatever the binaries.
     equal(p.text.match(/^tracepoint:syscalls:sys_enter_futex$/gm)?.length, 1);
-    deepStrictEqual(p.maps, ['disk_reads', 'disk_writes', 'disk_flushes', 'disk_discards', 'key_events', 'pointer_events', 'interrupts', 'vcpu_wait_us', 'vcpu_waiting_since']);
-    // 3 uprobes x 2 binaries + 2 kvm tracepoints + 2 futex tracepoints (once) + interval + END
-    equal(p.expectedProbes, 3 * 2 + 2 + 2 + 2);
+    // A probe with two attach points: each repeated per binary, still one comma-joined list.
+    match(
+      p.text,
+      /uprobe:\/usr\/bin\/qemu-system-x86_64:block_acct_done,\nuprobe:\/opt\/qemu\/bin\/qemu-system-x86_64:block_acct_done,\nuprobe:\/usr\/bin\/qemu-system-x86_64:block_acct_failed,\nuprobe:\/opt\/qemu\/bin\/qemu-system-x86_64:block_acct_failed\n\{/,
+    );
+    deepStrictEqual(p.maps, [
+      'disk_reads', 'disk_writes', 'disk_flushes', 'disk_discards', 'disk_busy_us', 'key_events', 'pointer_events', 'interrupts', 'vcpu_wait_us',
+      'vcpu_waiting_since', 'disk_busy_since',
+    ]);
+    // 5 uprobes (block_acct_start, _done, _failed, input, irq) x 2 binaries + 2 kvm tracepoints + 2 futex tracepoints (once) + interval + END
+    equal(p.expectedProbes, 5 * 2 + 2 + 2 + 2);
   });
 
   it('refuses a QEMU path bpftrace could not parse, and uprobes without any binary', () => {

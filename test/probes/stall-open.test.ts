@@ -6,6 +6,11 @@
  * (docs/starvation.md). Counted only when waits end, the reports taken during the freeze
  * would show nothing; with waits in progress counted (src/probes/records.ts), they grow by
  * about the time that passes.
+ *
+ * The disk probe's requests in flight are an open span too (probes/qemu-disk.bt): a request
+ * that QEMU took and has not completed counts while it waits. The same guest's requests are
+ * held by QEMU's own disk throttle, which, like a request behind the copy, waits after
+ * QEMU's accounting has started it.
  */
 import { ok } from 'node:assert/strict';
 import { writeFile } from 'node:fs/promises';
@@ -15,7 +20,7 @@ import { Subject, filter, firstValueFrom } from 'rxjs';
 import { composeProgram, loadScripts, SCRIPT_QEMU_BINARY } from '../../src/probes/program.ts';
 import { runBpftrace, type ProbeEvent } from '../../src/probes/runner.ts';
 import { ensureImage } from '../../vm-images/launch.ts';
-import { Lab, waitUntil, type Guest } from '../observe/helpers.ts';
+import { Lab, sleep, waitUntil, type Guest } from '../observe/helpers.ts';
 
 type Report = Extract<ProbeEvent, { type: 'report' }>;
 
@@ -114,6 +119,65 @@ describe('the stall probe', () => {
       }
       for (let i = 1; i < reports.length; i++) ok(wait(reports[i]!) >= wait(reports[i - 1]!), 'the running total never goes back');
     } finally {
+      stop$.next();
+      sub.unsubscribe();
+    }
+  });
+});
+
+describe('the disk probe\'s requests in flight', () => {
+  it('counts a request held up after QEMU took it while it waits, not when it completes', async () => {
+    const program = composeProgram(await loadScripts(['disk']), [SCRIPT_QEMU_BINARY]);
+    const stop$ = new Subject<void>();
+    const reports: Report[] = [];
+    let attached = false;
+    const sub = runBpftrace({ program, intervalMs: 50, stop$ }).subscribe((e) => {
+      if (e.type === 'attached') attached = true;
+      if (e.type === 'report') reports.push(e);
+    });
+    const { qmp, vm } = guest;
+    // QEMU's own throttle holds each request after block_acct_start (block/throttle-groups.c,
+    // in blk_co_preadv/pwritev): at 64 KiB/s each of the guest's one-at-a-time 64 KiB
+    // requests waits about a second, as a request behind the copy does, only longer.
+    const throttle = (bps: number) =>
+      qmp.executeRaw('block_set_io_throttle', { id: '/machine/peripheral/disk0/virtio-backend', bps, bps_rd: 0, bps_wr: 0, iops: 0, iops_rd: 0, iops_wr: 0 });
+    try {
+      await waitUntil('bpftrace attached', () => attached && reports.length >= 10);
+      const t = (r: Report) => r.totals.get(vm.pid) ?? {};
+      const requests = (r: Report) => (t(r).diskReads ?? 0) + (t(r).diskWrites ?? 0);
+      const busyMs = (r: Report) => (t(r).diskBusyUs ?? 0) / 1000;
+      // Unthrottled, the guest's requests complete within milliseconds: many a second.
+      const free0 = reports.length;
+      await sleep(2000);
+      const free = reports.slice(free0 - 1);
+      const freeRate = (requests(free.at(-1)!) - requests(free[0]!)) / ((free.at(-1)!.epochMs - free[0]!.epochMs) / 1000);
+      ok(freeRate > 20, `unthrottled, the guest made ${freeRate.toFixed(1)} requests/s`);
+      await throttle(64 * 1024);
+      const from = reports.length;
+      await sleep(6000);
+      const held = reports.slice(from);
+      await throttle(0);
+      // Stretches with no request started or completed (the count is taken at the start, and
+      // one-at-a-time, the next starts only when the last completes): one request waiting.
+      // Over each, the busy total must grow by about the time that passes; counted only when
+      // a request completes, it would not grow at all.
+      let longest = 0;
+      let grewMs = 0;
+      for (let i = 0; i < held.length; i++) {
+        let j = i;
+        while (j + 1 < held.length && requests(held[j + 1]!) === requests(held[i]!)) j++;
+        const dt = held[j]!.epochMs - held[i]!.epochMs;
+        if (dt > longest) {
+          longest = dt;
+          grewMs = busyMs(held[j]!) - busyMs(held[i]!);
+        }
+        i = j;
+      }
+      ok(longest >= 500, `throttled to 64 KiB/s, the longest stretch without a new request was ${longest} ms`);
+      ok(grewMs >= 0.9 * longest && grewMs <= longest + 60, `over ${longest} ms with one request held in QEMU, the time in flight grew by ${grewMs.toFixed(0)} ms`);
+      for (let i = 1; i < reports.length; i++) ok(busyMs(reports[i]!) >= busyMs(reports[i - 1]!), 'the running total never goes back');
+    } finally {
+      await throttle(0).catch(() => {});
       stop$.next();
       sub.unsubscribe();
     }

@@ -11,7 +11,7 @@ import { totalsToSamples } from '../../src/streams/samples.ts';
 import type { ActivitySample, SampleTarget, TotalsEvent } from '../../src/streams/types.ts';
 import { testScheduler } from './marbles.ts';
 
-const ALL = new Set<CounterKey>(['diskReads', 'diskWrites', 'diskFlushes', 'diskDiscards', 'keyEvents', 'pointerEvents', 'interrupts', 'vcpuWaitUs']);
+const ALL = new Set<CounterKey>(['diskReads', 'diskWrites', 'diskFlushes', 'diskDiscards', 'keyEvents', 'pointerEvents', 'interrupts', 'vcpuWaitUs', 'diskBusyUs']);
 const DISK = new Set<CounterKey>(['diskReads', 'diskWrites', 'diskFlushes', 'diskDiscards']);
 const vmA: SampleTarget = { pid: 10, vm: 'a', measured: ALL };
 const vmB: SampleTarget = { pid: 20, vm: 'b', measured: ALL };
@@ -84,7 +84,7 @@ describe('totalsToSamples', () => {
       });
       const src = cold<TotalsEvent>('x-y|', { x: qmp(1000, 700), y: qmp(1250, 760) });
       expectObservable(src.pipe(totalsToSamples())).toBe('--a|', {
-        a: { ...sample(10, 'a', 1250, 0.25, { diskReads: 60 }), source: 'qmp', keyEvents: null, pointerEvents: null, interrupts: null, vcpuWaitUs: null },
+        a: { ...sample(10, 'a', 1250, 0.25, { diskReads: 60 }), source: 'qmp', keyEvents: null, pointerEvents: null, interrupts: null, vcpuWaitUs: null, diskBusyUs: null },
       });
     });
   });
