@@ -32,6 +32,7 @@ import { activity$, type SourceChoice } from '../streams/activity.ts';
 import type { ActivitySample } from '../streams/types.ts';
 import { watchPolicy } from '../policy/watch.ts';
 import type { Policy } from '../policy/schema.ts';
+import { signalInUse } from '../policy/resolve.ts';
 import type { Progress } from '../encrypt/encrypt.ts';
 import { processAlive, RunStore, selfOwner, stateDir } from '../encrypt/runs.ts';
 import { decorateJob, type JobControl } from '../jobs/types.ts';
@@ -187,6 +188,7 @@ export class Agent {
     this.samples$ = activity$({
       intervalMs: c.policy.sampling.interval,
       source: this.o.source ?? 'auto',
+      inflight: signalInUse(c.policy, 'inflight'),
       logger: this.log,
       stop$: this.stop$,
       ...(this.o.bpftrace !== undefined ? { bpftrace: this.o.bpftrace } : {}),

@@ -23,7 +23,7 @@ import { mainLoopLoad } from '../streams/load.ts';
 import type { ActivitySample } from '../streams/types.ts';
 import { watchPolicy } from '../policy/watch.ts';
 import type { EffectivePolicy, Policy } from '../policy/schema.ts';
-import { resolvePolicy } from '../policy/resolve.ts';
+import { resolvePolicy, signalInUse } from '../policy/resolve.ts';
 import { moderate, toActivityRates, type ModerationRun } from '../controller/index.ts';
 import type { Decision } from '../controller/types.ts';
 import { LearntStore } from './learnt.ts';
@@ -109,6 +109,7 @@ export class RunModeration {
       intervalMs: policy.sampling.interval,
       pids: [vm.pid],
       source: o.source ?? 'auto',
+      inflight: signalInUse(policy, 'inflight'),
       logger: log,
       stop$,
       ...(o.bpftrace !== undefined ? { bpftrace: o.bpftrace } : {}),

@@ -4,7 +4,7 @@
  * the defaults), validated with positions, resolved per VM, and followed as it changes.
  */
 export { DEFAULT_POLICY_FILE, defaultPolicy, formatIssue, loadPolicy, parsePolicy, policyError, type PolicyIssue } from './load.ts';
-export { describePolicy, resolvePolicy } from './resolve.ts';
+export { describePolicy, resolvePolicy, signalInUse } from './resolve.ts';
 export { SIGNALS, type EffectivePolicy, type Moderation, type Policy, type Sampling, type Signal } from './schema.ts';
 export { formatBytes, formatDuration, formatRate, formatSpeed, PAUSED, UNLIMITED, type Deadline } from './units.ts';
 export { watchPolicy, type WatchPolicyOptions } from './watch.ts';

@@ -20,6 +20,15 @@ export function resolvePolicy(policy: Policy, vm: string): EffectivePolicy {
   };
 }
 
+/**
+ * Whether any VM's settings use a signal (its threshold is not `off`): the probes a signal
+ * alone needs (thresholds.inflight: probes/qemu-inflight.bt) run only then. They are chosen
+ * when the observation starts; a reload that turns the signal on takes the next start.
+ */
+export function signalInUse(policy: Policy, signal: Signal): boolean {
+  return policy.thresholds[signal] !== null || Object.values(policy.vms).some((m) => m.thresholds[signal] !== null);
+}
+
 /** What one event of each signal is, for a threshold of 0 ("busy while: any keyboard event"). */
 const ONE_EVENT: Record<Signal, string> = { disk: 'disk request', keyboard: 'keyboard event', pointer: 'pointer event', interrupts: 'interrupt', stall: 'stall', inflight: 'request in flight' };
 

@@ -31,6 +31,8 @@ export const FINAL_MARK = 'idlecrypt-final';
 
 export const SCRIPTS = {
   disk: 'qemu-disk.bt',
+  /** Time the disks had a request in flight: a probe on each request's end too, which costs (its header). */
+  inflight: 'qemu-inflight.bt',
   input: 'qemu-input.bt',
   /** Interrupts through QEMU's own APIC model: TCG (and KVM with kernel-irqchip=off). */
   irqQemu: 'qemu-irq.bt',

@@ -86,10 +86,13 @@ export interface ActivityOptions {
    * them out halves the probes' cost there (bench/README-probes.md). Interrupts are then null.
    */
   interrupts?: boolean;
+  /**
+   * Time the disks have a request in flight (default true): a second uprobe hit per disk
+   * request, on its end, which the kernel single-steps in Debian's QEMU (probes/
+   * qemu-inflight.bt: 14-19 us a hit on the project's hosts). diskBusyUs is then null.
+   */
+  inflight?: boolean;
 }
-
-const ALL: ReadonlySet<CounterKey> = new Set(COUNTER_KEYS);
-const NO_INTERRUPTS: ReadonlySet<CounterKey> = new Set(COUNTER_KEYS.filter((k) => k !== 'interrupts'));
 
 export function activity$(options: ActivityOptions): Observable<ActivitySample> {
   return defer(() => {
@@ -160,6 +163,27 @@ interface EbpfSetup {
   binaries: ReadonlySet<string>;
   kvmTracepoints: boolean;
   interrupts: boolean;
+  inflight: boolean;
+}
+
+/** The probe scripts the observation runs: every one but those its options leave out. */
+export function probeScripts(o: { interrupts: boolean; inflight: boolean; kvmTracepoints: boolean }): ScriptId[] {
+  return [
+    'disk',
+    ...(o.inflight ? (['inflight'] as const) : []),
+    'input',
+    ...(o.interrupts ? (['irqQemu'] as const) : []),
+    ...(o.interrupts && o.kvmTracepoints ? (['irqKvm'] as const) : []),
+    'stall',
+  ];
+}
+
+/** The counters those scripts measure for a VM (under KVM, interrupts only with the kvm tracepoints). */
+export function probedCounters(o: { interrupts: boolean; inflight: boolean; kvmTracepoints: boolean }, accel: VmInfo['accel']): ReadonlySet<CounterKey> {
+  const off: CounterKey[] = [];
+  if (!o.inflight) off.push('diskBusyUs');
+  if (!o.interrupts || (accel === 'kvm' && !o.kvmTracepoints)) off.push('interrupts');
+  return new Set(COUNTER_KEYS.filter((k) => !off.includes(k)));
 }
 
 async function ebpfSetup(ctx: Ctx): Promise<EbpfSetup> {
@@ -169,10 +193,11 @@ async function ebpfSetup(ctx: Ctx): Promise<EbpfSetup> {
   for (const vm of vms) if (vm.exe && isProbeableQemu(vm.exe)) binaries.add(vm.exe);
   const interrupts = ctx.interrupts ?? true;
   const kvmTracepoints = interrupts && (await hostHasKvmTracepoints());
-  const ids: ScriptId[] = ['disk', 'input', ...(interrupts ? (['irqQemu'] as const) : []), ...(kvmTracepoints ? (['irqKvm'] as const) : []), 'stall'];
+  const inflight = ctx.inflight ?? true;
+  const ids = probeScripts({ interrupts, inflight, kvmTracepoints });
   const program = composeProgram(await loadScripts(ids), [...binaries]);
   ctx.log.debug({ binaries: [...binaries], kvmTracepoints, scripts: ids }, 'probe program composed');
-  return { vms, program, binaries, kvmTracepoints, interrupts };
+  return { vms, program, binaries, kvmTracepoints, interrupts, inflight };
 }
 
 /** What the probes measure for one VM, and why not the rest. */
@@ -180,11 +205,11 @@ function measuredFor(vm: VmInfo, setup: EbpfSetup): { measured: ReadonlySet<Coun
   if (!vm.exe || !setup.binaries.has(vm.exe)) {
     return { measured: new Set(), why: `its QEMU binary (${vm.exe ?? 'unreadable'}) is not probed` };
   }
-  if (!setup.interrupts) return { measured: NO_INTERRUPTS };
-  if (vm.accel === 'kvm' && !setup.kvmTracepoints) {
-    return { measured: NO_INTERRUPTS, why: 'it runs under KVM and this host has no kvm tracepoints' };
+  const measured = probedCounters(setup, vm.accel);
+  if (setup.interrupts && vm.accel === 'kvm' && !setup.kvmTracepoints) {
+    return { measured, why: 'it runs under KVM and this host has no kvm tracepoints' };
   }
-  return { measured: ALL };
+  return { measured };
 }
 
 function ebpfActivity$(ctx: Ctx): Observable<ActivitySample> {

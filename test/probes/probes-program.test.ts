@@ -11,6 +11,8 @@ import { promisify } from 'node:util';
 import { deepStrictEqual, equal, match, ok, throws } from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { COUNTERS } from '../../src/probes/counters.ts';
+import { probedCounters, probeScripts } from '../../src/streams/activity.ts';
+import { parsePolicy, signalInUse } from '../../src/policy/index.ts';
 import {
   PROBES_DIR,
   SCRIPTS,
@@ -109,6 +111,7 @@ describe('composeProgram', () => {
     match(report, /printf\("idlecrypt-report %llu\\n", nsecs\);/);
     // The stall probe is host-wide (tracepoints): once, whatever the binaries.
     equal(p.text.match(/^tracepoint:syscalls:sys_enter_futex$/gm)?.length, 1);
+    match(p.text, /^\/\/ inflight: probes\/qemu-inflight\.bt\n+uprobe:/m);
     // A probe with two attach points: each repeated per binary, still one comma-joined list.
     match(
       p.text,
@@ -118,8 +121,8 @@ describe('composeProgram', () => {
       'disk_reads', 'disk_writes', 'disk_flushes', 'disk_discards', 'disk_busy_us', 'key_events', 'pointer_events', 'interrupts', 'vcpu_wait_us',
       'vcpu_waiting_since', 'disk_busy_since',
     ]);
-    // 5 uprobes (block_acct_start, _done, _failed, input, irq) x 2 binaries + 2 kvm tracepoints + 2 futex tracepoints (once) + interval + END
-    equal(p.expectedProbes, 5 * 2 + 2 + 2 + 2);
+    // 6 uprobes (block_acct_start twice: counted, and in flight; _done; _failed; input; irq) x 2 binaries + 2 kvm tracepoints + 2 futex tracepoints (once) + interval + END
+    equal(p.expectedProbes, 6 * 2 + 2 + 2 + 2);
   });
 
   it('refuses a QEMU path bpftrace could not parse, and uprobes without any binary', () => {
@@ -130,5 +133,25 @@ describe('composeProgram', () => {
   it('compiles (bpftrace dry run), with and without the kvm script', async () => {
     await dryRun(['-e', composeProgram(scripts, [SCRIPT_QEMU_BINARY]).text, '50']);
     await dryRun(['-e', composeProgram(scripts.filter((s) => s.id !== 'irqKvm'), [SCRIPT_QEMU_BINARY]).text, '50']);
+  });
+});
+
+describe('the scripts an observation runs', () => {
+  it('leaves out the requests-in-flight probe (and its counter) when asked, as the interrupts', () => {
+    const all = { interrupts: true, inflight: true, kvmTracepoints: true };
+    deepStrictEqual(probeScripts(all), ['disk', 'inflight', 'input', 'irqQemu', 'irqKvm', 'stall']);
+    deepStrictEqual(probeScripts({ ...all, inflight: false }), ['disk', 'input', 'irqQemu', 'irqKvm', 'stall']);
+    deepStrictEqual(probeScripts({ ...all, interrupts: false }), ['disk', 'inflight', 'input', 'stall']);
+    deepStrictEqual([...probedCounters(all, 'tcg')], COUNTERS.map((c) => c.key));
+    deepStrictEqual([...probedCounters({ ...all, inflight: false }, 'tcg')], COUNTERS.map((c) => c.key).filter((k) => k !== 'diskBusyUs'));
+    deepStrictEqual([...probedCounters({ ...all, kvmTracepoints: false }, 'kvm')], COUNTERS.map((c) => c.key).filter((k) => k !== 'interrupts'));
+    ok(probedCounters({ ...all, kvmTracepoints: false }, 'tcg').has('interrupts'));
+  });
+
+  it('runs the probe while any VM\'s policy uses the signal', () => {
+    equal(signalInUse(parsePolicy('{}', 'p.yaml'), 'inflight'), true);
+    const off = parsePolicy('thresholds:\n  inflight: off\n', 'p.yaml');
+    equal(signalInUse(off, 'inflight'), false);
+    equal(signalInUse(parsePolicy('thresholds:\n  inflight: off\nvms:\n  db:\n    thresholds:\n      inflight: 400\n', 'p.yaml'), 'inflight'), true);
   });
 });

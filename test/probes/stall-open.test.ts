@@ -127,7 +127,7 @@ describe('the stall probe', () => {
 
 describe('the disk probe\'s requests in flight', () => {
   it('counts a request held up after QEMU took it while it waits, not when it completes', async () => {
-    const program = composeProgram(await loadScripts(['disk']), [SCRIPT_QEMU_BINARY]);
+    const program = composeProgram(await loadScripts(['disk', 'inflight']), [SCRIPT_QEMU_BINARY]);
     const stop$ = new Subject<void>();
     const reports: Report[] = [];
     let attached = false;
