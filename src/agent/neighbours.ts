@@ -44,7 +44,8 @@ export async function deviceOf(path: string): Promise<number | undefined> {
 /**
  * The job's VM's samples, each combined with the neighbours' samples of the same report:
  * every counter is the largest of them, so the controller calls the VM busy while any of
- * them is over its threshold. The stall is the VM's own: a neighbour's vCPUs wait for
+ * them is over its threshold. The time in flight too: a neighbour's requests wait on the
+ * host device our copy writes to. The stall is the VM's own: a neighbour's vCPUs wait for
  * their own QEMU's lock, which our copy does not hold.
  *
  * The samples of one report arrive together (one bpftrace report for the host), in no set
@@ -84,7 +85,7 @@ export function withNeighbours(ownPid: number, neighbours: () => ReadonlySet<num
     });
 }
 
-const COMBINED = ['diskReads', 'diskWrites', 'diskFlushes', 'diskDiscards', 'keyEvents', 'pointerEvents', 'interrupts'] as const;
+const COMBINED = ['diskReads', 'diskWrites', 'diskFlushes', 'diskDiscards', 'diskBusyUs', 'keyEvents', 'pointerEvents', 'interrupts'] as const;
 
 function combine(own: ActivitySample, others: readonly ActivitySample[]): ActivitySample {
   const out: Record<string, unknown> = { ...own };

@@ -25,13 +25,13 @@ describe('neighbour protection', () => {
     }
   });
 
-  it('gives the job\'s VM the largest count of itself and its neighbours in each report, its own stall, and ignores VMs elsewhere', async () => {
+  it('gives the job\'s VM the largest count (and time in flight) of itself and its neighbours in each report, its own stall, and ignores VMs elsewhere', async () => {
     const in$ = new Subject<ActivitySample>();
     const out = firstValueFrom(in$.pipe(withNeighbours(1, () => new Set([2])), toArray()));
     // one report: the neighbour (2) writes, a VM on other storage (3) reads a lot
-    in$.next(sample(2, 1000, { diskWrites: 6, vcpuWaitUs: 40_000 }));
-    in$.next(sample(1, 1000, { diskReads: 1, vcpuWaitUs: 500 }));
-    in$.next(sample(3, 1000, { diskReads: 90 }));
+    in$.next(sample(2, 1000, { diskWrites: 6, vcpuWaitUs: 40_000, diskBusyUs: 45_000 }));
+    in$.next(sample(1, 1000, { diskReads: 1, vcpuWaitUs: 500, diskBusyUs: 2_000 }));
+    in$.next(sample(3, 1000, { diskReads: 90, diskBusyUs: 50_000 }));
     await new Promise((r) => setImmediate(r));
     // the next: the neighbour's interval was twice as long
     in$.next(sample(1, 1050, { keyEvents: 0 }));
@@ -40,7 +40,7 @@ describe('neighbour protection', () => {
     in$.complete();
     const got = await out;
     assert.equal(got.length, 2, 'one sample per report, the job VM\'s');
-    assert.deepEqual([got[0]!.pid, got[0]!.diskReads, got[0]!.diskWrites, got[0]!.vcpuWaitUs], [1, 1, 6, 500]);
+    assert.deepEqual([got[0]!.pid, got[0]!.diskReads, got[0]!.diskWrites, got[0]!.vcpuWaitUs, got[0]!.diskBusyUs], [1, 1, 6, 500, 45_000]);
     assert.equal(got[1]!.keyEvents, 2, 'scaled to the job VM\'s interval');
   });
 });

@@ -17,7 +17,7 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Subject, filter, firstValueFrom } from 'rxjs';
-import { composeProgram, loadScripts, SCRIPT_QEMU_BINARY } from '../../src/probes/program.ts';
+import { composeProgram, loadScripts, SCRIPT_QEMU_BINARY, type ScriptId } from '../../src/probes/program.ts';
 import { runBpftrace, type ProbeEvent } from '../../src/probes/runner.ts';
 import { ensureImage } from '../../vm-images/launch.ts';
 import { Lab, sleep, waitUntil, type Guest } from '../observe/helpers.ts';
@@ -35,18 +35,33 @@ after(async () => {
   await lab?.cleanup();
 });
 
+/** bpftrace running these scripts every 50 ms, attached and reporting; its reports as they come. */
+async function probing(ids: ScriptId[]): Promise<{ reports: Report[]; stop: () => void }> {
+  const program = composeProgram(await loadScripts(ids), [SCRIPT_QEMU_BINARY]);
+  const stop$ = new Subject<void>();
+  const reports: Report[] = [];
+  let attached = false;
+  const sub = runBpftrace({ program, intervalMs: 50, stop$ }).subscribe((e) => {
+    if (e.type === 'attached') attached = true;
+    if (e.type === 'report') reports.push(e);
+  });
+  const stop = () => {
+    stop$.next();
+    sub.unsubscribe();
+  };
+  try {
+    await waitUntil('bpftrace attached', () => attached && reports.length >= 10);
+  } catch (e) {
+    stop();
+    throw e;
+  }
+  return { reports, stop };
+}
+
 describe('the stall probe', () => {
   it('counts a vCPU\'s wait for the big lock while it lasts, not only when it ends', async () => {
-    const program = composeProgram(await loadScripts(['stall']), [SCRIPT_QEMU_BINARY]);
-    const stop$ = new Subject<void>();
-    const reports: Report[] = [];
-    let attached = false;
-    const sub = runBpftrace({ program, intervalMs: 50, stop$ }).subscribe((e) => {
-      if (e.type === 'attached') attached = true;
-      if (e.type === 'report') reports.push(e);
-    });
+    const { reports, stop } = await probing(['stall']);
     try {
-      await waitUntil('bpftrace attached', () => attached && reports.length >= 10);
       const { qmp, vm } = guest;
       const keyFile = join(lab.dir, 'key');
       await writeFile(keyFile, 'stall test key', { mode: 0o600 });
@@ -119,22 +134,14 @@ describe('the stall probe', () => {
       }
       for (let i = 1; i < reports.length; i++) ok(wait(reports[i]!) >= wait(reports[i - 1]!), 'the running total never goes back');
     } finally {
-      stop$.next();
-      sub.unsubscribe();
+      stop();
     }
   });
 });
 
 describe('the disk probe\'s requests in flight', () => {
   it('counts a request held up after QEMU took it while it waits, not when it completes', async () => {
-    const program = composeProgram(await loadScripts(['disk', 'inflight']), [SCRIPT_QEMU_BINARY]);
-    const stop$ = new Subject<void>();
-    const reports: Report[] = [];
-    let attached = false;
-    const sub = runBpftrace({ program, intervalMs: 50, stop$ }).subscribe((e) => {
-      if (e.type === 'attached') attached = true;
-      if (e.type === 'report') reports.push(e);
-    });
+    const { reports, stop } = await probing(['disk', 'inflight']);
     const { qmp, vm } = guest;
     // QEMU's own throttle holds each request after block_acct_start (block/throttle-groups.c,
     // in blk_co_preadv/pwritev): at 64 KiB/s each of the guest's one-at-a-time 64 KiB
@@ -142,7 +149,6 @@ describe('the disk probe\'s requests in flight', () => {
     const throttle = (bps: number) =>
       qmp.executeRaw('block_set_io_throttle', { id: '/machine/peripheral/disk0/virtio-backend', bps, bps_rd: 0, bps_wr: 0, iops: 0, iops_rd: 0, iops_wr: 0 });
     try {
-      await waitUntil('bpftrace attached', () => attached && reports.length >= 10);
       const t = (r: Report) => r.totals.get(vm.pid) ?? {};
       const requests = (r: Report) => (t(r).diskReads ?? 0) + (t(r).diskWrites ?? 0);
       const busyMs = (r: Report) => (t(r).diskBusyUs ?? 0) / 1000;
@@ -178,8 +184,7 @@ describe('the disk probe\'s requests in flight', () => {
       for (let i = 1; i < reports.length; i++) ok(busyMs(reports[i]!) >= busyMs(reports[i - 1]!), 'the running total never goes back');
     } finally {
       await throttle(0).catch(() => {});
-      stop$.next();
-      sub.unsubscribe();
+      stop();
     }
   });
 });
