@@ -1,9 +1,10 @@
 /**
  * Busy or idle, from windowed rates and thresholds: pure. The guest is busy while ANY
  * signal's rate is strictly above its threshold (the source design: disk > 5 requests/s,
- * keyboard > 5 events/s, pointer > 100 events/s, interrupts > 1000/s; and the vCPUs' wait
- * for QEMU's big lock, stall > 600 ms/s, which a copy that freezes the guest cannot
- * suppress as it suppresses the disk count: docs/starvation.md). A signal that is
+ * keyboard > 5 events/s, pointer > 100 events/s, interrupts > 1000/s; and two that a copy
+ * holding the guest back cannot suppress as it suppresses the disk count
+ * (docs/starvation.md): the vCPUs' wait for QEMU's big lock, stall > 800 ms/s, and the time
+ * the guest's requests are in flight, inflight > 600 ms/s). A signal that is
  * unknown (null: degraded mode) or switched off (threshold null) never makes it busy.
  */
 import { MS_PER_S, SIGNALS } from '../policy/schema.ts';
