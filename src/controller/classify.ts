@@ -7,7 +7,7 @@
  * the guest's requests are in flight, inflight > 600 ms/s). A signal that is
  * unknown (null: degraded mode) or switched off (threshold null) never makes it busy.
  */
-import { MS_PER_S, SIGNALS } from '../policy/schema.ts';
+import { rateUnit, SIGNALS } from '../policy/schema.ts';
 import { formatRate } from '../policy/units.ts';
 import { DISK_KINDS, type ActivityRates, type Classification, type DiskKind, type Reason, type Signal } from './types.ts';
 
@@ -57,8 +57,7 @@ export function classify(
 
 /** "disk 37.5/s > 5/s, keyboard 8/s > 5/s", "stall 412ms/s > 600ms/s", "disk 90/s > 42/s (learnt)", "disk reads 20/s > 5/s (learnt)" */
 export function describeReasons(reasons: readonly Reason[]): string {
-  const unit = (sig: Signal) => (MS_PER_S.has(sig) ? 'ms/s' : '/s');
   return reasons
-    .map((r) => `${r.signal}${r.kind ? ` ${r.kind}` : ''} ${formatRate(r.value)}${unit(r.signal)} > ${formatRate(r.threshold)}${unit(r.signal)}${r.learnt ? ' (learnt)' : ''}`)
+    .map((r) => `${r.signal}${r.kind ? ` ${r.kind}` : ''} ${formatRate(r.value)}${rateUnit(r.signal)} > ${formatRate(r.threshold)}${rateUnit(r.signal)}${r.learnt ? ' (learnt)' : ''}`)
     .join(', ');
 }

@@ -46,7 +46,7 @@ export interface ActivityRates {
   readonly stallMsPerS?: number | null;
   /**
    * Milliseconds per second the guest's disks had a request in flight, started and not yet
-   * completed (probes/qemu-disk.bt): a request the copy holds up shows here while it waits,
+   * completed (probes/qemu-inflight.bt): a request the copy holds up shows here while it waits,
    * where the requests' count sees nothing until it completes. Absent or null = unknown.
    */
   readonly inflightMsPerS?: number | null;

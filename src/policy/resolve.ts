@@ -1,5 +1,5 @@
 /** From a loaded policy to what one VM runs on, and how a policy reads to a person. */
-import { fixedThresholds, MS_PER_S, SIGNALS, type EffectivePolicy, type Moderation, type Policy, type Signal } from './schema.ts';
+import { fixedThresholds, rateUnit, SIGNALS, type EffectivePolicy, type Moderation, type Policy, type Signal } from './schema.ts';
 import { formatBytes, formatDuration, formatRate, formatSpeed } from './units.ts';
 
 /** The settings for the VM named `vm`: its override when the policy has one, else the top level. */
@@ -47,7 +47,7 @@ export function describePolicy(policy: Policy): string[] {
 function describeModeration(m: Moderation): string[] {
   const fixed = fixedThresholds(m.thresholds);
   const busy = SIGNALS.filter((s) => m.thresholds[s] !== null).map((s) => {
-    const unit = MS_PER_S.has(s) ? 'ms/s' : '/s';
+    const unit = rateUnit(s);
     if (m.thresholds[s] === 'auto') return `${s} above the level learnt for each guest (never under ${formatRate(fixed[s]!)}${unit})`;
     return fixed[s] === 0 ? `any ${ONE_EVENT[s]}` : `${s} > ${formatRate(fixed[s]!)}${unit}`;
   });

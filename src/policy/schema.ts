@@ -46,7 +46,7 @@ export const moderationShape = {
     interrupts: learnable,
     /** ms per second the guest's vCPUs waited for QEMU's big lock (probes/qemu-stall.bt). */
     stall: threshold,
-    /** ms per second the guest's disks had a request in flight (probes/qemu-disk.bt). */
+    /** ms per second the guest's disks had a request in flight (probes/qemu-inflight.bt). */
     inflight: threshold,
   }),
   speed: section({
@@ -129,8 +129,8 @@ export type Moderation = z.output<typeof moderationSchema>;
 export type Sampling = z.output<typeof samplingSchema>;
 export type Signal = keyof Moderation['thresholds'];
 export const SIGNALS = Object.keys(moderationShape.thresholds.shape) as Signal[];
-/** The signals measured in ms per second (time, not events). */
-export const MS_PER_S: ReadonlySet<Signal> = new Set<Signal>(['stall', 'inflight']);
+/** The unit of a signal's rate and threshold: time per second (stall, inflight) or events per second. */
+export const rateUnit = (signal: Signal): 'ms/s' | '/s' => (signal === 'stall' || signal === 'inflight' ? 'ms/s' : '/s');
 /** The signals `auto` may learn per guest (src/controller/calibrate.ts). */
 export const LEARNABLE = ['disk', 'interrupts'] as const satisfies readonly Signal[];
 export type LearnableSignal = (typeof LEARNABLE)[number];

@@ -21,7 +21,7 @@ export const COUNTERS = [
   { key: 'vcpuWaitUs', map: 'vcpu_wait_us', json: 'vcpu_wait_us' },
   // Microseconds the VM's disks had a guest request in flight (started, not completed; a
   // sum over its disks): 250 ms of it in one 250 ms report is one request that took that
-  // long, which the copy cannot hide as it hides the requests' count (probes/qemu-disk.bt).
+  // long, which the copy cannot hide as it hides the requests' count (probes/qemu-inflight.bt).
   { key: 'diskBusyUs', map: 'disk_busy_us', json: 'disk_busy_us' },
 ] as const;
 
