@@ -78,6 +78,10 @@ const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null 
 
 /** Like the Python client's 10 MB read limit: a "line" longer than this is not QMP. */
 const MAX_LINE_CHARS = 16 * 1024 * 1024;
+/** How much of a line that is not what QMP sends is quoted in the error, so that one can tell what answered. */
+const PREVIEW_CHARS = 80;
+/** The start of a line from the peer, quoted with its control characters escaped, for an error message. */
+const preview = (line: string): string => JSON.stringify(line.slice(0, PREVIEW_CHARS)) + (line.length > PREVIEW_CHARS ? ` (${line.length} characters)` : '');
 
 export class QmpClient {
   readonly socketPath: string;
@@ -239,7 +243,9 @@ export class QmpClient {
       if (isObject(q) && isObject(q.version) && Array.isArray(q.capabilities)) {
         this.greetingWaiter.resolve(msg as unknown as QmpGreeting);
       } else {
-        this.greetingWaiter.reject(new QmpNotQmpError(this.socketPath, 'its first message is not a QMP greeting'));
+        // Quoted: it came before we sent anything (no key can be in it), and it tells what
+        // answered on the socket (a suite run once failed here without saying).
+        this.greetingWaiter.reject(new QmpNotQmpError(this.socketPath, `its first message is not a QMP greeting: ${preview(line)}`));
       }
       return;
     }

@@ -77,9 +77,10 @@ describe('QmpClient handshake', () => {
     await conn.closed; // the client hung up rather than leaking the socket
   });
 
-  for (const [what, first] of [
-    ['a text banner', 'SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n'],
-    ['a JSON object without "QMP"', line({ hello: 'world' })],
+  for (const [what, first, quoted] of [
+    ['a text banner', 'SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n', '"SSH-2.0-OpenSSH_9.2p1 Debian-2"'],
+    ['a JSON object without "QMP"', line({ hello: 'world' }), '"{\\"hello\\":\\"world\\"}"'],
+    ['a long line with a control character', `\u0007${'x'.repeat(200)}\n`, `"\\u0007${'x'.repeat(79)}" (201 characters)`],
   ] as const) {
     it(`fails connect with QmpNotQmpError when the first message is ${what}`, async () => {
       const server = await startServer();
@@ -88,7 +89,8 @@ describe('QmpClient handshake', () => {
       conn.send(first);
       const err = await rejectionOf(connecting);
       assert.ok(err instanceof QmpNotQmpError);
-      assert.equal(err.message, `${server.path} is not a QMP socket (its first message is not a QMP greeting)`);
+      // The start of what answered, quoted, so that a failure says what it was.
+      assert.equal(err.message, `${server.path} is not a QMP socket (its first message is not a QMP greeting: ${quoted})`);
       await conn.closed;
     });
   }
