@@ -154,7 +154,7 @@ export function classifyActivity(policy$: Observable<EffectivePolicy>, learning:
           const thresholds = learnt?.thresholds ?? fixedThresholds(p.thresholds);
           const learntSignals = learnt ? (Object.keys(learnt.levels) as Signal[]) : [];
           const c = classify(rates, thresholds, learntSignals, learnt?.kinds);
-          return { window, calibration, learnt, auto: auto.join(), out: { time: sample.time, ...c, ...(learnt ? { learnt } : {}) } };
+          return { window, calibration, learnt, auto: auto.join(), out: { time: sample.time, ...c, diskPerS: sample.diskPerS, ...(learnt ? { learnt } : {}) } };
         },
         { window: EMPTY_WINDOW, calibration: learning.initial ?? EMPTY_CALIBRATION, learnt: undefined, auto: '', out: null },
       ),
@@ -233,6 +233,10 @@ const URGENT: ReadonlySet<Signal> = new Set(['keyboard', 'pointer', ...HELD]);
  * a guest that works stays over it (the one-at-a-time guest frozen by the copy: seconds).
  * The catch-up alone cost a sparse disk's idle phase 1.25 s of copying at a time (matrix,
  * trickle cells under `thresholds: auto`, 2026-12-03). Input never counts as catch-up.
+ *
+ * Either kind of held spell in which the guest submitted no disk request at all, from its
+ * first busy sample to its end, is also marked `heldIdle`: an idle guest whose vCPU waited
+ * for its timer interrupts. The headroom sets no ceiling for it (headroom.ts heldStep).
  */
 export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: SchedulerLike): OperatorFunction<Classified, StateChange> {
   return (source) =>
@@ -251,8 +255,11 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
       let workFrom = -1;
       let workTo = -1;
       let working = false;
+      // Since the spell began: the guest submitted a disk request (or it is not known).
+      let requested = false;
       return source.pipe(
         tap((c) => {
+          if ((spell || c.state === 'busy') && c.diskPerS !== 0) requested = true;
           const work = c.state === 'busy' && c.reasons.some((r) => r.signal === 'disk' || r.signal === 'interrupts');
           if (work !== working) {
             working = work;
@@ -300,7 +307,7 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
           const idleAgain = () => {
             // A new spell starts afresh: a disk busy later is not held for an earlier input.
             heldOnly = true;
-            spell = heldBegan = input = false;
+            spell = heldBegan = input = requested = false;
             workFrom = workTo = -1;
             urgent = false;
             return quiet;
@@ -310,7 +317,7 @@ export function holdOff(policy$: Observable<EffectivePolicy>, scheduler: Schedul
             state: 'holdoff',
             reason: `${c.note ?? 'quiet'}; hold-off ${formatDuration(hold)} after ${busyReason}`,
             ...(urgent ? { urgent: true as const } : {}),
-            ...(held ? { held: true as const } : {}),
+            ...(held ? { held: true as const, ...(requested ? {} : { heldIdle: true as const }) } : {}),
           };
           return concat(of(holding), timer(hold, scheduler).pipe(map(idleAgain)));
         }),
@@ -521,7 +528,7 @@ export function convergence(policy$: Observable<EffectivePolicy>, scheduler: Sch
  */
 export function desiredDecision(s: StateChange, p: EffectivePolicy, g: Guarantee, lat?: LatencyView, push?: Push | null): Decision {
   const d = decisionFor(s, p, g, lat, push);
-  return s.held ? { ...d, held: true } : d;
+  return s.held ? { ...d, held: true, ...(s.heldIdle ? { heldIdle: true as const } : {}) } : d;
 }
 
 function decisionFor(s: StateChange, p: EffectivePolicy, g: Guarantee, lat?: LatencyView, push?: Push | null): Decision {

@@ -37,7 +37,8 @@
  * copy a guest trickling 15 synchronous writes a second waited for the big lock over 800 ms/s
  * every half second, with the cap (250-300 MiB/s) far above the copy's 150, and each spell
  * paused the copy. With the ceiling its vCPUs were held so in 1% of the idle phases' samples
- * instead of 9-12%, the copy as fast (docs/starvation.md).
+ * instead of 9-12%, the copy as fast (docs/starvation.md). A spell in which the guest
+ * submitted no request at all (an idle guest's timer interrupts waited) sets none.
  */
 import {
   combineLatest,
@@ -178,8 +179,16 @@ export function headroomStep(mem: HeadroomMemory, s: HeadroomInput, headroom: nu
  * A spell that held the guest ended (the copy paused for a stall, and the guest did no work
  * after it): the ceiling goes to STALL_CUT of the most the copy was let do in the second
  * before it, or lower where it already is, and the cap under it. Pure.
+ *
+ * `guestIdle`: the guest submitted no disk request in the spell (Decision.heldIdle). An idle
+ * guest's vCPU waits for the lock for its timer interrupts, over the stall's threshold in
+ * spells on a host short of CPUs, at any speed of the copy (seen at a main loop 56% busy,
+ * in the copy's first ramp). Nothing the guest does is slowed, so no ceiling: one cut from
+ * such a spell held a whole idle phase at 43% of the unthrottled speed (test/moderation,
+ * 2026-12-05). The spell still counts as held for the stretch after it.
  */
-export function heldStep(mem: HeadroomMemory): HeadroomMemory {
+export function heldStep(mem: HeadroomMemory, guestIdle = false): HeadroomMemory {
+  if (guestIdle) return { ...mem, resumeAfterHeld: true };
   // The stretch the spell ended: a copy back at its idle speed for under a second after a
   // pause of the guest's (a busy phase, not a held spell) is not what held the guest; the
   // spell is the tail of the guest's own busy phase, and the rates before it are the copy's
@@ -213,12 +222,12 @@ export function headroomCap(
       filter((d) => d.held === true),
       withLatestFrom(policy$),
       filter(([, pol]) => pol.speed.headroom !== null),
-      map(() => 'held' as const),
+      map(([d]) => (d.heldIdle ? ('heldIdle' as const) : ('held' as const))),
     );
     const sample$ = load$.pipe(withLatestFrom(base$, progress$, policy$));
     return merge(sample$, held$).pipe(
       scan((mem, e) => {
-        if (e === 'held') return heldStep(mem);
+        if (e === 'held' || e === 'heldIdle') return heldStep(mem, e === 'heldIdle');
         const [l, d, p, pol] = e;
         return pol.speed.headroom === null
           ? { ...mem, prev: null }

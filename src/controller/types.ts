@@ -97,6 +97,12 @@ export interface Classification {
 /** A classification of the windowed rates at `time`. */
 export interface Classified extends Classification {
   readonly time: number;
+  /**
+   * The guest's disk requests per second in this sample alone (not windowed, classified or
+   * not): whether a guest the copy held did anything at all (decide.ts holdOff). Absent =
+   * unknown, taken as some.
+   */
+  readonly diskPerS?: number;
   /** The thresholds it was made with, when some are learnt (`auto`): what calibrate.ts learnt. */
   readonly learnt?: LearntThresholds;
   /** Why the guest counts as idle when that is not simply "every rate under its threshold". */
@@ -124,6 +130,13 @@ export interface StateChange {
    * headroom lowers its cap for it (headroom.ts).
    */
   readonly held?: true;
+  /**
+   * With `held`: the guest submitted no disk request from the spell's start to its end. An
+   * idle guest's vCPU waits for the lock too (its timer interrupts), most on a host short of
+   * CPUs; the copy's speed is no harm to a guest that does nothing, so the headroom sets no
+   * ceiling for such a spell (headroom.ts heldStep).
+   */
+  readonly heldIdle?: true;
 }
 
 /** What the deadline asks for: the busy speed it needs, if it needs one. */
@@ -157,6 +170,8 @@ export interface Decision {
   readonly learnt?: LearntThresholds;
   /** From the state: the hold-off after a spell in which the copy held the guest (StateChange.held). */
   readonly held?: true;
+  /** From the state: that guest submitted no disk request in the spell (StateChange.heldIdle). */
+  readonly heldIdle?: true;
   /** The latency control (`latency.margin`), when on: the guest's latency, its baseline, the graded speed. */
   readonly latency?: LatencyView;
 }

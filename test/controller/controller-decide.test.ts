@@ -157,6 +157,28 @@ describe('holdOff', () => {
     });
   });
 
+  test('a held spell in which the guest submitted no disk request, from its first busy sample to its end, is marked heldIdle; one request in it, or counts not known, is not', () => {
+    const ts = scheduler();
+    ts.run(({ cold, expectObservable }) => {
+      const T = { state: 'busy', reason: 'stall 900ms/s > 800ms/s', urgent: true };
+      const t = { state: 'holdoff', reason: 'quiet; hold-off 250ms after stall 900ms/s > 800ms/s', urgent: true, held: true };
+      const q = { state: 'idle', reason: 'quiet for 250ms' };
+      const none = { s: { ...stalled, diskPerS: 0 }, i: { ...idle, diskPerS: 0 }, r: { ...idle, diskPerS: 20 } };
+      // an idle guest whose vCPU waited: no request before the spell's end
+      expectObservable(cold('s 49ms s 49ms i', none).pipe(holdOff(of(P), ts))).toBe('T 99ms t 249ms q', { T, t: { ...t, heldIdle: true }, q });
+      // a request before the spell began is not in it
+      expectObservable(cold('r 49ms s 49ms i', none).pipe(holdOff(of(P), ts))).toBe('I 49ms T 49ms t 249ms q', { ...S, T, t: { ...t, heldIdle: true }, q });
+      // a trickling guest's write released as the spell ends: it did something
+      expectObservable(cold('s 49ms s 49ms r', none).pipe(holdOff(of(P), ts))).toBe('T 99ms t 249ms q', { T, t, q });
+      // counts not known (no diskPerS): taken as some, as before
+      expectObservable(cold('s 99ms i', { s: stalled, i: idle }).pipe(holdOff(of(P), ts))).toBe('T 99ms t 249ms q', { T, t, q });
+      // the next spell starts afresh: a request in the first does not count for the second
+      expectObservable(cold('s 49ms r 399ms s 49ms i', none).pipe(holdOff(of(P), ts))).toBe('T 49ms t 249ms q 149ms T 49ms u 249ms q', {
+        T, t, q, u: { ...t, heldIdle: true },
+      });
+    });
+  });
+
   test('once idle, a busy disk is not held for the input or stall of an earlier spell', () => {
     const ts = scheduler();
     ts.run(({ cold, expectObservable }) => {
@@ -238,9 +260,10 @@ describe('classifyActivity', () => {
       // samples at 50, 100, 150 ms: one request, one more, then nothing
       const src = cold('50ms a 49ms b 49ms c', { a: sample(50, 20), b: sample(100, 20), c: sample(150, 0) });
       expectObservable(src.pipe(classifyActivity(of(P)))).toBe('50ms a 49ms b 49ms c', {
-        a: { time: 50, state: 'idle', reasons: [] },
-        b: { time: 100, state: 'busy', reasons: [{ signal: 'disk', value: 8, threshold: 5 }] },
-        c: { time: 150, state: 'busy', reasons: [{ signal: 'disk', value: 8, threshold: 5 }] },
+        // diskPerS: the sample's own rate, not the window's (holdOff asks whether a held guest did anything)
+        a: { time: 50, state: 'idle', reasons: [], diskPerS: 20 },
+        b: { time: 100, state: 'busy', reasons: [{ signal: 'disk', value: 8, threshold: 5 }], diskPerS: 20 },
+        c: { time: 150, state: 'busy', reasons: [{ signal: 'disk', value: 8, threshold: 5 }], diskPerS: 0 },
       });
     });
   });
@@ -251,7 +274,7 @@ describe('classifyActivity', () => {
       expectObservable(cold<ActivityRates>('|').pipe(classifyActivity(of(P)))).toBe('|');
       expectObservable(cold<ActivityRates>('#').pipe(classifyActivity(of(P)))).toBe('#');
       const src = hot('a 99ms a', { a: sample(0, 0) });
-      expectObservable(src.pipe(classifyActivity(of(P))), '^ 50ms !').toBe('a', { a: { time: 0, state: 'idle', reasons: [] } });
+      expectObservable(src.pipe(classifyActivity(of(P))), '^ 50ms !').toBe('a', { a: { time: 0, state: 'idle', reasons: [], diskPerS: 0 } });
       expectSubscriptions(src.subscriptions).toBe('^ 50ms !');
     });
   });
@@ -267,6 +290,12 @@ describe('desiredDecision', () => {
     const limited = withPolicy({ speed: { ...P.speed, idle: 200 * MiB, busy: 20 * MiB } });
     assert.deepEqual(desiredDecision(st('idle'), limited, NO_GUARANTEE), { mode: 'throttled', speed: 200 * MiB, state: 'idle', reason: 'r' });
     assert.deepEqual(desiredDecision(st('busy'), limited, NO_GUARANTEE), { mode: 'throttled', speed: 20 * MiB, state: 'busy', reason: 'r' });
+  });
+
+  test('the hold-off after a held spell is marked held, and heldIdle when the guest did nothing in it', () => {
+    const t: StateChange = { state: 'holdoff', reason: 'quiet; hold-off 250ms after stall 900ms/s > 800ms/s', urgent: true, held: true };
+    assert.deepEqual(desiredDecision(t, P, NO_GUARANTEE), { mode: 'paused', speed: 0, state: 'holdoff', reason: t.reason, held: true });
+    assert.deepEqual(desiredDecision({ ...t, heldIdle: true }, P, NO_GUARANTEE), { mode: 'paused', speed: 0, state: 'holdoff', reason: t.reason, held: true, heldIdle: true });
   });
 
   test('the floor raises a slower speed, and says so', () => {

@@ -201,6 +201,19 @@ describe('a spell that held the guest (heldStep)', () => {
     assert.equal(copy.mem.ceilingBps, 150 * MiB * STALL_CUT, 'the spell after a held one is the copy\'s, in either order');
   });
 
+  test('a spell in which the guest submitted no request (heldIdle) sets no ceiling, and still makes the next spell the copy\'s', () => {
+    // the sparse disk's copy as in the first test: a cut would put the ceiling at 127.5 MiB/s
+    let mem = simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem;
+    const capBefore = mem.capBps;
+    mem = heldStep(mem, true);
+    assert.equal(mem.ceilingBps, undefined, 'no ceiling for an idle guest');
+    assert.equal(mem.capBps, capBefore);
+    assert.equal(mem.resumeAfterHeld, true);
+    // and one that did something, right after: cut
+    mem = heldStep(mem);
+    assert.equal(mem.ceilingBps, 150 * MiB * STALL_CUT);
+  });
+
   test('headroomCap: a decision marked held lowers the cap at once, once', () => {
     const base$ = new Subject<Decision>();
     const load$ = new Subject<{ time: number; load: number }>();
@@ -215,6 +228,11 @@ describe('a spell that held the guest (heldStep)', () => {
     assert.deepEqual(caps, [HEADROOM_START_BPS, Math.round((64 * STALL_CUT)) * MiB]);
     base$.next(full);
     assert.equal(caps.length, 2);
+    // an idle guest's spell (heldIdle): the cap stays
+    base$.next({ mode: 'paused', speed: 0, state: 'holdoff', reason: 'quiet; hold-off 250ms after stall 900ms/s > 800ms/s', held: true, heldIdle: true });
+    base$.next(full);
+    load$.next({ time: 250, load: 0.2 });
+    assert.ok(caps.every((c) => c >= Math.round(64 * STALL_CUT) * MiB), `no second cut: ${caps.map((c) => c / MiB).join(', ')}`);
   });
 });
 
