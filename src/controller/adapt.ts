@@ -8,19 +8,15 @@
  * when the window holds a single 50 ms sample (1 request / 0.05 s would read 20/s).
  */
 import { map, type OperatorFunction } from 'rxjs';
-import type { Counts } from '../probes/counters.ts';
+import type { SampleCounts } from '../probes/counters.ts';
 import type { ActivityRates } from './types.ts';
 
 /**
  * The fields of an ActivitySample the controller reads: the counters (one table in
- * src/probes/counters.ts) per interval, null = unknown. Discards may be absent.
+ * src/probes/counters.ts) per interval, null = unknown. Discards, the vCPUs' wait and the
+ * time in flight may be absent (OptionalCounter).
  */
-export interface CountSample extends Readonly<Omit<Counts, 'diskDiscards' | 'vcpuWaitUs' | 'diskBusyUs'>> {
-  readonly diskDiscards?: number | null;
-  /** µs the vCPUs waited for QEMU's big lock in the interval; absent or null = unknown. */
-  readonly vcpuWaitUs?: number | null;
-  /** µs the guest's disks had a request in flight in the interval; absent or null = unknown. */
-  readonly diskBusyUs?: number | null;
+export interface CountSample extends SampleCounts {
   readonly time: number;
   readonly pid: number;
   readonly vm: string | null;
@@ -32,6 +28,8 @@ export interface CountSample extends Readonly<Omit<Counts, 'diskDiscards' | 'vcp
 /** One sample as rates over its own interval. Disk is every request kind the guest submits. */
 export function ratesFromSample(s: CountSample, vmName: string): ActivityRates {
   const perS = (n: number | null) => (n === null || !(s.intervalS > 0) ? null : n / s.intervalS);
+  // µs per interval → ms per second
+  const msPerS = (us: number | null) => perS(us === null ? null : us / 1000);
   const disk = [s.diskReads, s.diskWrites, s.diskFlushes, s.diskDiscards ?? null].reduce<number>((a, n) => a + (n ?? 0), 0);
   return {
     time: s.time,
@@ -45,9 +43,9 @@ export function ratesFromSample(s: CountSample, vmName: string): ActivityRates {
     keyPerS: perS(s.keyEvents),
     pointerPerS: perS(s.pointerEvents),
     interruptsPerS: perS(s.interrupts),
-    // µs per interval → ms per second; a source without the counter leaves it out
-    ...(s.vcpuWaitUs !== undefined ? { stallMsPerS: s.vcpuWaitUs === null ? null : perS(s.vcpuWaitUs / 1000) } : {}),
-    ...(s.diskBusyUs !== undefined ? { inflightMsPerS: s.diskBusyUs === null ? null : perS(s.diskBusyUs / 1000) } : {}),
+    // a source without the counter leaves it out
+    ...(s.vcpuWaitUs !== undefined ? { stallMsPerS: msPerS(s.vcpuWaitUs) } : {}),
+    ...(s.diskBusyUs !== undefined ? { inflightMsPerS: msPerS(s.diskBusyUs) } : {}),
     source: s.source,
   };
 }

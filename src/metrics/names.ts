@@ -15,7 +15,7 @@
  * out of the point, never written as 0: InfluxDB has no null, and 0 would read as "idle".
  */
 import type { LearnableSignal, Signal } from '../policy/schema.ts';
-import type { Counts } from '../probes/counters.ts';
+import type { SampleCounts } from '../probes/counters.ts';
 
 export type FieldType = 'integer' | 'float' | 'string';
 
@@ -283,11 +283,7 @@ export interface VmIdentity {
 }
 
 /** Counts per interval as src/streams' ActivitySample carries them (src/probes/counters.ts); null = not measured. */
-export type ActivityCounts = Readonly<Omit<Counts, 'diskDiscards' | 'vcpuWaitUs' | 'diskBusyUs'>> & {
-  readonly diskDiscards?: number | null;
-  readonly vcpuWaitUs?: number | null;
-  readonly diskBusyUs?: number | null;
-};
+export type ActivityCounts = SampleCounts;
 
 /**
  * One activity sample. The rates are count / interval, the same arithmetic as the
@@ -299,6 +295,8 @@ export function activityPoint(
   c: ActivityCounts,
 ): MetricPoint | null {
   const perS = (n: number | null | undefined): number | null => (n === null || n === undefined || !(id.intervalS > 0) ? null : n / id.intervalS);
+  // µs per interval → ms per second
+  const msPerS = (us: number | null | undefined) => perS(us === null || us === undefined ? null : us / 1000);
   const diskKinds = [c.diskReads, c.diskWrites, c.diskFlushes, c.diskDiscards ?? null];
   const disk = diskKinds.every((n) => n === null) ? null : diskKinds.reduce<number>((a, n) => a + (n ?? 0), 0);
   return point('activity', id.time, { host: id.host, vm: id.vm, source: id.source }, {
@@ -316,8 +314,8 @@ export function activityPoint(
     key_events_per_s: perS(c.keyEvents),
     pointer_events_per_s: perS(c.pointerEvents),
     interrupts_per_s: perS(c.interrupts),
-    vcpu_wait_ms_per_s: perS(c.vcpuWaitUs === undefined || c.vcpuWaitUs === null ? null : c.vcpuWaitUs / 1000),
-    disk_busy_ms_per_s: perS(c.diskBusyUs === undefined || c.diskBusyUs === null ? null : c.diskBusyUs / 1000),
+    vcpu_wait_ms_per_s: msPerS(c.vcpuWaitUs),
+    disk_busy_ms_per_s: msPerS(c.diskBusyUs),
   });
 }
 

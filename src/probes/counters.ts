@@ -30,6 +30,12 @@ export type CounterKey = (typeof COUNTERS)[number]['key'];
 /** Counts of one VM; null = unknown (not measured by this source). */
 export type Counts = Record<CounterKey, number | null>;
 
+/** Counters a sample may lack altogether (a source or a test that predates them): absent = unknown. */
+export type OptionalCounter = 'diskDiscards' | 'vcpuWaitUs' | 'diskBusyUs';
+
+/** Counts of one VM as an activity sample carries them: the optional counters may be absent. */
+export type SampleCounts = Readonly<Omit<Counts, OptionalCounter>> & { readonly [K in OptionalCounter]?: number | null };
+
 /** Running totals of one process as bpftrace reports them (absent = 0). */
 export type Totals = Partial<Record<CounterKey, number>>;
 
