@@ -193,8 +193,10 @@ export function heldStep(mem: HeadroomMemory, guestIdle = false): HeadroomMemory
   // pause of the guest's (a busy phase, not a held spell) is not what held the guest; the
   // spell is the tail of the guest's own busy phase, and the rates before it are the copy's
   // ramp, no measure of what it can do (cuts from them set ceilings of 8-65 MiB/s that whole
-  // idle phases then kept: docs/starvation.md). The spell is still held off; the next one cuts.
-  if (mem.run?.afterBusy && mem.run.steps < RECENT_STEPS) return { ...mem, resumeAfterHeld: true };
+  // idle phases then kept: docs/starvation.md). The spell is still held off; the next one cuts,
+  // even when the copy ran between them too briefly for a load sample to start a stretch (it
+  // resumed for 0.1-0.25 s at a time between spells, and four more went by uncut: 2026-12-05).
+  if (mem.run?.afterBusy && mem.run.steps < RECENT_STEPS && !mem.resumeAfterHeld) return { ...mem, resumeAfterHeld: true };
   const before = Math.min(mem.recent?.length ? Math.max(...mem.recent) : mem.capBps, mem.capBps);
   const ceilingBps = Math.max(HEADROOM_MIN_BPS, Math.min(mem.ceilingBps ?? Infinity, before * STALL_CUT));
   return { ...mem, ceilingBps, ceilingSteps: 0, capBps: roundMiB(Math.min(mem.capBps, ceilingBps)), resumeAfterHeld: true };

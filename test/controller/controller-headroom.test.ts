@@ -201,6 +201,28 @@ describe('a spell that held the guest (heldStep)', () => {
     assert.equal(copy.mem.ceilingBps, 150 * MiB * STALL_CUT, 'the spell after a held one is the copy\'s, in either order');
   });
 
+  test('spells back to back, the copy resuming between them for less than a load sample: only the first after a busy phase is exempt', () => {
+    // seen in the sparse trickle cells (2026-12-05): after the exempt spell the copy ran 0.1-0.25 s
+    // at a time between spells, unseen by any load sample, and four more spells went by uncut
+    const copy = afterBusyPhase();
+    const capBefore = copy.mem.capBps;
+    const { sample, held } = copy;
+    sample(true);
+    sample(true, 20 * MiB);
+    sample(true, 40 * MiB);
+    sample(false);
+    held();
+    assert.equal(copy.mem.ceilingBps, undefined, 'the busy phase\'s tail');
+    sample(false); // its hold-off; the copy then runs for 100 ms, between two load samples
+    held();
+    assert.equal(copy.mem.ceilingBps, 150 * MiB * STALL_CUT, 'the second spell is the copy\'s');
+    assert.ok(copy.mem.capBps < capBefore);
+    const ceiling = copy.mem.ceilingBps!;
+    sample(false);
+    held();
+    assert.ok(copy.mem.ceilingBps! < ceiling, 'and each after it cuts again');
+  });
+
   test('a spell in which the guest submitted no request (heldIdle) sets no ceiling, and still makes the next spell the copy\'s', () => {
     // the sparse disk's copy as in the first test: a cut would put the ceiling at 127.5 MiB/s
     let mem = simulate(40, { perMiB: 0.004, eff: 0.9, maxBps: 150 * MiB }).mem;
