@@ -152,19 +152,25 @@ describe('a spell that held the guest (heldStep)', () => {
     return copy;
   };
 
-  test('a spell within a second of the copy resuming after a busy phase of the guest\'s sets no ceiling; the next spell, after that one, does', () => {
+  /** afterBusyPhase(), then the copy back at the idle speed for half a second and a spell: exempt. */
+  const afterExemptSpell = () => {
     const copy = afterBusyPhase();
     const capBefore = copy.mem.capBps;
-    const { sample, held } = copy;
     // back at the idle speed: the first sample starts the measurement, then two steps at the ramp's rates
-    sample(true);
-    sample(true, 20 * MiB);
-    sample(true, 40 * MiB);
+    copy.sample(true);
+    copy.sample(true, 20 * MiB);
+    copy.sample(true, 40 * MiB);
     // the spell (the end of the guest's own busy phase) pauses the copy, and ends held
-    sample(false);
-    held();
+    copy.sample(false);
+    copy.held();
     assert.equal(copy.mem.ceilingBps, undefined, 'no ceiling from a copy that had run half a second');
     assert.equal(copy.mem.capBps, capBefore);
+    return { copy, capBefore };
+  };
+
+  test('a spell within a second of the copy resuming after a busy phase of the guest\'s sets no ceiling; the next spell, after that one, does', () => {
+    const { copy } = afterExemptSpell();
+    const { sample, held } = copy;
     // the copy runs again, for a single reading (no step), and another spell holds the guest: the copy's this time
     sample(true);
     sample(false);
@@ -204,15 +210,8 @@ describe('a spell that held the guest (heldStep)', () => {
   test('spells back to back, the copy resuming between them for less than a load sample: only the first after a busy phase is exempt', () => {
     // seen in the sparse trickle cells (2026-12-05): after the exempt spell the copy ran 0.1-0.25 s
     // at a time between spells, unseen by any load sample, and four more spells went by uncut
-    const copy = afterBusyPhase();
-    const capBefore = copy.mem.capBps;
+    const { copy, capBefore } = afterExemptSpell();
     const { sample, held } = copy;
-    sample(true);
-    sample(true, 20 * MiB);
-    sample(true, 40 * MiB);
-    sample(false);
-    held();
-    assert.equal(copy.mem.ceilingBps, undefined, 'the busy phase\'s tail');
     sample(false); // its hold-off; the copy then runs for 100 ms, between two load samples
     held();
     assert.equal(copy.mem.ceilingBps, 150 * MiB * STALL_CUT, 'the second spell is the copy\'s');
