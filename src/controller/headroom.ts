@@ -125,9 +125,10 @@ export interface HeadroomMemory {
    */
   readonly run?: RunStretch;
   /**
-   * The next stretch begins after a held spell: set by heldStep, taken by the stretch that
-   * begins next (the held decision may come before or after the readings that see the copy
-   * stop, when the spell is shorter than a reading).
+   * A held spell came since the last stretch, so the next begins after one: set by heldStep,
+   * taken by the stretch that begins next (the held decision may come before or after the
+   * readings that see the copy stop, when the spell is shorter than a reading). While it is
+   * set, a further spell is not exempt as the tail of a busy phase.
    */
   readonly resumeAfterHeld?: boolean;
 }
