@@ -196,7 +196,7 @@ export function heldStep(mem: HeadroomMemory, guestIdle = false): HeadroomMemory
   // ramp, no measure of what it can do (cuts from them set ceilings of 8-65 MiB/s that whole
   // idle phases then kept: docs/starvation.md). The spell is still held off; the next one cuts,
   // even when the copy ran between them too briefly for a load sample to start a stretch (it
-  // resumed for 0.1-0.25 s at a time between spells, and four more went by uncut: 2026-12-05).
+  // resumed for 0.1-0.25 s at a time between spells, and three more went by uncut: 2026-12-05).
   if (mem.run?.afterBusy && mem.run.steps < RECENT_STEPS && !mem.resumeAfterHeld) return { ...mem, resumeAfterHeld: true };
   const before = Math.min(mem.recent?.length ? Math.max(...mem.recent) : mem.capBps, mem.capBps);
   const ceilingBps = Math.max(HEADROOM_MIN_BPS, Math.min(mem.ceilingBps ?? Infinity, before * STALL_CUT));

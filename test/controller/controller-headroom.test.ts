@@ -209,7 +209,7 @@ describe('a spell that held the guest (heldStep)', () => {
 
   test('spells back to back, the copy resuming between them for less than a load sample: only the first after a busy phase is exempt', () => {
     // seen in the sparse trickle cells (2026-12-05): after the exempt spell the copy ran 0.1-0.25 s
-    // at a time between spells, unseen by any load sample, and four more spells went by uncut
+    // at a time between spells, unseen by any load sample, and three more spells went by uncut
     const { copy, capBefore } = afterExemptSpell();
     const { sample, held } = copy;
     sample(false); // its hold-off; the copy then runs for 100 ms, between two load samples
