@@ -8,7 +8,7 @@
  * when the window holds a single 50 ms sample (1 request / 0.05 s would read 20/s).
  */
 import { map, type OperatorFunction } from 'rxjs';
-import type { SampleCounts } from '../probes/counters.ts';
+import { msPerSecond, perSecond, type SampleCounts } from '../probes/counters.ts';
 import type { ActivityRates } from './types.ts';
 
 /**
@@ -27,9 +27,7 @@ export interface CountSample extends SampleCounts {
 
 /** One sample as rates over its own interval. Disk is every request kind the guest submits. */
 export function ratesFromSample(s: CountSample, vmName: string): ActivityRates {
-  const perS = (n: number | null) => (n === null || !(s.intervalS > 0) ? null : n / s.intervalS);
-  // µs per interval → ms per second
-  const msPerS = (us: number | null) => perS(us === null ? null : us / 1000);
+  const perS = (n: number | null | undefined) => perSecond(n, s.intervalS);
   const disk = [s.diskReads, s.diskWrites, s.diskFlushes, s.diskDiscards ?? null].reduce<number>((a, n) => a + (n ?? 0), 0);
   return {
     time: s.time,
@@ -38,14 +36,14 @@ export function ratesFromSample(s: CountSample, vmName: string): ActivityRates {
     ...(s.intervalS > 0 ? { intervalMs: s.intervalS * 1000 } : {}),
     diskPerS: perS(disk) ?? 0,
     ...(s.intervalS > 0
-      ? { diskKindsPerS: { reads: perS(s.diskReads) ?? 0, writes: perS(s.diskWrites) ?? 0, flushes: perS(s.diskFlushes) ?? 0, discards: perS(s.diskDiscards ?? null) ?? 0 } }
+      ? { diskKindsPerS: { reads: perS(s.diskReads) ?? 0, writes: perS(s.diskWrites) ?? 0, flushes: perS(s.diskFlushes) ?? 0, discards: perS(s.diskDiscards) ?? 0 } }
       : {}),
     keyPerS: perS(s.keyEvents),
     pointerPerS: perS(s.pointerEvents),
     interruptsPerS: perS(s.interrupts),
     // a source without the counter leaves it out
-    ...(s.vcpuWaitUs !== undefined ? { stallMsPerS: msPerS(s.vcpuWaitUs) } : {}),
-    ...(s.diskBusyUs !== undefined ? { inflightMsPerS: msPerS(s.diskBusyUs) } : {}),
+    ...(s.vcpuWaitUs !== undefined ? { stallMsPerS: msPerSecond(s.vcpuWaitUs, s.intervalS) } : {}),
+    ...(s.diskBusyUs !== undefined ? { inflightMsPerS: msPerSecond(s.diskBusyUs, s.intervalS) } : {}),
     source: s.source,
   };
 }

@@ -15,7 +15,7 @@
  * out of the point, never written as 0: InfluxDB has no null, and 0 would read as "idle".
  */
 import type { LearnableSignal, Signal } from '../policy/schema.ts';
-import type { SampleCounts } from '../probes/counters.ts';
+import { msPerSecond, perSecond, type SampleCounts } from '../probes/counters.ts';
 
 export type FieldType = 'integer' | 'float' | 'string';
 
@@ -286,17 +286,15 @@ export interface VmIdentity {
 export type ActivityCounts = SampleCounts;
 
 /**
- * One activity sample. The rates are count / interval, the same arithmetic as the
- * controller's ratesFromSample (src/controller/adapt.ts), so that the panels show what the
- * controller compared with its thresholds (before its window average).
+ * One activity sample. The rates are count / interval, by the same functions as the
+ * controller's ratesFromSample (src/controller/adapt.ts: perSecond, msPerSecond), so that the
+ * panels show what the controller compared with its thresholds (before its window average).
  */
 export function activityPoint(
   id: VmIdentity & { readonly time: number; readonly intervalS: number; readonly source: 'ebpf' | 'qmp' },
   c: ActivityCounts,
 ): MetricPoint | null {
-  const perS = (n: number | null | undefined): number | null => (n === null || n === undefined || !(id.intervalS > 0) ? null : n / id.intervalS);
-  // µs per interval → ms per second
-  const msPerS = (us: number | null | undefined) => perS(us === null || us === undefined ? null : us / 1000);
+  const perS = (n: number | null | undefined) => perSecond(n, id.intervalS);
   const diskKinds = [c.diskReads, c.diskWrites, c.diskFlushes, c.diskDiscards ?? null];
   const disk = diskKinds.every((n) => n === null) ? null : diskKinds.reduce<number>((a, n) => a + (n ?? 0), 0);
   return point('activity', id.time, { host: id.host, vm: id.vm, source: id.source }, {
@@ -314,8 +312,8 @@ export function activityPoint(
     key_events_per_s: perS(c.keyEvents),
     pointer_events_per_s: perS(c.pointerEvents),
     interrupts_per_s: perS(c.interrupts),
-    vcpu_wait_ms_per_s: msPerS(c.vcpuWaitUs),
-    disk_busy_ms_per_s: msPerS(c.diskBusyUs),
+    vcpu_wait_ms_per_s: msPerSecond(c.vcpuWaitUs, id.intervalS),
+    disk_busy_ms_per_s: msPerSecond(c.diskBusyUs, id.intervalS),
   });
 }
 

@@ -36,6 +36,21 @@ export type OptionalCounter = 'diskDiscards' | 'vcpuWaitUs' | 'diskBusyUs';
 /** Counts of one VM as an activity sample carries them: the optional counters may be absent. */
 export type SampleCounts = Readonly<Omit<Counts, OptionalCounter>> & { readonly [K in OptionalCounter]?: number | null };
 
+/**
+ * A count over an interval as a rate per second; null when the count is unknown (null or
+ * absent) or the interval is not positive. The controller (src/controller/adapt.ts) and the
+ * metrics (src/metrics/names.ts) both take their rates from here, so the panels show what
+ * the controller compared with its thresholds.
+ */
+export function perSecond(n: number | null | undefined, intervalS: number): number | null {
+  return n === null || n === undefined || !(intervalS > 0) ? null : n / intervalS;
+}
+
+/** A counter in µs over an interval (vcpuWaitUs, diskBusyUs) as ms per second; null as perSecond. */
+export function msPerSecond(us: number | null | undefined, intervalS: number): number | null {
+  return perSecond(us === null || us === undefined ? null : us / 1000, intervalS);
+}
+
 /** Running totals of one process as bpftrace reports them (absent = 0). */
 export type Totals = Partial<Record<CounterKey, number>>;
 
