@@ -3,6 +3,7 @@ import { Command, Option } from 'commander';
 import { encryptDisk, type EncryptResult } from '../encrypt/encrypt.ts';
 import { fmtBytes } from '../encrypt/preflight.ts';
 import { FORMAT_CHOICES } from '../encrypt/target.ts';
+import { ENCRYPTERS } from '../encrypt/storage-daemon.ts';
 import { IdlecryptError } from '../errors.ts';
 import { createLogger } from '../log.ts';
 import { openMetricsSink, parseInfluxUrl } from '../metrics/index.ts';
@@ -23,6 +24,7 @@ interface EncryptFlags {
   target: string;
   keyFile?: string;
   format: string;
+  encrypter?: string;
   speed?: string;
   policy?: string;
   moderation: boolean;
@@ -49,6 +51,12 @@ export function encryptCommand(): Command {
       new Option('--pause <how>', "with --domain, how moderation pauses the copy: speed (1 byte/s through libvirt) or qemu (QEMU's job-pause through libvirt's monitor pass-through; libvirt then marks the domain tainted)").choices(['speed', 'qemu']),
     )
     .addOption(new Option('--format <format>', "the target's format: luks (raw LUKS, as cryptsetup), qcow2 (qcow2 with LUKS encryption: a thin disk stays thin), or auto (qcow2 for a qcow2 disk, else luks)").default('auto'))
+    .addOption(
+      new Option(
+        '--encrypter <who>',
+        "with --qmp, who encrypts: qemu (the VM's QEMU, in its main loop) or storage-daemon (a qemu-storage-daemon of idlecrypt's, which the VM's QEMU writes to over a private NBD socket until the switch; the VM's QEMU then stays free to serve the guest; docs/starvation.md)",
+      ).default('qemu'),
+    )
     .option('--policy <file>', 'moderation policy (YAML, hot-reloaded on change and SIGHUP); default: the shipped policy/default.yaml')
     .option('--speed <bytes/s>', 'no moderation: a fixed copy speed, bytes/s with optional K/M/G suffix; 0 = unlimited')
     .option('--no-moderation', 'no moderation: copy at full speed')
@@ -79,6 +87,8 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
   }
   const device = (libvirt ? flags.disk : flags.device)!;
   const format = parseChoice('--format', flags.format, FORMAT_CHOICES);
+  const encrypter = parseChoice('--encrypter', flags.encrypter ?? 'qemu', ENCRYPTERS);
+  if (libvirt && encrypter !== 'qemu') throw new IdlecryptError('USAGE', '--encrypter storage-daemon goes with --qmp: through libvirt, libvirt makes the copy and QEMU encrypts');
   if (flags.speed !== undefined && !flags.moderation) throw new IdlecryptError('USAGE', '--speed and --no-moderation: choose one');
   if (flags.policy !== undefined && (flags.speed !== undefined || !flags.moderation)) {
     throw new IdlecryptError('USAGE', `--policy moderates the copy; it cannot go with ${flags.speed !== undefined ? '--speed' : '--no-moderation'}`);
@@ -146,6 +156,7 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
       qmpSocket: flags.qmp!,
       device,
       keyFile: flags.keyFile!,
+      encrypter,
       ...(moderated ? { moderation: { source, ...(flags.policy !== undefined ? { policyFile: flags.policy } : {}) } } : {}),
       onPhase: (phase, disk) => view.phase(phase, disk ? { device, source: disk.file } : undefined),
     });

@@ -60,7 +60,10 @@ export async function listDisks(client: QmpClient): Promise<DiskInfo[]> {
     const ins = b.inserted;
     if (!ins) continue; // empty CD-ROM drives and the like
     const image = ins.image as { 'virtual-size'?: number; 'actual-size'?: number; 'backing-image'?: unknown; format?: string; 'format-specific'?: { type?: string; data?: { encrypt?: unknown } } } | undefined;
-    const driver = ins.drv;
+    // A disk encrypted through the storage daemon runs on a raw node over its luks|qcow2
+    // node (target.ts): it is that format's, and encrypted.
+    const under = formatUnderRaw(ins.drv, ins.file);
+    const driver = under?.driver ?? ins.drv;
     const file = imagePath(ins.file);
     // With -blockdev, each node has its own cache options and the format node (the root)
     // does not show its file node's: read them where the file is opened. -drive cache=
@@ -77,11 +80,29 @@ export async function listDisks(client: QmpClient): Promise<DiskInfo[]> {
       virtualSize: image?.['virtual-size'] ?? 0,
       allocatedBytes: protocol?.drv === 'file' && image?.['backing-image'] === undefined && ins.backing_file === undefined ? (image?.['actual-size'] ?? null) : null,
       // `encrypted` is set by qcow2's built-in encryption; a luks node is encrypted by its driver.
-      encrypted: driver === 'luks' || ins.encrypted === true || image?.['format-specific']?.data?.encrypt !== undefined,
+      encrypted: driver === 'luks' || ins.encrypted === true || image?.['format-specific']?.data?.encrypt !== undefined || !!under?.encrypted,
       cache: { direct: cache.direct, noFlush: cache['no-flush'] },
     });
   }
   return disks;
+}
+
+/**
+ * The format node under a plain `raw` root (no offset or size: a pass-through), from the
+ * root's `json:` pseudo-filename, e.g. `json:{"driver": "raw", "file": {"driver": "luks", …}}`.
+ */
+export function formatUnderRaw(drv: string, file: string): { driver: string; encrypted: boolean } | undefined {
+  if (drv !== 'raw' || !file.startsWith('json:')) return undefined;
+  try {
+    const root = JSON.parse(file.slice(5)) as Record<string, unknown>;
+    const child = root.file as Record<string, unknown> | undefined;
+    if (root.offset !== undefined || root.size !== undefined || !child || typeof child !== 'object' || typeof child.driver !== 'string') return undefined;
+    if (child.driver !== 'luks' && child.driver !== 'qcow2') return undefined;
+    const encrypted = child.driver === 'luks' || child.encrypt !== undefined || Object.keys(child).some((k) => k.startsWith('encrypt.'));
+    return { driver: child.driver, encrypted };
+  } catch {
+    return undefined;
+  }
 }
 
 /**

@@ -9,6 +9,7 @@
  * `onJob` and steers its speed while we wait here for it to finish.
  */
 import { randomBytes } from 'node:crypto';
+import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { firstValueFrom, fromEvent, merge, timer, filter, map, take, type Observable } from 'rxjs';
 import { QmpClient } from '../qmp/client.ts';
@@ -21,6 +22,7 @@ import { diskIothread, diskLabel, findDisk, imagePath, listDisks, type DiskCache
 import type { LoopThread } from '../probes/mainloop.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded, thinDiskNote } from './preflight.ts';
 import { EncryptedTarget, targetFormatFor, type FormatChoice, type TargetFormat } from './target.ts';
+import type { Encrypter } from './storage-daemon.ts';
 import { ProgressMeter, type Progress } from './progress.ts';
 import { RunModeration, type ModerationOptions } from './moderation.ts';
 import { RunMetrics } from './metrics.ts';
@@ -53,6 +55,11 @@ export interface EncryptOptions {
   readonly keyFile: string;
   /** The target's format; `auto`: the source's (targetFormatFor). */
   readonly format: FormatChoice;
+  /**
+   * Who encrypts: the guest's QEMU (default), or a qemu-storage-daemon the guest's QEMU
+   * writes to over NBD until the pivot (storage-daemon.ts). An adopted run keeps its own.
+   */
+  readonly encrypter?: Encrypter;
   /** Initial speed limit, bytes/s; 0 = unlimited. */
   readonly speed: number;
   readonly iterTimeMs: number;
@@ -224,9 +231,21 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     };
 
     const tag = adopt?.record.tag ?? randomBytes(4).toString('hex');
-    const spec = { path: targetPath, format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag, cache: disk.cache };
+    const encrypter: Encrypter = adopt ? (adopt.record.encrypter ?? 'qemu') : (o.encrypter ?? 'qemu');
+    const qemuOwner = encrypter === 'storage-daemon' ? await socketOwner(client.socketPath) : undefined;
+    const spec = { path: targetPath, format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag, cache: disk.cache, encrypter, ...(qemuOwner ? { qemuOwner } : {}) };
     const l = adopt?.leftovers;
-    const target = l ? EncryptedTarget.adopt(client, spec, log, { file: true, node: l.hasNode, fileNode: l.hasFileNode, secret: l.hasSecret }) : new EncryptedTarget(client, spec, log);
+    const target = l
+      ? EncryptedTarget.adopt(client, spec, log, {
+          file: true,
+          node: l.hasNode,
+          fileNode: l.hasFileNode,
+          secret: l.hasSecret,
+          formatNode: l.hasFormatNode,
+          nbdNode: l.hasNbdNode,
+          ...(adopt?.record.daemon ? { daemon: adopt.record.daemon } : {}),
+        })
+      : new EncryptedTarget(client, spec, log);
     // The record goes to disk before anything is made: whatever happens next, the next run
     // (or `idlecrypt cancel`) knows what is ours.
     let record: RunRecord = {
@@ -242,6 +261,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         keyFile,
         phase: 'creating-target' as const,
         createdAt: Date.now(),
+        ...(encrypter === 'qemu' ? {} : { encrypter }),
       }),
       owner: selfOwner(),
     };
@@ -273,7 +293,10 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         await store.save(record);
       } else {
         o.onPhase?.('creating-target', disk);
-        await target.create();
+        await target.create(async (daemon) => {
+          record = { ...record, daemon };
+          await store.save(record);
+        });
         if (mod) await untilAborted(mod.attached, o.signal, o.detach);
         if (o.signal?.aborted) throw cancelledBeforeStart();
         if (o.detach?.aborted) throw detached(targetPath, undefined);
@@ -323,6 +346,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       await moderation?.release(); // resumed at unlimited speed: the last dirty blocks go fast
       record = { ...record, phase: 'completing' };
       await store.save(record);
+      await target.beforePivot(); // the storage daemon's image opened by the guest's QEMU
       pivoting = true;
       const snap = await completeJob(client, job, o.pollMs ?? 250);
       report(meter.sample(snap, performance.now()));
@@ -586,6 +610,11 @@ async function failRun(
   }
   if (!pivoting) {
     log.debug({ err: (e as Error).message }, 'removing the target after a failure');
+    // A copy through the storage daemon fails with an NBD error when the daemon dies: say so.
+    const daemonGone = target.daemonExited();
+    if (daemonGone && e instanceof IdlecryptError && e.code === 'JOB_FAILED') {
+      e = new IdlecryptError('JOB_FAILED', `qemu-storage-daemon (pid ${daemonGone.pid}), which encrypted ${target.spec.path}, exited during the copy (${e.message}); the guest stays on ${disk.file}`, { cause: e });
+    }
     // A job still in QEMU holds the target's nodes: end it first (the guest stays on its source).
     const snap = job ? await job.snapshot().catch(() => undefined) : undefined;
     if (job && snap) {
@@ -637,4 +666,13 @@ async function loopThread(client: QmpClient, disk: DiskInfo, log: Logger): Promi
     log.warn({ err: describeError(e) }, "could not tell whether the disk has an iothread: the headroom reads QEMU's main loop");
     return undefined;
   }
+}
+
+/**
+ * The user and group of the guest's QEMU, read from its QMP socket, which QEMU made: the
+ * storage daemon's socket is handed to them (storage-daemon.ts). Undefined for root's.
+ */
+async function socketOwner(socketPath: string): Promise<{ uid: number; gid: number } | undefined> {
+  const st = await fs.stat(socketPath).catch(() => undefined);
+  return st && st.uid !== 0 ? { uid: st.uid, gid: st.gid } : undefined;
 }

@@ -18,7 +18,7 @@ import { IdlecryptError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { findDisk, listDisks, type DiskInfo } from './disks.ts';
-import { continuable, findLeftovers, ownerAlive, RunStore, runNames, type Leftovers, type RunRecord } from './runs.ts';
+import { continuable, findLeftovers, ownerAlive, processAlive, RunStore, runNames, type Leftovers, type RunRecord } from './runs.ts';
 import { EncryptedTarget, type FormatChoice } from './target.ts';
 
 export type Recovery =
@@ -54,7 +54,9 @@ export async function recoverForRerun(
     await store.remove(rec.tag);
     return { kind: 'done', record: rec, leftovers: l };
   }
-  if (continuable(l) && l.hasNode && l.hasFileNode && l.hasSecret && l.fileNodePath === rec.target) {
+  // With the storage daemon, the copy goes on only while the daemon that encrypts it does.
+  const daemonOk = !rec.daemon || (l.hasNbdNode && l.hasFormatNode && processAlive(rec.daemon));
+  if (continuable(l) && l.hasNode && l.hasFileNode && l.hasSecret && l.fileNodePath === rec.target && daemonOk) {
     return { kind: 'adopt', record: rec, leftovers: l };
   }
   const removed = await rollBack(client, rec, l, log);
@@ -80,9 +82,17 @@ export async function rollBack(client: QmpClient | undefined, rec: RunRecord, l:
   }
   const target = EncryptedTarget.adopt(
     client ?? (undefined as unknown as QmpClient),
-    { path: rec.target, format: rec.format, size: 0, keyFile: rec.keyFile, iterTimeMs: 0, tag: rec.tag, cache: { direct: false, noFlush: false } },
+    { path: rec.target, format: rec.format, size: 0, keyFile: rec.keyFile, iterTimeMs: 0, tag: rec.tag, cache: { direct: false, noFlush: false }, ...(rec.encrypter ? { encrypter: rec.encrypter } : {}) },
     log,
-    { file: existsSync(rec.target), node: !!client && !!l?.hasNode, fileNode: !!client && !!l?.hasFileNode, secret: !!client && !!l?.hasSecret },
+    {
+      file: existsSync(rec.target),
+      node: !!client && !!l?.hasNode,
+      fileNode: !!client && !!l?.hasFileNode,
+      secret: !!client && !!l?.hasSecret,
+      formatNode: !!client && !!l?.hasFormatNode,
+      nbdNode: !!client && !!l?.hasNbdNode,
+      ...(rec.daemon ? { daemon: rec.daemon } : {}),
+    },
   );
   removed.push(...target.describe());
   await target.remove();

@@ -12,13 +12,15 @@
  * never read.
  *
  * What a run left in QEMU is found by its names (target.ts, encrypt.ts): job
- * `idlecrypt-<tag>`, nodes `idlecrypt-<tag>` and `idlecrypt-file-<tag>`, secret object
- * `idlecrypt-key-<tag>`.
+ * `idlecrypt-<tag>`, nodes `idlecrypt-<tag>` and `idlecrypt-file-<tag>` (with the storage
+ * daemon also `idlecrypt-fmt-<tag>` and `idlecrypt-nbd-<tag>`), secret object
+ * `idlecrypt-key-<tag>`; a storage daemon by the pid and start time in the record.
  */
 import { promises as fs, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { IdlecryptError } from '../errors.ts';
 import type { QmpClient } from '../qmp/client.ts';
+import type { DaemonRecord, Encrypter } from './storage-daemon.ts';
 import type { TargetFormat } from './target.ts';
 
 export type RunPhase = 'creating-target' | 'copying' | 'completing';
@@ -45,6 +47,10 @@ export interface RunRecord {
   readonly createdAt: number;
   /** When the copy first started (epoch ms): a policy deadline counts from here, across restarts. */
   readonly copyStartedAt?: number;
+  /** Who encrypts (absent: the guest's QEMU, as before it could be chosen). */
+  readonly encrypter?: Encrypter;
+  /** The qemu-storage-daemon the run started (`encrypter: storage-daemon`), once it runs. */
+  readonly daemon?: DaemonRecord;
 }
 
 export function stateDir(): string {
@@ -153,12 +159,16 @@ export function processAlive(owner: { pid: number; start: number }): boolean {
   return start !== undefined && start === owner.start;
 }
 
-/** Field 22 of /proc/PID/stat: the process's start time in clock ticks since boot. */
-function processStart(pid: number): number | undefined {
+/**
+ * Field 22 of /proc/PID/stat: the process's start time in clock ticks since boot; undefined
+ * when no such process runs (a zombie, which has exited and waits to be reaped, does not).
+ */
+export function processStart(pid: number): number | undefined {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     // The command name (field 2) is in parentheses and may hold spaces: count after it.
     const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    if (rest[0] === 'Z' || rest[0] === 'X') return undefined;
     return Number(rest[19]);
   } catch {
     return undefined;
@@ -179,10 +189,15 @@ export interface Leftovers {
   readonly fileNodePath?: string;
   readonly secret: string;
   readonly hasSecret: boolean;
+  /** The storage daemon's: the guest-side format node and the nbd node (target.ts). */
+  readonly formatNode: string;
+  readonly hasFormatNode: boolean;
+  readonly nbdNode: string;
+  readonly hasNbdNode: boolean;
 }
 
-export function runNames(tag: string): { jobId: string; node: string; fileNode: string; secret: string } {
-  return { jobId: `idlecrypt-${tag}`, node: `idlecrypt-${tag}`, fileNode: `idlecrypt-file-${tag}`, secret: `idlecrypt-key-${tag}` };
+export function runNames(tag: string): { jobId: string; node: string; fileNode: string; secret: string; formatNode: string; nbdNode: string } {
+  return { jobId: `idlecrypt-${tag}`, node: `idlecrypt-${tag}`, fileNode: `idlecrypt-file-${tag}`, secret: `idlecrypt-key-${tag}`, formatNode: `idlecrypt-fmt-${tag}`, nbdNode: `idlecrypt-nbd-${tag}` };
 }
 
 export async function findLeftovers(client: QmpClient, tag: string): Promise<Leftovers> {
@@ -203,6 +218,8 @@ export async function findLeftovers(client: QmpClient, tag: string): Promise<Lef
     hasFileNode: !!fileNode,
     ...(fileNode ? { fileNodePath: fileNode.file } : {}),
     hasSecret: objects.some((o) => o.name === names.secret),
+    hasFormatNode: nodes.some((n) => n['node-name'] === names.formatNode),
+    hasNbdNode: nodes.some((n) => n['node-name'] === names.nbdNode),
   };
 }
 

@@ -74,6 +74,8 @@ export interface CellSpec {
   readonly rawMiB?: number;
   /** More arguments of mod's `idlecrypt encrypt` (a --policy). */
   readonly modArgs?: readonly string[];
+  /** More arguments of the unthrottled mirror's `idlecrypt encrypt --no-moderation` (an --encrypter). */
+  readonly cmpArgs?: readonly string[];
   /** A run with modArgs for this long before the measured one, cancelled: what it learnt of the guest is there at the start (startSideBySide). */
   readonly warmUpMs?: number;
   /**
@@ -194,6 +196,7 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
     runTimeoutMs: 400_000,
     format: kind.target,
     ...(spec.modArgs ? { modArgs: [...spec.modArgs] } : {}),
+    ...(spec.cmpArgs ? { cmpArgs: [...spec.cmpArgs] } : {}),
     ...(spec.warmUpMs ? { warmUpMs: spec.warmUpMs } : {}),
   });
 

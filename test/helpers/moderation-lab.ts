@@ -680,6 +680,8 @@ export async function startSideBySide(
     runTimeoutMs: number;
     /** more arguments of mod's run (a --policy) */
     modArgs?: string[];
+    /** more arguments of cmp's unthrottled run (an --encrypter) */
+    cmpArgs?: string[];
     /** The target format of every run (default luks: see encrypt below). */
     format?: 'auto' | 'luks' | 'qcow2';
     /**
@@ -719,7 +721,7 @@ export async function startSideBySide(
    */
   const encrypt = (b: Booted, target: string, more: readonly string[], env: Record<string, string> = {}) =>
     new EncryptRun(['--qmp', b.vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', o.keyFile, '--iter-time', '50', '--format', o.format ?? 'luks', ...more], path.join(base, `${path.basename(target, '.luks')}.lp`), env);
-  const cmpRun = encrypt(cmp, path.join(base, 'cmp.luks'), ['--no-moderation']);
+  const cmpRun = encrypt(cmp, path.join(base, 'cmp.luks'), ['--no-moderation', ...(o.cmpArgs ?? [])]);
   const cmpJob = (await withRunOutput(cmpRun, cmp.rec.jobAppears())).job.id;
   await cmp.rec.client.execute('job-pause', { id: cmpJob });
   // The moderated run, 2 s into mod's first idle phase: the job starts 3-6 s later

@@ -3,7 +3,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { parseBytes, parseChoice, parsePositiveInt } from '../../src/cli/options.ts';
 import { ProgressMeter } from '../../src/encrypt/progress.ts';
-import { findDisk, imagePath, qdevIdOf, type DiskInfo } from '../../src/encrypt/disks.ts';
+import { findDisk, formatUnderRaw, imagePath, qdevIdOf, type DiskInfo } from '../../src/encrypt/disks.ts';
 import { fmtBytes, targetBytesNeeded, thinDiskNote } from '../../src/encrypt/preflight.ts';
 import { targetFormatFor } from '../../src/encrypt/target.ts';
 import { fmtEta } from '../../src/cli/progress-view.ts';
@@ -100,6 +100,19 @@ describe('finding a disk', () => {
     assert.equal(imagePath('json:{"driver": "luks", "file": {"driver": "file", "filename": "/t/a.luks"}, "key-secret": "k"}'), '/t/a.luks');
     assert.equal(imagePath('json:{"driver": "qcow2", "encrypt.key-secret": "k", "file": {"driver": "file", "filename": "/t/b.qcow2"}}'), '/t/b.qcow2');
     assert.equal(imagePath('json:{broken'), 'json:{broken');
+  });
+  test('a disk the storage daemon encrypted runs on raw over luks|qcow2: seen as that format, encrypted; any other raw root is raw', () => {
+    // As QEMU 7.2 names the guest's root after the switch (target.ts beforePivot).
+    const luks = 'json:{"driver": "raw", "file": {"driver": "luks", "file": {"driver": "file", "filename": "/t/a.luks"}, "key-secret": "idlecrypt-key-1"}}';
+    assert.deepEqual(formatUnderRaw('raw', luks), { driver: 'luks', encrypted: true });
+    assert.equal(imagePath(luks), '/t/a.luks');
+    assert.deepEqual(formatUnderRaw('raw', 'json:{"driver": "raw", "file": {"driver": "qcow2", "encrypt.key-secret": "k", "file": {"driver": "file", "filename": "/t/b.qcow2"}}}'), { driver: 'qcow2', encrypted: true });
+    assert.deepEqual(formatUnderRaw('raw', 'json:{"driver": "raw", "file": {"driver": "qcow2", "file": {"driver": "file", "filename": "/t/c.qcow2"}}}'), { driver: 'qcow2', encrypted: false });
+    assert.equal(formatUnderRaw('raw', '/x/d.raw'), undefined, 'a plain raw file');
+    assert.equal(formatUnderRaw('raw', 'json:{"driver": "raw", "offset": 512, "file": {"driver": "luks", "file": {"driver": "file", "filename": "/t/a.luks"}}}'), undefined, 'a window into it is not the image');
+    assert.equal(formatUnderRaw('raw', 'json:{"driver": "raw", "file": {"driver": "file", "filename": "/t/e.raw", "aio": "native"}}'), undefined, 'raw over a file node');
+    assert.equal(formatUnderRaw('luks', luks), undefined, 'only a raw root');
+    assert.equal(formatUnderRaw('raw', 'json:{broken'), undefined);
   });
   test('a raw LUKS target needs the whole virtual size plus metadata; a qcow2 one what the source occupies', () => {
     const MiB = 1024 * 1024;

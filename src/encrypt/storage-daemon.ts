@@ -1,0 +1,187 @@
+/**
+ * The encryption outside the guest's QEMU (`--encrypter storage-daemon`): the target image
+ * opened in a qemu-storage-daemon of idlecrypt's own and exported over NBD on a Unix socket.
+ * The guest's QEMU writes plaintext into it (a `raw` node over an `nbd` node, target.ts);
+ * the daemon encrypts in its own process, on another CPU.
+ *
+ * Why: without an iothread QEMU runs the mirror in its main loop, which holds the big lock
+ * while it encrypts, and the guest's vCPU needs that lock to submit a request
+ * (docs/starvation.md). Into a raw LUKS target every hole of a thin disk is a zeroed bounce
+ * buffer encrypted there. Through NBD a hole is one write-zeroes command and data one socket
+ * write: measured with `bench/mirror-cost.ts --target luks,nbd` (QEMU 7.2, no guest), a
+ * sparse source's unlimited mirror kept the main loop 100% busy at 202-316 MiB/s into the
+ * LUKS node and 1% busy at 205-232 MiB/s into the daemon, which used one CPU.
+ *
+ * Lifetime: the daemon is started with `--daemonize` (its parent exits once the export is
+ * listening, so a zero exit means ready) in a session of its own, and outlives idlecrypt:
+ * a run that dies leaves its copy writing through the daemon, and the next run adopts both
+ * (the run record holds the daemon's pid and start time, runs.ts) or stops the daemon when
+ * it rolls back. It is stopped with SIGTERM (QEMU flushes and exits) after the guest's
+ * QEMU has switched to its own node over the image (target.ts, before the pivot), and when
+ * a run is cancelled or fails.
+ *
+ * The key: the daemon opens the image with the run's opening key (target.ts), which it reads
+ * from a pipe (`cat | exec …`, as qemu-img does), never from its command line or a file.
+ * Its file node has `locking: off`: the guest's QEMU takes the image's locks when it opens
+ * its own node over it (to erase the opening key's slot and, before the pivot, to switch),
+ * while the daemon still has the image open.
+ *
+ * The socket is in a directory of its own (mode 0700) handed to the guest's QEMU's user,
+ * who must connect to it: whoever can connect reads and writes the image's plaintext.
+ */
+import { spawn } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { IdlecryptError } from '../errors.ts';
+import type { Logger } from '../log.ts';
+import type { DiskCache } from './disks.ts';
+import { processAlive, processStart } from './runs.ts';
+import { findExecutable, type TargetFormat } from './target.ts';
+
+export type Encrypter = 'qemu' | 'storage-daemon';
+export const ENCRYPTERS = ['qemu', 'storage-daemon'] as const satisfies readonly Encrypter[];
+
+/** What a run record keeps of its daemon, so that a later run can adopt or stop it. */
+export interface DaemonRecord {
+  readonly pid: number;
+  /** /proc/PID/stat start time: a reused pid is not taken for the daemon. */
+  readonly start: number;
+  readonly socket: string;
+  /** The export's name on that socket. */
+  readonly exportName: string;
+}
+
+export interface DaemonSpec {
+  readonly path: string;
+  readonly format: TargetFormat;
+  readonly cache: DiskCache;
+  readonly tag: string;
+  /** The guest's QEMU's user and group, who must reach the socket (undefined: leave root's). */
+  readonly owner?: { readonly uid: number; readonly gid: number };
+  /** How long the daemon may take to open the image and listen: default 60 s. */
+  readonly startTimeoutMs?: number;
+}
+
+const EXPORT = 'idlecrypt';
+
+export class StorageDaemon {
+  private constructor(
+    readonly record: DaemonRecord,
+    private readonly log: Logger,
+  ) {}
+
+  /** A daemon a dead run started (from its record); undefined when it no longer runs. */
+  static adopt(record: DaemonRecord, log: Logger): StorageDaemon | undefined {
+    return processAlive(record) ? new StorageDaemon(record, log) : undefined;
+  }
+
+  /**
+   * Starts the daemon on the image with `key`: the image's opening key (`data`, through a
+   * pipe), or a key file by name. Returns once its export listens; throws with the daemon's
+   * own error line when it cannot open the image.
+   */
+  static async start(spec: DaemonSpec, key: { data: string } | { file: string }, log: Logger): Promise<StorageDaemon> {
+    const exe = await findExecutable('qemu-storage-daemon');
+    if (!exe) {
+      throw new IdlecryptError('USAGE', '--encrypter storage-daemon needs qemu-storage-daemon (Debian: qemu-system-common), which is not on PATH');
+    }
+    const dir = await fs.mkdtemp(path.join(tmpdir(), `idlecrypt-nbd-${spec.tag}-`));
+    if (spec.owner) await fs.chown(dir, spec.owner.uid, spec.owner.gid);
+    const socket = path.join(dir, 'nbd.sock');
+    const pidfile = path.join(dir, 'pid');
+    const cache = { direct: spec.cache.direct, 'no-flush': spec.cache.noFlush };
+    const format =
+      spec.format === 'luks'
+        ? { driver: 'luks', 'node-name': 'image', file: 'file', 'key-secret': 'key' }
+        : { driver: 'qcow2', 'node-name': 'image', file: 'file', encrypt: { format: 'luks', 'key-secret': 'key' } };
+    const args = [
+      '--object', `secret,id=key,file=${'data' in key ? '/dev/stdin' : key.file.replaceAll(',', ',,')},format=raw`,
+      '--blockdev', JSON.stringify({ driver: 'file', 'node-name': 'file', filename: spec.path, cache, locking: 'off' }),
+      '--blockdev', JSON.stringify({ ...format, cache }),
+      '--nbd-server', JSON.stringify({ addr: { type: 'unix', path: socket } }),
+      '--export', JSON.stringify({ type: 'nbd', id: EXPORT, 'node-name': 'image', name: EXPORT, writable: true }),
+      '--pidfile', pidfile,
+      '--daemonize',
+    ];
+    const t0 = performance.now();
+    const stderr = await new Promise<string>((resolve, reject) => {
+      // The key through a pipe: Node gives a child a socket, which /dev/stdin cannot open.
+      const argv = 'data' in key ? ['/bin/sh', '-c', 'cat | exec "$@"', 'sh', exe, ...args] : [exe, ...args];
+      const child = spawn(argv[0]!, argv.slice(1), { stdio: ['data' in key ? 'pipe' : 'ignore', 'ignore', 'pipe'], detached: true, env: { ...process.env, LC_ALL: 'C' } });
+      let err = '';
+      const timer = setTimeout(() => {
+        err += `qemu-storage-daemon did not listen within ${Math.round((spec.startTimeoutMs ?? 60_000) / 1000)} s\n`;
+        if (child.pid) process.kill(-child.pid, 'SIGKILL');
+      }, spec.startTimeoutMs ?? 60_000);
+      child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
+      if ('data' in key) {
+        child.stdin!.on('error', () => {});
+        child.stdin!.end(key.data);
+      }
+      child.on('error', (e) => {
+        clearTimeout(timer);
+        reject(e);
+      });
+      child.on('close', (code) => {
+        clearTimeout(timer);
+        if (code === 0) resolve(err);
+        else reject(new IdlecryptError('JOB_FAILED', `qemu-storage-daemon could not open ${spec.path}: ${firstLine(err) || `exit ${code}`}`));
+      });
+    }).catch(async (e) => {
+      await fs.rm(dir, { recursive: true, force: true });
+      throw e;
+    });
+    const pid = Number((await fs.readFile(pidfile, 'utf8')).trim());
+    const start = processStart(pid);
+    if (!Number.isInteger(pid) || start === undefined) throw new IdlecryptError('JOB_FAILED', `qemu-storage-daemon for ${spec.path} exited right after it started${stderr ? `: ${firstLine(stderr)}` : ''}`);
+    if (spec.owner) await fs.chown(socket, spec.owner.uid, spec.owner.gid);
+    log.info({ pid, ms: Math.round(performance.now() - t0) }, 'target opened in qemu-storage-daemon, exported over NBD to the guest\'s QEMU');
+    return new StorageDaemon({ pid, start, socket, exportName: EXPORT }, log);
+  }
+
+  /** The NBD server as QEMU's `nbd` block driver takes it. */
+  get server(): { type: 'unix'; path: string } {
+    return { type: 'unix', path: this.record.socket };
+  }
+
+  alive(): boolean {
+    return processAlive(this.record);
+  }
+
+  /**
+   * SIGTERM (QEMU flushes its images and exits), SIGKILL after `graceMs`; then its socket
+   * directory goes. Safe to call when it is already gone.
+   */
+  async stop(graceMs = 10_000): Promise<void> {
+    const { pid } = this.record;
+    if (this.alive()) {
+      process.kill(pid, 'SIGTERM');
+      const deadline = performance.now() + graceMs;
+      while (this.alive() && performance.now() < deadline) await sleep(20);
+      if (this.alive()) {
+        this.log.warn({ pid }, 'qemu-storage-daemon did not exit on SIGTERM; killed');
+        process.kill(pid, 'SIGKILL');
+        while (this.alive()) await sleep(20);
+      }
+    }
+    await fs.rm(path.dirname(this.record.socket), { recursive: true, force: true });
+  }
+}
+
+function firstLine(s: string): string {
+  return s.trim().split('\n')[0] ?? '';
+}
+
+/** The user and group a process runs as (/proc/PID/status), for the socket's owner. */
+export async function processOwner(pid: number): Promise<{ uid: number; gid: number } | undefined> {
+  try {
+    const status = await fs.readFile(`/proc/${pid}/status`, 'utf8');
+    const uid = /^Uid:\s+(\d+)/m.exec(status)?.[1];
+    const gid = /^Gid:\s+(\d+)/m.exec(status)?.[1];
+    return uid !== undefined && gid !== undefined ? { uid: Number(uid), gid: Number(gid) } : undefined;
+  } catch {
+    return undefined;
+  }
+}
