@@ -10,7 +10,7 @@
  *
  *   node --import tsx bench/mirror-cost.ts [--source sparse|data] [--cache none|writeback]
  *        [--bufs 16,8,4,2] [--speed 0] [--rounds 2] [--seconds 6] [--data-mib 3072]
- *        [--target luks,nbd]
+ *        [--target luks,nbd] [--daemon-heap kept|default]
  *
  * --source sparse: a 64 GiB raw file with no blocks (the mirror writes encrypted zeros,
  * QEMU's write-zeroes fallback: a zeroed bounce buffer per request); data: a raw file of
@@ -19,7 +19,9 @@
  * idlecrypt does); nbd: the LUKS image opened in a qemu-storage-daemon of its own and
  * exported over NBD on a Unix socket, the guest's QEMU writing plaintext (and NBD
  * write-zeroes for holes) through a raw node over an nbd node; the daemon's CPU (all its
- * threads) is printed beside the main loop's.
+ * threads) is printed beside the main loop's. --daemon-heap kept (default) runs the daemon
+ * with idlecrypt's glibc heap settings (DAEMON_MALLOC_ENV, src/encrypt/storage-daemon.ts);
+ * default, with glibc's own.
  * Prints one line per configuration and round, then the medians. About 10 s a
  * configuration and round. Run nothing else meanwhile.
  */
@@ -29,6 +31,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { writeImageWithQemuImg } from '../src/encrypt/target.ts';
+import { DAEMON_MALLOC_ENV } from '../src/encrypt/storage-daemon.ts';
 import { silentLogger } from '../src/log.ts';
 import { QmpClient } from '../src/qmp/client.ts';
 import { median } from '../test/helpers/moderation-lab.ts';
@@ -43,6 +46,7 @@ const { values } = parseArgs({
     seconds: { type: 'string', default: '6' },
     'data-mib': { type: 'string', default: '3072' },
     target: { type: 'string', default: 'luks' },
+    'daemon-heap': { type: 'string', default: 'kept' },
   },
 });
 const MiB = 1024 * 1024;
@@ -50,6 +54,7 @@ const direct = values.cache === 'none';
 if (!direct && values.cache !== 'writeback') throw new Error(`--cache: none or writeback, not ${values.cache}`);
 if (values.source !== 'sparse' && values.source !== 'data') throw new Error(`--source: sparse or data, not ${values.source}`);
 const targets = values.target.split(',');
+if (values['daemon-heap'] !== 'kept' && values['daemon-heap'] !== 'default') throw new Error(`--daemon-heap: kept or default, not ${values['daemon-heap']}`);
 for (const t of targets) if (t !== 'luks' && t !== 'nbd') throw new Error(`--target: luks or nbd, not ${t}`);
 const bufs = values.bufs.split(',').map(Number);
 const speed = Number(values.speed) * MiB;
@@ -94,7 +99,7 @@ async function measure(buf: number, n: number, kind: string): Promise<{ rate: nu
         '--blockdev', JSON.stringify({ driver: 'luks', file: 'f', 'node-name': 'l', 'key-secret': 'sec0' }),
         '--nbd-server', JSON.stringify({ addr: { type: 'unix', path: nbdSock } }),
         '--export', JSON.stringify({ type: 'nbd', id: 'e', 'node-name': 'l', writable: true }),
-      ], { stdio: ['ignore', 'ignore', 'inherit'] });
+      ], { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, ...(values['daemon-heap'] === 'default' ? {} : DAEMON_MALLOC_ENV) } });
       for (let i = 0; ; i++) {
         if (await stat(nbdSock).then(() => true, () => false)) break;
         if (i > 100) throw new Error('qemu-storage-daemon made no socket');

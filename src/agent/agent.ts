@@ -458,6 +458,7 @@ export class Agent {
           target,
           keyFile: expand(entry.keyFile, vm.name, label),
           format: entry.format,
+          encrypter: entry.encrypter,
           speed: cap,
           iterTimeMs: this.o.iterTimeMs ?? 2000,
           logger: log,

@@ -22,6 +22,7 @@ import type { JobControl } from '../jobs/types.ts';
 import type { MetricsSink } from '../metrics/sink.ts';
 import type { Progress } from '../encrypt/progress.ts';
 import type { FormatChoice } from '../encrypt/target.ts';
+import type { Encrypter } from '../encrypt/storage-daemon.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { diskLabel, listDisks, type DiskInfo } from '../encrypt/disks.ts';
 import { encryptDisk } from '../encrypt/encrypt.ts';
@@ -51,6 +52,7 @@ export interface RunParams {
   readonly target: string;
   readonly keyFile: string;
   readonly format: FormatChoice;
+  readonly encrypter: Encrypter;
   readonly speed: number;
   readonly iterTimeMs: number;
   readonly logger: Logger;
@@ -246,6 +248,7 @@ function qmpSession(vm: VmInfo & { name: string }, client: QmpClient, socket: st
         target: p.target,
         keyFile: p.keyFile,
         format: p.format,
+        encrypter: p.encrypter,
         speed: p.speed,
         iterTimeMs: p.iterTimeMs,
         logger: p.logger,
@@ -279,6 +282,9 @@ function libvirtSession(vm: VmInfo & { name: string }, client: LibvirtClient, st
       // A copy libvirt runs into a file no record names is not known to be ours: left alone.
     },
     async encrypt(p) {
+      if (p.encrypter !== 'qemu') {
+        throw new IdlecryptError('USAGE', `encrypter: ${p.encrypter} needs the qmp backend: through libvirt, libvirt makes the copy and QEMU encrypts`);
+      }
       await encryptDomainDisk({
         client,
         domain: vm.name,

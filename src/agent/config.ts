@@ -18,6 +18,7 @@
  *       target: /var/lib/idlecrypt/{vm}-{disk}.luks
  *       key-file: /etc/idlecrypt/keys/{vm}.key
  *       format: auto                           # luks, qcow2, or auto: qcow2 for a qcow2 disk
+ *       encrypter: qemu                        # qemu | storage-daemon (qmp backend only)
  *       qmp: /run/qemu/{vm}.qmp                # optional; else the VM's first -qmp socket
  */
 import { readFileSync } from 'node:fs';
@@ -30,6 +31,7 @@ import { formatIssue, isPlainObject, loadPolicy, locate, lowerFirst, parsePolicy
 import { scalar, type Policy } from '../policy/schema.ts';
 import { parseByteRate, show } from '../policy/units.ts';
 import { FORMAT_CHOICES, type FormatChoice } from '../encrypt/target.ts';
+import { ENCRYPTERS, type Encrypter } from '../encrypt/storage-daemon.ts';
 import type { LibvirtPauseMode } from '../libvirt/copy-job.ts';
 
 export const DEFAULT_AGENT_CONFIG = '/etc/idlecrypt/agent.yaml';
@@ -46,6 +48,8 @@ export interface EncryptEntry {
   readonly keyFile: string;
   /** The target's format; `auto`: the disk's (targetFormatFor). */
   readonly format: FormatChoice;
+  /** Who encrypts (`encrypt --encrypter`): the VM's QEMU, or a qemu-storage-daemon (qmp backend only). */
+  readonly encrypter: Encrypter;
   /** Path template with {vm}: the VM's QMP socket, when not the first on its command line. */
   readonly qmp?: string;
 }
@@ -92,6 +96,7 @@ const entrySchema = z
       target: template('the target image path'),
       'key-file': template('the key file path'),
       format: z.enum(FORMAT_CHOICES, { error: (iss) => `expected auto, luks or qcow2, got ${show(iss.input)}` }).default('auto'),
+      encrypter: z.enum(ENCRYPTERS, { error: (iss) => `expected qemu or storage-daemon, got ${show(iss.input)}` }).default('qemu'),
       qmp: template('the QMP socket path').optional(),
     },
     mapping,
@@ -141,7 +146,7 @@ const configSchema = z.strictObject(
 const KNOWN: Record<string, string[]> = {
   '': ['policy', 'backend', 'connect', 'libvirt-pause', 'influx', 'host', 'encrypt'],
   host: ['max-jobs', 'max-speed', 'protect'],
-  entry: ['vm', 'disks', 'target', 'key-file', 'format', 'qmp'],
+  entry: ['vm', 'disks', 'target', 'key-file', 'format', 'encrypter', 'qmp'],
 };
 
 function configError(issues: readonly PolicyIssue[]): IdlecryptError {
@@ -219,6 +224,7 @@ export function parseAgentConfig(text: string, file: string): AgentConfig {
       target: e.target,
       keyFile: e['key-file'],
       format: e.format,
+      encrypter: e.encrypter,
       ...(e.qmp !== undefined ? { qmp: e.qmp } : {}),
     })),
   };

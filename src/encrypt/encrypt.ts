@@ -346,7 +346,13 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
       await moderation?.release(); // resumed at unlimited speed: the last dirty blocks go fast
       record = { ...record, phase: 'completing' };
       await store.save(record);
-      await target.beforePivot(); // the storage daemon's image opened by the guest's QEMU
+      if (record.daemon) {
+        await target.beforePivot(); // the guest's QEMU takes over the image from the storage daemon
+        // A run that dies from here on leaves a copy that no longer needs the daemon.
+        const { daemon: _gone, ...rest } = record;
+        record = rest;
+        await store.save(record);
+      }
       pivoting = true;
       const snap = await completeJob(client, job, o.pollMs ?? 250);
       report(meter.sample(snap, performance.now()));

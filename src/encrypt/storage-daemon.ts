@@ -26,8 +26,9 @@
  * its own node over it (to erase the opening key's slot and, before the pivot, to switch),
  * while the daemon still has the image open.
  *
- * The socket is in a directory of its own (mode 0700) handed to the guest's QEMU's user,
- * who must connect to it: whoever can connect reads and writes the image's plaintext.
+ * The socket is in a directory of its own (root's, 0700; 0711 when the guest's QEMU runs as
+ * another user, who then gets the socket itself): whoever can connect to it reads and
+ * writes the image's plaintext.
  */
 import { spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
@@ -66,6 +67,18 @@ export interface DaemonSpec {
 
 const EXPORT = 'idlecrypt';
 
+/**
+ * glibc's heap for the daemon: allocations under 32 MiB from the heap, and up to 256 MiB of
+ * freed heap kept. QEMU takes a fresh buffer for each NBD request it receives and each
+ * bounce buffer it encrypts into (1 MiB); above glibc's adaptive mmap threshold each is a new
+ * mapping, page-faulted in and zeroed by the kernel, and on these hosts a page fault is
+ * dear (docs/starvation.md, "What a MiB of the copy costs the loop"). Measured with
+ * `bench/mirror-cost.ts --source data --target nbd` (2 GiB of data, one round each,
+ * 2026-12-05): 113 MiB/s with the daemon at 93% of a CPU without, 254 MiB/s at 58% with
+ * (that run set it for the guest's QEMU too; docs/starvation.md has the daemon-only runs).
+ */
+export const DAEMON_MALLOC_ENV = { MALLOC_MMAP_THRESHOLD_: String(32 * 1024 * 1024), MALLOC_TRIM_THRESHOLD_: String(256 * 1024 * 1024) } as const;
+
 export class StorageDaemon {
   private constructor(
     readonly record: DaemonRecord,
@@ -88,7 +101,9 @@ export class StorageDaemon {
       throw new IdlecryptError('USAGE', '--encrypter storage-daemon needs qemu-storage-daemon (Debian: qemu-system-common), which is not on PATH');
     }
     const dir = await fs.mkdtemp(path.join(tmpdir(), `idlecrypt-nbd-${spec.tag}-`));
-    if (spec.owner) await fs.chown(dir, spec.owner.uid, spec.owner.gid);
+    // Others may pass through to the socket (given to QEMU's user below), not list or write
+    // here: the daemon's pid file, which stop() signals, stays root's.
+    if (spec.owner) await fs.chmod(dir, 0o711);
     const socket = path.join(dir, 'nbd.sock');
     const pidfile = path.join(dir, 'pid');
     const cache = { direct: spec.cache.direct, 'no-flush': spec.cache.noFlush };
@@ -109,7 +124,7 @@ export class StorageDaemon {
     const stderr = await new Promise<string>((resolve, reject) => {
       // The key through a pipe: Node gives a child a socket, which /dev/stdin cannot open.
       const argv = 'data' in key ? ['/bin/sh', '-c', 'cat | exec "$@"', 'sh', exe, ...args] : [exe, ...args];
-      const child = spawn(argv[0]!, argv.slice(1), { stdio: ['data' in key ? 'pipe' : 'ignore', 'ignore', 'pipe'], detached: true, env: { ...process.env, LC_ALL: 'C' } });
+      const child = spawn(argv[0]!, argv.slice(1), { stdio: ['data' in key ? 'pipe' : 'ignore', 'ignore', 'pipe'], detached: true, env: { ...process.env, LC_ALL: 'C', ...DAEMON_MALLOC_ENV } });
       let err = '';
       const timer = setTimeout(() => {
         err += `qemu-storage-daemon did not listen within ${Math.round((spec.startTimeoutMs ?? 60_000) / 1000)} s\n`;

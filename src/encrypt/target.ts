@@ -316,7 +316,8 @@ export class EncryptedTarget {
     if (!this.nbdNodeAdded && !this.daemon) return;
     const t0 = performance.now();
     await this.client.executeRaw('blockdev-reopen', { options: [{ driver: 'raw', 'node-name': this.node, file: this.formatNode }] });
-    this.formatNodeAdded = false; // now the raw node's child: deleted with it
+    // The format node stays ours to delete (blockdev-add's reference): after the raw node,
+    // should the run fail before the pivot.
     await this.client.execute('blockdev-del', { 'node-name': this.nbdNode });
     this.nbdNodeAdded = false;
     await this.daemon?.stop();

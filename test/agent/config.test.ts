@@ -33,6 +33,7 @@ describe('agent configuration', () => {
         '    target: /srv/{vm}-{disk}.qcow2',
         '    key-file: /etc/idlecrypt/keys/db.key',
         '    format: qcow2',
+        '    encrypter: storage-daemon',
         '    qmp: /run/qemu/{vm}.qmp',
       ].join('\n'),
       F,
@@ -46,19 +47,20 @@ describe('agent configuration', () => {
     assert.equal(parseAgentConfig('libvirt-pause: qemu\n', F).libvirtPause, 'qemu');
     assert.equal(c.policy.thresholds.stall, 800, 'the shipped policy when none is named');
     assert.deepEqual(c.encrypt, [
-      { vm: 'web*', disks: ['vd0'], target: '/var/lib/idlecrypt/{vm}-{disk}.luks', keyFile: '/etc/idlecrypt/keys/{vm}.key', format: 'auto' },
-      { vm: 'db', disks: 'all', target: '/srv/{vm}-{disk}.qcow2', keyFile: '/etc/idlecrypt/keys/db.key', format: 'qcow2', qmp: '/run/qemu/{vm}.qmp' },
+      { vm: 'web*', disks: ['vd0'], target: '/var/lib/idlecrypt/{vm}-{disk}.luks', keyFile: '/etc/idlecrypt/keys/{vm}.key', format: 'auto', encrypter: 'qemu' },
+      { vm: 'db', disks: 'all', target: '/srv/{vm}-{disk}.qcow2', keyFile: '/etc/idlecrypt/keys/db.key', format: 'qcow2', encrypter: 'storage-daemon', qmp: '/run/qemu/{vm}.qmp' },
     ]);
   });
 
   it('names each problem by file:line:column and key, unknown keys with a suggestion', () => {
     assert.deepEqual(
-      problems(['host:', '  max-jobs: 0', '  protekt: vm', 'encrypt:', '  - vm: "web*"', '    disks: [vd0]', '    target: /x/{vm}.luks', '    key-file: keys/{vm}.key', '    format: luks2'].join('\n')),
+      problems(['host:', '  max-jobs: 0', '  protekt: vm', 'encrypt:', '  - vm: "web*"', '    disks: [vd0]', '    target: /x/{vm}.luks', '    key-file: keys/{vm}.key', '    format: luks2', '    encrypter: gpu'].join('\n')),
       [
         '2:13 host.max-jobs: must be at least 1',
         '3:3 host.protekt: unknown key (did you mean protect?); expected one of max-jobs, max-speed, protect',
         '8:15 encrypt.0.key-file: the key file path must be an absolute path',
         '9:13 encrypt.0.format: expected auto, luks or qcow2, got "luks2"',
+        '10:16 encrypt.0.encrypter: expected qemu or storage-daemon, got "gpu"',
       ],
     );
     assert.deepEqual(problems('encrypt:\n  - vm: a\n    disks: all\n    target: /x/{vm}.luks\n    key-file: /k\n'), ['4:13 encrypt.0.target: needs {disk} when the entry names more than one disk (each disk gets its own image)']);

@@ -155,6 +155,12 @@ describe('bad input', () => {
   test('bad flag values get a usage error (exit 2)', async () => {
     await assertRefused(await runCli(encrypt({ '--format': 'zip' })), /--format: 'zip' is not one of auto, luks, qcow2/, 2);
     await assertRefused(await runCli(encrypt({ '--speed': 'fast' })), /--speed: 'fast' is not a byte count/, 2);
+    await assertRefused(await runCli(encrypt({ '--encrypter': 'gpu' })), /--encrypter: 'gpu' is not one of qemu, storage-daemon/, 2);
+    await assertRefused(
+      await runCli(['encrypt', '--domain', 'd', '--disk', 'vda', '--target', '/tmp/never.luks', '--key-file', '/etc/hostname', '--encrypter', 'storage-daemon']),
+      /--encrypter storage-daemon goes with --qmp/,
+      2,
+    );
     const r = await runCli(['encrypt', '--qmp', vm.toolQmpSocket]);
     assert.equal(r.code, 2);
     assert.match(r.stderr, /required option '--target <path>' not specified/);
