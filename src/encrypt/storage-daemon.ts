@@ -85,9 +85,9 @@ export class StorageDaemon {
     private readonly log: Logger,
   ) {}
 
-  /** A daemon a dead run started (from its record); undefined when it no longer runs. */
-  static adopt(record: DaemonRecord, log: Logger): StorageDaemon | undefined {
-    return processAlive(record) ? new StorageDaemon(record, log) : undefined;
+  /** A daemon a dead run started, from its record (it may have exited since: alive()). */
+  static adopt(record: DaemonRecord, log: Logger): StorageDaemon {
+    return new StorageDaemon(record, log);
   }
 
   /**

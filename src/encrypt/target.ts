@@ -163,10 +163,6 @@ export class EncryptedTarget {
     return r && !(this.daemon?.alive() ?? false) ? r : undefined;
   }
 
-  /** The daemon's record, for the run record (after create() or adopt()). */
-  get daemonInfo(): DaemonRecord | undefined {
-    return this.daemon?.record ?? this.daemonRecord;
-  }
 
   /**
    * The target a dead run made, found in QEMU (runs.ts): `remove()` then undoes what is
@@ -341,6 +337,7 @@ export class EncryptedTarget {
     const live = this.client?.state === 'running';
     if (live && this.nodeAdded) await step('blockdev-del target', () => this.client.execute('blockdev-del', { 'node-name': this.node }));
     if (live && this.nbdNodeAdded) await step('blockdev-del nbd', () => this.client.execute('blockdev-del', { 'node-name': this.nbdNode }));
+    // Stopped if it still runs; its socket directory goes either way.
     const daemon = this.daemon ?? (this.daemonRecord ? StorageDaemon.adopt(this.daemonRecord, this.log) : undefined);
     if (daemon) await step('stop qemu-storage-daemon', () => daemon.stop());
     if (live && this.formatNodeAdded) await step('blockdev-del format', () => this.client.execute('blockdev-del', { 'node-name': this.formatNode }));
