@@ -18,7 +18,6 @@ import { activeKeySlots, decryptToRaw, fileContains, writeKey } from '../helpers
 import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
 
 const KEY = 'storage daemon test key 9';
-const MiB = 1024 * 1024;
 
 let dir: string;
 let key: string;
@@ -95,15 +94,41 @@ function latestWrites(vm: TestVm): Map<number, number> {
   return latest;
 }
 
+/**
+ * The image decrypted (after the guest stopped): each block the guest wrote holds its last
+ * write, every other block the source's original data.
+ */
+async function assertEveryWriteKept(vm: TestVm, src: string, target: string): Promise<void> {
+  const plain = `${target}.dec.raw`;
+  await decryptToRaw(target, 'luks', key, plain);
+  const latest = latestWrites(vm);
+  const fd = await open(plain, 'r');
+  try {
+    for (const [off, seq] of latest) {
+      const { buffer } = await fd.read(Buffer.alloc(4096), 0, 4096, off);
+      assert.ok(buffer.equals(writerBlock(seq, off)), `block at ${off} is not seq ${seq}`);
+    }
+  } finally {
+    await fd.close();
+  }
+  const [srcBuf, decBuf] = [await readFile(src), await readFile(plain)];
+  assert.equal(decBuf.length, srcBuf.length);
+  for (let off = 0; off < srcBuf.length; off += 4096) {
+    if (latest.has(off)) continue;
+    if (!srcBuf.subarray(off, off + 4096).equals(decBuf.subarray(off, off + 4096))) assert.fail(`block at ${off} differs from the original`);
+  }
+  await rm(plain);
+}
+
 describe('encrypt --encrypter storage-daemon', () => {
   test('a guest writing all along, cache=none: the daemon encrypts, the guest switches onto its own node over the image with every write kept, and the daemon is gone', async () => {
     const src = path.join(dir, 'w.raw');
     const target = path.join(dir, 'w.luks');
-    await makeDiskImage(src, { sizeMiB: 128, format: 'raw', fill: 'pattern' });
+    await makeDiskImage(src, { sizeMiB: 64, format: 'raw', fill: 'pattern' });
     const vm = await boot({ name: 'qsd-writer', disk: src, cache: 'none', workload: 'writer', params: { wps: 40 } });
     await vm.waitForLine(/^WROTE seq=10 /, 30_000);
 
-    // 128 MiB at 16 MiB/s: ~8 s of copying through the daemon while the guest writes.
+    // 64 MiB at 16 MiB/s: ~4 s of copying through the daemon while the guest writes.
     const run = startCli(args(vm, target, ['--speed', '16M']));
     await run.waitForStdout(/"event":"progress".*"offset":[1-9]/, 60_000);
     const daemons = await daemonsOn(target);
@@ -142,58 +167,39 @@ describe('encrypt --encrypter storage-daemon', () => {
     await vm.waitForLine(new RegExp(`^WROTE seq=${seqNow + 40} `), 30_000); // it keeps writing, on the target
     await vm.stop();
 
-    const plain = path.join(dir, 'w.dec.raw');
-    await decryptToRaw(target, 'luks', key, plain);
-    const latest = latestWrites(vm);
-    assert.ok(latest.size > 100, `the guest wrote ${latest.size} blocks`);
-    const fd = await open(plain, 'r');
-    try {
-      for (const [off, seq] of latest) {
-        const { buffer } = await fd.read(Buffer.alloc(4096), 0, 4096, off);
-        assert.ok(buffer.equals(writerBlock(seq, off)), `block at ${off} is not seq ${seq}`);
-      }
-    } finally {
-      await fd.close();
-    }
-    const [srcBuf, decBuf] = [await readFile(src), await readFile(plain)];
-    assert.equal(decBuf.length, 128 * MiB);
-    for (let off = 0; off < srcBuf.length; off += 4096) {
-      if (latest.has(off)) continue;
-      if (!srcBuf.subarray(off, off + 4096).equals(decBuf.subarray(off, off + 4096))) assert.fail(`block at ${off} differs from the original`);
-    }
+    assert.ok(latestWrites(vm).size > 100, `the guest wrote ${latestWrites(vm).size} blocks`);
+    await assertEveryWriteKept(vm, src, target);
     assert.equal(await fileContains(target, 'IDLECRYPT-DATA'), false, 'no plaintext in the image');
   });
 
-  test('the daemon killed mid-copy: the run fails with one line saying so, the guest stays on its source, and nothing of the run is left', async () => {
+  // One guest for both (a boot saved): the first run leaves it on its source.
+  test('the daemon killed mid-copy fails the run with one line, leaving the guest on its source and nothing of the run; idlecrypt killed mid-copy leaves the daemon running, and the same command run again adopts the copy and switches with the daemon gone', async () => {
     const src = path.join(dir, 'k.raw');
     const target = path.join(dir, 'k.luks');
-    await makeDiskImage(src, { sizeMiB: 128, format: 'raw', fill: 'pattern' });
+    await makeDiskImage(src, { sizeMiB: 64, format: 'raw', fill: 'pattern' });
     const vm = await boot({ name: 'qsd-kill', disk: src, workload: 'writer', params: { wps: 20 } });
+
+    // The daemon killed.
     const run = startCli(args(vm, target, ['--speed', '4M']));
     await run.waitForStdout(/"event":"progress".*"offset":[1-9]/, 60_000);
-    const d = await until('the daemon', async () => (await daemonsOn(target))[0]);
-    process.kill(d.pid, 'SIGKILL');
+    const killed = await until('the daemon', async () => (await daemonsOn(target))[0]);
+    process.kill(killed.pid, 'SIGKILL');
     const r = await run.result;
     assert.notEqual(r.code, 0);
     const errors = jsonLines(r.stdout).filter((e) => e.event === 'error');
     assert.equal(errors.length, 1, r.stdout.slice(-800));
     assert.match(String(errors[0]!.message), /qemu-storage-daemon.*(exited|no longer runs)/, String(errors[0]!.message));
-    const now = await inQemu(vm);
-    assert.equal(now.disk.file, src, 'the guest runs on its original disk');
-    assert.deepEqual(now.jobs, []);
-    assert.deepEqual(now.nodes, [], 'no node of the run is left');
+    const failed = await inQemu(vm);
+    assert.equal(failed.disk.file, src, 'the guest runs on its original disk');
+    assert.deepEqual(failed.jobs, []);
+    assert.deepEqual(failed.nodes, [], 'no node of the run is left');
     assert.equal(existsSync(target), false, 'the partial image is removed');
     const recs = existsSync(path.join(cliStateDir(), 'runs')) ? (await readdir(path.join(cliStateDir(), 'runs'))).filter((f) => f.endsWith('.json')) : [];
     assert.deepEqual(recs, [], 'no run record is left');
-    const before = Math.max(...latestWrites(vm).values());
-    await vm.waitForLine(new RegExp(`^WROTE seq=${before + 20} `), 30_000); // and keeps writing
-  });
+    const seqAfterFail = Math.max(...latestWrites(vm).values());
+    await vm.waitForLine(new RegExp(`^WROTE seq=${seqAfterFail + 20} `), 30_000); // and keeps writing
 
-  test('idlecrypt killed mid-copy: the daemon outlives it, and the same command run again adopts the copy and switches with the daemon gone', async () => {
-    const src = path.join(dir, 'a.raw');
-    const target = path.join(dir, 'a.luks');
-    await makeDiskImage(src, { sizeMiB: 128, format: 'raw', fill: 'pattern' });
-    const vm = await boot({ name: 'qsd-adopt', disk: src, workload: 'writer', params: { wps: 20 } });
+    // idlecrypt killed, into the same target path (free again).
     const first = startCli(args(vm, target, ['--speed', '8M']));
     await first.waitForStdout(/"event":"progress".*"offset":[1-9]/, 60_000);
     first.child.kill('SIGKILL');
@@ -216,17 +222,6 @@ describe('encrypt --encrypter storage-daemon', () => {
     const before = Math.max(...latestWrites(vm).values());
     await vm.waitForLine(new RegExp(`^WROTE seq=${before + 20} `), 30_000);
     await vm.stop();
-    const plain = path.join(dir, 'a.dec.raw');
-    await decryptToRaw(target, 'luks', key, plain);
-    const latest = latestWrites(vm);
-    const fd = await open(plain, 'r');
-    try {
-      for (const [off, seq] of latest) {
-        const { buffer } = await fd.read(Buffer.alloc(4096), 0, 4096, off);
-        assert.ok(buffer.equals(writerBlock(seq, off)), `block at ${off} is not seq ${seq}`);
-      }
-    } finally {
-      await fd.close();
-    }
+    await assertEveryWriteKept(vm, src, target);
   });
 });

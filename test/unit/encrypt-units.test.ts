@@ -224,3 +224,49 @@ describe("a moderated run's progress loop takes the controller's readings", () =
     assert.equal(reads(job), before);
   });
 });
+
+describe('rolling back a dead run whose VM is gone', () => {
+  test('without QMP: its image file goes, and a dead storage daemon\'s socket directory with it', async () => {
+    const { mkdtemp, mkdir, rm, writeFile } = await import('node:fs/promises');
+    const { existsSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const path = await import('node:path');
+    const { rollBack } = await import('../../src/encrypt/recover.ts');
+    const { silentLogger } = await import('../../src/log.ts');
+    const d = await mkdtemp(path.join(tmpdir(), 'ic-rollback-'));
+    try {
+      const target = path.join(d, 't.luks');
+      await writeFile(target, 'not a real image');
+      const sockDir = path.join(d, 'idlecrypt-nbd-x');
+      await mkdir(sockDir);
+      await writeFile(path.join(sockDir, 'pid'), '1');
+      // A pid no process can have (Linux's pid_max is at most 2^22): the daemon is gone.
+      const removed = await rollBack(
+        undefined,
+        {
+          version: 1,
+          tag: 'deadbeef',
+          owner: { pid: 1, start: 0 },
+          vm: 'v',
+          qmp: path.join(d, 'gone.qmp'),
+          device: 'disk0',
+          source: path.join(d, 's.raw'),
+          target,
+          format: 'luks',
+          keyFile: path.join(d, 'key'),
+          phase: 'copying',
+          createdAt: 0,
+          encrypter: 'storage-daemon',
+          daemon: { pid: 4194304, start: 1, socket: path.join(sockDir, 'nbd.sock'), exportName: 'idlecrypt' },
+        },
+        undefined,
+        silentLogger,
+      );
+      assert.deepEqual(removed, [`file ${target}`]);
+      assert.equal(existsSync(target), false);
+      assert.equal(existsSync(sockDir), false, 'the dead daemon\'s socket directory is removed');
+    } finally {
+      await rm(d, { recursive: true, force: true });
+    }
+  });
+});
