@@ -73,9 +73,9 @@ const EXPORT = 'idlecrypt';
  * bounce buffer it encrypts into (1 MiB); above glibc's adaptive mmap threshold each is a new
  * mapping, page-faulted in and zeroed by the kernel, and on these hosts a page fault is
  * dear (docs/starvation.md, "What a MiB of the copy costs the loop"). Measured with
- * `bench/mirror-cost.ts --source data --target nbd` (2 GiB of data, one round each,
- * 2026-12-05): 113 MiB/s with the daemon at 93% of a CPU without, 254 MiB/s at 58% with
- * (that run set it for the guest's QEMU too; docs/starvation.md has the daemon-only runs).
+ * `bench/mirror-cost.ts --source data --data-mib 2048 --target nbd --daemon-heap
+ * default|kept` (two rounds each, 2026-12-05): 110 MiB/s with the daemon at 87% of a CPU
+ * without, 237-247 MiB/s at 52-56% with; a sparse source 342-347 against 455-470 MiB/s.
  */
 export const DAEMON_MALLOC_ENV = { MALLOC_MMAP_THRESHOLD_: String(32 * 1024 * 1024), MALLOC_TRIM_THRESHOLD_: String(256 * 1024 * 1024) } as const;
 
@@ -148,9 +148,12 @@ export class StorageDaemon {
       await fs.rm(dir, { recursive: true, force: true });
       throw e;
     });
-    const pid = Number((await fs.readFile(pidfile, 'utf8')).trim());
-    const start = processStart(pid);
-    if (!Number.isInteger(pid) || start === undefined) throw new IdlecryptError('JOB_FAILED', `qemu-storage-daemon for ${spec.path} exited right after it started${stderr ? `: ${firstLine(stderr)}` : ''}`);
+    const pid = Number((await fs.readFile(pidfile, 'utf8').catch(() => '')).trim());
+    const start = pid > 0 ? processStart(pid) : undefined;
+    if (!Number.isInteger(pid) || start === undefined) {
+      await fs.rm(dir, { recursive: true, force: true });
+      throw new IdlecryptError('JOB_FAILED', `qemu-storage-daemon for ${spec.path} exited right after it started${stderr ? `: ${firstLine(stderr)}` : ''}`);
+    }
     if (spec.owner) await fs.chown(socket, spec.owner.uid, spec.owner.gid);
     log.info({ pid, ms: Math.round(performance.now() - t0) }, 'target opened in qemu-storage-daemon, exported over NBD to the guest\'s QEMU');
     return new StorageDaemon({ pid, start, socket, exportName: EXPORT }, log);
