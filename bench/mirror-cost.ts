@@ -19,19 +19,19 @@
  * idlecrypt does); nbd: the LUKS image opened in a qemu-storage-daemon of its own and
  * exported over NBD on a Unix socket, the guest's QEMU writing plaintext (and NBD
  * write-zeroes for holes) through a raw node over an nbd node; the daemon's CPU (all its
- * threads) is printed beside the main loop's. --daemon-heap kept (default) runs the daemon
- * with idlecrypt's glibc heap settings (DAEMON_MALLOC_ENV, src/encrypt/storage-daemon.ts);
- * default, with glibc's own.
+ * threads) is printed beside the main loop's. The daemon is started as idlecrypt starts it
+ * (StorageDaemon, src/encrypt/storage-daemon.ts); --daemon-heap kept (default) keeps its
+ * glibc heap settings (DAEMON_MALLOC_ENV), default runs it with glibc's own.
  * Prints one line per configuration and round, then the medians. About 10 s a
  * configuration and round. Run nothing else meanwhile.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { writeImageWithQemuImg } from '../src/encrypt/target.ts';
-import { DAEMON_MALLOC_ENV } from '../src/encrypt/storage-daemon.ts';
+import { StorageDaemon } from '../src/encrypt/storage-daemon.ts';
 import { silentLogger } from '../src/log.ts';
 import { QmpClient } from '../src/qmp/client.ts';
 import { median } from '../test/helpers/moderation-lab.ts';
@@ -84,27 +84,20 @@ async function measure(buf: number, n: number, kind: string): Promise<{ rate: nu
     ],
     { stdio: ['ignore', 'ignore', 'inherit'] },
   );
-  let qsd: ReturnType<typeof spawn> | undefined;
+  let qsd: StorageDaemon | undefined;
   try {
     // qemu-img as idlecrypt runs it, with its retry of the key-slot timing (host-facts.md).
     await writeImageWithQemuImg('qemu-img', { path: target, format: 'luks', size, keyFile: key, iterTimeMs: 50 }, silentLogger);
-    // --target nbd: the LUKS image opened in a qemu-storage-daemon of its own and exported
-    // over NBD on a Unix socket; the guest's QEMU writes plaintext (and write-zeroes
-    // commands for holes) to it through a raw node over an nbd node.
-    const nbdSock = path.join(dir, `nbd-${n}.sock`);
+    // --target nbd: the LUKS image opened in a qemu-storage-daemon as idlecrypt starts it
+    // (src/encrypt/storage-daemon.ts), exported over NBD on a Unix socket; the guest's QEMU
+    // writes plaintext (and write-zeroes commands for holes) to it through a raw node over
+    // an nbd node.
     if (kind === 'nbd') {
-      qsd = spawn('qemu-storage-daemon', [
-        '--object', `secret,id=sec0,file=${key}`,
-        '--blockdev', JSON.stringify({ driver: 'file', filename: target, 'node-name': 'f', cache: { direct, 'no-flush': false }, aio: direct ? 'native' : 'threads' }),
-        '--blockdev', JSON.stringify({ driver: 'luks', file: 'f', 'node-name': 'l', 'key-secret': 'sec0' }),
-        '--nbd-server', JSON.stringify({ addr: { type: 'unix', path: nbdSock } }),
-        '--export', JSON.stringify({ type: 'nbd', id: 'e', 'node-name': 'l', writable: true }),
-      ], { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, ...(values['daemon-heap'] === 'default' ? {} : DAEMON_MALLOC_ENV) } });
-      for (let i = 0; ; i++) {
-        if (await stat(nbdSock).then(() => true, () => false)) break;
-        if (i > 100) throw new Error('qemu-storage-daemon made no socket');
-        await sleep(50);
-      }
+      qsd = await StorageDaemon.start(
+        { path: target, format: 'luks', cache: { direct, noFlush: false }, tag: `cost${n}`, glibcHeap: values['daemon-heap'] === 'default' },
+        { file: key },
+        silentLogger,
+      );
     }
     let client: QmpClient | undefined;
     for (let i = 0; !client; i++) {
@@ -119,12 +112,12 @@ async function measure(buf: number, n: number, kind: string): Promise<{ rate: nu
       const cpuNs = async () => Number((await readFile(`/proc/${pid}/task/${pid}/schedstat`, 'utf8')).split(' ')[0]);
       const offset = async () => (await client.execute('query-block-jobs'))[0]?.offset ?? 0;
       const qsdCpu = async () => {
-        if (!qsd?.pid) return 0;
-        const f = ((await readFile(`/proc/${qsd.pid}/stat`, 'utf8')).split(') ')[1] ?? '').split(' ');
+        if (!qsd) return 0;
+        const f = ((await readFile(`/proc/${qsd.record.pid}/stat`, 'utf8')).split(') ')[1] ?? '').split(' ');
         return (Number(f[11]) + Number(f[12])) * 1e7; // utime + stime, clock ticks (100/s) to ns
       };
       if (kind === 'nbd') {
-        await client.execute('blockdev-add', { driver: 'nbd', 'node-name': 'tgt-nbd', server: { type: 'unix', path: nbdSock }, export: 'l' } as never);
+        await client.execute('blockdev-add', { driver: 'nbd', 'node-name': 'tgt-nbd', server: qsd!.server, export: qsd!.record.exportName } as never);
         await client.execute('blockdev-add', { driver: 'raw', 'node-name': 'tgt', file: 'tgt-nbd' } as never);
       } else {
         await client.execute('blockdev-add', { driver: 'file', 'node-name': 'tgt-file', filename: target, cache: { direct, 'no-flush': false } } as never);
@@ -143,7 +136,7 @@ async function measure(buf: number, n: number, kind: string): Promise<{ rate: nu
     }
   } finally {
     qemu.kill('SIGKILL');
-    qsd?.kill('SIGKILL');
+    await qsd?.stop(1000);
     await rm(target, { force: true });
   }
 }

@@ -29,7 +29,7 @@ import { RunMetrics } from './metrics.ts';
 import type { MetricsSink } from '../metrics/sink.ts';
 import { hostTag } from '../metrics/index.ts';
 import { ownerAlive, RunStore, selfOwner, type RunRecord } from './runs.ts';
-import { recoverForRerun, type Recovery } from './recover.ts';
+import { recoverForRerun, targetLeftovers, type Recovery } from './recover.ts';
 
 export type { Progress };
 
@@ -234,18 +234,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     const encrypter: Encrypter = adopt ? (adopt.record.encrypter ?? 'qemu') : (o.encrypter ?? 'qemu');
     const qemuOwner = encrypter === 'storage-daemon' ? await socketOwner(client.socketPath) : undefined;
     const spec = { path: targetPath, format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag, cache: disk.cache, encrypter, ...(qemuOwner ? { qemuOwner } : {}) };
-    const l = adopt?.leftovers;
-    const target = l
-      ? EncryptedTarget.adopt(client, spec, log, {
-          file: true,
-          node: l.hasNode,
-          fileNode: l.hasFileNode,
-          secret: l.hasSecret,
-          formatNode: l.hasFormatNode,
-          nbdNode: l.hasNbdNode,
-          ...(adopt?.record.daemon ? { daemon: adopt.record.daemon } : {}),
-        })
-      : new EncryptedTarget(client, spec, log);
+    const target = adopt ? EncryptedTarget.adopt(client, spec, log, targetLeftovers(adopt.leftovers, adopt.record, true)) : new EncryptedTarget(client, spec, log);
     // The record goes to disk before anything is made: whatever happens next, the next run
     // (or `idlecrypt cancel`) knows what is ours.
     let record: RunRecord = {

@@ -19,7 +19,7 @@ import type { Logger } from '../log.ts';
 import { QmpClient } from '../qmp/client.ts';
 import { findDisk, listDisks, type DiskInfo } from './disks.ts';
 import { continuable, findLeftovers, ownerAlive, processAlive, RunStore, runNames, type Leftovers, type RunRecord } from './runs.ts';
-import { EncryptedTarget, type FormatChoice } from './target.ts';
+import { EncryptedTarget, type FormatChoice, type TargetLeftovers } from './target.ts';
 
 export type Recovery =
   | { readonly kind: 'done'; readonly record: RunRecord; readonly leftovers: Leftovers }
@@ -84,19 +84,27 @@ export async function rollBack(client: QmpClient | undefined, rec: RunRecord, l:
     client ?? (undefined as unknown as QmpClient),
     { path: rec.target, format: rec.format, size: 0, keyFile: rec.keyFile, iterTimeMs: 0, tag: rec.tag, cache: { direct: false, noFlush: false }, ...(rec.encrypter ? { encrypter: rec.encrypter } : {}) },
     log,
-    {
-      file: existsSync(rec.target),
-      node: !!client && !!l?.hasNode,
-      fileNode: !!client && !!l?.hasFileNode,
-      secret: !!client && !!l?.hasSecret,
-      formatNode: !!client && !!l?.hasFormatNode,
-      nbdNode: !!client && !!l?.hasNbdNode,
-      ...(rec.daemon ? { daemon: rec.daemon } : {}),
-    },
+    targetLeftovers(client ? l : undefined, rec, existsSync(rec.target)),
   );
   removed.push(...target.describe());
   await target.remove();
   return removed;
+}
+
+/**
+ * What of a run's target is there, for EncryptedTarget.adopt: its nodes as `l` found them
+ * in QEMU (none without `l`), its daemon as its record names it, and whether its file is.
+ */
+export function targetLeftovers(l: Leftovers | undefined, rec: Pick<RunRecord, 'daemon'>, file: boolean): TargetLeftovers {
+  return {
+    file,
+    node: !!l?.hasNode,
+    fileNode: !!l?.hasFileNode,
+    secret: !!l?.hasSecret,
+    formatNode: !!l?.hasFormatNode,
+    nbdNode: !!l?.hasNbdNode,
+    ...(rec.daemon ? { daemon: rec.daemon } : {}),
+  };
 }
 
 async function untilConcluded(client: QmpClient, jobId: string): Promise<void> {

@@ -63,6 +63,8 @@ export interface DaemonSpec {
   readonly owner?: { readonly uid: number; readonly gid: number };
   /** How long the daemon may take to open the image and listen: default 60 s. */
   readonly startTimeoutMs?: number;
+  /** For measuring only (bench/mirror-cost.ts --daemon-heap default): glibc's own heap, not DAEMON_MALLOC_ENV. */
+  readonly glibcHeap?: boolean;
 }
 
 const EXPORT = 'idlecrypt';
@@ -74,8 +76,8 @@ const EXPORT = 'idlecrypt';
  * mapping, page-faulted in and zeroed by the kernel, and on these hosts a page fault is
  * dear (docs/starvation.md, "What a MiB of the copy costs the loop"). Measured with
  * `bench/mirror-cost.ts --source data --data-mib 2048 --target nbd --daemon-heap
- * default|kept` (two rounds each, 2026-12-05): 110 MiB/s with the daemon at 87% of a CPU
- * without, 237-247 MiB/s at 52-56% with; a sparse source 342-347 against 455-470 MiB/s.
+ * default|kept` (2026-12-05, this daemon as started here): 82 MiB/s with the daemon at 101%
+ * of a CPU without, 261 MiB/s at 57% with; a sparse source 206 against 490 MiB/s.
  */
 export const DAEMON_MALLOC_ENV = { MALLOC_MMAP_THRESHOLD_: String(32 * 1024 * 1024), MALLOC_TRIM_THRESHOLD_: String(256 * 1024 * 1024) } as const;
 
@@ -124,7 +126,7 @@ export class StorageDaemon {
     const stderr = await new Promise<string>((resolve, reject) => {
       // The key through a pipe: Node gives a child a socket, which /dev/stdin cannot open.
       const argv = 'data' in key ? ['/bin/sh', '-c', 'cat | exec "$@"', 'sh', exe, ...args] : [exe, ...args];
-      const child = spawn(argv[0]!, argv.slice(1), { stdio: ['data' in key ? 'pipe' : 'ignore', 'ignore', 'pipe'], detached: true, env: { ...process.env, LC_ALL: 'C', ...DAEMON_MALLOC_ENV } });
+      const child = spawn(argv[0]!, argv.slice(1), { stdio: ['data' in key ? 'pipe' : 'ignore', 'ignore', 'pipe'], detached: true, env: { ...process.env, LC_ALL: 'C', ...(spec.glibcHeap ? {} : DAEMON_MALLOC_ENV) } });
       let err = '';
       const timer = setTimeout(() => {
         err += `qemu-storage-daemon did not listen within ${Math.round((spec.startTimeoutMs ?? 60_000) / 1000)} s\n`;
@@ -190,16 +192,4 @@ export class StorageDaemon {
 
 function firstLine(s: string): string {
   return s.trim().split('\n')[0] ?? '';
-}
-
-/** The user and group a process runs as (/proc/PID/status), for the socket's owner. */
-export async function processOwner(pid: number): Promise<{ uid: number; gid: number } | undefined> {
-  try {
-    const status = await fs.readFile(`/proc/${pid}/status`, 'utf8');
-    const uid = /^Uid:\s+(\d+)/m.exec(status)?.[1];
-    const gid = /^Gid:\s+(\d+)/m.exec(status)?.[1];
-    return uid !== undefined && gid !== undefined ? { uid: Number(uid), gid: Number(gid) } : undefined;
-  } catch {
-    return undefined;
-  }
 }
