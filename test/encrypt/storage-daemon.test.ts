@@ -32,6 +32,8 @@ before(async () => {
 stopGuestsAfterEachTest(vms);
 after(async () => {
   await Promise.all(vms.map((vm) => vm.stop()));
+  // A test that failed midway may have left a daemon (it outlives idlecrypt by design).
+  for (const d of await daemonsOn(dir)) process.kill(d.pid, 'SIGKILL');
   await rm(dir, { recursive: true, force: true });
 });
 
