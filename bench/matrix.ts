@@ -41,8 +41,9 @@
  * background (its writes and flushes, no busy phases) in trickle cells, instead of nothing:
  * the mirror then runs beside what mod's idle phases hold, as an unthrottled copy of mod would.
  * --encrypter (side by side only) is idlecrypt's `--encrypter` for the moderated run and the
- * unthrottled mirror both (default qemu: the guest's QEMU encrypts); --cmp-encrypter gives
- * the unthrottled mirror another.
+ * unthrottled mirror both (default storage-daemon, idlecrypt's own default; qemu: the guest's
+ * QEMU encrypts); --cmp-encrypter gives the unthrottled mirror another. The sequential method
+ * runs bench/moderation.ts, whose runs take idlecrypt's default.
  * --writer proc makes the trickle's writes from one long-lived process in the guest
  * (vm-images/guest/icwriter.c, as a database's log writer) instead of a shell loop forking `dd`
  * for each (shell, the default), which under TCG also keeps the guest's vCPU a quarter busy.
@@ -76,7 +77,7 @@ const { values } = parseArgs({
     iothread: { type: 'boolean', default: false },
     'cmp-beside': { type: 'string', default: 'idle' },
     writer: { type: 'string', default: 'shell' },
-    encrypter: { type: 'string', default: 'qemu' },
+    encrypter: { type: 'string', default: 'storage-daemon' },
     'cmp-encrypter': { type: 'string' },
     rounds: { type: 'string', default: '1' },
     'max-copy-s': { type: 'string', default: '48' },
@@ -157,7 +158,7 @@ const policy = values.policy ? path.resolve(values.policy) : undefined;
 const encrypter = values.encrypter;
 const cmpEncrypter = values['cmp-encrypter'] ?? encrypter;
 for (const e of [encrypter, cmpEncrypter]) if (e !== 'qemu' && e !== 'storage-daemon') throw new Error(`--encrypter: qemu or storage-daemon, not ${e}`);
-if ((encrypter !== 'qemu' || cmpEncrypter !== 'qemu') && method === 'sequential') throw new Error('--encrypter is for --method side-by-side');
+if ((encrypter !== 'storage-daemon' || cmpEncrypter !== 'storage-daemon') && method === 'sequential') throw new Error('--encrypter is for --method side-by-side');
 const disks = values.disks!.split(',');
 const caches = values.caches!.split(',');
 const workloads = values.workloads!.split(',');
@@ -281,8 +282,8 @@ for (const disk of disks) {
                   cache,
                   workload: workload as CellWorkload,
                   keyFile,
-                  ...(policy || encrypter !== 'qemu' ? { modArgs: [...(policy ? ['--policy', policy] : []), ...(encrypter !== 'qemu' ? ['--encrypter', encrypter] : [])] } : {}),
-                  ...(cmpEncrypter !== 'qemu' ? { cmpArgs: ['--encrypter', cmpEncrypter] } : {}),
+                  modArgs: [...(policy ? ['--policy', policy] : []), '--encrypter', encrypter],
+                  cmpArgs: ['--encrypter', cmpEncrypter],
                   ...(Number(values['warm-up-s']) > 0 ? { warmUpMs: Number(values['warm-up-s']) * 1000 } : {}),
                   ...(values.iothread ? { iothread: true } : {}),
                   ...(cmpBeside === 'background' ? { cmpBeside } : {}),
@@ -350,7 +351,7 @@ async function writeReport(): Promise<void> {
   const report = `# Issue 9's matrix
 
 ${startedAt.toISOString()}, ${os.hostname()}: ${os.cpus().length} CPUs, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB.
-Command: \`node --import tsx bench/matrix.ts --method ${method} --rounds ${values.rounds}${method === 'sequential' ? ` --max-copy-s ${values['max-copy-s']} --sparse-mib ${values['sparse-mib']} --raw-mib ${values['raw-mib']}` : ''}${policy ? ` --policy ${values.policy}` : ''}${Number(values['warm-up-s']) > 0 ? ` --warm-up-s ${values['warm-up-s']}` : ''}${values.iothread ? ' --iothread' : ''}${cmpBeside === 'background' ? ' --cmp-beside background' : ''}${writer === 'proc' ? ' --writer proc' : ''}${encrypter !== 'qemu' ? ` --encrypter ${encrypter}` : ''}${cmpEncrypter !== encrypter ? ` --cmp-encrypter ${cmpEncrypter}` : ''} --disks ${values.disks} --caches ${values.caches} --workloads ${values.workloads}\`
+Command: \`node --import tsx bench/matrix.ts --method ${method} --rounds ${values.rounds}${method === 'sequential' ? ` --max-copy-s ${values['max-copy-s']} --sparse-mib ${values['sparse-mib']} --raw-mib ${values['raw-mib']}` : ''}${policy ? ` --policy ${values.policy}` : ''}${Number(values['warm-up-s']) > 0 ? ` --warm-up-s ${values['warm-up-s']}` : ''}${values.iothread ? ' --iothread' : ''}${cmpBeside === 'background' ? ' --cmp-beside background' : ''}${writer === 'proc' ? ' --writer proc' : ''}${method === 'side-by-side' ? ` --encrypter ${encrypter}` : ''}${cmpEncrypter !== encrypter ? ` --cmp-encrypter ${cmpEncrypter}` : ''} --disks ${values.disks} --caches ${values.caches} --workloads ${values.workloads}\`
 
 ${
   method === 'sequential'

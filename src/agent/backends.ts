@@ -52,7 +52,8 @@ export interface RunParams {
   readonly target: string;
   readonly keyFile: string;
   readonly format: FormatChoice;
-  readonly encrypter: Encrypter;
+  /** Undefined: the backend's own (encryptDisk's DEFAULT_ENCRYPTER; libvirt's copy). */
+  readonly encrypter: Encrypter | undefined;
   readonly speed: number;
   readonly iterTimeMs: number;
   readonly logger: Logger;
@@ -248,7 +249,7 @@ function qmpSession(vm: VmInfo & { name: string }, client: QmpClient, socket: st
         target: p.target,
         keyFile: p.keyFile,
         format: p.format,
-        encrypter: p.encrypter,
+        ...(p.encrypter !== undefined ? { encrypter: p.encrypter } : {}),
         speed: p.speed,
         iterTimeMs: p.iterTimeMs,
         logger: p.logger,
@@ -282,7 +283,7 @@ function libvirtSession(vm: VmInfo & { name: string }, client: LibvirtClient, st
       // A copy libvirt runs into a file no record names is not known to be ours: left alone.
     },
     async encrypt(p) {
-      if (p.encrypter !== 'qemu') {
+      if (p.encrypter !== undefined && p.encrypter !== 'qemu') {
         throw new IdlecryptError('USAGE', `encrypter: ${p.encrypter} needs the qmp backend: through libvirt, libvirt makes the copy and QEMU encrypts`);
       }
       await encryptDomainDisk({

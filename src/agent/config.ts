@@ -18,7 +18,7 @@
  *       target: /var/lib/idlecrypt/{vm}-{disk}.luks
  *       key-file: /etc/idlecrypt/keys/{vm}.key
  *       format: auto                           # luks, qcow2, or auto: qcow2 for a qcow2 disk
- *       encrypter: qemu                        # qemu | storage-daemon (qmp backend only)
+ *       encrypter: storage-daemon              # optional; storage-daemon (qmp's default) or qemu
  *       qmp: /run/qemu/{vm}.qmp                # optional; else the VM's first -qmp socket
  */
 import { readFileSync } from 'node:fs';
@@ -48,8 +48,11 @@ export interface EncryptEntry {
   readonly keyFile: string;
   /** The target's format; `auto`: the disk's (targetFormatFor). */
   readonly format: FormatChoice;
-  /** Who encrypts (`encrypt --encrypter`): the VM's QEMU, or a qemu-storage-daemon (qmp backend only). */
-  readonly encrypter: Encrypter;
+  /**
+   * Who encrypts (`encrypt --encrypter`): a qemu-storage-daemon, or the VM's QEMU; undefined:
+   * the backend's own (qmp: the daemon; libvirt: libvirt's copy, which QEMU encrypts).
+   */
+  readonly encrypter?: Encrypter;
   /** Path template with {vm}: the VM's QMP socket, when not the first on its command line. */
   readonly qmp?: string;
 }
@@ -96,7 +99,7 @@ const entrySchema = z
       target: template('the target image path'),
       'key-file': template('the key file path'),
       format: z.enum(FORMAT_CHOICES, { error: (iss) => `expected auto, luks or qcow2, got ${show(iss.input)}` }).default('auto'),
-      encrypter: z.enum(ENCRYPTERS, { error: (iss) => `expected qemu or storage-daemon, got ${show(iss.input)}` }).default('qemu'),
+      encrypter: z.enum(ENCRYPTERS, { error: (iss) => `expected qemu or storage-daemon, got ${show(iss.input)}` }).optional(),
       qmp: template('the QMP socket path').optional(),
     },
     mapping,
@@ -224,7 +227,7 @@ export function parseAgentConfig(text: string, file: string): AgentConfig {
       target: e.target,
       keyFile: e['key-file'],
       format: e.format,
-      encrypter: e.encrypter,
+      ...(e.encrypter !== undefined ? { encrypter: e.encrypter } : {}),
       ...(e.qmp !== undefined ? { qmp: e.qmp } : {}),
     })),
   };

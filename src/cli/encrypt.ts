@@ -3,7 +3,7 @@ import { Command, Option } from 'commander';
 import { encryptDisk, type EncryptResult } from '../encrypt/encrypt.ts';
 import { fmtBytes } from '../encrypt/preflight.ts';
 import { FORMAT_CHOICES } from '../encrypt/target.ts';
-import { ENCRYPTERS } from '../encrypt/storage-daemon.ts';
+import { DEFAULT_ENCRYPTER, ENCRYPTERS } from '../encrypt/storage-daemon.ts';
 import { IdlecryptError } from '../errors.ts';
 import { createLogger } from '../log.ts';
 import { openMetricsSink, parseInfluxUrl } from '../metrics/index.ts';
@@ -54,8 +54,8 @@ export function encryptCommand(): Command {
     .addOption(
       new Option(
         '--encrypter <who>',
-        "with --qmp, who encrypts: qemu (the VM's QEMU, in its main loop) or storage-daemon (a qemu-storage-daemon of idlecrypt's, which the VM's QEMU writes to over a private NBD socket until the switch; the VM's QEMU then stays free to serve the guest; docs/starvation.md)",
-      ).default('qemu'),
+        "with --qmp, who encrypts: storage-daemon (default: a qemu-storage-daemon of idlecrypt's, which the VM's QEMU writes to over a private NBD socket until the switch, so that the VM's QEMU stays free to serve the guest; docs/starvation.md) or qemu (the VM's QEMU, in the main loop that serves the guest's disk). With --domain, libvirt makes the copy and QEMU encrypts",
+      ),
     )
     .option('--policy <file>', 'moderation policy (YAML, hot-reloaded on change and SIGHUP); default: the shipped policy/default.yaml')
     .option('--speed <bytes/s>', 'no moderation: a fixed copy speed, bytes/s with optional K/M/G suffix; 0 = unlimited')
@@ -87,7 +87,7 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
   }
   const device = (libvirt ? flags.disk : flags.device)!;
   const format = parseChoice('--format', flags.format, FORMAT_CHOICES);
-  const encrypter = parseChoice('--encrypter', flags.encrypter ?? 'qemu', ENCRYPTERS);
+  const encrypter = parseChoice('--encrypter', flags.encrypter ?? (libvirt ? 'qemu' : DEFAULT_ENCRYPTER), ENCRYPTERS);
   if (libvirt && encrypter !== 'qemu') throw new IdlecryptError('USAGE', '--encrypter storage-daemon goes with --qmp: through libvirt, libvirt makes the copy and QEMU encrypts');
   if (flags.speed !== undefined && !flags.moderation) throw new IdlecryptError('USAGE', '--speed and --no-moderation: choose one');
   if (flags.policy !== undefined && (flags.speed !== undefined || !flags.moderation)) {

@@ -22,7 +22,7 @@ import { diskIothread, diskLabel, findDisk, imagePath, listDisks, type DiskCache
 import type { LoopThread } from '../probes/mainloop.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded, thinDiskNote } from './preflight.ts';
 import { EncryptedTarget, targetFormatFor, type FormatChoice, type TargetFormat } from './target.ts';
-import type { Encrypter } from './storage-daemon.ts';
+import { DEFAULT_ENCRYPTER, storageDaemonExecutable, type Encrypter } from './storage-daemon.ts';
 import { ProgressMeter, type Progress } from './progress.ts';
 import { RunModeration, type ModerationOptions } from './moderation.ts';
 import { RunMetrics } from './metrics.ts';
@@ -56,8 +56,9 @@ export interface EncryptOptions {
   /** The target's format; `auto`: the source's (targetFormatFor). */
   readonly format: FormatChoice;
   /**
-   * Who encrypts: the guest's QEMU (default), or a qemu-storage-daemon the guest's QEMU
-   * writes to over NBD until the pivot (storage-daemon.ts). An adopted run keeps its own.
+   * Who encrypts: a qemu-storage-daemon the guest's QEMU writes to over NBD until the pivot
+   * (default, DEFAULT_ENCRYPTER; storage-daemon.ts), or the guest's QEMU. An adopted run keeps
+   * its own (a record without one is the guest's QEMU's: runs before the daemon).
    */
   readonly encrypter?: Encrypter;
   /** Initial speed limit, bytes/s; 0 = unlimited. */
@@ -207,6 +208,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     // An adopted run keeps the format it was started with (recoverForRerun checked it).
     const format = adopt ? adopt.record.format : targetFormatFor(o.format, disk.driver);
     if (!adopt) {
+      if ((o.encrypter ?? DEFAULT_ENCRYPTER) === 'storage-daemon') await storageDaemonExecutable();
       await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, format, disk.allocatedBytes));
       const thin = thinDiskNote(o.format, format, disk.virtualSize, disk.allocatedBytes);
       if (thin) o.onNote?.(thin.text, thin.record);
@@ -231,7 +233,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     };
 
     const tag = adopt?.record.tag ?? randomBytes(4).toString('hex');
-    const encrypter: Encrypter = adopt ? (adopt.record.encrypter ?? 'qemu') : (o.encrypter ?? 'qemu');
+    const encrypter: Encrypter = adopt ? (adopt.record.encrypter ?? 'qemu') : (o.encrypter ?? DEFAULT_ENCRYPTER);
     const qemuOwner = encrypter === 'storage-daemon' ? await socketOwner(client.socketPath) : undefined;
     const spec = { path: targetPath, format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag, cache: disk.cache, encrypter, ...(qemuOwner ? { qemuOwner } : {}) };
     const target = adopt ? EncryptedTarget.adopt(client, spec, log, targetLeftovers(adopt.leftovers, adopt.record, true)) : new EncryptedTarget(client, spec, log);

@@ -20,6 +20,7 @@ import { QmpClient } from '../qmp/client.ts';
 import { findDisk, listDisks, type DiskInfo } from './disks.ts';
 import { continuable, findLeftovers, ownerAlive, processAlive, RunStore, runNames, type Leftovers, type RunRecord } from './runs.ts';
 import { EncryptedTarget, type FormatChoice, type TargetLeftovers } from './target.ts';
+import { StorageDaemon } from './storage-daemon.ts';
 
 export type Recovery =
   | { readonly kind: 'done'; readonly record: RunRecord; readonly leftovers: Leftovers }
@@ -80,11 +81,18 @@ export async function rollBack(client: QmpClient | undefined, rec: RunRecord, l:
     await client.execute('job-dismiss', { id: l.jobId }).catch((e: unknown) => log.warn({ err: (e as Error).message }, 'dismissing the job'));
     removed.push(`job ${l.jobId}`);
   }
+  // A record that does not name its daemon: an orphan's (made up by agent/orphans.ts), whose
+  // nbd node names the daemon's socket, or a run killed before it wrote the daemon's pid down.
+  // The daemon is found beside its socket, and stopped.
+  const daemon =
+    rec.daemon ??
+    (client && l?.nbdSocket ? (await StorageDaemon.find(l.nbdSocket, log))?.record : undefined) ??
+    (rec.encrypter === 'storage-daemon' ? (await StorageDaemon.findByTag(rec.tag, log))?.record : undefined);
   const target = EncryptedTarget.adopt(
     client ?? (undefined as unknown as QmpClient),
     { path: rec.target, format: rec.format, size: 0, keyFile: rec.keyFile, iterTimeMs: 0, tag: rec.tag, cache: { direct: false, noFlush: false }, ...(rec.encrypter ? { encrypter: rec.encrypter } : {}) },
     log,
-    targetLeftovers(client ? l : undefined, rec, existsSync(rec.target)),
+    targetLeftovers(client ? l : undefined, daemon ? { daemon } : {}, existsSync(rec.target)),
   );
   removed.push(...target.describe());
   await target.remove();

@@ -194,6 +194,8 @@ export interface Leftovers {
   readonly hasFormatNode: boolean;
   readonly nbdNode: string;
   readonly hasNbdNode: boolean;
+  /** The Unix socket the nbd node connects to (its daemon's), from the node's filename. */
+  readonly nbdSocket?: string;
 }
 
 export function runNames(tag: string): { jobId: string; node: string; fileNode: string; secret: string; formatNode: string; nbdNode: string } {
@@ -210,6 +212,8 @@ export async function findLeftovers(client: QmpClient, tag: string): Promise<Lef
   const node = nodes.find((n) => n['node-name'] === names.node);
   const fileNode = nodes.find((n) => n['node-name'] === names.fileNode);
   const objects = (await client.executeRaw('qom-list', { path: '/objects' })) as { name: string }[];
+  const nbd = nodes.find((n) => n['node-name'] === names.nbdNode);
+  const nbdSocket = nbd ? nbdSocketOf(nbd.file) : undefined;
   return {
     ...names,
     ...(j ? { job: { status: j.status, paused: j.paused, ready: j.ready, offset: j.offset, len: j.len } } : {}),
@@ -219,8 +223,28 @@ export async function findLeftovers(client: QmpClient, tag: string): Promise<Lef
     ...(fileNode ? { fileNodePath: fileNode.file } : {}),
     hasSecret: objects.some((o) => o.name === names.secret),
     hasFormatNode: nodes.some((n) => n['node-name'] === names.formatNode),
-    hasNbdNode: nodes.some((n) => n['node-name'] === names.nbdNode),
+    hasNbdNode: !!nbd,
+    ...(nbdSocket ? { nbdSocket } : {}),
   };
+}
+
+/**
+ * The Unix socket in an nbd node's filename, as QEMU 7.2 writes it (block/nbd.c
+ * nbd_refresh_filename: `nbd+unix:///EXPORT?socket=PATH`), or a `json:` filename's
+ * `server.path`.
+ */
+export function nbdSocketOf(filename: string): string | undefined {
+  const m = /^nbd\+unix:\/\/\/?[^?]*\?socket=(.+)$/.exec(filename);
+  if (m) return m[1];
+  if (filename.startsWith('json:')) {
+    try {
+      const j = JSON.parse(filename.slice(5)) as { server?: { type?: string; path?: string }; 'server.path'?: string };
+      return j.server?.path ?? j['server.path'];
+    } catch {
+      return undefined;
+    }
+  }
+  return undefined;
 }
 
 /** A job that can go on: running, paused, or at READY (QEMU's job states, qapi/job.json). */

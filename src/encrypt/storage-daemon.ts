@@ -43,6 +43,14 @@ import { findExecutable, type TargetFormat } from './target.ts';
 
 export type Encrypter = 'qemu' | 'storage-daemon';
 export const ENCRYPTERS = ['qemu', 'storage-daemon'] as const satisfies readonly Encrypter[];
+/**
+ * Who encrypts when nobody says (the QMP backend; through libvirt, libvirt makes the copy and
+ * the VM's QEMU encrypts). The daemon: without an iothread, the VM's QEMU would encrypt in the
+ * main loop that also serves the guest's disk, and a thin disk's unlimited copy keeps that
+ * loop 100% busy against 1-2% through the daemon (docs/starvation.md, "The encryption
+ * outside the guest's QEMU"; bench/reports/storage-daemon-2026-12-05).
+ */
+export const DEFAULT_ENCRYPTER: Encrypter = 'storage-daemon';
 
 /** What a run record keeps of its daemon, so that a later run can adopt or stop it. */
 export interface DaemonRecord {
@@ -81,6 +89,15 @@ const EXPORT = 'idlecrypt';
  */
 export const DAEMON_MALLOC_ENV = { MALLOC_MMAP_THRESHOLD_: String(32 * 1024 * 1024), MALLOC_TRIM_THRESHOLD_: String(256 * 1024 * 1024) } as const;
 
+/** qemu-storage-daemon's path on PATH; a usage error that says what to do when it is not there. */
+export async function storageDaemonExecutable(): Promise<string> {
+  const exe = await findExecutable('qemu-storage-daemon');
+  if (!exe) {
+    throw new IdlecryptError('USAGE', 'qemu-storage-daemon, which encrypts the copy (--encrypter storage-daemon, the default), is not on PATH: install it (Debian: qemu-system-common), or say --encrypter qemu');
+  }
+  return exe;
+}
+
 export class StorageDaemon {
   private constructor(
     readonly record: DaemonRecord,
@@ -98,10 +115,7 @@ export class StorageDaemon {
    * own error line when it cannot open the image.
    */
   static async start(spec: DaemonSpec, key: { data: string } | { file: string }, log: Logger): Promise<StorageDaemon> {
-    const exe = await findExecutable('qemu-storage-daemon');
-    if (!exe) {
-      throw new IdlecryptError('USAGE', '--encrypter storage-daemon needs qemu-storage-daemon (Debian: qemu-system-common), which is not on PATH');
-    }
+    const exe = await storageDaemonExecutable();
     const dir = await fs.mkdtemp(path.join(tmpdir(), `idlecrypt-nbd-${spec.tag}-`));
     // Others may pass through to the socket (given to QEMU's user below), not list or write
     // here: the daemon's pid file, which stop() signals, stays root's.
@@ -159,6 +173,36 @@ export class StorageDaemon {
     if (spec.owner) await fs.chown(socket, spec.owner.uid, spec.owner.gid);
     log.info({ pid, ms: Math.round(performance.now() - t0) }, 'target opened in qemu-storage-daemon, exported over NBD to the guest\'s QEMU');
     return new StorageDaemon({ pid, start, socket, exportName: EXPORT }, log);
+  }
+
+  /**
+   * The daemon serving `socket` (an nbd node's, found in the guest's QEMU), from the pid file
+   * start() keeps beside the socket, when it still runs: a copy whose run record was lost
+   * still has its daemon stopped (agent/orphans.ts). The process must be a
+   * qemu-storage-daemon whose command line names that socket.
+   */
+  static async find(socket: string, log: Logger): Promise<StorageDaemon | undefined> {
+    if (!/^idlecrypt-nbd-[0-9a-f]{8}-/.test(path.basename(path.dirname(socket)))) return undefined;
+    const pid = Number((await fs.readFile(path.join(path.dirname(socket), 'pid'), 'utf8').catch(() => '')).trim());
+    const start = Number.isInteger(pid) && pid > 0 ? processStart(pid) : undefined;
+    if (start === undefined) return undefined;
+    const argv = (await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+    if (!path.basename(argv[0] ?? '').startsWith('qemu-storage-daemon') || !argv.some((a) => a.includes(JSON.stringify(socket)))) return undefined;
+    return new StorageDaemon({ pid, start, socket, exportName: EXPORT }, log);
+  }
+
+  /**
+   * A daemon of run `tag` started in this host's temporary directory, found by its socket
+   * directory's name: a run killed after the daemon listened but before its record named it
+   * (a few ms) still has it stopped by the run that rolls it back.
+   */
+  static async findByTag(tag: string, log: Logger): Promise<StorageDaemon | undefined> {
+    const prefix = `idlecrypt-nbd-${tag}-`;
+    for (const d of (await fs.readdir(tmpdir()).catch(() => [] as string[])).filter((x) => x.startsWith(prefix))) {
+      const found = await StorageDaemon.find(path.join(tmpdir(), d, 'nbd.sock'), log);
+      if (found) return found;
+    }
+    return undefined;
   }
 
   /** The NBD server as QEMU's `nbd` block driver takes it. */

@@ -24,6 +24,7 @@ import { tagsInQemu } from '../../src/agent/orphans.ts';
 import { askAgent } from '../../src/agent/status-server.ts';
 import { median } from '../helpers/moderation-lab.ts';
 import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
+import { daemonsOn } from '../helpers/daemons.ts';
 
 const execFileP = promisify(execFile);
 let dir: string;
@@ -361,6 +362,7 @@ describe('idlecrypt agent', () => {
     const runs = path.join(cliStateDir(), 'runs');
     assert.deepEqual(existsSync(runs) ? (await readdir(runs)).filter((f) => f.endsWith('.json')) : [], [], 'no run record left');
     assert.deepEqual((await readdir(dir)).filter((f) => f.startsWith('k-a-') && f.endsWith('.luks')).sort(), ['k-a-disk0.luks', 'k-a-disk1.luks'], 'no stray target');
+    assert.deepEqual(await daemonsOn(path.join(dir, 'k-a-')), [], 'no qemu-storage-daemon left (each copy went through one)');
     for (const id of ['disk0', 'disk1']) {
       const d = await diskOf(k.vm, id);
       assert.equal(d.file, path.join(dir, `k-a-${id}.luks`));
@@ -445,6 +447,9 @@ describe('idlecrypt agent', () => {
     assert.ok(cmp.same, cmp.output);
     assert.equal((await diskOf(f2.vm)).file, f2.disk);
     await f2.vm.stop();
+    // Each copy went through a qemu-storage-daemon: the failed one's, the dead VM's and the
+    // orphan's (found beside the socket its nbd node names) were all stopped.
+    assert.deepEqual(await daemonsOn(dir), [], 'no qemu-storage-daemon left');
   });
 
   test('neighbours: with protect: storage a copy pauses while a guest on the same storage is busy; a reload to protect: vm lets it run', async (t) => {

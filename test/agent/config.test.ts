@@ -33,7 +33,7 @@ describe('agent configuration', () => {
         '    target: /srv/{vm}-{disk}.qcow2',
         '    key-file: /etc/idlecrypt/keys/db.key',
         '    format: qcow2',
-        '    encrypter: storage-daemon',
+        '    encrypter: qemu',
         '    qmp: /run/qemu/{vm}.qmp',
       ].join('\n'),
       F,
@@ -46,9 +46,10 @@ describe('agent configuration', () => {
     assert.deepEqual([lv.backend, lv.connect, lv.libvirtPause], ['libvirt', 'qemu+ssh://host/system', 'speed']);
     assert.equal(parseAgentConfig('libvirt-pause: qemu\n', F).libvirtPause, 'qemu');
     assert.equal(c.policy.thresholds.stall, 800, 'the shipped policy when none is named');
+    // No encrypter: the backend's own (the QMP backend's qemu-storage-daemon, libvirt's copy).
     assert.deepEqual(c.encrypt, [
-      { vm: 'web*', disks: ['vd0'], target: '/var/lib/idlecrypt/{vm}-{disk}.luks', keyFile: '/etc/idlecrypt/keys/{vm}.key', format: 'auto', encrypter: 'qemu' },
-      { vm: 'db', disks: 'all', target: '/srv/{vm}-{disk}.qcow2', keyFile: '/etc/idlecrypt/keys/db.key', format: 'qcow2', encrypter: 'storage-daemon', qmp: '/run/qemu/{vm}.qmp' },
+      { vm: 'web*', disks: ['vd0'], target: '/var/lib/idlecrypt/{vm}-{disk}.luks', keyFile: '/etc/idlecrypt/keys/{vm}.key', format: 'auto' },
+      { vm: 'db', disks: 'all', target: '/srv/{vm}-{disk}.qcow2', keyFile: '/etc/idlecrypt/keys/db.key', format: 'qcow2', encrypter: 'qemu', qmp: '/run/qemu/{vm}.qmp' },
     ]);
   });
 

@@ -1,8 +1,9 @@
 /**
  * The shipped systemd unit (contrib/systemd/idlecrypt-agent.service) passes
  * `systemd-analyze verify` with nothing to say, and says what the README promises: the
- * agent in the foreground, restarted on failure, SIGTERM to stop (copies left paused),
- * SIGHUP to reload, /run/idlecrypt and /var/lib/idlecrypt made by systemd, root only.
+ * agent in the foreground, restarted on failure, SIGTERM to the agent alone to stop (copies
+ * left paused, their storage daemons running), SIGHUP to reload, /run/idlecrypt and
+ * /var/lib/idlecrypt made by systemd, root only.
  */
 import { execFile } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -53,6 +54,8 @@ describe('the systemd unit', () => {
     const keys = new Map(text.split('\n').filter((l) => /^\w+=/.test(l)).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
     assert.equal(keys.get('Restart'), 'on-failure');
     assert.equal(keys.get('KillSignal') ?? 'SIGTERM', 'SIGTERM');
+    // The storage daemons of paused copies outlive a stop, so that the next start adopts them.
+    assert.equal(keys.get('KillMode'), 'process');
     assert.equal(keys.get('ExecReload'), '/bin/kill -HUP $MAINPID');
     assert.equal(keys.get('RuntimeDirectory'), 'idlecrypt');
     assert.equal(keys.get('RuntimeDirectoryMode'), '0700');

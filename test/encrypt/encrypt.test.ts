@@ -202,7 +202,7 @@ describe('encrypt', () => {
     assert.equal(await fileContains(target, 'IDLECRYPT-DATA'), false);
   });
 
-  test("a disk with an iothread: the moderated copy runs in that thread, the headroom reads its load there, and the image decrypts to exactly the original; a SCSI disk's copy reads its controller's iothread", async (t) => {
+  test("a disk with an iothread: the moderated copy runs in that thread, the headroom reads its load there, and the image decrypts to exactly the original; a SCSI disk's copy reads its controller's iothread, and goes through the storage daemon in it", async (t) => {
     // As libvirt's <driver iothread='1'/> gives: QEMU serves the disk and runs the mirror in
     // the thread `IO iothread1`, and its main loop stays nearly idle (src/probes/mainloop.ts).
     const src = path.join(dir, 'io.raw');
@@ -212,7 +212,9 @@ describe('encrypt', () => {
     const c = await QmpClient.connect(vm.qmpSocket);
     const threads = await c.execute('query-iothreads').finally(() => c.close());
     assert.equal(threads.length, 1);
-    const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', path.join(dir, 'key'), '--iter-time', '50', '--json']);
+    // The guest's QEMU encrypts (--encrypter qemu), in the iothread: the load the headroom
+    // must see there. Through the daemon (the default) the thread only forwards plaintext.
+    const run = await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', target, '--key-file', path.join(dir, 'key'), '--iter-time', '50', '--encrypter', 'qemu', '--json']);
     assert.equal(run.code, 0, run.stderr);
     // The loads it read are the copy's: read at the main loop they were 0.00-0.01 throughout
     // (measured before the iothread was looked for: the headroom never bound), while the
@@ -229,7 +231,8 @@ describe('encrypt', () => {
 
     // A SCSI disk (scsi-hd) has no iothread link of its own: its virtio-scsi controller's
     // iothread serves it, found through the disk's parent_bus. Hot-plugged into the running
-    // guest, which has no SCSI driver and leaves it alone.
+    // guest, which has no SCSI driver and leaves it alone. Copied through the storage daemon
+    // (the default): its nbd and raw nodes run in that iothread, and the switch too.
     const scsiSrc = path.join(dir, 'io-sda.raw');
     const scsiTarget = path.join(dir, 'io-sda.luks');
     await makeDiskImage(scsiSrc, { sizeMiB: 64, format: 'raw', fill: 'pattern' });
@@ -248,6 +251,7 @@ describe('encrypt', () => {
     assert.equal(scsiRun.code, 0, scsiRun.stderr);
     const readScsi = jsonLines<{ iothread?: string; tid?: number }>(scsiRun.stderr).find((l) => l.iothread !== undefined);
     assert.deepEqual([readScsi?.iothread, readScsi?.tid], ['iothread2', scsiTid], "the headroom reads the SCSI controller's iothread");
+    assert.match(scsiRun.stderr, /target switched from qemu-storage-daemon to the guest's QEMU/);
     await vm.stop();
     for (const [plain, image] of [[src, target], [scsiSrc, scsiTarget]] as const) {
       const cmp = await compareWithEncrypted(plain, image, 'luks', path.join(dir, 'key'));

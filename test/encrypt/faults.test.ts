@@ -5,7 +5,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdir, mkdtemp, rm, writeFile, readFile, stat, chmod } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile, readFile, readdir, stat, chmod, symlink } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -167,6 +167,20 @@ describe('bad input', () => {
     // --device is required with --qmp (--disk goes with --domain): said in one line.
     await assertRefused(await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--target', '/tmp/never.luks', '--key-file', '/etc/hostname']), /--qmp needs --device/, 2);
     await assertRefused(await runCli(['encrypt', '--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', '/tmp/never.luks']), /give the key as --key-file FILE/, 2);
+  });
+
+  test('without qemu-storage-daemon (the default encrypter) the run says so and how to go on, and leaves nothing', async () => {
+    // PATH: every command of /usr/bin and /usr/sbin but the daemon.
+    const bin = path.join(dir, 'bin-no-qsd');
+    await mkdir(bin);
+    for (const d of ['/usr/bin', '/usr/sbin']) {
+      for (const f of await readdir(d)) if (f !== 'qemu-storage-daemon') await symlink(path.join(d, f), path.join(bin, f)).catch(() => undefined);
+    }
+    await assertRefused(
+      await runCli(encrypt({ '--iter-time': '50' }), { PATH: bin }),
+      /qemu-storage-daemon, which encrypts the copy \(--encrypter storage-daemon, the default\), is not on PATH: install it \(Debian: qemu-system-common\), or say --encrypter qemu/,
+      2,
+    );
   });
 
   test('a disk that already has a block job is refused', async () => {

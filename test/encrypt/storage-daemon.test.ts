@@ -16,6 +16,7 @@ import { listDisks } from '../../src/encrypt/disks.ts';
 import { cliStateDir, jsonLines, runCli, startCli } from '../helpers/cli.ts';
 import { activeKeySlots, decryptToRaw, fileContains, writeKey } from '../helpers/images.ts';
 import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
+import { daemonsOn } from '../helpers/daemons.ts';
 
 const KEY = 'storage daemon test key 9';
 
@@ -57,19 +58,6 @@ async function inQemu(vm: TestVm) {
   } finally {
     await c.close();
   }
-}
-
-/** The qemu-storage-daemon processes that have `image` open: pid and command line. */
-async function daemonsOn(image: string): Promise<{ pid: number; cmdline: string }[]> {
-  const out: { pid: number; cmdline: string }[] = [];
-  for (const p of await readdir('/proc')) {
-    if (!/^\d+$/.test(p)) continue;
-    const cmdline = await readFile(`/proc/${p}/cmdline`, 'utf8').catch(() => '');
-    if (cmdline.startsWith('qemu-storage-daemon\0') || cmdline.includes('/qemu-storage-daemon\0')) {
-      if (cmdline.includes(image)) out.push({ pid: Number(p), cmdline: cmdline.replaceAll('\0', ' ') });
-    }
-  }
-  return out;
 }
 
 async function until<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
@@ -210,8 +198,8 @@ describe('encrypt --encrypter storage-daemon', () => {
     assert.ok(d, 'the daemon runs on after idlecrypt died');
     await new Promise((r) => setTimeout(r, 2000)); // the copy goes on meanwhile
 
-    // Run again without --encrypter: an adopted run keeps its own (the record's).
-    const again = await runCli(args(vm, target, ['--speed', '16M']).filter((a) => a !== '--encrypter' && a !== 'storage-daemon'));
+    // Run again saying --encrypter qemu: an adopted run keeps its own (the record's).
+    const again = await runCli(args(vm, target, ['--speed', '16M']).map((a) => (a === 'storage-daemon' ? 'qemu' : a)));
     assert.equal(again.code, 0, again.stderr);
     const ev = jsonLines(again.stdout);
     assert.equal(ev.find((e) => e.event === 'note')?.resumed, 'adopted', again.stdout.slice(0, 800));

@@ -6,6 +6,7 @@ import { ProgressMeter } from '../../src/encrypt/progress.ts';
 import { findDisk, formatUnderRaw, imagePath, qdevIdOf, type DiskInfo } from '../../src/encrypt/disks.ts';
 import { fmtBytes, targetBytesNeeded, thinDiskNote } from '../../src/encrypt/preflight.ts';
 import { targetFormatFor } from '../../src/encrypt/target.ts';
+import { nbdSocketOf } from '../../src/encrypt/runs.ts';
 import { fmtEta } from '../../src/cli/progress-view.ts';
 import { allocatedShare, moderatedBufSize, waitUntilReady } from '../../src/encrypt/encrypt.ts';
 import type { RunModeration } from '../../src/encrypt/moderation.ts';
@@ -113,6 +114,15 @@ describe('finding a disk', () => {
     assert.equal(formatUnderRaw('raw', 'json:{"driver": "raw", "file": {"driver": "file", "filename": "/t/e.raw", "aio": "native"}}'), undefined, 'raw over a file node');
     assert.equal(formatUnderRaw('luks', luks), undefined, 'only a raw root');
     assert.equal(formatUnderRaw('raw', 'json:{broken'), undefined);
+  });
+  test("an nbd node's filename names its daemon's socket", () => {
+    // As QEMU 7.2 names it (block/nbd.c nbd_refresh_filename), and as a json: filename.
+    assert.equal(nbdSocketOf('nbd+unix:///idlecrypt?socket=/tmp/idlecrypt-nbd-0123abcd-X1/nbd.sock'), '/tmp/idlecrypt-nbd-0123abcd-X1/nbd.sock');
+    assert.equal(nbdSocketOf('nbd+unix://?socket=/run/s.sock'), '/run/s.sock', 'no export name');
+    assert.equal(nbdSocketOf('json:{"driver": "nbd", "server": {"type": "unix", "path": "/run/t.sock"}, "export": "e"}'), '/run/t.sock');
+    assert.equal(nbdSocketOf('nbd://127.0.0.1:10809/e'), undefined, 'TCP: not ours');
+    assert.equal(nbdSocketOf('/var/lib/x.raw'), undefined);
+    assert.equal(nbdSocketOf('json:{broken'), undefined);
   });
   test('a raw LUKS target needs the whole virtual size plus metadata; a qcow2 one what the source occupies', () => {
     const MiB = 1024 * 1024;
