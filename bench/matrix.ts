@@ -361,7 +361,7 @@ ${Number(values['sparse-mib']) / 1024} GiB, the allocated raw disk ${Number(valu
     : `Each cell, side by side (test/helpers/matrix-cell.ts): the guest encrypted by idlecrypt (${policy ? `policy ${values.policy}` : 'the shipped default policy'}), the same
 guest without a copy, and ${cmpBeside === 'background' ? "a guest doing the trickle's background alone (in trickle cells; else idle)" : 'an idle guest'} whose unthrottled mirror runs in one idle phase of the first
 (keys typed into it hold its copy meanwhile), all at once; ${values.rounds} round(s), medians over rounds,
-the copy cancelled after three busy phases. Sparse disks are 64 GiB, the allocated raw disk 4 GiB (8 GiB with the trickle).`
+the copy cancelled after three busy phases. Sparse disks are 64 GiB, the allocated raw disk 12 GiB (16 GiB with the trickle).`
 } Workloads (8 s idle / 8 s busy): oneatatime, 64 KiB
 O_DIRECT requests one at a time; bursty, 1 MiB O_DIRECT requests; trickle, oneatatime's phases over 15
 4 KiB O_DIRECT writes a second, each flushed${writer === 'proc' ? ', from one long-lived process (--writer proc)' : ', a `dd` forked for each'}. ✗: outside issue 9's bound.${

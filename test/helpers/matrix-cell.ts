@@ -69,7 +69,7 @@ export interface CellSpec {
   readonly cache: 'writeback' | 'none';
   readonly workload: CellWorkload;
   readonly keyFile: string;
-  /** Sparse and thin disks' size (default 64 GiB); the allocated raw disk is `rawMiB` (default 4 GiB: the copy is cancelled after ~50 s; 8 GiB with the trickle, beside which it copies faster), and so is the thin qcow2's data (default 8 GiB: trickle cells run longer). */
+  /** Sparse and thin disks' size (default 64 GiB); the allocated raw disk is `rawMiB` (default 12 GiB: the copy is cancelled after ~50 s; 16 GiB with the trickle, whose cells run longer), and so is the thin qcow2's data (default 8 GiB: trickle cells run longer). */
   readonly sparseMiB?: number;
   readonly rawMiB?: number;
   /** More arguments of mod's `idlecrypt encrypt` (a --policy). */
@@ -167,8 +167,11 @@ export async function measureCell(lab: GuestLab, base: string, spec: CellSpec): 
   // A thin disk's data lasts longer than the allocated raw disk: past it the copy's offset
   // runs through zero clusters, and the idle phases' speed would be the holes'. So does the
   // trickle's allocated disk: beside it the copy ran at 200-370 MiB/s and finished 4 GiB
-  // before the last idle phase, which then had no copy to measure.
-  const data = { mod: spec.rawMiB ?? (kind.fill === 'thin' || spec.workload === 'trickle' ? 8192 : 4096), ref: 256, cmp: 2048 };
+  // before the last idle phase, which then had no copy to measure. Through the storage
+  // daemon the copy of data runs at 330-470 MiB/s, and reached READY in the third busy phase
+  // of a 4 GiB disk (2026-12-05, evening: the guest's writes then went to both images, and
+  // that phase kept 45%); 12 GiB, 16 with the trickle, and 3 GiB for the 4.2 s window.
+  const data = { mod: spec.rawMiB ?? (kind.fill === 'thin' ? 8192 : spec.workload === 'trickle' ? 16384 : 12288), ref: 256, cmp: 3072 };
   const sparse = spec.sparseMiB ?? 65536;
   const sizes = kind.fill === 'pattern' ? data : { mod: sparse, ref: sparse, cmp: sparse };
   await Promise.all(
