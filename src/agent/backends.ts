@@ -52,7 +52,7 @@ export interface RunParams {
   readonly target: string;
   readonly keyFile: string;
   readonly format: FormatChoice;
-  /** Undefined: the backend's own (encryptDisk's DEFAULT_ENCRYPTER; libvirt's copy). */
+  /** Undefined: the backend's own (encryptDisk's defaultEncrypter for the target's format; libvirt's copy). */
   readonly encrypter: Encrypter | undefined;
   readonly speed: number;
   readonly iterTimeMs: number;

@@ -18,7 +18,7 @@
  *       target: /var/lib/idlecrypt/{vm}-{disk}.luks
  *       key-file: /etc/idlecrypt/keys/{vm}.key
  *       format: auto                           # luks, qcow2, or auto: qcow2 for a qcow2 disk
- *       encrypter: storage-daemon              # optional; storage-daemon (qmp's default) or qemu
+ *       encrypter: storage-daemon              # optional; storage-daemon (qmp's default for luks) or qemu
  *       qmp: /run/qemu/{vm}.qmp                # optional; else the VM's first -qmp socket
  */
 import { readFileSync } from 'node:fs';
@@ -50,7 +50,8 @@ export interface EncryptEntry {
   readonly format: FormatChoice;
   /**
    * Who encrypts (`encrypt --encrypter`): a qemu-storage-daemon, or the VM's QEMU; undefined:
-   * the backend's own (qmp: the daemon; libvirt: libvirt's copy, which QEMU encrypts).
+   * the backend's own (qmp: the daemon for a LUKS target, QEMU for a qcow2 one; libvirt:
+   * libvirt's copy, which QEMU encrypts).
    */
   readonly encrypter?: Encrypter;
   /** Path template with {vm}: the VM's QMP socket, when not the first on its command line. */

@@ -2,7 +2,8 @@
  * Copies of ours in QEMU that no run record describes: their record was lost, is corrupt,
  * or was written by another version. The agent does not guess what such a record held; it
  * reconciles from QEMU alone. Our names carry the run's tag (runs.ts runNames: job and
- * node `idlecrypt-<tag>`, file node `idlecrypt-file-<tag>`, secret `idlecrypt-key-<tag>`),
+ * node `idlecrypt-<tag>`, file node `idlecrypt-file-<tag>`, with the storage daemon format
+ * node `idlecrypt-fmt-<tag>` and nbd node `idlecrypt-nbd-<tag>`, secret `idlecrypt-key-<tag>`),
  * so QEMU says which nodes and which file are ours. Such a copy is rolled back (the job
  * cancelled: the guest stays on its source; nodes, secret and file removed) and the disk
  * is queued again: a fresh copy is safe, adopting one whose key and format are unknown is
@@ -11,12 +12,12 @@
  */
 import type { QmpClient } from '../qmp/client.ts';
 import type { Logger } from '../log.ts';
-import type { DiskInfo } from '../encrypt/disks.ts';
+import { listDisks, type DiskInfo } from '../encrypt/disks.ts';
 import { findLeftovers, type RunRecord } from '../encrypt/runs.ts';
 import { rollBack } from '../encrypt/recover.ts';
 
 const TAG = '([0-9a-f]{8})';
-const JOB_OR_NODE = new RegExp(`^idlecrypt-(?:file-)?${TAG}$`);
+const JOB_OR_NODE = new RegExp(`^idlecrypt-(?:file-|fmt-|nbd-)?${TAG}$`);
 const SECRET = new RegExp(`^idlecrypt-key-${TAG}$`);
 
 /** The run tags our names in this QEMU carry. */
@@ -59,6 +60,13 @@ export async function rollBackOrphans(
     // The guest runs on it: it is the guest's disk now, whatever record was lost.
     if (disks.some((d) => d.nodeName === `idlecrypt-${tag}`)) continue;
     const l = await findLeftovers(client, tag);
+    // The file our file node names is ours to delete only while no disk runs on that path: a
+    // later run of the same disk makes its target at the same path, and a file node a failed
+    // rollback left names the new file as well as the old (2026-12-05: an orphan's format
+    // node not removed kept its file node, and the next pass deleted the image the guest had
+    // just switched onto). Listed now, not at the pass's start.
+    const inUse = l.fileNodePath !== undefined && (await listDisks(client)).some((d) => d.file === l.fileNodePath);
+    if (inUse) log.warn({ vm, tag, file: l.fileNodePath }, `a copy of ours with no record names ${l.fileNodePath}, which a disk of VM '${vm}' runs on: its nodes are removed, the file is left`);
     const rec: RunRecord = {
       version: 1,
       tag,
@@ -68,7 +76,7 @@ export async function rollBackOrphans(
       device: '',
       source: '',
       // The file our file node has open is the target we created; without one, no file is ours.
-      target: l.fileNodePath ?? '',
+      target: inUse ? '' : (l.fileNodePath ?? ''),
       format: 'luks',
       keyFile: '',
       phase: 'copying',

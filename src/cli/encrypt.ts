@@ -3,7 +3,7 @@ import { Command, Option } from 'commander';
 import { encryptDisk, type EncryptResult } from '../encrypt/encrypt.ts';
 import { fmtBytes } from '../encrypt/preflight.ts';
 import { FORMAT_CHOICES } from '../encrypt/target.ts';
-import { DEFAULT_ENCRYPTER, ENCRYPTERS } from '../encrypt/storage-daemon.ts';
+import { ENCRYPTERS } from '../encrypt/storage-daemon.ts';
 import { IdlecryptError } from '../errors.ts';
 import { createLogger } from '../log.ts';
 import { openMetricsSink, parseInfluxUrl } from '../metrics/index.ts';
@@ -87,8 +87,9 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
   }
   const device = (libvirt ? flags.disk : flags.device)!;
   const format = parseChoice('--format', flags.format, FORMAT_CHOICES);
-  const encrypter = parseChoice('--encrypter', flags.encrypter ?? (libvirt ? 'qemu' : DEFAULT_ENCRYPTER), ENCRYPTERS);
-  if (libvirt && encrypter !== 'qemu') throw new IdlecryptError('USAGE', '--encrypter storage-daemon goes with --qmp: through libvirt, libvirt makes the copy and QEMU encrypts');
+  // Unsaid: the engine's default for the target's format (encryptDisk, defaultEncrypter).
+  const encrypter = flags.encrypter === undefined ? undefined : parseChoice('--encrypter', flags.encrypter, ENCRYPTERS);
+  if (libvirt && encrypter !== undefined && encrypter !== 'qemu') throw new IdlecryptError('USAGE', '--encrypter storage-daemon goes with --qmp: through libvirt, libvirt makes the copy and QEMU encrypts');
   if (flags.speed !== undefined && !flags.moderation) throw new IdlecryptError('USAGE', '--speed and --no-moderation: choose one');
   if (flags.policy !== undefined && (flags.speed !== undefined || !flags.moderation)) {
     throw new IdlecryptError('USAGE', `--policy moderates the copy; it cannot go with ${flags.speed !== undefined ? '--speed' : '--no-moderation'}`);
@@ -156,7 +157,7 @@ async function runEncrypt(flags: EncryptFlags): Promise<void> {
       qmpSocket: flags.qmp!,
       device,
       keyFile: flags.keyFile!,
-      encrypter,
+      ...(encrypter ? { encrypter } : {}),
       ...(moderated ? { moderation: { source, ...(flags.policy !== undefined ? { policyFile: flags.policy } : {}) } } : {}),
       onPhase: (phase, disk) => view.phase(phase, disk ? { device, source: disk.file } : undefined),
     });

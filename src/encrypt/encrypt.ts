@@ -22,7 +22,7 @@ import { diskIothread, diskLabel, findDisk, imagePath, listDisks, type DiskCache
 import type { LoopThread } from '../probes/mainloop.ts';
 import { checkKeyFile, checkSpace, checkTargetPath, targetBytesNeeded, thinDiskNote } from './preflight.ts';
 import { EncryptedTarget, targetFormatFor, type FormatChoice, type TargetFormat } from './target.ts';
-import { DEFAULT_ENCRYPTER, storageDaemonExecutable, type Encrypter } from './storage-daemon.ts';
+import { defaultEncrypter, QCOW2_REFUSED, storageDaemonExecutable, type Encrypter } from './storage-daemon.ts';
 import { ProgressMeter, type Progress } from './progress.ts';
 import { RunModeration, type ModerationOptions } from './moderation.ts';
 import { RunMetrics } from './metrics.ts';
@@ -57,7 +57,7 @@ export interface EncryptOptions {
   readonly format: FormatChoice;
   /**
    * Who encrypts: a qemu-storage-daemon the guest's QEMU writes to over NBD until the pivot
-   * (default, DEFAULT_ENCRYPTER; storage-daemon.ts), or the guest's QEMU. An adopted run keeps
+   * (the default for a LUKS target, defaultEncrypter; storage-daemon.ts), or the guest's QEMU. An adopted run keeps
    * its own (a record without one is the guest's QEMU's: runs before the daemon).
    */
   readonly encrypter?: Encrypter;
@@ -208,7 +208,8 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     // An adopted run keeps the format it was started with (recoverForRerun checked it).
     const format = adopt ? adopt.record.format : targetFormatFor(o.format, disk.driver);
     if (!adopt) {
-      if ((o.encrypter ?? DEFAULT_ENCRYPTER) === 'storage-daemon') await storageDaemonExecutable();
+      if (o.encrypter === 'storage-daemon' && format === 'qcow2') throw new IdlecryptError('USAGE', QCOW2_REFUSED);
+      if ((o.encrypter ?? defaultEncrypter(format)) === 'storage-daemon') await storageDaemonExecutable();
       await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, format, disk.allocatedBytes));
       const thin = thinDiskNote(o.format, format, disk.virtualSize, disk.allocatedBytes);
       if (thin) o.onNote?.(thin.text, thin.record);
@@ -233,7 +234,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     };
 
     const tag = adopt?.record.tag ?? randomBytes(4).toString('hex');
-    const encrypter: Encrypter = adopt ? (adopt.record.encrypter ?? 'qemu') : (o.encrypter ?? DEFAULT_ENCRYPTER);
+    const encrypter: Encrypter = adopt ? (adopt.record.encrypter ?? 'qemu') : (o.encrypter ?? defaultEncrypter(format));
     const qemuOwner = encrypter === 'storage-daemon' ? await socketOwner(client.socketPath) : undefined;
     const spec = { path: targetPath, format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag, cache: disk.cache, encrypter, ...(qemuOwner ? { qemuOwner } : {}) };
     const target = adopt ? EncryptedTarget.adopt(client, spec, log, targetLeftovers(adopt.leftovers, adopt.record, true)) : new EncryptedTarget(client, spec, log);
@@ -301,7 +302,7 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
         adopt ? 'mirror adopted' : 'mirror started',
       );
       o.onPhase?.('copying', disk);
-      mod?.moderation.steer(job, record.copyStartedAt, { path: targetPath, direct: disk.cache.direct }, await loopThread(client, disk, log));
+      mod?.moderation.steer(job, record.copyStartedAt, { path: targetPath, direct: target.copyDirect }, await loopThread(client, disk, log));
       o.onJob?.(job, client);
 
       const meter = new ProgressMeter();

@@ -84,13 +84,16 @@ export async function rollBack(client: QmpClient | undefined, rec: RunRecord, l:
   // A record that does not name its daemon: an orphan's (made up by agent/orphans.ts), whose
   // nbd node names the daemon's socket, or a run killed before it wrote the daemon's pid down.
   // The daemon is found beside its socket, and stopped.
+  // The nodes say who encrypted, whatever the record says (an orphan's says nothing): the
+  // daemon's layout has a format node and an nbd node of their own to remove.
+  const encrypter = client && (l?.hasNbdNode || l?.hasFormatNode) ? 'storage-daemon' : rec.encrypter;
   const daemon =
     rec.daemon ??
     (client && l?.nbdSocket ? (await StorageDaemon.find(l.nbdSocket, log))?.record : undefined) ??
-    (rec.encrypter === 'storage-daemon' ? (await StorageDaemon.findByTag(rec.tag, log))?.record : undefined);
+    (encrypter === 'storage-daemon' ? (await StorageDaemon.findByTag(rec.tag, log))?.record : undefined);
   const target = EncryptedTarget.adopt(
     client ?? (undefined as unknown as QmpClient),
-    { path: rec.target, format: rec.format, size: 0, keyFile: rec.keyFile, iterTimeMs: 0, tag: rec.tag, cache: { direct: false, noFlush: false }, ...(rec.encrypter ? { encrypter: rec.encrypter } : {}) },
+    { path: rec.target, format: rec.format, size: 0, keyFile: rec.keyFile, iterTimeMs: 0, tag: rec.tag, cache: { direct: false, noFlush: false }, ...(encrypter ? { encrypter } : {}) },
     log,
     targetLeftovers(client ? l : undefined, daemon ? { daemon } : {}, existsSync(rec.target)),
   );

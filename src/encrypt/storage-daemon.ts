@@ -31,7 +31,7 @@
  * writes the image's plaintext.
  */
 import { spawn } from 'node:child_process';
-import { promises as fs } from 'node:fs';
+import { constants as fsConstants, promises as fs } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -45,12 +45,28 @@ export type Encrypter = 'qemu' | 'storage-daemon';
 export const ENCRYPTERS = ['qemu', 'storage-daemon'] as const satisfies readonly Encrypter[];
 /**
  * Who encrypts when nobody says (the QMP backend; through libvirt, libvirt makes the copy and
- * the VM's QEMU encrypts). The daemon: without an iothread, the VM's QEMU would encrypt in the
- * main loop that also serves the guest's disk, and a thin disk's unlimited copy keeps that
- * loop 100% busy against 1-2% through the daemon (docs/starvation.md, "The encryption
- * outside the guest's QEMU"; bench/reports/storage-daemon-2026-12-05).
+ * the VM's QEMU encrypts): the daemon for a LUKS target. Without an iothread, the VM's QEMU
+ * would encrypt in the main loop that also serves the guest's disk, and a thin disk's
+ * unlimited copy keeps that loop 100% busy against 1-2% through the daemon
+ * (docs/starvation.md, "The encryption outside the guest's QEMU").
+ *
+ * A qcow2 target stays with the VM's QEMU (see QCOW2_REFUSED).
  */
-export const DEFAULT_ENCRYPTER: Encrypter = 'storage-daemon';
+export function defaultEncrypter(format: TargetFormat): Encrypter {
+  return format === 'qcow2' ? 'qemu' : 'storage-daemon';
+}
+
+/**
+ * Why the daemon does not make qcow2 targets yet. At the switch the VM's QEMU takes over the
+ * image through its own qcow2 node, opened at the start (to erase the opening key's slot, and
+ * so that the switch derives no key in its main loop). qcow2 keeps its L1 table and refcounts
+ * in memory from the open: that node would know an empty image after the daemon had
+ * allocated every cluster of the copy. Opening it afresh at the switch unlocks the key file's
+ * slot, a PBKDF of `--iter-time` (2 s) in the guest's main loop. Not built: keeping the
+ * opening key's slot until the switch.
+ */
+export const QCOW2_REFUSED =
+  '--encrypter storage-daemon cannot make a qcow2 target yet (the guest\'s QEMU would take the image over with metadata read before the copy): use --format luks, or --encrypter qemu';
 
 /** What a run record keeps of its daemon, so that a later run can adopt or stop it. */
 export interface DaemonRecord {
@@ -60,6 +76,8 @@ export interface DaemonRecord {
   readonly socket: string;
   /** The export's name on that socket. */
   readonly exportName: string;
+  /** It writes the image with O_DIRECT (copyCache); undefined in older records: the guest's cache mode. */
+  readonly direct?: boolean;
 }
 
 export interface DaemonSpec {
@@ -88,6 +106,28 @@ const EXPORT = 'idlecrypt';
  * of a CPU without, 261 MiB/s at 57% with; a sparse source 206 against 490 MiB/s.
  */
 export const DAEMON_MALLOC_ENV = { MALLOC_MMAP_THRESHOLD_: String(32 * 1024 * 1024), MALLOC_TRIM_THRESHOLD_: String(256 * 1024 * 1024) } as const;
+
+/**
+ * Whether the daemon writes the copy with O_DIRECT: always, where the target's filesystem
+ * takes it (tmpfs, for one, does not: then the guest's cache mode). The guest's own node over
+ * the image, which it runs on after the pivot, keeps the guest's cache mode (target.ts); only
+ * the copy bypasses the host's page cache. Through the page cache (the guest's disk with
+ * writeback, QEMU's default) the copy's writes were taken at memory speed and left dirty:
+ * 400-900 MiB at the starts of the guest's busy phases, written back while the copy was
+ * paused and the guest's own requests waited behind them (bench/README.md, "The storage
+ * daemon's copy, O_DIRECT"). With O_DIRECT the copy goes at the disk's pace and leaves
+ * nothing behind; `target.flush` has nothing to flush.
+ */
+export async function copyCache(image: string, guest: DiskCache): Promise<boolean> {
+  if (guest.direct) return true;
+  try {
+    const fh = await fs.open(image, fsConstants.O_RDONLY | fsConstants.O_DIRECT);
+    await fh.close();
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 /** qemu-storage-daemon's path on PATH; a usage error that says what to do when it is not there. */
 export async function storageDaemonExecutable(): Promise<string> {
@@ -122,7 +162,8 @@ export class StorageDaemon {
     if (spec.owner) await fs.chmod(dir, 0o711);
     const socket = path.join(dir, 'nbd.sock');
     const pidfile = path.join(dir, 'pid');
-    const cache = { direct: spec.cache.direct, 'no-flush': spec.cache.noFlush };
+    const direct = await copyCache(spec.path, spec.cache);
+    const cache = { direct, 'no-flush': spec.cache.noFlush };
     const format =
       spec.format === 'luks'
         ? { driver: 'luks', 'node-name': 'image', file: 'file', 'key-secret': 'key' }
@@ -171,8 +212,8 @@ export class StorageDaemon {
       throw new IdlecryptError('JOB_FAILED', `qemu-storage-daemon for ${spec.path} exited right after it started${stderr ? `: ${firstLine(stderr)}` : ''}`);
     }
     if (spec.owner) await fs.chown(socket, spec.owner.uid, spec.owner.gid);
-    log.info({ pid, ms: Math.round(performance.now() - t0) }, 'target opened in qemu-storage-daemon, exported over NBD to the guest\'s QEMU');
-    return new StorageDaemon({ pid, start, socket, exportName: EXPORT }, log);
+    log.info({ pid, ms: Math.round(performance.now() - t0), direct }, `target opened in qemu-storage-daemon${direct ? ' (O_DIRECT)' : ''}, exported over NBD to the guest's QEMU`);
+    return new StorageDaemon({ pid, start, socket, exportName: EXPORT, direct }, log);
   }
 
   /**

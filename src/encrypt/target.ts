@@ -157,6 +157,16 @@ export class EncryptedTarget {
     this.nbdNode = `idlecrypt-nbd-${spec.tag}`;
   }
 
+  /**
+   * The copy's writes bypass the host's page cache: the guest's cache mode, or with the
+   * storage daemon its own (O_DIRECT where the filesystem takes it, storage-daemon.ts
+   * copyCache). Moderation flushes a target written through the page cache (writeback.ts).
+   */
+  get copyDirect(): boolean {
+    const d = this.daemon?.record ?? this.daemonRecord;
+    return d?.direct ?? this.spec.cache.direct;
+  }
+
   /** The storage daemon this target was written through, when it no longer runs. */
   daemonExited(): DaemonRecord | undefined {
     const r = this.daemon?.record ?? this.daemonRecord;

@@ -156,6 +156,7 @@ describe('bad input', () => {
     await assertRefused(await runCli(encrypt({ '--format': 'zip' })), /--format: 'zip' is not one of auto, luks, qcow2/, 2);
     await assertRefused(await runCli(encrypt({ '--speed': 'fast' })), /--speed: 'fast' is not a byte count/, 2);
     await assertRefused(await runCli(encrypt({ '--encrypter': 'gpu' })), /--encrypter: 'gpu' is not one of qemu, storage-daemon/, 2);
+    await assertRefused(await runCli(encrypt({ '--encrypter': 'storage-daemon', '--format': 'qcow2' })), /--encrypter storage-daemon cannot make a qcow2 target yet .*: use --format luks, or --encrypter qemu/, 2);
     await assertRefused(
       await runCli(['encrypt', '--domain', 'd', '--disk', 'vda', '--target', '/tmp/never.luks', '--key-file', '/etc/hostname', '--encrypter', 'storage-daemon']),
       /--encrypter storage-daemon goes with --qmp/,

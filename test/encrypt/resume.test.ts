@@ -17,6 +17,7 @@ import { listDisks } from '../../src/encrypt/disks.ts';
 import { cliStateDir, humanLines, jsonLines, runCli, startCli, type RunningCli } from '../helpers/cli.ts';
 import { checkWriterBlocks, compareWithEncrypted, decryptToRaw, sha256, writeKey } from '../helpers/images.ts';
 import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
+import { daemonsOn } from '../helpers/daemons.ts';
 
 const KEY = 'resume-test-key 7';
 const MiB = 1024 * 1024;
@@ -196,15 +197,20 @@ describe('a run killed with kill -9', () => {
     const left = await inQemu(vm);
     assert.equal(left.jobs.length, 1);
     const tag = left.jobs[0]!.device.slice('idlecrypt-'.length);
-    assert.deepEqual(left.nodes.sort(), [`idlecrypt-${tag}`, `idlecrypt-file-${tag}`].sort());
+    // The default encrypter's layout: raw over nbd (to the storage daemon), and the guest's
+    // own format node over the file, unattached until the switch.
+    assert.deepEqual(left.nodes.sort(), [`idlecrypt-${tag}`, `idlecrypt-file-${tag}`, `idlecrypt-fmt-${tag}`, `idlecrypt-nbd-${tag}`].sort());
     assert.deepEqual(left.objects, [`idlecrypt-key-${tag}`]);
+    const daemon = (await daemonsOn(target))[0];
+    assert.ok(daemon, 'the storage daemon outlives the killed run');
 
     const c = await runCli(['cancel', '--target', target]);
     assert.equal(c.code, 0, c.stderr);
     assert.equal(
       c.stdout.trim(),
-      `idlecrypt: removed job idlecrypt-${tag}, node idlecrypt-${tag}, node idlecrypt-file-${tag}, secret idlecrypt-key-${tag}, file ${target}; VM 'resume-cancel' disk disk0 runs on ${src}`,
+      `idlecrypt: removed job idlecrypt-${tag}, node idlecrypt-${tag}, node idlecrypt-nbd-${tag}, qemu-storage-daemon (pid ${daemon.pid}), node idlecrypt-fmt-${tag}, node idlecrypt-file-${tag}, secret idlecrypt-key-${tag}, file ${target}; VM 'resume-cancel' disk disk0 runs on ${src}`,
     );
+    assert.deepEqual(await daemonsOn(target), [], 'cancel stopped the daemon');
     const after1 = await inQemu(vm);
     assert.deepEqual([after1.jobs, after1.nodes, after1.objects], [[], [], []], 'nothing of ours left in QEMU');
     assert.equal(after1.disk.file, src);
@@ -228,11 +234,17 @@ describe('a run killed with kill -9', () => {
     const note = jsonLines(again.stdout).find((e) => e.event === 'note');
     assert.equal(note?.resumed, 'rolled-back', JSON.stringify(note));
     const oldTag = jobId.slice('idlecrypt-'.length);
-    assert.deepEqual(note?.removed, [`node idlecrypt-${oldTag}`, `node idlecrypt-file-${oldTag}`, `secret idlecrypt-key-${oldTag}`, `file ${target}`]);
+    const removed = (note?.removed as string[] | undefined) ?? [];
+    assert.match(removed.find((x) => x.startsWith('qemu-storage-daemon')) ?? '', /^qemu-storage-daemon \(pid \d+\)$/, JSON.stringify(removed));
+    assert.deepEqual(
+      removed.filter((x) => !x.startsWith('qemu-storage-daemon')),
+      [`node idlecrypt-${oldTag}`, `node idlecrypt-nbd-${oldTag}`, `node idlecrypt-fmt-${oldTag}`, `node idlecrypt-file-${oldTag}`, `secret idlecrypt-key-${oldTag}`, `file ${target}`],
+    );
     const done = await inQemu(vm);
     assert.equal(done.disk.file, target);
     assert.deepEqual(done.jobs, []);
     assert.deepEqual(await records(), []);
+    assert.deepEqual(await daemonsOn(target), [], 'no storage daemon left');
     await vm.stop();
     assert.equal(await sha256(src), srcSha, 'the source was never written');
     const cmp = await compareWithEncrypted(src, target, 'luks', key);
@@ -296,7 +308,9 @@ describe('a run killed with kill -9', () => {
     // Our names in QEMU: only those of the target the guest now runs on.
     const tag = /^idlecrypt-([0-9a-f]{8})$/.exec(done.disk.nodeName)?.[1];
     assert.ok(tag, `the disk runs on a node of ours: ${done.disk.nodeName}`);
-    assert.deepEqual([...done.nodes].sort(), [`idlecrypt-${tag}`, `idlecrypt-file-${tag}`].sort(), 'no node of a dead run left');
+    // raw → luks → file: the layout the storage daemon's switch leaves (target.ts).
+    assert.deepEqual([...done.nodes].sort(), [`idlecrypt-${tag}`, `idlecrypt-file-${tag}`, `idlecrypt-fmt-${tag}`].sort(), 'no node of a dead run left');
+    assert.deepEqual(await daemonsOn(target), [], 'no storage daemon left');
     assert.deepEqual(done.objects, [`idlecrypt-key-${tag}`], 'no secret of a dead run left');
     assert.deepEqual(await records(), [], 'no run record left');
     await vm.stop();
