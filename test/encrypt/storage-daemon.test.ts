@@ -7,14 +7,16 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, open, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { makeDiskImage, startTestVm, ensureImage, writerBlock, type TestVm } from '../../vm-images/launch.ts';
 import { QmpClient } from '../../src/qmp/client.ts';
 import { listDisks } from '../../src/encrypt/disks.ts';
 import { cliStateDir, jsonLines, runCli, startCli } from '../helpers/cli.ts';
-import { activeKeySlots, decryptToRaw, fileContains, writeKey } from '../helpers/images.ts';
+import { activeKeySlots, createLuksImage, decryptToRaw, fileContains, writeKey } from '../helpers/images.ts';
+import { StorageDaemon } from '../../src/encrypt/storage-daemon.ts';
+import { pino } from 'pino';
 import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
 import { daemonsOn } from '../helpers/daemons.ts';
 
@@ -213,5 +215,32 @@ describe('encrypt --encrypter storage-daemon', () => {
     await vm.waitForLine(new RegExp(`^WROTE seq=${before + 20} `), 30_000);
     await vm.stop();
     await assertEveryWriteKept(vm, src, target);
+  });
+});
+
+describe('a storage daemon no record names', () => {
+  test('is found beside its socket and by its run tag, and only a qemu-storage-daemon naming that socket is', async () => {
+    // A run killed after its daemon listened but before the record named it, or an orphan
+    // whose nbd node names the socket: recover.ts stops such a daemon through these.
+    const image = path.join(dir, 'find.luks');
+    await createLuksImage(image, '16M', key);
+    const log = pino({ level: 'silent' });
+    const tag = 'f1adbeef';
+    const d = await StorageDaemon.start({ path: image, format: 'luks', cache: { direct: false, noFlush: false }, tag }, { file: key }, log);
+    try {
+      assert.equal((await StorageDaemon.find(d.record.socket, log))?.record.pid, d.record.pid);
+      assert.equal((await StorageDaemon.findByTag(tag, log))?.record.pid, d.record.pid);
+      assert.equal(await StorageDaemon.findByTag('0123abcd', log), undefined, 'another tag');
+      // A pid file naming a process that is not that daemon (this one) is not taken for it.
+      const fake = await mkdtemp(path.join(tmpdir(), `idlecrypt-nbd-${tag}-`));
+      await writeFile(path.join(fake, 'pid'), `${process.pid}\n`);
+      assert.equal(await StorageDaemon.find(path.join(fake, 'nbd.sock'), log), undefined);
+      await rm(fake, { recursive: true });
+      assert.equal(await StorageDaemon.find('/tmp/elsewhere/nbd.sock', log), undefined, 'a socket not in a directory of ours');
+    } finally {
+      await d.stop();
+    }
+    assert.equal(await StorageDaemon.find(d.record.socket, log), undefined, 'stopped: gone');
+    assert.deepEqual(await daemonsOn(image), []);
   });
 });
