@@ -109,14 +109,15 @@ export const DAEMON_MALLOC_ENV = { MALLOC_MMAP_THRESHOLD_: String(32 * 1024 * 10
 
 /**
  * Whether the daemon writes the copy with O_DIRECT: always, where the target's filesystem
- * takes it (tmpfs, for one, does not: then the guest's cache mode). The guest's own node over
- * the image, which it runs on after the pivot, keeps the guest's cache mode (target.ts); only
- * the copy bypasses the host's page cache. Through the page cache (the guest's disk with
- * writeback, QEMU's default) the copy's writes were taken at memory speed and left dirty:
- * 400-900 MiB at the starts of the guest's busy phases, written back while the copy was
- * paused and the guest's own requests waited behind them (bench/README.md, "The storage
- * daemon's copy, O_DIRECT"). With O_DIRECT the copy goes at the disk's pace and leaves
- * nothing behind; `target.flush` has nothing to flush.
+ * takes it (ramfs does not, nor tmpfs before Linux 6.6: then the guest's cache mode). The
+ * guest's own node over the image, which it runs on after the pivot, keeps the guest's cache
+ * mode (target.ts); only the copy bypasses the host's page cache. Through the page cache
+ * (the guest's disk with writeback, QEMU's default) a copy at 300-500 MiB/s left 0.9-1.5 GiB
+ * dirty over a matrix cell, 0.7-1.3 GiB at the guest's busy phases' starts, for the kernel to
+ * write back while the guest works; with O_DIRECT, the 129 MiB the rest of the host left
+ * (bench/README.md, "The storage daemon by default"). The guests kept as much either way on
+ * this host's disk: the bound is for slower storage and memory pressure, as `target.flush`'s
+ * is (writeback.ts), which then has nothing to flush.
  */
 export async function copyCache(image: string, guest: DiskCache): Promise<boolean> {
   if (guest.direct) return true;

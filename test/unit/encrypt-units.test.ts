@@ -7,6 +7,11 @@ import { findDisk, formatUnderRaw, imagePath, qdevIdOf, type DiskInfo } from '..
 import { fmtBytes, targetBytesNeeded, thinDiskNote } from '../../src/encrypt/preflight.ts';
 import { targetFormatFor } from '../../src/encrypt/target.ts';
 import { nbdSocketOf } from '../../src/encrypt/runs.ts';
+import { copyCache } from '../../src/encrypt/storage-daemon.ts';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import { fmtEta } from '../../src/cli/progress-view.ts';
 import { allocatedShare, moderatedBufSize, waitUntilReady } from '../../src/encrypt/encrypt.ts';
 import type { RunModeration } from '../../src/encrypt/moderation.ts';
@@ -277,6 +282,26 @@ describe('rolling back a dead run whose VM is gone', () => {
       assert.equal(existsSync(sockDir), false, 'the dead daemon\'s socket directory is removed');
     } finally {
       await rm(d, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("the storage daemon's cache mode for the copy", () => {
+  test("O_DIRECT where the filesystem takes it (ext4 here), the guest's mode where it does not (ramfs), O_DIRECT always for a cache=none guest", async () => {
+    // ramfs has no direct I/O (open with O_DIRECT: EINVAL); tmpfs has had it since Linux 6.6.
+    const onDisk = await mkdtemp(path.join(tmpdir(), 'ic-direct-'));
+    const onRam = await mkdtemp(path.join(tmpdir(), 'ic-ramfs-'));
+    execFileSync('mount', ['-t', 'ramfs', 'ramfs', onRam]);
+    try {
+      for (const d of [onDisk, onRam]) await writeFile(path.join(d, 'img'), Buffer.alloc(1 << 20));
+      const writeback = { direct: false, noFlush: false };
+      assert.equal(await copyCache(path.join(onDisk, 'img'), writeback), true);
+      assert.equal(await copyCache(path.join(onRam, 'img'), writeback), false, "no O_DIRECT on ramfs: the guest's writeback");
+      assert.equal(await copyCache(path.join(onRam, 'img'), { direct: true, noFlush: false }), true, "the guest's own O_DIRECT is kept");
+    } finally {
+      execFileSync('umount', [onRam]);
+      await rm(onDisk, { recursive: true, force: true });
+      await rm(onRam, { recursive: true, force: true });
     }
   });
 });
