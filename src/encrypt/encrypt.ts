@@ -57,8 +57,9 @@ export interface EncryptOptions {
   readonly format: FormatChoice;
   /**
    * Who encrypts: a qemu-storage-daemon the guest's QEMU writes to over NBD until the pivot
-   * (the default for a LUKS target, defaultEncrypter; storage-daemon.ts), or the guest's QEMU. An adopted run keeps
-   * its own (a record without one is the guest's QEMU's: runs before the daemon).
+   * (the default for a LUKS target, defaultEncrypter; storage-daemon.ts), or the guest's
+   * QEMU. An adopted run keeps its own (a record without one is the guest's QEMU's: runs
+   * before the daemon).
    */
   readonly encrypter?: Encrypter;
   /** Initial speed limit, bytes/s; 0 = unlimited. */

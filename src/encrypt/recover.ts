@@ -81,12 +81,12 @@ export async function rollBack(client: QmpClient | undefined, rec: RunRecord, l:
     await client.execute('job-dismiss', { id: l.jobId }).catch((e: unknown) => log.warn({ err: (e as Error).message }, 'dismissing the job'));
     removed.push(`job ${l.jobId}`);
   }
-  // A record that does not name its daemon: an orphan's (made up by agent/orphans.ts), whose
-  // nbd node names the daemon's socket, or a run killed before it wrote the daemon's pid down.
-  // The daemon is found beside its socket, and stopped.
   // The nodes say who encrypted, whatever the record says (an orphan's says nothing): the
   // daemon's layout has a format node and an nbd node of their own to remove.
   const encrypter = client && (l?.hasNbdNode || l?.hasFormatNode) ? 'storage-daemon' : rec.encrypter;
+  // A record that does not name its daemon: an orphan's (made up by agent/orphans.ts), whose
+  // nbd node names the daemon's socket, or a run killed before it wrote the daemon's pid down.
+  // The daemon is found beside its socket, and stopped.
   const daemon =
     rec.daemon ??
     (client && l?.nbdSocket ? (await StorageDaemon.find(l.nbdSocket, log))?.record : undefined) ??
