@@ -46,6 +46,9 @@ after(async () => {
   if (dump) await Promise.all(agents.map((a, i) => writeFile(path.join(dump, `agent-${i + 1}.log`), a.stderr())));
   for (const a of agents) if (a.child.exitCode === null && a.child.signalCode === null) a.child.kill('SIGKILL');
   await Promise.all(vms.map((vm) => vm.stop()));
+  // A copy SIGTERM left paused keeps its storage daemon (by design: the next agent adopts
+  // it); with the guest gone here, nothing ever will.
+  for (const d of await daemonsOn(dir)) process.kill(d.pid, 'SIGKILL');
   await rm(dir, { recursive: true, force: true });
 });
 
