@@ -24,7 +24,7 @@ import type { Progress } from '../encrypt/progress.ts';
 import type { FormatChoice } from '../encrypt/target.ts';
 import type { Encrypter } from '../encrypt/storage-daemon.ts';
 import { QmpClient } from '../qmp/client.ts';
-import { diskLabel, listDisks, type DiskInfo } from '../encrypt/disks.ts';
+import { diskLabel, listDisks } from '../encrypt/disks.ts';
 import { encryptDisk } from '../encrypt/encrypt.ts';
 import { RunStore } from '../encrypt/runs.ts';
 import { LibvirtClient } from '../libvirt/client.ts';
@@ -218,8 +218,6 @@ const CHANGE_EVENTS = new Set(['DEVICE_ADDED', 'DEVICE_DELETED', 'BLOCK_JOB_COMP
 
 function qmpSession(vm: VmInfo & { name: string }, client: QmpClient, socket: string, store: RunStore): VmSession & { changed(): void } {
   let generation = 0;
-  /** The last listing, for the orphan check that follows it in the same pass. */
-  let listed: DiskInfo[] | undefined;
   return {
     vm,
     backend: 'qmp',
@@ -233,13 +231,10 @@ function qmpSession(vm: VmInfo & { name: string }, client: QmpClient, socket: st
       generation++;
     },
     async disks() {
-      listed = await listDisks(client);
-      return listed.map((d) => ({ label: diskLabel(d), ids: [d.qdevId, d.device, d.nodeName].filter((x) => x !== ''), file: d.file, encrypted: d.encrypted }));
+      return (await listDisks(client)).map((d) => ({ label: diskLabel(d), ids: [d.qdevId, d.device, d.nodeName].filter((x) => x !== ''), file: d.file, encrypted: d.encrypted }));
     },
     async rollBackOrphans(known, fresh, log) {
-      const disks = listed ?? (await listDisks(client));
-      listed = undefined;
-      await rollBackOrphans(client, vm.name, disks, new Set(known), fresh, log);
+      await rollBackOrphans(client, vm.name, new Set(known), fresh, log);
     },
     async encrypt(p) {
       await encryptDisk({

@@ -12,7 +12,7 @@
  */
 import type { QmpClient } from '../qmp/client.ts';
 import type { Logger } from '../log.ts';
-import { listDisks, type DiskInfo } from '../encrypt/disks.ts';
+import { listDisks } from '../encrypt/disks.ts';
 import { findLeftovers, type RunRecord } from '../encrypt/runs.ts';
 import { rollBack } from '../encrypt/recover.ts';
 
@@ -46,7 +46,6 @@ export async function tagsInQemu(client: QmpClient): Promise<Set<string>> {
 export async function rollBackOrphans(
   client: QmpClient,
   vm: string,
-  disks: readonly DiskInfo[],
   known: ReadonlySet<string>,
   fresh: () => Promise<ReadonlySet<string>>,
   log: Logger,
@@ -55,6 +54,9 @@ export async function rollBackOrphans(
   const unknown = [...(await tagsInQemu(client))].filter((t) => !known.has(t));
   if (unknown.length === 0) return out;
   const now = await fresh();
+  // The disks as they are now, not as the pass listed them: a run may have switched its
+  // guest over since.
+  const disks = await listDisks(client);
   for (const tag of unknown) {
     if (now.has(tag)) continue;
     // The guest runs on it: it is the guest's disk now, whatever record was lost.
@@ -64,8 +66,8 @@ export async function rollBackOrphans(
     // later run of the same disk makes its target at the same path, and a file node a failed
     // rollback left names the new file as well as the old (2026-12-05: an orphan's format
     // node not removed kept its file node, and the next pass deleted the image the guest had
-    // just switched onto). Listed now, not at the pass's start.
-    const inUse = l.fileNodePath !== undefined && (await listDisks(client)).some((d) => d.file === l.fileNodePath);
+    // just switched onto).
+    const inUse = l.fileNodePath !== undefined && disks.some((d) => d.file === l.fileNodePath);
     if (inUse) log.warn({ vm, tag, file: l.fileNodePath }, `a copy of ours with no record names ${l.fileNodePath}, which a disk of VM '${vm}' runs on: its nodes are removed, the file is left`);
     const rec: RunRecord = {
       version: 1,

@@ -208,9 +208,10 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     }
     // An adopted run keeps the format it was started with (recoverForRerun checked it).
     const format = adopt ? adopt.record.format : targetFormatFor(o.format, disk.driver);
+    const encrypter: Encrypter = adopt ? (adopt.record.encrypter ?? 'qemu') : (o.encrypter ?? defaultEncrypter(format));
     if (!adopt) {
-      if (o.encrypter === 'storage-daemon' && format === 'qcow2') throw new IdlecryptError('USAGE', QCOW2_REFUSED);
-      if ((o.encrypter ?? defaultEncrypter(format)) === 'storage-daemon') await storageDaemonExecutable();
+      if (encrypter === 'storage-daemon' && format === 'qcow2') throw new IdlecryptError('USAGE', QCOW2_REFUSED);
+      if (encrypter === 'storage-daemon') await storageDaemonExecutable();
       await checkSpace(targetPath, targetBytesNeeded(disk.virtualSize, format, disk.allocatedBytes));
       const thin = thinDiskNote(o.format, format, disk.virtualSize, disk.allocatedBytes);
       if (thin) o.onNote?.(thin.text, thin.record);
@@ -235,7 +236,6 @@ export async function encryptDisk(o: EncryptOptions): Promise<EncryptResult> {
     };
 
     const tag = adopt?.record.tag ?? randomBytes(4).toString('hex');
-    const encrypter: Encrypter = adopt ? (adopt.record.encrypter ?? 'qemu') : (o.encrypter ?? defaultEncrypter(format));
     const qemuOwner = encrypter === 'storage-daemon' ? await socketOwner(client.socketPath) : undefined;
     const spec = { path: targetPath, format, size: disk.virtualSize, keyFile, iterTimeMs: o.iterTimeMs, tag, cache: disk.cache, encrypter, ...(qemuOwner ? { qemuOwner } : {}) };
     const target = adopt ? EncryptedTarget.adopt(client, spec, log, targetLeftovers(adopt.leftovers, adopt.record, true)) : new EncryptedTarget(client, spec, log);

@@ -206,13 +206,13 @@ export class StorageDaemon {
       await fs.rm(dir, { recursive: true, force: true });
       throw e;
     });
-    const pid = Number((await fs.readFile(pidfile, 'utf8').catch(() => '')).trim());
-    const start = pid > 0 ? processStart(pid) : undefined;
-    if (!Number.isInteger(pid) || start === undefined) {
+    const running = await livePid(pidfile);
+    if (!running) {
       await fs.rm(dir, { recursive: true, force: true });
       throw new IdlecryptError('JOB_FAILED', `qemu-storage-daemon for ${spec.path} exited right after it started${stderr ? `: ${firstLine(stderr)}` : ''}`);
     }
     if (spec.owner) await fs.chown(socket, spec.owner.uid, spec.owner.gid);
+    const { pid, start } = running;
     log.info({ pid, ms: Math.round(performance.now() - t0), direct }, `target opened in qemu-storage-daemon${direct ? ' (O_DIRECT)' : ''}, exported over NBD to the guest's QEMU`);
     return new StorageDaemon({ pid, start, socket, exportName: EXPORT, direct }, log);
   }
@@ -225,9 +225,9 @@ export class StorageDaemon {
    */
   static async find(socket: string, log: Logger): Promise<StorageDaemon | undefined> {
     if (!/^idlecrypt-nbd-[0-9a-f]{8}-/.test(path.basename(path.dirname(socket)))) return undefined;
-    const pid = Number((await fs.readFile(path.join(path.dirname(socket), 'pid'), 'utf8').catch(() => '')).trim());
-    const start = Number.isInteger(pid) && pid > 0 ? processStart(pid) : undefined;
-    if (start === undefined) return undefined;
+    const running = await livePid(path.join(path.dirname(socket), 'pid'));
+    if (!running) return undefined;
+    const { pid, start } = running;
     const argv = (await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
     if (!path.basename(argv[0] ?? '').startsWith('qemu-storage-daemon') || !argv.some((a) => a.includes(JSON.stringify(socket)))) return undefined;
     return new StorageDaemon({ pid, start, socket, exportName: EXPORT }, log);
@@ -274,6 +274,13 @@ export class StorageDaemon {
     }
     await fs.rm(path.dirname(this.record.socket), { recursive: true, force: true });
   }
+}
+
+/** The process a daemon's pid file names, with its start time, while it runs. */
+async function livePid(pidfile: string): Promise<{ pid: number; start: number } | undefined> {
+  const pid = Number((await fs.readFile(pidfile, 'utf8').catch(() => '')).trim());
+  const start = Number.isInteger(pid) && pid > 0 ? processStart(pid) : undefined;
+  return start === undefined ? undefined : { pid, start };
 }
 
 function firstLine(s: string): string {
