@@ -34,7 +34,8 @@ import { watchPolicy } from '../policy/watch.ts';
 import type { Policy } from '../policy/schema.ts';
 import { signalInUse } from '../policy/resolve.ts';
 import type { Progress } from '../encrypt/encrypt.ts';
-import { processAlive, RunStore, selfOwner, stateDir } from '../encrypt/runs.ts';
+import { processAlive, RunStore, selfOwner, stateDir, type RunRecord } from '../encrypt/runs.ts';
+import { rollBackIfVmGone } from '../encrypt/recover.ts';
 import { decorateJob, type JobControl } from '../jobs/types.ts';
 import { agentPoint, hostTag, openMetricsSink, type MetricsSink } from '../metrics/index.ts';
 import { expand, globMatch, loadAgentConfig, type AgentConfig, type EncryptEntry } from './config.ts';
@@ -123,6 +124,7 @@ export class Agent {
   /** The backend of each VM's last session, by name (for status). */
   private readonly backendOf = new Map<string, 'qmp' | 'libvirt'>();
   private readonly warnedRecords = new Set<string>();
+  private readonly rollBackFailed = new Set<string>();
   private readonly workers = new Map<string, Worker>();
   private readonly status = new Map<string, DiskStatus>();
   private readonly retryAt = new Map<string, number>();
@@ -336,6 +338,7 @@ export class Agent {
       this.warnedRecords.add(u.file);
       this.log.warn({ file: u.file, why: u.why }, `ignoring run record ${u.file}: ${u.why}; what it described is reconciled from QEMU alone`);
     }
+    await this.rollBackExited(scan.records);
     const wanted: { key: string; entry: EncryptEntry; order: number; vm: VmInfo & { name: string }; disk: AgentDisk; target: string; session: VmSession }[] = [];
     const seen = new Set<string>();
     for (const vm of this.vms) {
@@ -430,6 +433,34 @@ export class Agent {
     for (const w of queue) {
       if (this.workers.size >= cfg.host.maxJobs || this.stopping) break;
       this.startRun(w.key, w.entry, w.session, w.disk, w.target);
+    }
+  }
+
+  /**
+   * Dead runs' copies whose VM has exited (recover.ts rollBackIfVmGone): their jobs went with
+   * their QEMU, and a paused copy's qemu-storage-daemon would keep the key and the target
+   * until the VM came back. Rolled back at once; the disk is copied afresh when the VM runs
+   * again. A record of this agent's own runs is its worker's to handle.
+   */
+  private async rollBackExited(records: readonly RunRecord[]): Promise<void> {
+    const self = selfOwner();
+    for (const rec of records) {
+      if (rec.owner.pid === self.pid && rec.owner.start === self.start) continue;
+      // A VM of that name or on that socket runs: its next run adopts the copy or rolls it back.
+      if (this.rollBackFailed.has(rec.tag) || this.vms.some((v) => v.name === rec.vm || v.qmpSockets.includes(rec.qmp))) continue;
+      try {
+        const removed = await rollBackIfVmGone(this.store, rec, this.log);
+        if (removed) {
+          this.log.warn(
+            { vm: rec.vm, device: rec.device, target: rec.target, removed },
+            `VM '${rec.vm}' exited while its copy into ${rec.target} had no run: rolled back (removed ${removed.join(', ') || 'nothing'}); the guest never ran on it, and its next run copies ${rec.source} afresh`,
+          );
+        }
+      } catch (e) {
+        // Said once; `idlecrypt cancel --target` or the VM's next run tries again.
+        this.rollBackFailed.add(rec.tag);
+        this.log.error({ vm: rec.vm, target: rec.target, err: describeError(e) }, `rolling back the copy into ${rec.target} of VM '${rec.vm}', which exited, failed`);
+      }
     }
   }
 

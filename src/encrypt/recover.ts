@@ -12,6 +12,7 @@
  * own (and the third, then starts afresh); `idlecrypt cancel` always rolls back.
  */
 import { existsSync } from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { IdlecryptError } from '../errors.ts';
@@ -100,6 +101,42 @@ export async function rollBack(client: QmpClient | undefined, rec: RunRecord, l:
   removed.push(...target.describe());
   await target.remove();
   return removed;
+}
+
+/**
+ * A dead run's copy whose VM has exited (its QMP socket gone or refusing): the job went with
+ * that QEMU, so nothing can resume it, yet its qemu-storage-daemon (which outlives a run so
+ * that the next run adopts a paused copy) would hold the target open and the key in memory
+ * until the VM returned or `idlecrypt cancel` ran. Rolled back now, as `idlecrypt cancel`
+ * does for a VM that is gone: the daemon stopped, the partial target and the record removed;
+ * the guest never ran on the target. Not a run in the pivot ('completing': the target may
+ * hold the guest's newest writes), nor one whose QEMU still listens (a VM restarted on the
+ * same socket: its next run rolls back). Returns what it removed, or undefined.
+ */
+export async function rollBackIfVmGone(store: RunStore, rec: RunRecord, log: Logger): Promise<string[] | undefined> {
+  if (rec.phase === 'completing' || ownerAlive(rec)) return undefined;
+  if (await qmpListening(rec.qmp)) return undefined;
+  const removed = await rollBack(undefined, rec, undefined, log);
+  await store.remove(rec.tag);
+  return removed;
+}
+
+/**
+ * Something listens on this QMP socket. Only a socket file that is missing or refuses
+ * (nobody listens: its QEMU exited) says no; any other failure (permissions, a slow accept)
+ * says yes, so that nothing is rolled back on a doubt.
+ */
+export function qmpListening(socket: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(socket);
+    const done = (v: boolean) => {
+      s.destroy();
+      resolve(v);
+    };
+    s.setTimeout(2000, () => done(true));
+    s.once('connect', () => done(true));
+    s.once('error', (e: NodeJS.ErrnoException) => done(e.code !== 'ENOENT' && e.code !== 'ECONNREFUSED'));
+  });
 }
 
 /**

@@ -25,6 +25,7 @@ import { askAgent } from '../../src/agent/status-server.ts';
 import { median } from '../helpers/moderation-lab.ts';
 import { stopGuestsAfterEachTest } from '../helpers/guests.ts';
 import { daemonsOn } from '../helpers/daemons.ts';
+import { processStart } from '../../src/encrypt/runs.ts';
 
 const execFileP = promisify(execFile);
 let dir: string;
@@ -386,7 +387,7 @@ describe('idlecrypt agent', () => {
     assert.ok(Math.max(...adopted) < 5000, 'moderated by the controller within 5 s');
   });
 
-  test('faults: a full target filesystem fails that disk alone; a VM killed mid-copy loses only its partial target; a corrupt run record is said and its copy rolled back from QEMU alone, then done again', async (t) => {
+  test('faults: a full target filesystem fails that disk alone; a VM killed mid-copy loses only its partial target; a VM that exits while no agent runs has its copy and daemon removed by the next; a corrupt run record is said and its copy rolled back from QEMU alone, then done again', async (t) => {
     const full = path.join(dir, 'full');
     await mkdir(full);
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=80m', 'tmpfs', full]);
@@ -394,16 +395,17 @@ describe('idlecrypt agent', () => {
     const f1 = await boot('f-1', 160, 'idle');
     const f2 = await boot('f-2', 64, 'idle');
     const f3 = await boot('f-3', 64, 'idle');
-    for (const n of ['f-1', 'f-2', 'f-3']) await writeKey(path.join(dir, `${n}.key`), `key of ${n}`);
+    const f4 = await boot('f-4', 160, 'idle');
+    for (const n of ['f-1', 'f-2', 'f-3', 'f-4']) await writeKey(path.join(dir, `${n}.key`), `key of ${n}`);
     const cfg = path.join(dir, 'faults.yaml');
     const entry = (vm: string, target: string) => [`  - vm: ${vm}`, '    disks: [disk0]', `    target: ${target}`, `    key-file: ${dir}/{vm}.key`, `    qmp: ${dir}/vm-{vm}/tool-qmp.sock`];
     await writeFile(
       cfg,
-      ['host:', '  max-jobs: 3', '  max-speed: 12M', '  protect: vm', 'encrypt:', ...entry('f-1', `${dir}/{vm}-{disk}.luks`), ...entry('f-2', `${full}/{vm}-{disk}.luks`), ...entry('f-3', `${dir}/{vm}-{disk}.luks`), ''].join('\n'),
+      ['host:', '  max-jobs: 4', '  max-speed: 16M', '  protect: vm', 'encrypt:', ...entry('f-1', `${dir}/{vm}-{disk}.luks`), ...entry('f-2', `${full}/{vm}-{disk}.luks`), ...entry('f-3', `${dir}/{vm}-{disk}.luks`), ...entry('f-4', `${dir}/{vm}-{disk}.luks`), ''].join('\n'),
     );
     const a = startAgent(cfg);
     const copying = (vm: TestVm) => until(`${vm.name} copying`, async () => ((await jobsOf(vm)).some((j) => j.offset > 0) ? true : undefined), 60_000);
-    await Promise.all([copying(f1.vm), copying(f2.vm), copying(f3.vm)]);
+    await Promise.all([copying(f1.vm), copying(f2.vm), copying(f3.vm), copying(f4.vm)]);
 
     // The target's filesystem fills up under f-2's copy.
     await writeFile(path.join(full, 'filler'), Buffer.alloc(60 * 1024 * 1024));
@@ -427,17 +429,37 @@ describe('idlecrypt agent', () => {
     // to go too (the kill once came between the two for f-3, CI rehearsal 2026-12-04).
     const runs = path.join(cliStateDir(), 'runs');
     const records = async () => (await readdir(runs)).filter((f) => f.endsWith('.json'));
-    await until("only f-1's run record left", async () => ((await records()).length === 1 ? true : undefined), 30_000).catch(() => undefined);
+    await until("only f-1's and f-4's run records left", async () => ((await records()).length === 2 ? true : undefined), 30_000).catch(() => undefined);
     a.child.kill('SIGKILL');
     await a.result;
     const recs = await records();
-    assert.equal(recs.length, 1, `one record left, f-1's: ${recs.join(', ')}`);
-    await writeFile(path.join(runs, recs[0]!), '{"version": 1, "tag": ');
-    // The next agent copies f-1 again from the start, alone: at 48M, not the 12M that kept
-    // three copies going while the others failed (13 s of the test's time).
-    await writeFile(cfg, (await readFile(cfg, 'utf8')).replace('max-speed: 12M', 'max-speed: 48M'));
+    assert.equal(recs.length, 2, `two records left, f-1's and f-4's: ${recs.join(', ')}`);
+    const recOf = async (vm: string) => {
+      for (const f of recs) if ((JSON.parse(await readFile(path.join(runs, f), 'utf8')) as { vm: string }).vm === vm) return f;
+      throw new Error(`no run record for ${vm} among ${recs.join(', ')}`);
+    };
+    const [rec1, rec4] = [await recOf('f-1'), await recOf('f-4')];
+    // f-4's VM exits while no agent runs: its copy's daemon (which outlives the agent, as a
+    // paused copy's must) still holds its target and key.
+    const daemon4 = (JSON.parse(await readFile(path.join(runs, rec4), 'utf8')) as { daemon?: { pid: number } }).daemon;
+    assert.ok(daemon4 && processStart(daemon4.pid) !== undefined, "f-4's qemu-storage-daemon runs after the agent's kill -9");
+    process.kill(f4.vm.pid, 'SIGKILL');
+    await f4.vm.exited;
+    await writeFile(path.join(runs, rec1), '{"version": 1, "tag": ');
+    // The next agent copies f-1 again from the start, alone: at 64M over 4 jobs, not the
+    // 16M that kept four copies going while the others failed (13 s of the test's time).
+    const raised = (await readFile(cfg, 'utf8')).replace('max-speed: 16M', 'max-speed: 64M');
+    assert.match(raised, /max-speed: 64M/);
+    await writeFile(cfg, raised);
     const b = startAgent(cfg);
     await b.waitForStderr(/ignoring run record .*not JSON/, 30_000);
+    // The next agent rolls f-4's copy back at its first pass: the daemon stopped, the partial
+    // target and the record removed; the disk waits for its VM.
+    await b.waitForStderr(/VM 'f-4' exited while its copy into \S+f-4-disk0\.luks had no run: rolled back \(removed .*qemu-storage-daemon/, 30_000);
+    assert.equal(processStart(daemon4.pid), undefined, "f-4's daemon stopped");
+    assert.equal(existsSync(path.join(dir, 'f-4-disk0.luks')), false, "f-4's partial target removed");
+    assert.equal(existsSync(path.join(runs, rec4)), false, "f-4's record removed");
+    await until('f-4 waiting for its VM', async () => ((await status()).disks.find((d) => d.vm === 'f-4')?.state === 'waiting-for-vm' ? true : undefined), 30_000);
     await b.waitForStderr(/rolled back a copy of ours in VM 'f-1' that no readable run record describes: removed job idlecrypt-[0-9a-f]{8}/, 30_000);
     await until('f-1 encrypted', async () => ((await status()).disks.find((d) => d.vm === 'f-1')?.state === 'encrypted' ? true : undefined), 120_000);
     assert.deepEqual(await jobsOf(f1.vm), []);

@@ -7,6 +7,9 @@ import { findDisk, formatUnderRaw, imagePath, qdevIdOf, type DiskInfo } from '..
 import { fmtBytes, targetBytesNeeded, thinDiskNote } from '../../src/encrypt/preflight.ts';
 import { targetFormatFor } from '../../src/encrypt/target.ts';
 import { nbdSocketOf } from '../../src/encrypt/runs.ts';
+import { qmpListening } from '../../src/encrypt/recover.ts';
+import net from 'node:net';
+import { existsSync } from 'node:fs';
 import { copyCache } from '../../src/encrypt/storage-daemon.ts';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -128,6 +131,26 @@ describe('finding a disk', () => {
     assert.equal(nbdSocketOf('nbd://127.0.0.1:10809/e'), undefined, 'TCP: not ours');
     assert.equal(nbdSocketOf('/var/lib/x.raw'), undefined);
     assert.equal(nbdSocketOf('json:{broken'), undefined);
+  });
+  test("a QMP socket is gone only when its file is missing or nobody listens on it", async () => {
+    const dir = await mkdtemp(path.join(tmpdir(), 'ic-qmp-'));
+    try {
+      const sock = path.join(dir, 'qmp.sock');
+      assert.equal(await qmpListening(sock), false, 'no socket file');
+      const server = net.createServer((c) => c.end());
+      await new Promise<void>((r) => server.listen(sock, r));
+      assert.equal(await qmpListening(sock), true, 'a listener');
+      // A QEMU killed with SIGKILL leaves its socket file behind: connecting is refused.
+      await new Promise<void>((r) => server.close(() => r()));
+      assert.throws(() => execFileSync(process.execPath, ['-e', `require('net').createServer().listen(${JSON.stringify(sock)}, () => process.kill(process.pid, 'SIGKILL'))`]));
+      assert.ok(existsSync(sock), 'the killed listener left its socket file');
+      assert.equal(await qmpListening(sock), false, 'a socket file nobody listens on');
+      await rm(sock);
+      await writeFile(sock, '');
+      assert.equal(await qmpListening(sock), false, 'not a socket: refused');
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
   test('a raw LUKS target needs the whole virtual size plus metadata; a qcow2 one what the source occupies', () => {
     const MiB = 1024 * 1024;
