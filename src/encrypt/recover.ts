@@ -100,6 +100,10 @@ export async function rollBack(client: QmpClient | undefined, rec: RunRecord, l:
   );
   removed.push(...target.describe());
   await target.remove();
+  if (encrypter === 'storage-daemon') {
+    const dirs = await StorageDaemon.removeDeadDirs(rec.tag);
+    if (dirs > 0) removed.push(`${dirs} socket director${dirs === 1 ? 'y' : 'ies'} of a daemon that had exited`);
+  }
   return removed;
 }
 

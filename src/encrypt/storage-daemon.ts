@@ -247,6 +247,23 @@ export class StorageDaemon {
     return undefined;
   }
 
+  /**
+   * Removes run `tag`'s socket directories in this host's temporary directory whose daemon no
+   * longer runs (one killed, or gone with a reboot of a host whose /tmp survives): what a
+   * rollback leaves of its daemons once the live one, if any, is stopped. Returns how many.
+   */
+  static async removeDeadDirs(tag: string): Promise<number> {
+    const prefix = `idlecrypt-nbd-${tag}-`;
+    let n = 0;
+    for (const d of (await fs.readdir(tmpdir()).catch(() => [] as string[])).filter((x) => x.startsWith(prefix))) {
+      const dir = path.join(tmpdir(), d);
+      if (await livePid(path.join(dir, 'pid'))) continue;
+      await fs.rm(dir, { recursive: true, force: true });
+      n += 1;
+    }
+    return n;
+  }
+
   /** The NBD server as QEMU's `nbd` block driver takes it. */
   get server(): { type: 'unix'; path: string } {
     return { type: 'unix', path: this.record.socket };

@@ -10,8 +10,8 @@ import { nbdSocketOf } from '../../src/encrypt/runs.ts';
 import { qmpListening } from '../../src/encrypt/recover.ts';
 import net from 'node:net';
 import { existsSync } from 'node:fs';
-import { copyCache } from '../../src/encrypt/storage-daemon.ts';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { copyCache, StorageDaemon } from '../../src/encrypt/storage-daemon.ts';
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
@@ -131,6 +131,29 @@ describe('finding a disk', () => {
     assert.equal(nbdSocketOf('nbd://127.0.0.1:10809/e'), undefined, 'TCP: not ours');
     assert.equal(nbdSocketOf('/var/lib/x.raw'), undefined);
     assert.equal(nbdSocketOf('json:{broken'), undefined);
+  });
+  test("a rollback's leftover socket directories: a dead daemon's go, a live one's and another run's stay", async () => {
+    const dir = await mkdtemp(path.join(tmpdir(), 'ic-nbd-'));
+    const was = process.env.TMPDIR;
+    process.env.TMPDIR = dir;
+    try {
+      const mk = async (name: string, pid: number | undefined) => {
+        await mkdir(path.join(dir, name));
+        if (pid !== undefined) await writeFile(path.join(dir, name, 'pid'), `${pid}\n`);
+      };
+      // A pid that ran and exited: a child of ours, waited for.
+      const dead = Number(execFileSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], { encoding: 'utf8' }));
+      await mk('idlecrypt-nbd-0123abcd-AAAAAA', dead);
+      await mk('idlecrypt-nbd-0123abcd-BBBBBB', undefined);
+      await mk('idlecrypt-nbd-0123abcd-CCCCCC', process.pid);
+      await mk('idlecrypt-nbd-89abcdef-DDDDDD', dead);
+      assert.equal(await StorageDaemon.removeDeadDirs('0123abcd'), 2);
+      assert.deepEqual((await readdir(dir)).sort(), ['idlecrypt-nbd-0123abcd-CCCCCC', 'idlecrypt-nbd-89abcdef-DDDDDD']);
+    } finally {
+      if (was === undefined) delete process.env.TMPDIR;
+      else process.env.TMPDIR = was;
+      await rm(dir, { recursive: true, force: true });
+    }
   });
   test("a QMP socket is gone only when its file is missing or nobody listens on it", async () => {
     const dir = await mkdtemp(path.join(tmpdir(), 'ic-qmp-'));
