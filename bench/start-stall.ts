@@ -10,12 +10,13 @@
  *   none        no command: the gaps of the guest alone, for as long as the slowest run
  *               below took to reach its copy
  *   qemu-img    `idlecrypt encrypt` as shipped: the LUKS header is written by qemu-img in a
- *               process of its own (--iter-time, default 2000 ms, as cryptsetup), and the
- *               guest's QEMU opens it with the run's random opening key (key slot 0, a 10 ms
- *               PBKDF; src/encrypt/target.ts) since 2026-12-02; before, with the key file's
- *               key (the full iter-time in QEMU's main loop). Run this file from a checkout
- *               of the earlier commit for that figure.
- *   in-qemu     the same command with no qemu-img on its PATH: the header is made by QMP
+ *               process of its own (--iter-time, default 2000 ms, as cryptsetup), and opened
+ *               with the run's random opening key (key slot 0, a 10 ms PBKDF;
+ *               src/encrypt/target.ts) since 2026-12-02; before, with the key file's key (the
+ *               full iter-time in QEMU's main loop). Since 2026-12-05 the image is opened by
+ *               a qemu-storage-daemon (the default encrypter), and the guest's QEMU opens an
+ *               NBD client. Run this file from a checkout of an earlier commit for those figures.
+ *   in-qemu     `--encrypter qemu` with no qemu-img on its PATH: the header is made by QMP
  *               blockdev-create in the guest's QEMU, as before issue 9 (the fallback)
  * The command's copy is cancelled once it runs (moderated: it is paused for this busy
  * guest anyway). Rounds alternate the order of the two commands.
@@ -89,7 +90,9 @@ try {
         await sleep(2000);
         const q = await QmpClient.connect(vm.qmpSocket);
         const env: Record<string, string> = mode === 'in-qemu' ? { PATH: noQemuImg } : {};
-        const run = new EncryptRun(['--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(dir, 't.luks'), '--key-file', keyFile, '--iter-time', iterTime], path.join(dir, 'm.lp'), env);
+        // The fallback is the guest's QEMU's: the storage daemon (the default) needs qemu-img's header.
+        const encrypter = mode === 'in-qemu' ? ['--encrypter', 'qemu'] : [];
+        const run = new EncryptRun(['--qmp', vm.toolQmpSocket, '--device', 'disk0', '--target', path.join(dir, 't.luks'), '--key-file', keyFile, '--iter-time', iterTime, ...encrypter], path.join(dir, 'm.lp'), env);
         const g = await gaps(q, () => run.phaseAt('copying') !== undefined || run.cli.child.exitCode !== null);
         if (run.phaseAt('copying') === undefined) throw new Error(`${mode}: the command ended before copying:\n${run.cli.stderr().slice(-2000)}`);
         run.cli.child.kill('SIGINT');
