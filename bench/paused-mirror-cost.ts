@@ -47,9 +47,9 @@ const disk = path.join(dir, `src.${format}`);
 await makeDiskImage(disk, { sizeMiB: 65536, format, fill: 'sparse' });
 const vm = await startTestVm({ name: 'pmc', disk, dir, cache, workload: 'bursty', params: { bs_kb: 64, chunk_kb: 1024 } });
 const rows: { mode: 'none' | 'paused'; mibps: number; cpu: number }[] = [];
+const rec = new GuestRecorder(vm);
 try {
   await vm.ready;
-  const rec = new GuestRecorder(vm);
   void rec.poll({ intervalMs: 250, stats: true, jobs: false });
   const q = await QmpClient.connect(vm.toolQmpSocket);
   const size = 65536 * MiB;
@@ -91,6 +91,7 @@ try {
   }
   await q.close();
 } finally {
+  await rec.stop();
   await vm.stop();
   await rm(dir, { recursive: true, force: true });
 }
