@@ -18,12 +18,13 @@
  * 8 s busy). Phases alternate none, paused, paused, none, ... (ABBA), measured from 0.5 s
  * into each busy phase to its end. Prints one line per phase and the medians.
  */
-import { readdir, readFile, mkdtemp, rm } from 'node:fs/promises';
+import { readdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { ensureImage, makeDiskImage, startTestVm } from '../vm-images/launch.ts';
 import { QmpClient } from '../src/qmp/client.ts';
+import { readMainLoopNs } from '../src/probes/mainloop.ts';
 import { GuestRecorder, MiB, medianOf, now, sleepUntil } from '../test/helpers/moderation-lab.ts';
 
 const { values } = parseArgs({ options: { pairs: { type: 'string', default: '4' }, disk: { type: 'string', default: 'sparse-qcow2' }, cache: { type: 'string', default: 'writeback' } } });
@@ -31,13 +32,10 @@ const pairs = Number(values.pairs);
 const format = values.disk === 'sparse-qcow2' ? 'qcow2' : 'raw';
 const cache = values.cache as 'writeback' | 'none';
 
-/** Every thread's time on a CPU, ns. */
+/** Every thread's time on a CPU, ns (a thread gone meanwhile counts 0). */
 async function cpuNs(pid: number): Promise<number> {
   let ns = 0;
-  for (const tid of await readdir(`/proc/${pid}/task`)) {
-    const s = await readFile(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').catch(() => '0');
-    ns += Number(s.split(' ')[0]);
-  }
+  for (const tid of await readdir(`/proc/${pid}/task`)) ns += (await readMainLoopNs(pid, '/proc', Number(tid))) ?? 0;
   return ns;
 }
 

@@ -239,9 +239,8 @@ export class StorageDaemon {
    * (a few ms) still has it stopped by the run that rolls it back.
    */
   static async findByTag(tag: string, log: Logger): Promise<StorageDaemon | undefined> {
-    const prefix = `idlecrypt-nbd-${tag}-`;
-    for (const d of (await fs.readdir(tmpdir()).catch(() => [] as string[])).filter((x) => x.startsWith(prefix))) {
-      const found = await StorageDaemon.find(path.join(tmpdir(), d, 'nbd.sock'), log);
+    for (const dir of await socketDirsOf(tag)) {
+      const found = await StorageDaemon.find(path.join(dir, 'nbd.sock'), log);
       if (found) return found;
     }
     return undefined;
@@ -253,10 +252,8 @@ export class StorageDaemon {
    * rollback leaves of its daemons once the live one, if any, is stopped. Returns how many.
    */
   static async removeDeadDirs(tag: string): Promise<number> {
-    const prefix = `idlecrypt-nbd-${tag}-`;
     let n = 0;
-    for (const d of (await fs.readdir(tmpdir()).catch(() => [] as string[])).filter((x) => x.startsWith(prefix))) {
-      const dir = path.join(tmpdir(), d);
+    for (const dir of await socketDirsOf(tag)) {
       if (await livePid(path.join(dir, 'pid'))) continue;
       await fs.rm(dir, { recursive: true, force: true });
       n += 1;
@@ -291,6 +288,12 @@ export class StorageDaemon {
     }
     await fs.rm(path.dirname(this.record.socket), { recursive: true, force: true });
   }
+}
+
+/** Run `tag`'s daemon socket directories in this host's temporary directory (start() names them). */
+async function socketDirsOf(tag: string): Promise<string[]> {
+  const prefix = `idlecrypt-nbd-${tag}-`;
+  return (await fs.readdir(tmpdir()).catch(() => [] as string[])).filter((x) => x.startsWith(prefix)).map((x) => path.join(tmpdir(), x));
 }
 
 /** The process a daemon's pid file names, with its start time, while it runs. */
