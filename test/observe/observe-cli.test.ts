@@ -70,8 +70,9 @@ describe('idlecrypt observe', () => {
     const recs = records(r.stdout);
     const covered = total(recs, 'interval_s');
     // ... plus the time bpftrace takes to detach its probes once told to stop (a few tenths
-    // of a second): its events are counted too, in the last record
-    ok(covered >= 1.95 && covered < 2.9, `the records cover ${covered} s`);
+    // of a second; 0.92 s in a CI run on 2026-12-05):
+    // its events are counted too, in the last record
+    ok(covered >= 1.95 && covered < 3.5, `the records cover ${covered} s`);
     // the first interval starts at the attach, the last ends at the stop: both are partial
     // bpftrace's interval probe may skip a tick on a loaded host (seen once in a full suite:
     // one record over 0.400 s); the record then covers both, as measured. Most are 0.2 s.
