@@ -139,7 +139,7 @@ const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
  * (the job slowing at all, the keyboard pause, convergence, the decrypted image) is
  * asserted in every attempt. Every attempt's figures are printed. bench/moderation.ts and
  * bench/matrix.ts measure the same in repeated rounds and quote medians.
- * Through the daemon, three runs alone (2026-12-05; two with a 10 GiB disk): 97.2-98.5%
+ * Through the daemon, four runs alone (2026-12-05; two with a 10 GiB disk): 96.2-98.5%
  * kept, reactions 80-125 ms from the phase start and 81-117 ms from the first request,
  * idle phases at 82-109% of the unthrottled mirror (medians 96-105%). With the guest's QEMU
  * encrypting (before), the margins were a few points and a few tens of ms, and three
