@@ -1,6 +1,6 @@
 /**
  * Acceptance of issue 4 against real QEMU guests under TCG, with the real bpftrace and the
- * real `idlecrypt encrypt` command. Run: `bash scripts/test.sh moderation` (about 3 min).
+ * real `idlecrypt encrypt` command. Run: `bash scripts/test.sh moderation.test` (about 3.5 min).
  *
  * 1. Moderation beside a reference. Three guests run at once:
  *    mod  bursty workload (8 s idle / 8 s busy), 8 GiB pattern-filled raw disk, encrypted by
