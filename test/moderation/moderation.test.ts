@@ -30,8 +30,9 @@
  *    least, and should span several busy phases: one busy phase's throughput differs
  *    between two identical guests side by side by up to ±15% on this shared machine, so the
  *    median needs several. Through the daemon an idle window copies 2.2-2.8 GiB here
- *    (345-423 MiB/s after the hold-off, cache=none, 2026-12-05): 8 GiB spans four whole busy
- *    phases, the keyboard's idle phase included, three of them begun with the job running.
+ *    (312-442 MiB/s after the hold-off, cache=none, 2026-12-05): 8 GiB spans three or four
+ *    whole busy phases, the keyboard's idle phase included, three of them begun with the job
+ *    running.
  *    (With the guest's QEMU encrypting, 150-200 MiB/s, a 4 GiB disk did as much; that run,
  *    `--encrypter qemu`, fell short in about one fresh-clone run in three, and in all three
  *    attempts of the CI run of 2026-12-05: reactions of 257-366 ms from the first request,
