@@ -25,7 +25,7 @@ import { parseArgs } from 'node:util';
 import { ensureImage, makeDiskImage, startTestVm } from '../vm-images/launch.ts';
 import { QmpClient } from '../src/qmp/client.ts';
 import { readMainLoopNs } from '../src/probes/mainloop.ts';
-import { GuestRecorder, MiB, medianOf, now, sleepUntil } from '../test/helpers/moderation-lab.ts';
+import { GuestRecorder, MiB, guestBytes, medianOf, now, rateOver, sleepUntil } from '../test/helpers/moderation-lab.ts';
 
 const { values } = parseArgs({ options: { pairs: { type: 'string', default: '4' }, disk: { type: 'string', default: 'sparse-qcow2' }, cache: { type: 'string', default: 'writeback' } } });
 const pairs = Number(values.pairs);
@@ -69,10 +69,9 @@ try {
     const cpu1 = await cpuNs(vm.pid);
     const to = now();
     await sleepUntil(to + 300); // a poll after the window
-    const inWin = rec.samples.filter((s) => s.guestBytes !== undefined && s.t >= from && s.t <= end);
-    const bytes = inWin.length > 1 ? inWin[inWin.length - 1]!.guestBytes! - inWin[0]!.guestBytes! : 0;
-    const secs = inWin.length > 1 ? (inWin[inWin.length - 1]!.t - inWin[0]!.t) / 1000 : 1;
-    const row = { mode, mibps: bytes / MiB / secs, cpu: (cpu1 - cpu0) / 1e6 / (to - from) } as const;
+    const bps = rateOver(rec.samples, from, end, guestBytes);
+    if (bps === undefined) throw new Error(`busy phase ${i + 1}: the polls do not cover it`);
+    const row = { mode, mibps: bps / MiB, cpu: (cpu1 - cpu0) / 1e6 / (to - from) } as const;
     rows.push(row);
     process.stdout.write(`busy phase ${i + 1} (${mode}): ${row.mibps.toFixed(0)} MiB/s, QEMU on a CPU ${(100 * row.cpu).toFixed(0)}%, ${(row.mibps / row.cpu).toFixed(0)} MiB per CPU-second\n`);
     if (mode === 'paused') {

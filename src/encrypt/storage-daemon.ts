@@ -157,7 +157,7 @@ export class StorageDaemon {
    */
   static async start(spec: DaemonSpec, key: { data: string } | { file: string }, log: Logger): Promise<StorageDaemon> {
     const exe = await storageDaemonExecutable();
-    const dir = await fs.mkdtemp(path.join(tmpdir(), `idlecrypt-nbd-${spec.tag}-`));
+    const dir = await fs.mkdtemp(path.join(tmpdir(), socketDirPrefix(spec.tag)));
     // Others may pass through to the socket (given to QEMU's user below), not list or write
     // here: the daemon's pid file, which stop() signals, stays root's.
     if (spec.owner) await fs.chmod(dir, 0o711);
@@ -290,9 +290,12 @@ export class StorageDaemon {
   }
 }
 
+/** How a run's daemon socket directory is named in the temporary directory (mkdtemp adds the rest). */
+const socketDirPrefix = (tag: string): string => `idlecrypt-nbd-${tag}-`;
+
 /** Run `tag`'s daemon socket directories in this host's temporary directory (start() names them). */
 async function socketDirsOf(tag: string): Promise<string[]> {
-  const prefix = `idlecrypt-nbd-${tag}-`;
+  const prefix = socketDirPrefix(tag);
   return (await fs.readdir(tmpdir()).catch(() => [] as string[])).filter((x) => x.startsWith(prefix)).map((x) => path.join(tmpdir(), x));
 }
 
